@@ -1,0 +1,66 @@
+"""Board definitions from boards/*.toml and the JSON form a board keeps as /board.json."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .paths import boards_dir
+
+FAMILIES = ("esp32", "rp2", "unix")
+
+
+class BoardError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    family: str
+    chip: str
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def modem(self) -> dict[str, Any] | None:
+        return self.raw.get("modem")
+
+    @property
+    def heap_budget(self) -> int | None:
+        return self.raw.get("heap_budget")
+
+    def device_config(self, **overrides: Any) -> dict[str, Any]:
+        """What the firmware reads from /board.json (hal.py): no host-only details."""
+        keep = ("name", "family", "chip", "network", "heap_budget", "modem")
+        cfg = {k: self.raw[k] for k in keep if k in self.raw}
+        cfg.update(overrides)
+        return cfg
+
+    def device_json(self, **overrides: Any) -> bytes:
+        return json.dumps(self.device_config(**overrides), sort_keys=True).encode()
+
+
+def load(name_or_path: str | Path) -> Board:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = boards_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(names()) or "none"
+        raise BoardError(f"unknown board {name_or_path!r} (known: {known})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BoardError(f"{path}: {exc}") from None
+    for key in ("name", "family", "chip"):
+        if key not in raw:
+            raise BoardError(f"{path}: missing key {key!r}")
+    if raw["family"] not in FAMILIES:
+        raise BoardError(f"{path}: family {raw['family']!r} is not one of {FAMILIES}")
+    return Board(raw["name"], raw["family"], raw["chip"], raw)
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in boards_dir().glob("*.toml"))

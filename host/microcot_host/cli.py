@@ -1,0 +1,35 @@
+"""The `microcot` command line. Subcommands live in their own modules and are imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command or group
+_COMMANDS = {
+    "board": "microcot_host.vboard.cli:board",
+    "deploy": "microcot_host.deploy:deploy_command",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = _COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(package_name="microcot")
+def main() -> None:
+    """microcot: firmware and host tools for Cloud of Things devices on MicroPython."""
+
+
+if __name__ == "__main__":
+    main()

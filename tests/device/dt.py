@@ -1,0 +1,32 @@
+# Helpers for device tests. They run on MicroPython (on a board) and on CPython (in-process),
+# so only builtins and the features both share.
+
+
+def raises(exc_type, fn, *args, **kwargs):
+    """Call fn and return the exception of exc_type it raised; fail if it raised none."""
+    try:
+        fn(*args, **kwargs)
+    except exc_type as exc:
+        return exc
+    raise AssertionError("%s not raised by %s%r" % (exc_type.__name__, getattr(fn, "__name__", fn), args))
+
+
+class Rng:
+    """A small deterministic PRNG (xorshift32) so both runtimes draw the same 'random' cases."""
+
+    def __init__(self, seed=2463534242):
+        self.s = seed & 0xFFFFFFFF or 1
+
+    def u32(self):
+        s = self.s
+        s ^= (s << 13) & 0xFFFFFFFF
+        s ^= s >> 17
+        s ^= (s << 5) & 0xFFFFFFFF
+        self.s = s
+        return s
+
+    def below(self, n):
+        return self.u32() % n
+
+    def bytes(self, n):
+        return bytes(self.u32() & 0xFF for _ in range(n))
