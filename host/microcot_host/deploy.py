@@ -225,9 +225,10 @@ def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True
 
 
 def deploy(port: str, board: str | None = None, compile_: bool = True,
-           progress: Progress | None = None) -> DeployResult:
+           progress: Progress | None = None, timeout: float = 10.0) -> DeployResult:
     bdef = boards.load(board) if board else None
-    t = transport.open_board(port, baudrate=(bdef.raw.get("baud", 115200) if bdef else 115200))
+    t = transport.open_board(port, baudrate=(bdef.raw.get("baud", 115200) if bdef else 115200),
+                             timeout=timeout)
     try:
         return deploy_transport(t, bdef, compile_, progress)
     finally:
@@ -245,7 +246,10 @@ def _guess_board(info: BoardInfo) -> str | None:
               help=f"board definition from boards/ ({', '.join(boards.names())})")
 @click.option("--no-compile", is_flag=True, help="copy .py sources instead of .mpy")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json: bool) -> None:
+@click.option("--timeout", default=10.0, show_default=True,
+              help="seconds to wait for the board's raw REPL")
+def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json: bool,
+                   timeout: float) -> None:
     """Install the microcot firmware and the board's configuration onto a board."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -254,7 +258,8 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
     except boards.BoardError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        t = transport.open_board(port, baudrate=bdef.raw.get("baud", 115200) if bdef else 115200)
+        t = transport.open_board(port, baudrate=bdef.raw.get("baud", 115200) if bdef else 115200,
+                                 timeout=timeout)
     except BoardError as exc:
         raise click.ClickException(str(exc)) from None
     try:

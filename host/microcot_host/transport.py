@@ -46,8 +46,12 @@ class BoardInfo:
         return "none" if self.mpy_version is None else f"{self.mpy_version}.{self.mpy_sub}"
 
 
-def open_board(port: str, baudrate: int = 115200, soft_reset: bool = True) -> SerialTransport:
-    """Open a board's serial port and enter the raw REPL (interrupting whatever runs)."""
+def open_board(port: str, baudrate: int = 115200, soft_reset: bool = True,
+               timeout: float = 10.0) -> SerialTransport:
+    """Open a board's serial port and enter the raw REPL (interrupting whatever runs).
+
+    `timeout` bounds the wait for the raw REPL, boot.py included.
+    """
     if not port:
         raise BoardError("no port given (use --port or MICROCOT_PORT)")
     if not port.startswith(("socket://", "rfc2217://")) and not os.path.exists(port):
@@ -63,7 +67,7 @@ def open_board(port: str, baudrate: int = 115200, soft_reset: bool = True) -> Se
         raise BoardError(f"{port}: cannot open: {exc}") from None
     try:
         t.serial.timeout = 1
-        _quiet(t.enter_raw_repl, soft_reset=soft_reset)
+        _quiet(t.enter_raw_repl, soft_reset=soft_reset, timeout_overall=timeout)
     except (TransportError, serial.SerialException, OSError) as exc:
         t.close()
         raise BoardError(f"{port}: not a MicroPython board, or it does not answer "
