@@ -1,0 +1,192 @@
+# Hardware layer: runs on CPython (pytest) and on the unix port / a board. The virtual board's
+# `_vboard` module is replaced by a fake in sys.modules; board.json by a scratch file.
+import os
+import sys
+
+from dt import raises
+
+from microcot import hal
+
+
+def _scratch():
+    try:
+        import tempfile
+
+        return tempfile.mkdtemp()
+    except ImportError:
+        d = "tmp_hal_test"
+        try:
+            os.mkdir(d)
+        except OSError:
+            pass
+        return d
+
+
+def _rmtree(d):
+    for name in os.listdir(d):
+        os.remove(d + "/" + name)
+    os.rmdir(d)
+
+
+class FakeVboard:
+    def __init__(self, mac=b"\x02\x00\x00\xab\xcd\xef", modem_path="/dev/pts/99"):
+        self.name = "virtual"
+        self.mac = mac
+        self.modem_path = modem_path
+        self.opened = []
+        self.resets = 0
+
+    def open_host(self, path, mode):
+        self.opened.append((path, mode))
+        return ("stream", path)
+
+    def reset(self):
+        self.resets += 1
+
+
+def _with_vboard(vb, fn):
+    if hal.family() in ("esp32", "rp2"):
+        return  # real boards never look for _vboard
+    old = sys.modules.get("_vboard")
+    sys.modules["_vboard"] = vb
+    try:
+        fn()
+    finally:
+        if old is None:
+            del sys.modules["_vboard"]
+        else:
+            sys.modules["_vboard"] = old
+
+
+def _with_config(text, fn):
+    d = _scratch()
+    path = d + "/board.json"
+    saved = hal.CONFIG_PATH
+    try:
+        if text is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        hal.CONFIG_PATH = path
+        fn(d)
+    finally:
+        hal.CONFIG_PATH = saved
+        try:
+            hal.config(reload=True)
+        except ValueError:
+            pass
+        _rmtree(d)
+
+
+def test_family():
+    fam = hal.family()
+    assert fam in ("esp32", "rp2", "unix", "cpython")
+    assert (fam == "cpython") == (sys.implementation.name != "micropython")
+
+
+def test_clock():
+    t0 = hal.ticks_ms()
+    assert hal.ticks_diff(hal.ticks_add(t0, 5), t0) == 5
+    assert hal.ticks_diff(t0, hal.ticks_add(t0, 7)) == -7
+    hal.sleep_ms(20)
+    took = hal.ticks_diff(hal.ticks_ms(), t0)
+    assert 15 <= took < 2000, took
+
+
+def test_random_bytes():
+    a = hal.random_bytes(16)
+    b = hal.random_bytes(16)
+    assert isinstance(a, bytes) and len(a) == 16 and a != b
+    assert hal.random_bytes(0) == b""
+    raises(ValueError, hal.random_bytes, -1)
+    raises(ValueError, hal.random_bytes, "4")
+
+
+def test_config_absent_and_present():
+    def absent(d):
+        assert hal.config(reload=True) == {}
+
+    _with_config(None, absent)
+
+    def present(d):
+        cfg = hal.config(reload=True)
+        assert cfg["name"] == "virtual" and cfg["modem"]["baud"] == 115200
+        assert hal.config() is cfg  # cached
+
+    _with_config('{"name": "virtual", "family": "unix", "modem": {"path": "", "baud": 115200}}',
+                 present)
+
+
+def test_config_invalid_names_the_file():
+    def bad_json(d):
+        e = raises(ValueError, hal.config, True)
+        assert "board.json" in str(e) and "JSON" in str(e)
+
+    _with_config("{name: ", bad_json)
+
+    def not_object(d):
+        e = raises(ValueError, hal.config, True)
+        assert "object" in str(e) and "list" in str(e)
+
+    _with_config("[1, 2]", not_object)
+
+
+def test_vboard_modem_mac_reset():
+    vb = FakeVboard()
+
+    def body():
+        assert hal.vboard() is vb
+        assert hal.modem_uart() == ("stream", "/dev/pts/99")
+        assert vb.opened == [("/dev/pts/99", "r+b")]
+        assert hal.mac() == b"\x02\x00\x00\xab\xcd\xef"
+        hal.reset()
+        assert vb.resets == 1
+
+    _with_vboard(vb, body)
+
+    vb2 = FakeVboard(mac=None, modem_path=None)
+
+    def without_modem():
+        assert hal.modem_uart() is None
+        assert hal.mac() is None
+
+    _with_vboard(vb2, without_modem)
+
+
+def test_no_vboard_uses_config():
+    if hal.family() in ("esp32", "rp2"):
+        return
+    # on the virtual board, hide its _vboard for the duration of the test
+    real_vb = sys.modules.pop("_vboard", None)
+    try:
+        _no_vboard_uses_config()
+    finally:
+        if real_vb is not None:
+            sys.modules["_vboard"] = real_vb
+
+
+def _no_vboard_uses_config():
+    def body(d):
+        dev = d + "/modem"
+        with open(dev, "wb") as f:
+            f.write(b"")
+        with open(d + "/board.json", "w") as f:
+            f.write('{"modem": {"path": "%s", "baud": 9600}, "mac": "aa:bb:cc:00:11:22"}' % dev)
+        hal.config(reload=True)
+        s = hal.modem_uart()
+        try:
+            s.write(b"AT\r")
+        finally:
+            s.close()
+        with open(dev, "rb") as f:
+            assert f.read() == b"AT\r"
+        assert hal.mac() == b"\xaa\xbb\xcc\x00\x11\x22"
+        raises(SystemExit, hal.reset)
+
+    _with_config("{}", body)
+
+    def empty(d):
+        hal.config(reload=True)
+        assert hal.modem_uart() is None
+        assert hal.mac() is None
+
+    _with_config('{"modem": {"path": ""}}', empty)
