@@ -6,11 +6,11 @@
 # What a response looks like: the echo of the command (if echo is on), info lines, then one final
 # result code (OK, ERROR, +CME ERROR: n, +CMS ERROR: n, NO CARRIER, BUSY, NO ANSWER, NO DIALTONE).
 # Lines end in CR and/or LF; empty lines are skipped. An unsolicited result code (URC) cannot be
-# told apart from an answer by framing, so the driver attributes by prefix: an info line that
-# starts with + ^ # $ or % and has a ':' belongs to the command only if its prefix names the
-# command (AT+CIMI -> +CIMI:) or one of the prefixes the caller accepts; any other prefixed line,
-# and the well-known bare URCs (RING, RDY, Call Ready, ...), are dropped. Bare lines (e.g. the
-# digits of AT+CIMI) are kept. Input that is waiting before a command is sent is discarded.
+# told apart from an answer by framing, so the driver attributes by prefix: a line that starts
+# with + ^ # $ or % belongs to the command only if its prefix (up to ':') names the command
+# (AT+CSQ -> +CSQ:) or is one the caller accepts; any other prefixed line (+CREG: 1, ^SYSSTART),
+# and the well-known bare URCs (RING, RDY, Call Ready, ...), are dropped. Other bare lines (the
+# digits of AT+CIMI, ATI's text) are kept. Input waiting before a command is sent is discarded.
 from . import hal
 
 LINE_MAX = 256
@@ -231,9 +231,10 @@ class AtModem:
                 raise self._cm_error(cmd, line)
             if line in _BARE_URCS:
                 continue
-            colon = line.find(":")
-            if colon > 0 and line[0] in _URC_MARKS and line[:colon].strip().upper() not in accept:
-                continue
+            if line[0] in _URC_MARKS:
+                colon = line.find(":")
+                if (line[:colon] if colon > 0 else line).strip().upper() not in accept:
+                    continue
             info.append(line)
 
     def _cm_error(self, cmd, line):

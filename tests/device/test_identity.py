@@ -238,7 +238,8 @@ def test_command_byte_at_a_time():
 
 
 def test_command_skips_urcs_and_stale_input():
-    ans = b"\r\n+CREG: 1\r\nRING\r\n\r\n+CCID: " + ICCID20.encode() + b"\r\n^SYSSTART: x\r\n\r\nOK\r\n"
+    ans = (b"\r\n+CREG: 1\r\nRING\r\n+PBREADY\r\n\r\n+CCID: " + ICCID20.encode()
+           + b"\r\n^SYSSTART\r\n^SYSSTART: x\r\nCall Ready\r\n\r\nOK\r\n")
     u = FakeUart({"AT+CCID": ans}, pending=b"\r\nOK\r\n+CPIN: READY\r\n")
     assert atmodem.AtModem(u).command("AT+CCID") == ["+CCID: " + ICCID20]
 
