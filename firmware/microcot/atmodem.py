@@ -64,6 +64,7 @@ class AtModem:
         self._s = stream
         self.timeout_ms = timeout_ms
         self._timeout = timeout_ms
+        self._cmd = ""  # the command being answered, for error messages
         self._line = bytearray(line_max)
         self._n = 0
         self._skip = False  # inside an over-long line: discard up to its end
@@ -135,12 +136,12 @@ class AtModem:
             try:
                 r = self._readinto(one)
             except OSError as exc:
-                raise ModemError("(read)", "stream error %s" % (exc,))
+                raise ModemError(self._cmd, "stream error %s" % (exc,))
             if r is None:
                 break
             if not r:  # poll said readable but there is nothing: end of file or hang-up
                 if n == 0:
-                    raise ModemError("(read)", "stream closed")
+                    raise ModemError(self._cmd, "stream closed")
                 break
             rx[n] = one[0]
             n += 1
@@ -195,7 +196,10 @@ class AtModem:
     def _write(self, data, deadline, cmd):
         mv = memoryview(data)
         while len(mv):
-            n = self._s.write(mv)
+            try:
+                n = self._s.write(mv)
+            except OSError as exc:
+                raise ModemError(cmd, "stream error %s" % (exc,))
             if n is None or n == 0:  # a non-blocking stream that is full
                 if hal.ticks_diff(deadline, hal.ticks_ms()) <= 0:
                     raise ModemTimeout(cmd, "could not send within %d ms" % self._timeout)
@@ -212,6 +216,7 @@ class AtModem:
         if "\r" in cmd or "\n" in cmd:
             raise ValueError("AT command must be one line: %r" % cmd)
         self._timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        self._cmd = cmd
         accept = (_name(cmd),)
         if prefix:
             accept = accept + ((prefix,) if isinstance(prefix, str) else tuple(prefix))

@@ -218,6 +218,19 @@ def test_e2e_cpython_no_sim_and_bad_luhn():
             atmodem.AtModem(stream).iccid()
 
 
+def test_e2e_cpython_modem_gone_is_a_clear_error():
+    pm = PtyModem(ModemEmulator(ICCID20)).start()
+    with open(pm.path, "r+b", buffering=0) as stream:
+        modem = atmodem.AtModem(stream, timeout_ms=2000)
+        assert modem.command("AT") == []
+        pm.stop()
+        t0 = time.monotonic()
+        with pytest.raises(atmodem.ModemError, match="AT[+]CCID.*stream") as info:
+            modem.command("AT+CCID")
+        assert not isinstance(info.value, atmodem.ModemTimeout)
+        assert time.monotonic() - t0 < 1
+
+
 def test_e2e_cpython_urcs_between_commands():
     with PtyModem(ModemEmulator(ICCID20)) as pm, open(pm.path, "r+b", buffering=0) as stream:
         modem = atmodem.AtModem(stream)
