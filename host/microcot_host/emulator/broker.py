@@ -1,0 +1,746 @@
+"""The emulator's MQTT broker: a real Mosquitto (2.0+) with TLS and the access control of seed 002.
+
+Topics (seed 002, "MQTT Topics" and "Grundlegende MQTT Sicherheitseinstellungen"):
+
+| user                 | may publish                  | may subscribe (and receive)   |
+| -------------------- | ---------------------------- | ----------------------------- |
+| a device `<ID>`      | `ms/<ID>`, `bs/<ID>`         | `mr/<ID>`, `br/<ID>`          |
+| the bootstrap user   | `ss/<client id>`             | `sr/<client id>`              |
+| the connector        | `mr/+`, `br/+`, `sr/+`       | `ms/+`, `bs/+`, `ss/+`        |
+
+Everything else is refused: a refused SUBSCRIBE is answered with SUBACK 0x80, a refused PUBLISH
+is acknowledged and dropped (MQTT 3.1.1 has no way to say no). Retained messages are not available
+(`retain_available false`: Mosquitto closes the connection of a client that publishes with the
+retain flag, and stores nothing).
+
+Why the dynamic-security plugin, and why it is not alone
+---------------------------------------------------------
+Credentials change while the broker runs (bootstrap, deletion, mass registration). The plugin takes
+`createClient`/`deleteClient` over MQTT (`$CONTROL/dynamic-security/v1`), applies them at once,
+saves them itself, and kicks the live connection of a deleted client, which is what a deleted device
+must experience; a password file needs a SIGHUP per change and a rewrite of the whole file. It is
+also the only built-in mechanism of Mosquitto 2.0 that checks SUBSCRIBE packets: the `acl_file`
+checks only delivery, so a forbidden subscription would get SUBACK 0x00 and silently nothing.
+
+But the plugin of Mosquitto 2.0 does not substitute `%c`/`%u` in its ACLs (verified with 2.0.11:
+`sr/%c` only matches the literal topic `sr/%c`), and the bootstrap user is one shared user whose
+topics depend on the client id. So the bootstrap rights come from two `pattern` lines in an
+`acl_file` (`write ss/%c`, `read sr/%c`). Mosquitto asks the plugin first and falls back to the
+`acl_file` only when the plugin has no matching ACL; every other user therefore carries a low
+priority role that denies everything explicitly ("deny-rest"), so the patterns are reachable by the
+bootstrap user alone. Devices get one literal role each (`device:<ID>`), created and deleted with
+them. What remains of the fallback: the bootstrap user's subscription to another client's
+`sr/<X>` is granted (SUBACK 0x01) but nothing is ever delivered on it, because delivery is checked
+against `sr/%c`; its wildcard subscriptions and subscriptions outside `sr/` get SUBACK 0x80.
+
+Authentication failures are answered by Mosquitto 2.0 with CONNACK 5 ("not authorized") for an
+unknown user and a wrong password alike; seed 002 names 4 and 5 for a deleted device.
+
+One TLS listener serves everybody (devices, bootstrap, connector, admin): a second plain listener
+for the connector would save one TLS session and add a port that bypasses TLS, so there is none.
+TLS 1.2 is the minimum (seed 002 still mentions 1.1, which current OpenSSL refuses anyway).
+
+State under `data_dir`: `tls/` (see certs.py), `dynamic-security.json` (users, written by the
+plugin), `bootstrap.acl`, `mosquitto.conf` (regenerated on every start), `mosquitto.db` (sessions
+and queued QoS 1 messages of persistent sessions, saved every few seconds and on stop),
+`mosquitto.log`, and `broker-secrets.json` (mode 0600: the admin's and connector's passwords).
+The log never holds a password: the plugin logs each command with the password masked as `*****`
+(checked by the tests).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import fcntl
+import glob
+import hashlib
+import itertools
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .certs import TlsFiles, client_ssl_context, ensure_ca_and_server
+
+ADMIN_USER = "microcot-admin"
+CONNECTOR_USER = "microcot-connector"
+DEFAULT_MAX_PACKET = 256 * 1024
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
+
+_ROLE_ADMIN = "microcot-admin"
+_ROLE_CONNECTOR = "microcot-connector"
+_ROLE_BOOTSTRAP = "microcot-bootstrap"
+_ROLE_DENY = "microcot-deny-rest"
+_DEVICE_ROLE_PREFIX = "device:"
+
+# a device ID is an ICCID (digits) or a MAC (hex, maybe with separators): nothing that could be an
+# MQTT wildcard, a level separator or an ACL pattern, and not too long for a topic on a small device
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+    "/opt/homebrew/lib/mosquitto_dynamic_security.so",
+)
+_INSTALL_HINT = "run `make setup`, or `apt-get install mosquitto` (Debian/Ubuntu)"
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started, reached or configured."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str = field(repr=False)
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary (MICROCOT_MOSQUITTO overrides), or a BrokerError saying so."""
+    env = os.environ.get("MICROCOT_MOSQUITTO")
+    candidates = [env] if env else [shutil.which("mosquitto"), "/usr/sbin/mosquitto",
+                                    "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    where = env if env else "PATH or /usr/sbin"
+    raise BrokerError(f"the `mosquitto` binary was not found in {where}: {_INSTALL_HINT}")
+
+
+def find_dynsec_plugin() -> str:
+    """Path of mosquitto_dynamic_security.so (MICROCOT_DYNSEC_PLUGIN overrides)."""
+    env = os.environ.get("MICROCOT_DYNSEC_PLUGIN")
+    if env:
+        if os.path.isfile(env):
+            return env
+        raise BrokerError(f"MICROCOT_DYNSEC_PLUGIN={env}: no such file")
+    for pattern in _PLUGIN_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    raise BrokerError("Mosquitto's dynamic security plugin (mosquitto_dynamic_security.so, "
+                      f"Mosquitto 2.0+) was not found: {_INSTALL_HINT}")
+
+
+class Broker:
+    """A Mosquitto process with a generated configuration, owned by this object.
+
+    `port=0` picks a free port on the first start; restart() keeps it. Use as a context manager.
+    """
+
+    def __init__(self, data_dir: Path | str, port: int = 0, tls: bool = True,
+                 host: str = "127.0.0.1", hostnames: tuple[str, ...] = ("localhost",),
+                 max_packet_size: int = DEFAULT_MAX_PACKET, start_timeout: float = 10.0,
+                 command_timeout: float = 5.0) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        if re.search(r"\s", str(self.data_dir)):
+            # mosquitto.conf has no quoting: a path with a blank would be cut at the blank
+            raise BrokerError(f"{self.data_dir}: the broker's data directory must not contain "
+                              "white space")
+        self.host = host
+        self.tls = tls
+        self.hostnames = tuple(hostnames)
+        self.max_packet_size = max_packet_size
+        self.start_timeout = start_timeout
+        self.command_timeout = command_timeout
+        self._requested_port = port
+        self._port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tls_files: TlsFiles | None = None
+        self._secrets: dict[str, Any] = {}
+        self._lock_fd: int | None = None
+        self._admin: Any = None  # paho client, imported lazily: only the emulator needs it
+        self._pending: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self._corr = itertools.count(1)
+        self.start_seconds: float | None = None
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise BrokerError("the broker has no port yet: start() it first")
+        return self._port
+
+    @property
+    def ca_cert(self) -> Path | None:
+        """PEM file of the CA that devices must trust (None without TLS)."""
+        if not self.tls:
+            return None
+        return self._tls().ca_cert
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    @property
+    def conf_file(self) -> Path:
+        return self.data_dir / "mosquitto.conf"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """A client context trusting this broker's CA (None without TLS)."""
+        return client_ssl_context(self._tls().ca_cert) if self.tls else None
+
+    def connector_credentials(self) -> Credentials:
+        self._load_secrets()
+        return Credentials(CONNECTOR_USER, self._secrets["connector_password"])
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start Mosquitto and return once it accepts TLS connections and takes admin commands.
+
+        Mosquitto gets SIGTERM when the thread that called start() ends (Linux PR_SET_PDEATHSIG),
+        so no broker outlives a killed test run; call it from a thread that lives as long as the
+        broker should, normally the main thread.
+        """
+        if self.running:
+            return
+        t0 = time.monotonic()
+        binary = find_mosquitto()
+        plugin = find_dynsec_plugin()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._take_lock()
+        try:
+            if self.tls:
+                self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames)
+            self._load_secrets()
+            self._prepare_dynsec()
+            self._write_file(self.data_dir / "bootstrap.acl",
+                             "# the bootstrap user's rights; see broker.py for why this is here\n"
+                             "pattern write ss/%c\npattern read sr/%c\n", 0o600)
+            attempts = 5 if not self._requested_port else 1
+            for attempt in range(attempts):
+                if not self._requested_port:
+                    self._port = _free_port(self.host)
+                self._write_conf(plugin)
+                try:
+                    self._spawn(binary)
+                    break
+                except _PortTaken:
+                    if attempt == attempts - 1:
+                        raise BrokerError(f"port {self._port} on {self.host} is already in use; "
+                                          f"see {self.log_file}") from None
+            self._connect_admin()
+        except BaseException:
+            self._kill()
+            self._release_lock()
+            raise
+        self.start_seconds = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """Stop Mosquitto (it saves its sessions on the way out) and wait for it to end."""
+        self._disconnect_admin()
+        self._kill()
+        self._release_lock()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port with the same data (for durability tests)."""
+        port = self._port
+        self.stop()
+        saved = self._requested_port
+        self._requested_port = port or saved
+        try:
+            self.start()
+        finally:
+            self._requested_port = saved
+
+    # -- credentials --------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, password: str) -> None:
+        """Create the device's user (or give an existing one this password) with its topics."""
+        _check_device_id(device_id)
+        _check_password(password)
+        role = _DEVICE_ROLE_PREFIX + device_id
+        created = self._command({"command": "createRole", "rolename": role,
+                                 "acls": _device_acls(device_id)})
+        _ok(created, "Role already exists")
+        resp = self._command({"command": "createClient", "username": device_id,
+                              "password": password, "roles": _client_roles(role)})
+        if resp.get("error") == "Client already exists":
+            _ok(self._command({"command": "setClientPassword", "username": device_id,
+                               "password": password}))
+            self._ensure_roles(device_id, role)
+        else:
+            _ok(resp)
+
+    def remove_device(self, device_id: str) -> bool:
+        """Delete the device's user; its live connection is closed. False if it did not exist."""
+        _check_device_id(device_id)
+        resp = self._command({"command": "deleteClient", "username": device_id})
+        existed = resp.get("error") != "Client not found"
+        if existed:
+            _ok(resp)
+        _ok(self._command({"command": "deleteRole", "rolename": _DEVICE_ROLE_PREFIX + device_id}),
+            "Role not found")
+        return existed
+
+    def has_device(self, device_id: str) -> bool:
+        _check_device_id(device_id)
+        resp = self._command({"command": "getClient", "username": device_id})
+        if resp.get("error") == "Client not found":
+            return False
+        _ok(resp)
+        roles = {r.get("rolename") for r in resp.get("data", {}).get("client", {}).get("roles", [])}
+        return _DEVICE_ROLE_PREFIX + device_id in roles
+
+    def set_bootstrap(self, user: str, password: str) -> None:
+        """Make `user` the (single) bootstrap user; a previous bootstrap user with another name
+        is deleted."""
+        if not _USER.fullmatch(user) or user in (ADMIN_USER, CONNECTOR_USER):
+            raise BrokerError(f"bad bootstrap user name {user!r}")
+        _check_password(password)
+        roles = [{"rolename": _ROLE_BOOTSTRAP, "priority": 10}]
+        resp = self._command({"command": "createClient", "username": user, "password": password,
+                              "roles": roles})
+        if resp.get("error") == "Client already exists":
+            if self.has_device(user):
+                raise BrokerError(f"{user!r} is a device; it cannot be the bootstrap user")
+            _ok(self._command({"command": "setClientPassword", "username": user,
+                               "password": password}))
+            self._ensure_roles(user, _ROLE_BOOTSTRAP)
+        else:
+            _ok(resp)
+        old = self._secrets.get("bootstrap_user")
+        if old and old != user:
+            _ok(self._command({"command": "deleteClient", "username": old}), "Client not found")
+        self._secrets["bootstrap_user"] = user
+        self._save_secrets()
+
+    # -- internals: files ---------------------------------------------------------------------
+
+    def _tls(self) -> TlsFiles:
+        if self._tls_files is None:
+            self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames)
+        return self._tls_files
+
+    def _take_lock(self) -> None:
+        # two brokers on one data directory would overwrite each other's users and sessions
+        fd = os.open(self.data_dir / "broker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BrokerError(f"{self.data_dir} is in use by another broker") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _load_secrets(self) -> None:
+        if self._secrets:
+            return
+        path = self.data_dir / "broker-secrets.json"
+        data: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            data = json.loads(path.read_text())
+        changed = False
+        for key in ("admin_password", "connector_password"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                data[key] = secrets.token_urlsafe(24)
+                changed = True
+        self._secrets = data
+        if changed:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._save_secrets()
+
+    def _save_secrets(self) -> None:
+        self._write_file(self.data_dir / "broker-secrets.json",
+                         json.dumps(self._secrets, indent=1) + "\n", 0o600)
+
+    def _prepare_dynsec(self) -> None:
+        """Merge our fixed users and roles into the plugin's file while Mosquitto is stopped.
+
+        Devices and the bootstrap user are kept; the admin, the connector and the fixed roles are
+        rewritten from code, so a data directory made by an older version gets today's ACLs.
+        """
+        path = self.data_dir / "dynamic-security.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            cfg = {}
+        except ValueError as exc:
+            raise BrokerError(f"{path}: not valid JSON ({exc}); it holds the broker's users, "
+                              "repair or delete it") from None
+        fixed_users = {ADMIN_USER, CONNECTOR_USER}
+        fixed_roles = {_ROLE_ADMIN, _ROLE_CONNECTOR, _ROLE_BOOTSTRAP, _ROLE_DENY}
+        clients = [c for c in cfg.get("clients", []) if c.get("username") not in fixed_users]
+        clients.append(_dynsec_client(ADMIN_USER, self._secrets["admin_password"], _ROLE_ADMIN))
+        clients.append(_dynsec_client(CONNECTOR_USER, self._secrets["connector_password"],
+                                      _ROLE_CONNECTOR))
+        roles = [r for r in cfg.get("roles", []) if r.get("rolename") not in fixed_roles]
+        roles += [
+            {"rolename": _ROLE_ADMIN, "acls": _admin_acls()},
+            {"rolename": _ROLE_CONNECTOR, "acls": _connector_acls()},
+            {"rolename": _ROLE_BOOTSTRAP, "acls": _bootstrap_acls()},
+            {"rolename": _ROLE_DENY, "acls": _deny_acls()},
+        ]
+        cfg.update({
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                 "subscribe": False, "unsubscribe": True},
+            "clients": clients,
+            "groups": cfg.get("groups", []),
+            "roles": roles,
+        })
+        self._write_file(path, json.dumps(cfg, indent=1) + "\n", 0o600)
+
+    def _write_conf(self, plugin: str) -> None:
+        d = self.data_dir
+        lines = [
+            "# generated by microcot_host.emulator.broker on every start: edits are lost",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            # only used when started as root: keep running as root, or the files below (0600,
+            # owned by root) become unreadable after Mosquitto drops to the `mosquitto` user
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "persistence true",
+            f"persistence_location {d}/",
+            "persistence_file mosquitto.db",
+            "autosave_interval 5",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            "retain_available false",
+            f"max_packet_size {self.max_packet_size}",
+            "max_queued_messages 1000",
+            "set_tcp_nodelay true",
+            f"plugin {plugin}",
+            f"plugin_opt_config_file {d / 'dynamic-security.json'}",
+            f"acl_file {d / 'bootstrap.acl'}",
+            f"listener {self._port} {self.host}",
+            "protocol mqtt",
+        ]
+        if self.tls:
+            files = self._tls()
+            lines += [
+                f"cafile {files.ca_cert}",
+                f"certfile {files.server_cert}",
+                f"keyfile {files.server_key}",
+                "tls_version tlsv1.2",
+                "require_certificate false",
+            ]
+        self._write_file(self.conf_file, "\n".join(lines) + "\n", 0o600)
+
+    @staticmethod
+    def _write_file(path: Path, text: str, mode: int) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- internals: process -------------------------------------------------------------------
+
+    def _spawn(self, binary: str) -> None:
+        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        # created 0600 like everything else here; the child appends its start-up errors to it
+        out = os.fdopen(os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+        try:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(self.conf_file)], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, start_new_session=True, preexec_fn=_child_setup(os.getpid()))
+        except OSError as exc:
+            raise BrokerError(f"could not run {binary}: {exc}; {_INSTALL_HINT}") from None
+        finally:
+            out.close()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self._proc.poll() is not None:
+                tail = self._log_since(log_offset)
+                self._proc = None
+                if "Address already in use" in tail:
+                    raise _PortTaken()
+                raise BrokerError(f"mosquitto exited at start: {tail.strip()[-800:] or 'no log'}"
+                                  f" (log: {self.log_file})")
+            if self._accepts():
+                return
+            if time.monotonic() > deadline:
+                self._kill()
+                raise BrokerError(f"mosquitto did not accept connections on {self.host}:"
+                                  f"{self._port} within {self.start_timeout:.0f} s "
+                                  f"(log: {self.log_file})")
+            time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self._port), timeout=1.0) as sock:
+                if self.tls:
+                    ctx = client_ssl_context(self._tls().ca_cert)
+                    with ctx.wrap_socket(sock, server_hostname=self.host):
+                        pass
+            return True
+        except (OSError, ssl.SSLError):
+            return False
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: Mosquitto writes mosquitto.db before it exits
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    # -- internals: admin client --------------------------------------------------------------
+
+    def _connect_admin(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        ready = threading.Event()
+        result: list[Any] = []
+
+        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            result.append(rc)
+            if rc.is_failure:
+                ready.set()
+            else:
+                client.subscribe(RESPONSE_TOPIC, qos=1)
+
+        def on_subscribe(client: Any, userdata: Any, mid: Any, rcs: Any, props: Any = None) -> None:
+            result.append(rcs[0])
+            ready.set()
+
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=f"microcot-admin-{os.getpid()}-{secrets.token_hex(3)}",
+                             protocol=mqtt.MQTTv311)
+        client.username_pw_set(ADMIN_USER, self._secrets["admin_password"])
+        if self.tls:
+            client.tls_set_context(client_ssl_context(self._tls().ca_cert))
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_message = self._on_admin_message
+        try:
+            client.connect(self.host, self._port, keepalive=30)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(f"the admin client could not connect: {exc}") from None
+        client.loop_start()
+        # answers come only on the response topic: commands wait until the SUBACK says it is ours
+        if not ready.wait(self.command_timeout) or any(rc.is_failure for rc in result):
+            client.loop_stop()
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            reason = ", ".join(str(rc) for rc in result) or "no answer"
+            raise BrokerError(f"the broker refused its own admin client ({reason}); "
+                              f"see {self.log_file}")
+        self._admin = client
+
+    def _disconnect_admin(self) -> None:
+        client, self._admin = self._admin, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            client.loop_stop()
+
+    def _on_admin_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            responses = json.loads(msg.payload).get("responses", [])
+        except ValueError:
+            return
+        for resp in responses:
+            waiter = self._pending.get(str(resp.get("correlationData")))
+            if waiter:
+                waiter[1].append(resp)
+                waiter[0].set()
+
+    def _command(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Send one dynamic-security command and return its response ({"error": ...} on failure)."""
+        if self._admin is None or not self.running:
+            raise BrokerError("the broker is not running: start() it first")
+        corr = f"c{next(self._corr)}"
+        event: threading.Event = threading.Event()
+        box: list[dict[str, Any]] = []
+        self._pending[corr] = (event, box)
+        try:
+            payload = json.dumps({"commands": [dict(command, correlationData=corr)]})
+            self._admin.publish(CONTROL_TOPIC, payload, qos=1)  # paho's publish is thread-safe
+            if event.wait(self.command_timeout):
+                return box[0]
+        finally:
+            self._pending.pop(corr, None)
+        raise BrokerError(f"no answer from the broker to {command['command']} within "
+                          f"{self.command_timeout:.0f} s (log: {self.log_file})")
+
+    def _ensure_roles(self, user: str, role: str) -> None:
+        # 2.0.11 answers "Internal error" to addClientRole for a role the client already has
+        resp = self._command({"command": "getClient", "username": user})
+        _ok(resp)
+        have = {r.get("rolename") for r in resp.get("data", {}).get("client", {}).get("roles", [])}
+        for r in _client_roles(role):
+            if r["rolename"] not in have:
+                _ok(self._command({"command": "addClientRole", "username": user, **r}))
+
+
+class _PortTaken(Exception):
+    pass
+
+
+# -- ACLs -------------------------------------------------------------------------------------
+
+def _acl(kind: str, topic: str, allow: bool = True, priority: int = 0) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "allow": allow, "priority": priority}
+
+
+def _device_acls(device_id: str) -> list[dict[str, Any]]:
+    acls = [_acl("publishClientSend", f"{p}/{device_id}") for p in ("ms", "bs")]
+    for p in ("mr", "br"):
+        acls += [_acl("subscribeLiteral", f"{p}/{device_id}"),
+                 _acl("publishClientReceive", f"{p}/{device_id}")]
+    return acls
+
+
+def _connector_acls() -> list[dict[str, Any]]:
+    acls = [_acl("publishClientSend", f"{p}/+") for p in ("mr", "br", "sr")]
+    for p in ("ms", "bs", "ss"):
+        # a pattern ACL with `+` also admits the literal subscriptions `ms/<ID>`
+        acls += [_acl("subscribePattern", f"{p}/+"), _acl("publishClientReceive", f"{p}/+")]
+    return acls
+
+
+def _admin_acls() -> list[dict[str, Any]]:
+    return [_acl("publishClientSend", CONTROL_TOPIC), _acl("subscribeLiteral", RESPONSE_TOPIC),
+            _acl("publishClientReceive", RESPONSE_TOPIC)]
+
+
+def _bootstrap_acls() -> list[dict[str, Any]]:
+    """Denials only: what is not denied here falls through to the acl_file's `%c` patterns.
+
+    These make wildcard and foreign subscriptions fail with SUBACK 0x80. A `+` level in a pattern
+    ACL matches any level of a subscription, and `x/#` also matches `x`, so the shapes that could
+    swallow `sr/<own id>` are denied literally instead.
+    """
+    acls = [_acl("subscribePattern", f"{p}/#", allow=False)
+            for p in ("ms", "mr", "bs", "br", "ss", "$SYS", "$CONTROL")]
+    acls += [_acl("subscribePattern", "+", allow=False),          # every one-level topic
+             _acl("subscribePattern", "+/+/+/#", allow=False)]    # three levels or more
+    acls += [_acl("subscribeLiteral", t, allow=False)
+             for t in ("#", "+/#", "+/+", "sr/+", "sr/#", "sr/")]
+    return acls
+
+
+def _deny_acls() -> list[dict[str, Any]]:
+    """Everything, explicitly: without it the plugin would defer to the bootstrap patterns."""
+    acls = []
+    for top in ("#", "$SYS/#", "$CONTROL/#"):
+        acls += [_acl("publishClientSend", top, allow=False),
+                 _acl("publishClientReceive", top, allow=False),
+                 _acl("subscribePattern", top, allow=False)]
+    return acls
+
+
+def _client_roles(role: str) -> list[dict[str, Any]]:
+    # higher priority is checked first: the user's own allowances, then the catch-all denial
+    return [{"rolename": role, "priority": 10}, {"rolename": _ROLE_DENY, "priority": 0}]
+
+
+def _dynsec_client(user: str, password: str, role: str) -> dict[str, Any]:
+    # the plugin's own format: PBKDF2-HMAC-SHA512, 12-byte salt, base64; 101 iterations is the
+    # plugin's default for the clients it creates itself
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+    return {"username": user, "textName": "microcot", "password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(), "iterations": 101,
+            "roles": _client_roles(role)}
+
+
+def _ok(resp: dict[str, Any], *accepted: str) -> None:
+    err = resp.get("error")
+    if err and err not in accepted:
+        raise BrokerError(f"broker refused {resp.get('command')}: {err}")
+
+
+def _check_device_id(device_id: str) -> None:
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        raise BrokerError(f"bad device ID {device_id!r}: expected letters, digits, '.', '_', "
+                          "':' or '-' (an ICCID or a MAC address)")
+    if device_id in (ADMIN_USER, CONNECTOR_USER):
+        raise BrokerError(f"{device_id!r} is reserved for the emulator")
+
+
+def _check_password(password: str) -> None:
+    if not isinstance(password, str) or not password or len(password.encode()) > 65535:
+        raise BrokerError("a password must be a non-empty string of at most 65535 bytes")
+
+
+# -- process helpers --------------------------------------------------------------------------
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError, AttributeError):
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, not after fork
+
+
+def _child_setup(parent_pid: int):  # type: ignore[no-untyped-def]
+    """Runs in the child before exec: private files, and die with the parent process."""
+    def setup() -> None:
+        os.umask(0o077)
+        if _prctl is not None:
+            # SIGTERM, not SIGKILL: Mosquitto still saves its sessions when orphaned
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+    return setup
