@@ -254,6 +254,36 @@ def test_bootstrap_user_is_bound_to_its_client_id(broker, peers):
     assert a.nothing() == [] and b.nothing() == []
 
 
+def test_bootstrap_user_can_be_changed(tmp_path):
+    peers: list[Peer] = []
+    with Broker(tmp_path) as b:
+        try:
+            b.set_bootstrap("boot1", "first")
+            b.set_bootstrap("boot1", "second")  # same user, new password
+            assert raw_connack(b, "boot1", "first") == 5
+            conn = connector(b, peers, "ss/+")
+            p = Peer(b, "NEWDEV", "boot1", "second").ok()
+            peers.append(p)
+            assert p.subscribe("sr/NEWDEV") == 1 and p.subscribe("sr/+") == DENIED
+            p.publish("ss/NEWDEV", b"secret")
+            assert conn.get().topic == "ss/NEWDEV"  # still only the bootstrap rights
+            conn.publish("sr/NEWDEV", b"answer")
+            assert p.get().payload == b"answer"
+
+            b.set_bootstrap("boot2", "third")   # another name replaces the first user
+            assert p.disconnected.wait(WAIT)
+            assert raw_connack(b, "boot1", "second") == 5
+            assert raw_connack(b, "boot2", "third") == 0
+            with pytest.raises(BrokerError, match="bootstrap user"):
+                b.add_device("boot2", "pw")
+            b.add_device("DEVX", "pw-x")
+            with pytest.raises(BrokerError, match="device"):
+                b.set_bootstrap("DEVX", "pw")
+        finally:
+            for p in peers:
+                p.close()
+
+
 def test_connector_rights(broker, peers):
     conn = connector(broker, peers)
     for topic in ("#", "mr/+", "sr/+", "br/+", "$SYS/#"):

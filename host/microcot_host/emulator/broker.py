@@ -283,9 +283,16 @@ class Broker:
     # -- credentials --------------------------------------------------------------------------
 
     def add_device(self, device_id: str, password: str) -> None:
-        """Create the device's user (or give an existing one this password) with its topics."""
+        """Create the device's user with its topics, or give an existing one this password.
+
+        A new password closes the device's open connection (the plugin kicks the user), as a
+        re-bootstrap should.
+        """
         _check_device_id(device_id)
         _check_password(password)
+        self._load_secrets()
+        if device_id == self._secrets.get("bootstrap_user"):
+            raise BrokerError(f"{device_id!r} is the bootstrap user; it cannot be a device")
         role = _DEVICE_ROLE_PREFIX + device_id
         created = self._command({"command": "createRole", "rolename": role,
                                  "acls": _device_acls(device_id)})
@@ -295,7 +302,7 @@ class Broker:
         if resp.get("error") == "Client already exists":
             _ok(self._command({"command": "setClientPassword", "username": device_id,
                                "password": password}))
-            self._ensure_roles(device_id, role)
+            self._ensure_roles(device_id, _client_roles(role))
         else:
             _ok(resp)
 
@@ -325,6 +332,7 @@ class Broker:
         if not _USER.fullmatch(user) or user in (ADMIN_USER, CONNECTOR_USER):
             raise BrokerError(f"bad bootstrap user name {user!r}")
         _check_password(password)
+        # no "deny-rest" role: the bootstrap user's rights are the acl_file's fallback patterns
         roles = [{"rolename": _ROLE_BOOTSTRAP, "priority": 10}]
         resp = self._command({"command": "createClient", "username": user, "password": password,
                               "roles": roles})
@@ -333,7 +341,7 @@ class Broker:
                 raise BrokerError(f"{user!r} is a device; it cannot be the bootstrap user")
             _ok(self._command({"command": "setClientPassword", "username": user,
                                "password": password}))
-            self._ensure_roles(user, _ROLE_BOOTSTRAP)
+            self._ensure_roles(user, roles)
         else:
             _ok(resp)
         old = self._secrets.get("bootstrap_user")
@@ -346,6 +354,7 @@ class Broker:
 
     def _tls(self) -> TlsFiles:
         if self._tls_files is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames)
         return self._tls_files
 
@@ -617,12 +626,12 @@ class Broker:
         raise BrokerError(f"no answer from the broker to {command['command']} within "
                           f"{self.command_timeout:.0f} s (log: {self.log_file})")
 
-    def _ensure_roles(self, user: str, role: str) -> None:
+    def _ensure_roles(self, user: str, roles: list[dict[str, Any]]) -> None:
         # 2.0.11 answers "Internal error" to addClientRole for a role the client already has
         resp = self._command({"command": "getClient", "username": user})
         _ok(resp)
         have = {r.get("rolename") for r in resp.get("data", {}).get("client", {}).get("roles", [])}
-        for r in _client_roles(role):
+        for r in roles:
             if r["rolename"] not in have:
                 _ok(self._command({"command": "addClientRole", "username": user, **r}))
 
