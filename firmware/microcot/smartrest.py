@@ -2,7 +2,12 @@
 
 Request body (published on ms/<ID>):  `15,<X-ID>\\n<TID>,<v1>,<v2>...\\n...`, no trailing newline.
 Lines are counted from 1 over every line of the body, the `15,` line included, so the first
-template row is line 2 (`15,X\\n600,ICCID` is answered with line number 2).
+template row is line 2 (`15,X\\n600,ICCID` is answered with line number 2). A line here is a CSV
+row: a line break inside a quoted value does not start a new one (errors of `request()` use that
+numbering; the platform's own count for such rows is undocumented).
+X-IDs (`check_xid`): the seed wants letters and digits with at least one letter; all-digit X-IDs
+and characters that would break a row or a binary message (`,` `"` whitespace NUL) are refused, others
+such as `_` `-` `.` are let through.
 
 CSV rules (both directions): fields are separated by `,`, rows by `\\n` (`\\r\\n` tolerated when
 parsing). A field is quoted when it holds `"` `,` `\\n` `\\r` tab or leading/trailing whitespace;
@@ -107,12 +112,12 @@ def quote(value):
 
 
 def check_xid(xid):
-    """Raise ValueError unless xid can name a template collection in a body and a topic."""
+    """Raise ValueError unless xid can name a template collection in a text or binary request."""
     if not isinstance(xid, str) or not xid:
         raise ValueError("X-ID must be a non-empty string, got %r" % (xid,))
     for c in xid:
         if c in _WS or c in ',"\0':
-            raise ValueError("X-ID %r holds %r; it must be letters and digits" % (xid, c))
+            raise ValueError("X-ID %r holds %r, which a SmartREST row or binary message cannot carry" % (xid, c))
     if _uint(xid) is not None:
         raise ValueError("X-ID %r is all digits; it needs at least one letter" % xid)
 
