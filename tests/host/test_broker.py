@@ -440,6 +440,24 @@ def test_two_brokers_at_once(tmp_path):
         assert a.ca_cert.read_bytes() != b.ca_cert.read_bytes()
 
 
+def test_plain_listener_when_tls_is_off(tmp_path):
+    with Broker(tmp_path, tls=False) as b:
+        assert b.ca_cert is None and b.client_ssl_context() is None
+        b.add_device("PLAIN1", "pw-plain")
+        got = threading.Event()
+        c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="PLAIN1",
+                        protocol=mqtt.MQTTv311)
+        c.username_pw_set("PLAIN1", "pw-plain")
+        c.on_connect = lambda cl, ud, fl, rc, pr: rc.is_failure or got.set()
+        c.connect(b.host, b.port)
+        c.loop_start()
+        try:
+            assert got.wait(WAIT)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+
+
 def test_one_data_dir_one_broker(tmp_path):
     with Broker(tmp_path) as a:
         with pytest.raises(BrokerError, match="in use"):
