@@ -43,3 +43,28 @@ def skip(reason):
     except ImportError:
         raise SkipTest(reason)
     pytest.skip(reason)
+
+
+def scratch_dir(name):
+    """An empty scratch directory: a temp dir on CPython, `name` under the board's cwd on a board."""
+    try:
+        import tempfile
+
+        return tempfile.mkdtemp()
+    except ImportError:
+        import os
+
+        try:
+            os.mkdir(name)
+        except OSError:
+            pass
+        return name
+
+
+def rmtree(d):
+    """Remove a flat scratch directory."""
+    import os
+
+    for name in os.listdir(d):
+        os.remove(d + "/" + name)
+    os.rmdir(d)

@@ -1,31 +1,10 @@
 # Hardware layer: runs on CPython (pytest) and on the unix port / a board. The virtual board's
 # `_vboard` module is replaced by a fake in sys.modules; board.json by a scratch file.
-import os
 import sys
 
-from dt import raises
+from dt import raises, rmtree, scratch_dir
 
 from microcot import hal
-
-
-def _scratch():
-    try:
-        import tempfile
-
-        return tempfile.mkdtemp()
-    except ImportError:
-        d = "tmp_hal_test"
-        try:
-            os.mkdir(d)
-        except OSError:
-            pass
-        return d
-
-
-def _rmtree(d):
-    for name in os.listdir(d):
-        os.remove(d + "/" + name)
-    os.rmdir(d)
 
 
 class FakeVboard:
@@ -59,7 +38,7 @@ def _with_vboard(vb, fn):
 
 
 def _with_config(text, fn):
-    d = _scratch()
+    d = scratch_dir('tmp_hal_test')
     path = d + "/board.json"
     saved = hal.CONFIG_PATH
     try:
@@ -74,7 +53,7 @@ def _with_config(text, fn):
             hal.config(reload=True)
         except ValueError:
             pass
-        _rmtree(d)
+        rmtree(d)
 
 
 def test_family():

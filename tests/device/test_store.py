@@ -4,7 +4,7 @@
 # filesystem in a scratch directory that they remove again.
 import os
 
-from dt import raises
+from dt import raises, rmtree, scratch_dir
 
 from microcot import store
 
@@ -119,35 +119,15 @@ def done():
     store.root("/store")
 
 
-def _scratch():
-    try:
-        import tempfile
-
-        return tempfile.mkdtemp()
-    except ImportError:  # MicroPython: a scratch directory under the board's cwd
-        d = "tmp_store_test"
-        try:
-            os.mkdir(d)
-        except OSError:
-            pass
-        return d
-
-
-def _rmtree(d):
-    for name in os.listdir(d):
-        os.remove(d + "/" + name)
-    os.rmdir(d)
-
-
 def _real(fn):
-    d = _scratch()
+    d = scratch_dir('tmp_store_test')
     store.fs(False)
     store.root(d)
     try:
         fn(d)
     finally:
         done()
-        _rmtree(d)
+        rmtree(d)
 
 
 # -- basics on the real filesystem -----------------------------------------------------------------
