@@ -1,0 +1,120 @@
+"""`microcot board virtual`: serve a virtual board on a pseudo-terminal until stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from .board import BoardStartError, VirtualBoard, parse_heap, parse_mac
+
+
+@click.group("board")
+def board() -> None:
+    """Boards without hardware."""
+
+
+def _heap(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    try:
+        return parse_heap(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _mac(_ctx: click.Context, _param: click.Parameter, value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return parse_mac(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@board.command("virtual")
+@click.option("--name", "-n", default="vboard", show_default=True,
+              help="board name: selects its flash directory and default MAC")
+@click.option("--heap", callback=_heap, metavar="SIZE",
+              help="heap size like a board's RAM, e.g. 100k or 2m (default: the unix port's 2m)")
+@click.option("--iccid", metavar="ICCID",
+              help="attach an emulated AT modem with a SIM of this ICCID")
+@click.option("--imsi", metavar="IMSI", help="IMSI of the emulated SIM (with --iccid)")
+@click.option("--mac", callback=_mac, metavar="MAC",
+              help="the board's MAC address (default: derived from the name)")
+@click.option("--flash", "flash_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="directory that is the board's filesystem "
+                   "(default: <state dir>/boards/<name>/flash)")
+@click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
+              help="also make this symlink point at the pty, e.g. /tmp/ttyVB0")
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the pty path to this file once the board is up (for scripts)")
+@click.option("--deploy", "do_deploy", is_flag=True,
+              help="deploy the firmware onto the board after it starts")
+def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
+            mac: bytes | None, flash_dir: Path | None, link: Path | None,
+            port_file: Path | None, do_deploy: bool) -> None:
+    """Serve a virtual MicroPython board on a pseudo-terminal until Ctrl-C or SIGTERM.
+
+    The printed port behaves like a USB-serial MicroPython board: mpremote, `microcot deploy`
+    and the HIL tests use it exactly like /dev/ttyUSB0. The flash directory persists across runs.
+    Without --iccid the board has no modem (`_vboard.modem_path` is None).
+    """
+    if imsi and not iccid:
+        raise click.BadParameter("--imsi needs --iccid", param_hint="--imsi")
+    try:
+        vb = VirtualBoard(name, heap=heap, iccid=iccid, imsi=imsi, mac=mac, flash_dir=flash_dir,
+                          link=link)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        try:
+            vb.start()
+        except (BoardStartError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        port = str(link) if link else vb.port
+        click.echo(f"virtual board {name!r} on {vb.port}" + (f" ({link})" if link else ""))
+        click.echo(f"  flash: {vb.flash_dir}")
+        click.echo(f"  MAC:   {vb.mac.hex(':').upper()}")
+        if vb.modem_path:
+            click.echo(f"  modem: {vb.modem_path} (ICCID {iccid})")
+        click.echo(f"  try:   mpremote connect {port} repl")
+        if do_deploy:
+            _deploy(vb.port)
+        if port_file is not None:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(vb.port + "\n")
+            os.replace(tmp, port_file)  # a watcher never reads half a path
+        click.echo("Ctrl-C stops the board.")
+        while not stop.wait(0.5):
+            if not vb.running:
+                raise click.ClickException(f"the board's supervisor stopped: {vb.error}")
+    finally:
+        vb.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if port_file is not None:
+            with contextlib.suppress(OSError):
+                port_file.unlink()
+
+
+def _deploy(port: str) -> None:
+    try:
+        from ..deploy import deploy
+    except ImportError:
+        click.echo("  (deploy is not available in this installation; skipped)")
+        return
+    try:
+        result = deploy(port, board="virtual")
+    except Exception as exc:  # the board keeps running; the user sees why deploy failed
+        click.echo(f"  deploy failed: {exc}", err=True)
+        return
+    click.echo(f"  deployed: {len(result.copied)} files copied, {len(result.unchanged)} unchanged")
