@@ -1,0 +1,936 @@
+"""The emulator's REST API at function level: `Api.handle(method, target, body)`.
+
+The HTTP server (http.py), the SmartREST engine and the MQTT connector all call `handle`, so a
+SmartREST template runs exactly what the same request over HTTP would, and its failures carry the
+same HTTP status and reason (`50,<line>,404,Not Found`). Bodies are Cumulocity's JSON shapes,
+`self` links are built from `base_url`.
+
+Resources
+---------
+| resource                                                   | methods                  |
+| ---------------------------------------------------------- | ------------------------ |
+| /inventory/managedObjects                                  | GET, POST                |
+| /inventory/managedObjects/{id}                             | GET, PUT, DELETE         |
+| /inventory/managedObjects/{id}/childDevices                | GET, POST                |
+| /inventory/managedObjects/{id}/childDevices/{childId}      | GET, DELETE              |
+| /identity/externalIds/{type}/{value}                       | GET, DELETE              |
+| /identity/globalIds/{id}/externalIds                       | GET, POST                |
+| /measurement/measurements, /measurement/measurements/{id}  | GET, POST / GET, DELETE  |
+| /event/events, /event/events/{id}                          | GET, POST / GET, PUT, DELETE |
+| /alarm/alarms, /alarm/alarms/{id}                          | GET, POST / GET, PUT     |
+| /devicecontrol/operations, /devicecontrol/operations/{id}  | GET, POST / GET, PUT     |
+| /devicecontrol/newDeviceRequests, .../{id}                 | GET, POST / GET, PUT, DELETE |
+| /devicecontrol/bulkNewDeviceRequests                       | POST (multipart or CSV)  |
+| /devicecontrol/deviceCredentials/{id}                      | GET, DELETE (extension)  |
+| /tenant/currentTenant                                      | GET                      |
+| /s (SmartREST 1.0, header X-Id)                            | POST, served by http.py  |
+
+Collections page with `pageSize` (default 5, at most 2000: larger values are capped) and
+`currentPage` (from 1), `withTotalPages=true` adds `statistics.totalPages`; `next` is present when
+a further page has items, `prev` from page 2 on. Filters: managed objects by `type`,
+`fragmentType`, `text` (in name or type), `ids` (comma list), `owner`; measurements by `source`,
+`type`, `valueFragmentType`, `valueFragmentSeries`, `dateFrom`, `dateTo` (ISO times, half-open
+interval), `revert`; events by `source`, `type`, `fragmentType`, dates; alarms by `source`,
+`status` (comma list), `severity`, `type`, `resolved`, dates; operations by `deviceId`, `status`
+(comma list), `agentId` (the device and its child devices), `fragmentType`, dates (creation);
+new device requests by `status`. Measurements come oldest first, events and alarms newest first,
+operations in creation order (`revert=true` turns each around). Unknown parameters are ignored.
+
+Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unreadable JSON or a
+field of the wrong JSON type or a malformed query parameter (the message names it), 404 unknown
+resource or object, 405 method (with `Allow`), 409 duplicate, 413 (http.py), 415 a body that is
+not JSON, 422 valid JSON with unacceptable data (missing mandatory field, unknown source, bad
+status transition; message "Following mandatory fields should be included: ..." as Cumulocity).
+
+Emulator behaviour worth knowing
+--------------------------------
+- Alarms: a POST for a source and type that has an alarm not CLEARED increments that alarm's
+  `count` and takes the new `time` and `text` (201 with that alarm). A POST with status CLEARED
+  clears that open alarm. A CLEARED alarm cannot be reopened by PUT (422).
+- Operations: created PENDING; PENDING -> EXECUTING, SUCCESSFUL or FAILED; EXECUTING ->
+  SUCCESSFUL or FAILED; setting the current status again is accepted (a re-delivered QoS 1
+  update); other changes 422. `on_operation_created(cb)` callbacks get the new operation (with
+  `self`) after it is stored, on the caller's thread.
+- New device requests: POST `{"id": ...}` -> WAITING_FOR_CONNECTION; the bootstrap connector calls
+  `bootstrap_request(id)` when a device publishes its secret (-> PENDING_ACCEPTANCE, creating the
+  request if needed); PUT `{"status": "ACCEPTED"}` only from PENDING_ACCEPTANCE, then the
+  `on_request_accepted(cb)` callbacks get the request; the connector issues the password with
+  `issue_credentials(id, password)`.
+- Bulk registration (seed 002's CSV, see fleetcsv.py) answers 201 with Cumulocity's
+  `numberOfAll`, `numberOfCreated`, `numberOfFailed`, `numberOfSuccessful`,
+  `credentialUpdatedList` and `failedCreationList` (entries carry `bulkNewDeviceStatus` as
+  Cumulocity and the same value as `creationStatus`; `line` is the 1-based line number, not the
+  line's text, which holds a password; `failureReason` names the columns). Each valid row gives
+  its ICCID column (the device's MQTT user) the row's password through the CredentialSink,
+  records the credentials and an ACCEPTED new device request whose `microcot_BulkRegistration`
+  fragment keeps ID (external ID), NAME, TYPE and SHELL. A row whose ICCID has credentials already
+  updates them (`credentialUpdatedList`). No managed object is created: the device creates itself
+  after connecting (seed 002, "Selbsterstellen des Gerätes"). The accepted hook is not called:
+  these devices have their password and do not bootstrap. An unusable header is a 422.
+- `/devicecontrol/deviceCredentials/{id}` (an emulator extension): GET says whether the device
+  has credentials (`id`, `username`, `created`, `source`; never a password); DELETE removes them
+  from the broker (its next connect fails with CONNACK 5), the record, and an ACCEPTED new device
+  request of that id, so a re-bootstrap must be accepted again (seed 002, "Löschen eines
+  Gerätes").
+- `/tenant/currentTenant`: `name` is the tenant given to Api, `domainName` the host:port of
+  `base_url` (where a device reaches this platform over HTTP).
+- `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). http.py hands it
+  to the SmartREST engine's callable; `handle` itself answers 501 for it.
+
+SmartREST template collections (the representation the engine uses, through this API only)
+------------------------------------------------------------------------------------------
+As on Cumulocity (and as Telekom's Java SDK reads them): a managed object with
+- `name` = the X-ID, `type` = `com_cumulocity_model_smartrest_SmartRestTemplate`,
+- the fragment `com_cumulocity_model_smartrest_SmartRestTemplate` =
+  `{"requestTemplates": [{"msgId", "method", "resourceUri", "contentType", "accept",
+  "placeholder", "values": [types], "templateString"}], "responseTemplates": [{"msgId", "base",
+  "condition", "pattern": [paths]}], "registration": "<the 10,/11, rows as registered>"}`
+  (the engine decides the content; `registration` lets it rebuild a collection with templates.py),
+- the external ID type `c8y_SmartRestDeviceIdentifier`, value = the X-ID.
+Find one with GET /identity/externalIds/c8y_SmartRestDeviceIdentifier/{xid}, then GET the managed
+object; delete it with DELETE /inventory/managedObjects/{id} (its external ID goes with it).
+`find_template_collection` and `create_template_collection` below do exactly that; the latter is
+race-safe (of two concurrent registrations of one X-ID, the second gets 409 and leaves nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.parser
+import email.policy
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, NamedTuple, Protocol
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+from .. import fleetcsv
+from .model import (
+    BadField,
+    Conflict,
+    Invalid,
+    Model,
+    ModelError,
+    NotFound,
+    Page,
+    parse_id,
+    parse_time,
+)
+
+log = logging.getLogger(__name__)
+
+SMARTREST_XID_TYPE = "c8y_SmartRestDeviceIdentifier"
+SMARTREST_FRAGMENT = "com_cumulocity_model_smartrest_SmartRestTemplate"
+SMARTREST_MO_TYPE = SMARTREST_FRAGMENT
+BULK_FRAGMENT = "microcot_BulkRegistration"
+
+DEFAULT_PAGE_SIZE = 5
+MAX_PAGE_SIZE = 2000
+ERROR_INFO = "https://cumulocity.com/guides/reference/rest-implementation/#error-reporting"
+
+JSON = dict[str, Any]
+
+
+class ApiResult(NamedTuple):
+    status: int
+    body: dict[str, Any] | list[Any] | None
+    reason: str
+    headers: dict[str, str] = {}  # never mutated: every result builds its own
+
+
+class CredentialSink(Protocol):
+    """Where device passwords go (the Broker); None in unit tests."""
+
+    def add_device(self, device_id: str, password: str) -> None: ...
+
+    def remove_device(self, device_id: str) -> bool: ...
+
+
+class ApiError(Exception):
+    """An error answer: status, `<domain>/<code>` and message."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class _Req:
+    method: str
+    path: str
+    params: dict[str, str]
+    raw_params: list[tuple[str, str]]
+    body: Any
+    content_type: str | None
+    user: str | None
+    domain: str
+    args: list[str] = field(default_factory=list)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _result(status: int, body: Any = None, headers: dict[str, str] | None = None) -> ApiResult:
+    return ApiResult(status, body, _reason(status), dict(headers or {}))
+
+
+Handler = Callable[["Api", _Req], ApiResult]
+
+
+class Api:
+    """Cumulocity's REST resources over a Model; see the module docstring for the list."""
+
+    def __init__(self, model: Model, credentials: CredentialSink | None = None,
+                 tenant: str = "t-emulator", base_url: str = "http://127.0.0.1") -> None:
+        self.model = model
+        self.credentials = credentials
+        self.tenant = tenant
+        self.base_url = base_url.rstrip("/")
+        self._op_hooks: list[Callable[[JSON], None]] = []
+        self._accept_hooks: list[Callable[[JSON], None]] = []
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def on_operation_created(self, callback: Callable[[JSON], None]) -> None:
+        """Call `callback(operation)` for every new operation, after it is stored."""
+        self._op_hooks.append(callback)
+
+    def on_request_accepted(self, callback: Callable[[JSON], None]) -> None:
+        """Call `callback(request)` when a new device request becomes ACCEPTED by PUT."""
+        self._accept_hooks.append(callback)
+
+    @staticmethod
+    def _fire(hooks: list[Callable[[JSON], None]], arg: JSON) -> None:
+        for cb in list(hooks):
+            try:
+                cb(arg)
+            except Exception:  # a broken listener must not turn a stored object into an error
+                log.exception("emulator API hook %r failed", cb)
+
+    # -- entry point --------------------------------------------------------------------------
+
+    def handle(self, method: str, target: str, body: bytes | str | dict[str, Any] | list[Any]
+               | None = None, content_type: str | None = None,
+               user: str | None = None) -> ApiResult:
+        """Answer one request; never raises for bad input (errors are results)."""
+        method = method.upper()
+        parts = urlsplit(target)
+        raw_params = parse_qsl(parts.query, keep_blank_values=True)
+        segs = [unquote(s) for s in parts.path.strip("/").split("/")] if parts.path.strip("/") \
+            else []
+        domain = segs[0] if segs else "general"
+        req = _Req(method, parts.path, dict(raw_params), raw_params, body, content_type, user,
+                   domain)
+        try:
+            handler, req.args, allowed = self._route(segs, method)
+            if handler is None:
+                if allowed:
+                    raise ApiError(405, f"{domain}/Method Not Allowed",
+                                   f"{method} is not supported on {parts.path}; use "
+                                   + ", ".join(allowed), {"Allow": ", ".join(allowed)})
+                raise ApiError(404, f"{domain}/Not Found", f"no resource {parts.path}")
+            return handler(self, req)
+        except ApiError as e:
+            return self._error(e.status, e.code, e.message, e.headers)
+        except NotFound as e:
+            return self._error(404, f"{domain}/Not Found", e.message)
+        except Conflict as e:
+            return self._error(409, f"{domain}/Duplicate", e.message)
+        except BadField as e:
+            return self._error(400, f"{domain}/badRequest", e.message)
+        except Invalid as e:
+            return self._error(422, f"{domain}/validationError", e.message)
+        except ModelError as e:
+            return self._error(422, f"{domain}/validationError", e.message)
+
+    @staticmethod
+    def _error(status: int, code: str, message: str,
+               headers: dict[str, str] | None = None) -> ApiResult:
+        return _result(status, {"error": code, "message": message, "info": ERROR_INFO}, headers)
+
+    def _route(self, segs: list[str], method: str
+               ) -> tuple[Handler | None, list[str], list[str]]:
+        for pattern, methods in _ROUTES:
+            if len(pattern) != len(segs):
+                continue
+            args = []
+            for p, s in zip(pattern, segs, strict=True):
+                if p == "*":
+                    args.append(s)
+                elif p != s:
+                    break
+            else:
+                return methods.get(method), args, sorted(methods)
+        return None, [], []
+
+    # -- request helpers ----------------------------------------------------------------------
+
+    def _json(self, req: _Req) -> Any:
+        ct = (req.content_type or "").split(";")[0].strip().lower()
+        if ct and "json" not in ct:
+            raise ApiError(415, f"{req.domain}/Unsupported Media Type",
+                           f"the body must be JSON (application/json), not {ct}")
+        b = req.body
+        if isinstance(b, dict | list):
+            return b
+        if b is None or b in (b"", ""):
+            raise ApiError(400, f"{req.domain}/badRequest", f"{req.method} {req.path} needs a "
+                                                              "JSON body")
+        if isinstance(b, bytes | bytearray):
+            try:
+                b = bytes(b).decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise ApiError(400, f"{req.domain}/badRequest",
+                               f"the body is not UTF-8 (byte {e.start})") from None
+        try:
+            return json.loads(b)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"{req.domain}/badRequest",
+                           f"Invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+    def _param_id(self, req: _Req, name: str) -> int | None:
+        v = req.params.get(name)
+        if v is None or v == "":
+            return None
+        try:
+            return parse_id(v, name)
+        except ModelError as e:
+            raise ApiError(400, f"{req.domain}/badRequest", e.message) from None
+
+    def _param_time(self, req: _Req, name: str) -> int | None:
+        v = req.params.get(name)
+        if v is None or v == "":
+            return None
+        try:
+            return parse_time(v, name)[1]
+        except ModelError as e:
+            raise ApiError(400, f"{req.domain}/badRequest", e.message) from None
+
+    def _param_bool(self, req: _Req, name: str) -> bool | None:
+        v = req.params.get(name)
+        if v is None or v == "":
+            return None
+        if v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise ApiError(400, f"{req.domain}/badRequest", f"{name} must be true or false, "
+                                                        f"got {v!r}")
+
+    def _param_int(self, req: _Req, name: str, default: int) -> int:
+        v = req.params.get(name)
+        if v is None or v == "":
+            return default
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ApiError(400, f"{req.domain}/badRequest", f"{name} must be a positive whole "
+                                                            f"number, got {v!r}")
+        return n
+
+    def _paging(self, req: _Req) -> tuple[Page, int, int]:
+        size = min(self._param_int(req, "pageSize", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        current = self._param_int(req, "currentPage", 1)
+        return Page((current - 1) * size, size), current, size
+
+    def _collection(self, req: _Req, key: str, items: list[JSON], total: int, current: int,
+                    size: int) -> ApiResult:
+        stats: JSON = {"currentPage": current, "pageSize": size}
+        if self._param_bool(req, "withTotalPages"):
+            stats["totalPages"] = math.ceil(total / size)
+        body: JSON = {key: items, "statistics": stats,
+                      "self": self._page_url(req, current, size)}
+        if current * size < total:
+            body["next"] = self._page_url(req, current + 1, size)
+        if current > 1:
+            body["prev"] = self._page_url(req, current - 1, size)
+        return _result(200, body)
+
+    def _page_url(self, req: _Req, page: int, size: int) -> str:
+        q = [(k, v) for k, v in req.raw_params if k not in ("currentPage", "pageSize")]
+        q += [("pageSize", str(size)), ("currentPage", str(page))]
+        return self.base_url + req.path + "?" + urlencode(q)
+
+    def _url(self, *segs: str) -> str:
+        return self.base_url + "/" + "/".join(quote(s, safe="") for s in segs)
+
+    # -- links --------------------------------------------------------------------------------
+
+    def _link_mo(self, mo: JSON) -> JSON:
+        mo = dict(mo)
+        mo["self"] = self._url("inventory", "managedObjects", mo["id"])
+        for key in ("childDevices", "deviceParents"):
+            refs = mo.get(key)
+            if isinstance(refs, dict):
+                mo[key] = self._link_refs(mo["id"], refs["references"], key == "childDevices")
+        return mo
+
+    def _link_refs(self, mo_id: str, refs: list[JSON], children: bool) -> JSON:
+        out = []
+        for r in refs:
+            m = dict(r["managedObject"])
+            m["self"] = self._url("inventory", "managedObjects", m["id"])
+            ref: JSON = {"managedObject": m}
+            if children:
+                ref["self"] = self._url("inventory", "managedObjects", mo_id, "childDevices",
+                                        m["id"])
+            out.append(ref)
+        res: JSON = {"references": out}
+        if children:
+            res["self"] = self._url("inventory", "managedObjects", mo_id, "childDevices")
+        return res
+
+    def _link_xid(self, x: JSON) -> JSON:
+        return {"externalId": x["externalId"], "type": x["type"],
+                "self": self._url("identity", "externalIds", x["type"], x["externalId"]),
+                "managedObject": {"id": x["managedObject"]["id"],
+                                  "self": self._url("inventory", "managedObjects",
+                                                    x["managedObject"]["id"])}}
+
+    def _link_sourced(self, d: JSON, *path: str) -> JSON:
+        d = dict(d)
+        d["self"] = self._url(*path, d["id"])
+        src = d["source"]["id"]
+        d["source"] = {"id": src, "self": self._url("inventory", "managedObjects", src)}
+        return d
+
+    def _link_op(self, op: JSON) -> JSON:
+        return {**op, "self": self._url("devicecontrol", "operations", op["id"])}
+
+    def _link_request(self, r: JSON) -> JSON:
+        return {**r, "self": self._url("devicecontrol", "newDeviceRequests", r["id"])}
+
+    def _created(self, body: JSON) -> ApiResult:
+        return _result(201, body, {"Location": body["self"]})
+
+    # -- inventory ----------------------------------------------------------------------------
+
+    def _mos_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        ids = None
+        if req.params.get("ids"):
+            try:
+                ids = [parse_id(x.strip(), "ids") for x in req.params["ids"].split(",")
+                       if x.strip()]
+            except ModelError as e:
+                raise ApiError(400, "inventory/badRequest", e.message) from None
+        items, total = self.model.query_managed_objects(
+            page, type=req.params.get("type") or None,
+            fragment_type=req.params.get("fragmentType") or None,
+            text=req.params.get("text") or None, ids=ids, owner=req.params.get("owner") or None)
+        return self._collection(req, "managedObjects", [self._link_mo(m) for m in items], total,
+                                current, size)
+
+    def _mos_post(self, req: _Req) -> ApiResult:
+        mo = self.model.create_managed_object(self._json(req), owner=req.user)
+        return self._created(self._link_mo(mo))
+
+    def _mo_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_mo(self.model.get_managed_object(req.args[0])))
+
+    def _mo_put(self, req: _Req) -> ApiResult:
+        mo_id = self._existing_mo(req.args[0])
+        return _result(200, self._link_mo(self.model.update_managed_object(mo_id,
+                                                                           self._json(req))))
+
+    def _mo_delete(self, req: _Req) -> ApiResult:
+        self.model.delete_managed_object(self._existing_mo(req.args[0]))
+        return _result(204)
+
+    def _existing_mo(self, ident: str) -> int:
+        # a malformed id in a path is "no such object", not a validation error
+        try:
+            return parse_id(ident)
+        except ModelError:
+            raise NotFound(f"Finding device data from database failed : No managedObject for "
+                           f"id '{ident}'!") from None
+
+    def _children_get(self, req: _Req) -> ApiResult:
+        mo = self.model.get_managed_object(self._existing_mo(req.args[0]))
+        page, current, size = self._paging(req)
+        refs = mo["childDevices"]["references"]
+        linked = self._link_refs(mo["id"], refs[page.offset:page.offset + page.limit], True)
+        res = self._collection(req, "references", linked["references"], len(refs), current,
+                               size)
+        return res
+
+    def _children_post(self, req: _Req) -> ApiResult:
+        parent = self._existing_mo(req.args[0])
+        data = self._json(req)
+        ref = data.get("managedObject") if isinstance(data, dict) else None
+        if not isinstance(ref, dict) or ref.get("id") in (None, ""):
+            raise Invalid("Following mandatory fields should be included: managedObject.id",
+                          "managedObject.id")
+        self.model.add_child_device(parent, ref["id"])
+        return self._child_ref(parent, parse_id(ref["id"], "managedObject.id"), 201)
+
+    def _child_ref(self, parent: int, child: int, status: int) -> ApiResult:
+        mo = self.model.get_managed_object(parent)
+        for r in mo["childDevices"]["references"]:
+            if r["managedObject"]["id"] == str(child):
+                ref = self._link_refs(str(parent), [r], True)["references"][0]
+                return _result(status, ref, {"Location": ref["self"]} if status == 201 else None)
+        raise NotFound(f"Managed object {child} is not a child device of {parent}")
+
+    def _child_get(self, req: _Req) -> ApiResult:
+        return self._child_ref(self._existing_mo(req.args[0]), self._existing_mo(req.args[1]),
+                               200)
+
+    def _child_delete(self, req: _Req) -> ApiResult:
+        self.model.remove_child_device(self._existing_mo(req.args[0]),
+                                       self._existing_mo(req.args[1]))
+        return _result(204)
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def _xid_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_xid(self.model.get_external_id(*req.args)))
+
+    def _xid_delete(self, req: _Req) -> ApiResult:
+        self.model.delete_external_id(*req.args)
+        return _result(204)
+
+    def _global_xids_get(self, req: _Req) -> ApiResult:
+        mo_id = self._existing_mo(req.args[0])
+        items = [self._link_xid(x) for x in self.model.external_ids_of(mo_id)]
+        return _result(200, {"externalIds": items,
+                             "self": self._url("identity", "globalIds", str(mo_id),
+                                               "externalIds")})
+
+    def _global_xids_post(self, req: _Req) -> ApiResult:
+        mo_id = self._existing_mo(req.args[0])
+        return self._created(self._link_xid(self.model.add_external_id(mo_id, self._json(req))))
+
+    # -- measurements, events, alarms ---------------------------------------------------------
+
+    def _measurements_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        items, total = self.model.query_measurements(
+            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
+            value_fragment_type=req.params.get("valueFragmentType") or None,
+            value_fragment_series=req.params.get("valueFragmentSeries") or None,
+            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
+            revert=bool(self._param_bool(req, "revert")))
+        return self._collection(req, "measurements",
+                                [self._link_sourced(m, "measurement", "measurements")
+                                 for m in items], total, current, size)
+
+    def _measurements_post(self, req: _Req) -> ApiResult:
+        m = self.model.create_measurement(self._json(req))
+        return self._created(self._link_sourced(m, "measurement", "measurements"))
+
+    def _measurement_get(self, req: _Req) -> ApiResult:
+        m = self.model.get_measurement(self._existing(req, "measurement"))
+        return _result(200, self._link_sourced(m, "measurement", "measurements"))
+
+    def _measurement_delete(self, req: _Req) -> ApiResult:
+        self.model.delete_measurement(self._existing(req, "measurement"))
+        return _result(204)
+
+    def _existing(self, req: _Req, what: str) -> int:
+        try:
+            return parse_id(req.args[0])
+        except ModelError:
+            raise NotFound(f"Finding {what} from database failed : No {what} for id "
+                           f"'{req.args[0]}'!") from None
+
+    def _events_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        items, total = self.model.query_events(
+            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
+            fragment_type=req.params.get("fragmentType") or None,
+            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
+            revert=bool(self._param_bool(req, "revert")))
+        return self._collection(req, "events", [self._link_sourced(e, "event", "events")
+                                                for e in items], total, current, size)
+
+    def _events_post(self, req: _Req) -> ApiResult:
+        return self._created(self._link_sourced(self.model.create_event(self._json(req)),
+                                                "event", "events"))
+
+    def _event_get(self, req: _Req) -> ApiResult:
+        e = self.model.get_event(self._existing(req, "event"))
+        return _result(200, self._link_sourced(e, "event", "events"))
+
+    def _event_put(self, req: _Req) -> ApiResult:
+        e = self.model.update_event(self._existing(req, "event"), self._json(req))
+        return _result(200, self._link_sourced(e, "event", "events"))
+
+    def _event_delete(self, req: _Req) -> ApiResult:
+        self.model.delete_event(self._existing(req, "event"))
+        return _result(204)
+
+    def _alarms_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        status = [s.strip() for s in req.params.get("status", "").split(",") if s.strip()]
+        items, total = self.model.query_alarms(
+            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
+            status=status or None, severity=req.params.get("severity") or None,
+            resolved=self._param_bool(req, "resolved"),
+            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
+            revert=bool(self._param_bool(req, "revert")))
+        return self._collection(req, "alarms", [self._link_sourced(a, "alarm", "alarms")
+                                                for a in items], total, current, size)
+
+    def _alarms_post(self, req: _Req) -> ApiResult:
+        alarm, _new = self.model.create_alarm(self._json(req))
+        return self._created(self._link_sourced(alarm, "alarm", "alarms"))
+
+    def _alarm_get(self, req: _Req) -> ApiResult:
+        a = self.model.get_alarm(self._existing(req, "alarm"))
+        return _result(200, self._link_sourced(a, "alarm", "alarms"))
+
+    def _alarm_put(self, req: _Req) -> ApiResult:
+        a = self.model.update_alarm(self._existing(req, "alarm"), self._json(req))
+        return _result(200, self._link_sourced(a, "alarm", "alarms"))
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _operations_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        status = [s.strip() for s in req.params.get("status", "").split(",") if s.strip()]
+        items, total = self.model.query_operations(
+            page, device=self._param_id(req, "deviceId"), status=status or None,
+            agent=self._param_id(req, "agentId"),
+            fragment_type=req.params.get("fragmentType") or None,
+            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
+            revert=bool(self._param_bool(req, "revert")))
+        return self._collection(req, "operations", [self._link_op(o) for o in items], total,
+                                current, size)
+
+    def _operations_post(self, req: _Req) -> ApiResult:
+        op = self._link_op(self.model.create_operation(self._json(req)))
+        self._fire(self._op_hooks, op)
+        return self._created(op)
+
+    def _operation_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_op(self.model.get_operation(
+            self._existing(req, "operation"))))
+
+    def _operation_put(self, req: _Req) -> ApiResult:
+        op = self.model.update_operation(self._existing(req, "operation"), self._json(req))
+        return _result(200, self._link_op(op))
+
+    # -- new device requests ------------------------------------------------------------------
+
+    def _requests_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        items, total = self.model.query_device_requests(page,
+                                                        status=req.params.get("status") or None)
+        return self._collection(req, "newDeviceRequests", [self._link_request(r) for r in items],
+                                total, current, size)
+
+    def _requests_post(self, req: _Req) -> ApiResult:
+        data = self._json(req)
+        if not isinstance(data, dict):
+            raise BadField("the body must be a JSON object {\"id\": ...}")
+        if data.get("id") in (None, ""):
+            raise Invalid("Following mandatory fields should be included: id", "id")
+        r = self.model.create_device_request(data["id"])
+        return self._created(self._link_request(r))
+
+    def _request_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_request(self.model.get_device_request(req.args[0])))
+
+    def _request_put(self, req: _Req) -> ApiResult:
+        data = self._json(req)
+        if not isinstance(data, dict):
+            raise BadField("the body must be a JSON object {\"status\": ...}")
+        status = data.get("status")
+        if status in (None, ""):
+            raise Invalid("Following mandatory fields should be included: status", "status")
+        if not isinstance(status, str):
+            raise BadField("status must be a string", "status")
+        before = self.model.get_device_request(req.args[0])
+        r = self._link_request(self.model.set_device_request_status(req.args[0], status))
+        if r["status"] == "ACCEPTED" and before["status"] != "ACCEPTED":
+            self._fire(self._accept_hooks, r)
+        return _result(200, r)
+
+    def _request_delete(self, req: _Req) -> ApiResult:
+        self.model.delete_device_request(req.args[0])
+        return _result(204)
+
+    # -- bulk registration --------------------------------------------------------------------
+
+    def _bulk_post(self, req: _Req) -> ApiResult:
+        text = _csv_payload(req)
+        parsed = fleetcsv.parse(text)
+        if not parsed.header_ok:
+            raise Invalid("; ".join(parsed.messages()))
+        by_line: dict[int, list[fleetcsv.Problem]] = {}
+        for p in parsed.problems:
+            if p.code != "weak-credentials":
+                by_line.setdefault(p.line, []).append(p)
+        rows = {r.line: r for r in parsed.rows}
+        failed: list[JSON] = []
+        updated: list[JSON] = []
+        created = 0
+        for line in sorted(set(rows) | set(by_line)):
+            row = rows.get(line)
+            device_id = (row.id or row.iccid) if row else ""
+            problems = by_line.get(line)
+            if not problems and row is not None:
+                try:
+                    new = self._register_row(row)
+                except Exception as e:  # the sink (broker) said no: this row fails, not the file
+                    log.warning("bulk registration of line %d failed: %s", line, e)
+                    failed.append(_failed(device_id, f"ICCID: the broker refused the device: "
+                                                     f"{e}", line))
+                    continue
+                if new:
+                    created += 1
+                else:
+                    updated.append({"bulkNewDeviceStatus": "CREDENTIAL_UPDATED",
+                                    "creationStatus": "CREDENTIAL_UPDATED",
+                                    "deviceId": device_id})
+                continue
+            reason = "; ".join((f"{p.column}: " if p.column else "") + p.message
+                               for p in problems or [])
+            failed.append(_failed(device_id, reason, line))
+        body = {"numberOfAll": len(parsed.rows), "numberOfCreated": created,
+                "numberOfFailed": len(failed), "numberOfSuccessful": created + len(updated),
+                "credentialUpdatedList": updated, "failedCreationList": failed}
+        return _result(201, body)
+
+    def _register_row(self, row: fleetcsv.FleetRow) -> bool:
+        """Credentials for the row's ICCID and an ACCEPTED request; True if new."""
+        existed = self.model.has_credentials(row.iccid)
+        self.issue_credentials(row.iccid, row.credentials, source="bulk")
+        extra = {BULK_FRAGMENT: {"externalId": row.id, "name": row.name, "type": row.type,
+                                 "shell": row.shell_enabled}}
+        if self.model.find_device_request(row.iccid) is None:
+            try:
+                self.model.create_device_request(row.iccid, "ACCEPTED", extra)
+            except Conflict:
+                self.model.set_device_request_status(row.iccid, "ACCEPTED", True, extra)
+        else:
+            self.model.set_device_request_status(row.iccid, "ACCEPTED", True, extra)
+        return not existed
+
+    # -- device credentials -------------------------------------------------------------------
+
+    def _credentials_get(self, req: _Req) -> ApiResult:
+        c = self.model.get_credentials(req.args[0])
+        return _result(200, {**c, "self": self._url("devicecontrol", "deviceCredentials",
+                                                    c["id"])})
+
+    def _credentials_delete(self, req: _Req) -> ApiResult:
+        device_id = req.args[0]
+        removed = False
+        if self.credentials is not None:
+            removed = bool(self.credentials.remove_device(device_id))
+        recorded = self.model.delete_credentials(device_id)
+        r = self.model.find_device_request(device_id)
+        if r is not None and r["status"] == "ACCEPTED":
+            with contextlib.suppress(NotFound):  # deleted concurrently: as good
+                self.model.delete_device_request(device_id)
+        if not (removed or recorded):
+            raise NotFound(f"No device credentials for {device_id}")
+        return _result(204)
+
+    # -- tenant, SmartREST --------------------------------------------------------------------
+
+    def _tenant_get(self, req: _Req) -> ApiResult:
+        return _result(200, {"name": self.tenant, "domainName": urlsplit(self.base_url).netloc,
+                             "allowCreateTenants": False, "customProperties": {},
+                             "self": self._url("tenant", "currentTenant")})
+
+    def _smartrest_post(self, req: _Req) -> ApiResult:
+        raise ApiError(501, "smartrest/Not Implemented",
+                       "POST /s is served by the HTTP layer's SmartREST engine, not by the REST "
+                       "model")
+
+    # -- for the connectors (Python, not REST) ------------------------------------------------
+
+    def bootstrap_request(self, device_id: str) -> JSON:
+        """A device published its secret: its request becomes PENDING_ACCEPTANCE (created if
+        there is none; an ACCEPTED request stays ACCEPTED, so the caller may issue credentials
+        at once). Returns the request."""
+        for _ in range(2):
+            r = self.model.find_device_request(device_id)
+            if r is None:
+                try:
+                    return self._link_request(self.model.create_device_request(
+                        device_id, "PENDING_ACCEPTANCE"))
+                except Conflict:
+                    continue  # created concurrently: look again
+            if r["status"] == "WAITING_FOR_CONNECTION":
+                r = self.model.set_device_request_status(device_id, "PENDING_ACCEPTANCE")
+            return self._link_request(r)
+        return self._link_request(self.model.get_device_request(device_id))
+
+    def issue_credentials(self, device_id: str, password: str, source: str = "bootstrap"
+                          ) -> None:
+        """Give `device_id` this broker password (CredentialSink) and record its hash."""
+        if self.credentials is not None:
+            self.credentials.add_device(device_id, password)
+        self.model.record_credentials(device_id, password, source)
+
+    def device_user(self, mo_id: str) -> str | None:
+        """The MQTT user that serves managed object `mo_id`: the first object on the way up its
+        device parents that has an external ID or an owner with device credentials (the user
+        whose `mr/` topic gets the object's operations), else None."""
+        try:
+            todo = [str(parse_id(mo_id))]
+        except ModelError:
+            return None
+        seen: set[str] = set()
+        while todo:
+            cur = todo.pop(0)
+            if cur in seen:
+                continue
+            seen.add(cur)
+            try:
+                mo = self.model.get_managed_object(cur)
+                xids = self.model.external_ids_of(cur)
+            except NotFound:
+                continue
+            for x in xids:
+                if self.model.has_credentials(x["externalId"]):
+                    return str(x["externalId"])
+            owner = mo.get("owner")
+            if owner and self.model.has_credentials(owner):
+                return str(owner)
+            todo += [r["managedObject"]["id"] for r in mo["deviceParents"]["references"]]
+        return None
+
+
+def _failed(device_id: str, reason: str, line: int) -> JSON:
+    d: JSON = {"bulkNewDeviceStatus": "FAILED", "creationStatus": "FAILED"}
+    if device_id:
+        d["deviceId"] = device_id
+    d["failureReason"] = reason
+    d["line"] = line
+    return d
+
+
+def _csv_payload(req: _Req) -> str:
+    """The CSV of a bulk registration: the `file` part of multipart/form-data, or the body."""
+    body = req.body
+    if body is None or body in (b"", ""):
+        raise ApiError(400, "devicecontrol/badRequest", "the request needs a CSV file (a "
+                                                          "multipart/form-data part named file)")
+    if isinstance(body, dict | list):
+        raise ApiError(415, "devicecontrol/Unsupported Media Type",
+                       "bulk registration takes a CSV file, not JSON")
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+    ct = req.content_type or ""
+    if ct.split(";")[0].strip().lower().startswith("multipart/"):
+        raw = _multipart_file(raw, ct)
+    elif ct and "json" in ct.lower():
+        raise ApiError(415, "devicecontrol/Unsupported Media Type",
+                       "bulk registration takes a CSV file (multipart/form-data or text/csv)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "devicecontrol/badRequest",
+                       f"the CSV is not UTF-8 text (byte {e.start})") from None
+
+
+def _multipart_file(raw: bytes, content_type: str) -> bytes:
+    # the email package does the MIME work; it needs the Content-Type as a header of the message
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not msg.is_multipart():
+        raise ApiError(400, "devicecontrol/badRequest",
+                       "multipart body without a usable boundary parameter")
+    parts = list(msg.iter_parts())
+    chosen = None
+    for p in parts:
+        if p.get_param("name", header="content-disposition") == "file":
+            chosen = p
+            break
+    if chosen is None:
+        with_name = [p for p in parts if p.get_filename()]
+        chosen = with_name[0] if with_name else (parts[0] if len(parts) == 1 else None)
+    if chosen is None:
+        raise ApiError(400, "devicecontrol/badRequest",
+                       "no part named \"file\" in the multipart body")
+    payload = chosen.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise ApiError(400, "devicecontrol/badRequest", "the file part is empty")
+    return payload
+
+
+# -- SmartREST template collections (see the module docstring) ------------------------------
+
+def find_template_collection(api: Api, xid: str) -> tuple[str, JSON] | None:
+    """(managed object id, the collection's managed object) for `xid`, or None."""
+    r = api.handle("GET", "/identity/externalIds/" + quote(SMARTREST_XID_TYPE, safe="") + "/"
+                   + quote(xid, safe=""))
+    if r.status != 200 or not isinstance(r.body, dict):
+        return None
+    mo_id = r.body["managedObject"]["id"]
+    mo = api.handle("GET", f"/inventory/managedObjects/{mo_id}")
+    if mo.status != 200 or not isinstance(mo.body, dict):
+        return None
+    return mo_id, mo.body
+
+
+def create_template_collection(api: Api, xid: str, fragment: JSON,
+                               user: str | None = None) -> ApiResult:
+    """Store a collection for `xid`: 201 with the managed object, or 409 (the X-ID is taken;
+    nothing is left behind) or another error result."""
+    if find_template_collection(api, xid) is not None:
+        return Api._error(409, "identity/Duplicate",
+                          f"a template collection for X-ID {xid} exists already")
+    made = api.handle("POST", "/inventory/managedObjects",
+                      {"name": xid, "type": SMARTREST_MO_TYPE, SMARTREST_FRAGMENT: fragment},
+                      user=user)
+    if made.status != 201 or not isinstance(made.body, dict):
+        return made
+    mo_id = made.body["id"]
+    linked = api.handle("POST", f"/identity/globalIds/{mo_id}/externalIds",
+                        {"type": SMARTREST_XID_TYPE, "externalId": xid}, user=user)
+    if linked.status != 201:
+        api.handle("DELETE", f"/inventory/managedObjects/{mo_id}")
+        return linked
+    return made
+
+
+_ROUTES: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
+    (("inventory", "managedObjects"), {"GET": Api._mos_get, "POST": Api._mos_post}),
+    (("inventory", "managedObjects", "*"),
+     {"GET": Api._mo_get, "PUT": Api._mo_put, "DELETE": Api._mo_delete}),
+    (("inventory", "managedObjects", "*", "childDevices"),
+     {"GET": Api._children_get, "POST": Api._children_post}),
+    (("inventory", "managedObjects", "*", "childDevices", "*"),
+     {"GET": Api._child_get, "DELETE": Api._child_delete}),
+    (("identity", "externalIds", "*", "*"), {"GET": Api._xid_get, "DELETE": Api._xid_delete}),
+    (("identity", "globalIds", "*", "externalIds"),
+     {"GET": Api._global_xids_get, "POST": Api._global_xids_post}),
+    (("measurement", "measurements"),
+     {"GET": Api._measurements_get, "POST": Api._measurements_post}),
+    (("measurement", "measurements", "*"),
+     {"GET": Api._measurement_get, "DELETE": Api._measurement_delete}),
+    (("event", "events"), {"GET": Api._events_get, "POST": Api._events_post}),
+    (("event", "events", "*"),
+     {"GET": Api._event_get, "PUT": Api._event_put, "DELETE": Api._event_delete}),
+    (("alarm", "alarms"), {"GET": Api._alarms_get, "POST": Api._alarms_post}),
+    (("alarm", "alarms", "*"), {"GET": Api._alarm_get, "PUT": Api._alarm_put}),
+    (("devicecontrol", "operations"),
+     {"GET": Api._operations_get, "POST": Api._operations_post}),
+    (("devicecontrol", "operations", "*"),
+     {"GET": Api._operation_get, "PUT": Api._operation_put}),
+    (("devicecontrol", "newDeviceRequests"),
+     {"GET": Api._requests_get, "POST": Api._requests_post}),
+    (("devicecontrol", "newDeviceRequests", "*"),
+     {"GET": Api._request_get, "PUT": Api._request_put, "DELETE": Api._request_delete}),
+    (("devicecontrol", "bulkNewDeviceRequests"), {"POST": Api._bulk_post}),
+    (("devicecontrol", "deviceCredentials", "*"),
+     {"GET": Api._credentials_get, "DELETE": Api._credentials_delete}),
+    (("tenant", "currentTenant"), {"GET": Api._tenant_get}),
+    (("s",), {"POST": Api._smartrest_post}),
+]
