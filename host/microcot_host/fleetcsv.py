@@ -273,8 +273,9 @@ def _check_rows(rows: list[FleetRow], problems: list[Problem], check_weak: bool)
             if "CREDENTIALS" not in missing:
                 add(r, "CREDENTIALS", "empty: the device's password is required", "empty")
         elif len(c) < MIN_CREDENTIALS:
-            add(r, "CREDENTIALS", f"too short: {len(c)} characters, at least {MIN_CREDENTIALS} "
-                                  "are required", "short-credentials")
+            n = f"{len(c)} character" + ("" if len(c) == 1 else "s")
+            add(r, "CREDENTIALS", f"too short: {n}, at least {MIN_CREDENTIALS} are required",
+                "short-credentials")
         elif _has_control(c):
             add(r, "CREDENTIALS", "contains a control character")
         elif c != c.strip():

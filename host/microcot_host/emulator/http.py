@@ -1,0 +1,291 @@
+"""The emulator's REST API over HTTP: a threaded standard-library server in front of `Api.handle`.
+
+Bound to 127.0.0.1 (a given port or a free one). Every request needs HTTP Basic auth: the admin
+user given at construction, optionally written `<tenant>/<user>` as Cumulocity allows, or (unless
+`device_users=False`) a device whose credentials the platform issued (bootstrap or bulk
+registration), checked against the recorded hash; the user name reaches `Api.handle` as the owner
+of what it creates. Anything else gets 401 with `WWW-Authenticate`.
+
+Bodies are JSON (`application/json` or Cumulocity's `application/vnd.com.nsn.cumulocity.*+json`;
+Api answers 415 for other types), CSV or multipart for the bulk registration, at most `max_body`
+bytes (1 MiB; larger: 413, after reading and dropping the body up to 64 MiB so that the client
+sees the answer, and the connection is closed; a client sending `Expect: 100-continue` gets the 413
+before it sends). `POST /s` goes to the
+SmartREST engine's callable `smartrest(body, x_id, user) -> (status, body)` with the `X-Id`
+header (None if absent); without one it is 501.
+
+Keep-alive (HTTP/1.1) works; idle connections are closed after `idle_timeout` seconds. Request
+lines are logged at DEBUG; headers (and so credentials) never are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import http.server
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .api import ERROR_INFO, Api, ApiResult
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+DRAIN_LIMIT = 64 << 20  # larger refused bodies are not read: the connection is closed
+SmartRestHandler = Callable[[bytes, str | None, str], tuple[int, bytes]]
+
+
+class RestServer:
+    """`with RestServer(api, "admin", pw) as srv: srv.url` serves until the block ends."""
+
+    def __init__(self, api: Api, admin_user: str, admin_password: str, port: int = 0,
+                 host: str = "127.0.0.1", smartrest: SmartRestHandler | None = None,
+                 max_body: int = MAX_BODY, device_users: bool = True,
+                 idle_timeout: float = 30.0, set_base_url: bool = True) -> None:
+        if not admin_user or not admin_password:
+            raise ValueError("the REST API needs an admin user and password")
+        self.api = api
+        self.admin_user = admin_user
+        self._admin_password = admin_password.encode()
+        self.smartrest = smartrest
+        self.max_body = max_body
+        self.device_users = device_users
+        self._host = host
+        self._port = port
+        self._idle_timeout = idle_timeout
+        self._set_base_url = set_base_url
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the REST server is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        handler = type("Handler", (_Handler,), {"rest": self, "timeout": self._idle_timeout})
+        self._server = _Server((self._host, self._port), handler)
+        self._port = self.port  # a restart keeps the port
+        if self._set_base_url:
+            self.api.base_url = self.url
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name=f"emulator-http-{self.port}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> RestServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def authenticate(self, header: str | None) -> str | None:
+        """The user of a Basic Authorization header, or None if it does not check out."""
+        if not header or header[:6].lower() != "basic ":
+            return None
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            return None
+        tenant, slash, bare = user.partition("/")
+        if slash and tenant == self.api.tenant:
+            user = bare
+        if hmac.compare_digest(user.encode(), self.admin_user.encode()) and \
+                hmac.compare_digest(password.encode(), self._admin_password):
+            return user
+        if self.device_users and user and self.api.model.check_credentials(user, password):
+            return user
+        return None
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # an idle keep-alive connection must not hold up stop()
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("emulator HTTP: error while serving %s", client_address)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "microcot-emulator"
+    rest: RestServer
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_PUT(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
+    def do_PATCH(self) -> None:
+        self._serve()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _serve(self) -> None:
+        try:
+            self._dispatch()
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _dispatch(self) -> None:
+        rest = self.rest
+        user = rest.authenticate(self.headers.get("Authorization"))
+        if user is None:
+            self._drain_small()
+            self._send_json(401, "Unauthorized",
+                            {"error": "security/Unauthorized",
+                             "message": "Invalid credentials! : Bad credentials",
+                             "info": ERROR_INFO},
+                            {"WWW-Authenticate": 'Basic realm="Cumulocity"'})
+            return
+        body = self._body()
+        if body is None:
+            return
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if self.command == "POST" and path == "/s":
+            self._smartrest(body, user)
+            return
+        result = rest.api.handle(self.command, self.path, body,
+                                 self.headers.get("Content-Type"), user)
+        self._send_result(result)
+
+    def _body(self) -> bytes | None:
+        """The request body, or None after answering 400/411/413 for it."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            self._send_error(411, "general/Length Required",
+                             "send the body with a Content-Length (no chunked encoding)")
+            return None
+        raw = self.headers.get("Content-Length")
+        try:
+            length = int(raw) if raw else 0
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send_error(400, "general/badRequest", f"bad Content-Length {raw!r}")
+            return None
+        if length > self.rest.max_body:
+            # A client that is still sending does not read the answer (it sees a broken pipe):
+            # swallow a moderately large body first, without keeping it.
+            if length <= DRAIN_LIMIT:
+                left = length
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            self._refuse_size(length)
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _refuse_size(self, length: int) -> None:
+        self.close_connection = True
+        self._send_error(413, "general/Request Entity Too Large",
+                         f"the body has {length} bytes; at most {self.rest.max_body} are accepted")
+
+    def handle_expect_100(self) -> bool:
+        # a client that asks first (curl does for large bodies) is told before it sends
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length > self.rest.max_body:
+            self._refuse_size(length)
+            return False
+        return super().handle_expect_100()
+
+    def _drain_small(self) -> None:
+        # keep a keep-alive connection usable after a 401 when the body is small
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if 0 < n <= self.rest.max_body:
+            self.rfile.read(n)
+        elif n != 0:
+            self.close_connection = True
+
+    def _smartrest(self, body: bytes, user: str) -> None:
+        handler = self.rest.smartrest
+        if handler is None:
+            self._send_error(501, "smartrest/Not Implemented",
+                             "this emulator runs without a SmartREST engine")
+            return
+        try:
+            status, out = handler(body, self.headers.get("X-Id"), user)
+        except Exception:
+            log.exception("SmartREST engine failed on POST /s")
+            self._send_error(500, "smartrest/Internal Server Error",
+                             "the SmartREST engine failed; see the emulator's log")
+            return
+        self._send(status, _phrase(status), out, "text/plain; charset=utf-8", {})
+
+    def _send_result(self, r: ApiResult) -> None:
+        if r.body is None:
+            self._send(r.status, r.reason, b"", None, r.headers)
+        else:
+            self._send_json(r.status, r.reason, r.body, r.headers)
+
+    def _send_error(self, status: int, code: str, message: str) -> None:
+        self._send_json(status, _phrase(status),
+                        {"error": code, "message": message, "info": ERROR_INFO}, {})
+
+    def _send_json(self, status: int, reason: str, body: Any, headers: dict[str, str]) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self._send(status, reason, data, "application/json; charset=utf-8", headers)
+
+    def _send(self, status: int, reason: str, data: bytes, content_type: str | None,
+              headers: dict[str, str]) -> None:
+        self.send_response(status, reason)
+        if content_type and status != 204:
+            self.send_header("Content-Type", content_type)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if status != 204:
+            self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if data and status != 204:
+            self.wfile.write(data)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
