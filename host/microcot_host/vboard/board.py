@@ -253,7 +253,8 @@ class VirtualBoard:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._lock = threading.Lock()
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # an interpreter sits in its REPL
+        self._started = threading.Event()  # an interpreter talks to us (maybe still in main.py)
         self._child: _Child | None = None
         self._sel: selectors.BaseSelector | None = None
         self._mode = _DOWN
@@ -293,8 +294,13 @@ class VirtualBoard:
         c = self._child
         return c.proc.pid if c is not None else None
 
-    def start(self, timeout: float = 10.0) -> VirtualBoard:
-        """Open the pty, start the interpreter; returns once its REPL is ready (or `timeout`)."""
+    def start(self, timeout: float = 10.0, settle: float = 1.0) -> VirtualBoard:
+        """Open the pty and start the interpreter.
+
+        Returns once the REPL waits for input, or `settle` seconds after the interpreter came up
+        if boot.py/main.py keep running (a looping main.py is fine: tools interrupt it). Raises
+        BoardStartError when no interpreter comes up within `timeout`.
+        """
         if self._thread is not None:
             return self
         self._mp = self.micropython or find_micropython()
@@ -324,11 +330,14 @@ class VirtualBoard:
         self._thread = threading.Thread(target=self._serve, name=f"vboard {self.name}",
                                         daemon=True)
         self._thread.start()
-        self._ready.wait(timeout)
-        if self.error is not None:
+        up = self._started.wait(timeout)
+        if up:
+            self._ready.wait(settle)
+        if self.error is not None or not up:
             err = self.error
             self.stop()
-            raise BoardStartError(f"virtual board {self.name}: {err}") from err
+            why = err if err is not None else f"MicroPython did not come up within {timeout:g} s"
+            raise BoardStartError(f"virtual board {self.name}: {why}") from err
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
@@ -390,7 +399,7 @@ class VirtualBoard:
                 self._on_timers()
         except BaseException as exc:  # keep the reason for stop()/start() to report
             self.error = exc
-            self._ready.set()
+            self._started.set()
         finally:
             self._kill_child()
             self._sel.close()
@@ -572,6 +581,7 @@ class VirtualBoard:
         self._sigint_at = None
         self._reset_requested = False
         self._ready.clear()
+        self._started.clear()
         self._sel.register(out_r, selectors.EVENT_READ, self._on_child_out)
         self._sel.register(ctl, selectors.EVENT_READ, self._on_ctl)
         self._sel.register(pidfd, selectors.EVENT_READ, self._on_child_exit)
@@ -640,6 +650,7 @@ class VirtualBoard:
         # output written before the message belongs to the old mode (newline translation)
         self._drain_child_out()
         was = self._mode
+        self._started.set()
         if cmd == ord("R"):
             self._reset_requested = True
             with contextlib.suppress(ProcessLookupError):

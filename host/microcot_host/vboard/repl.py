@@ -85,7 +85,15 @@ def _settle():
         pass
 
 
+_first = True
+
+
 def _getc():
+    global _first
+    if _first:
+        # the banner and prompt are out: the supervisor may report the board ready
+        _first = False
+        _settle()
     if _in.readinto(_b) != 1:
         _gone()
     return _b[0]
@@ -607,6 +615,33 @@ class _vboard:
     soft_reset = _soft
 
 
+class _Flash:
+    # The board's filesystem, a host directory. What VfsPosix does unlike a board's littlefs/FAT:
+    # ilistdir() gives no sizes (mpremote fs ls shows 0), and with a root directory rename()
+    # builds both host paths in one shared buffer so it renames the target onto itself (1.29).
+    def __init__(self, root):
+        self.v = vfs.VfsPosix(root)
+        self.r = root
+
+    def ilistdir(self, path):
+        d = path.rstrip("/") + "/" if path else ""
+        for e in self.v.ilistdir(path):
+            n = 0
+            if e[1] == 0x8000:
+                try:
+                    n = self.v.stat(d + e[0])[6]
+                except OSError:
+                    pass
+            yield (e[0], e[1], e[2], n)
+
+    def rename(self, a, b):
+        # relative paths are relative to the process's cwd, which VfsPosix.chdir keeps in here
+        _host.rename(self.r + a if a[:1] == "/" else a, self.r + b if b[:1] == "/" else b)
+
+    def __getattr__(self, n):
+        return getattr(self.v, n)
+
+
 class _Proxy:
     # stands in for a built-in module whose functions the board must replace
     def __init__(self, mod, **over):
@@ -622,7 +657,7 @@ def _setup():
     global _host
     _host = vfs.VfsPosix()
     vfs.umount("/")
-    vfs.mount(vfs.VfsPosix(_C["flash"]), "/")
+    vfs.mount(_Flash(_C["flash"]), "/")
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
     sys.argv[:] = []
@@ -656,7 +691,6 @@ def _main():
             r = _runfile("main.py")
         if r & _FORCED:
             return
-        _settle()  # tells the supervisor the REPL listens (also when nothing ran)
     while True:
         r = _raw() if _mode else _friendly()
         if r & _FORCED:
