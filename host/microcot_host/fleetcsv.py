@@ -46,6 +46,7 @@ import csv
 import io
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,7 +338,7 @@ def iccid_problem(value: str) -> str | None:
 
 
 def _has_control(s: str) -> bool:
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in s)
+    return any(unicodedata.category(ch) == "Cc" for ch in s)
 
 
 def _weakness(c: str, row: FleetRow) -> str | None:
@@ -365,15 +366,23 @@ def dumps(rows: Iterable[FleetRow], separator: str = ";") -> str:
         for name, _ in r.extra:
             if name not in extra:
                 extra.append(name)
-    buf = io.StringIO()
-    w = csv.writer(buf, delimiter=separator, quotechar='"', lineterminator="\n",
-                   quoting=csv.QUOTE_MINIMAL)
-    w.writerow(list(COLUMNS) + extra)
+    lines = [_line(list(COLUMNS) + extra, separator)]
     for r in rows:
         ex = dict(r.extra)
-        w.writerow([r.id, r.credentials, r.type, r.name, r.iccid, r.shell]
-                   + [ex.get(n, "") for n in extra])
-    return buf.getvalue()
+        lines.append(_line([r.id, r.credentials, r.type, r.name, r.iccid, r.shell]
+                           + [ex.get(n, "") for n in extra], separator))
+    return "".join(lines)
+
+
+def _line(values: list[str], sep: str) -> str:
+    # by hand: the csv module leaves a lone CR unquoted when the line end is LF, and reading
+    # would take it for a line end; leading or trailing blanks are quoted to show they are meant
+    out = []
+    for v in values:
+        if any(c in v for c in (sep, '"', "\r", "\n")) or v != v.strip():
+            v = '"' + v.replace('"', '""') + '"'
+        out.append(v)
+    return sep.join(out) + "\n"
 
 
 def write(rows: Iterable[FleetRow], path_or_file: str | os.PathLike[str] | IO[str],
