@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,14 +330,31 @@ print(repr(got))
 """
 
 
-@pytest.mark.virtual_board(mac="02:11:22:33:44:55", iccid="89490200001234567894")
+@pytest.mark.virtual_board(mac="02:11:22:33:44:55", iccid="89490200001234567892")
 def test_vboard_module_and_modem(virtual_board):
     port = virtual_board.port
     out = mpremote(port, "exec", "import _vboard, machine; print(_vboard.name, _vboard.mac.hex(), "
                    "machine.unique_id().hex(), _vboard.modem_path)").stdout.split()
     assert out == [virtual_board.name, "021122334455", "021122334455", virtual_board.modem_path]
     got = mpremote(port, "exec", AT_EXCHANGE).stdout.strip()
-    assert "+CCID: 89490200001234567894" in got and got.endswith("OK\\r\\n'")
+    assert "+CCID: 89490200001234567892" in got and got.endswith("OK\\r\\n'")
+
+
+@pytest.mark.virtual_board(iccid="89490200001234567892", heap="100k")
+def test_firmware_identity_and_reset_through_vboard(virtual_board):
+    # the contract with firmware/microcot/hal.py: identity from the modem, hal.reset() resets
+    firmware = Path(__file__).resolve().parents[2] / "firmware" / "microcot"
+    if not (firmware / "identity.py").exists():
+        pytest.skip("firmware identity module not present")
+    shutil.copytree(firmware, virtual_board.flash_dir / "lib" / "microcot")
+    out = mpremote(virtual_board.port, "exec",
+                   "from microcot import identity; print(*identity.detect())").stdout.split()
+    assert out == ["89490200001234567892", "iccid"]
+    mpremote(virtual_board.port, "exec", "--no-follow", "from microcot import hal; hal.reset()")
+    deadline = time.monotonic() + 5
+    while virtual_board.hard_resets == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert virtual_board.hard_resets == 1 and virtual_board.wait_ready(5)
 
 
 def test_no_modem_by_default(virtual_board):
