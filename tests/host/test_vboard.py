@@ -47,6 +47,13 @@ def read_until(ser: serial.Serial, marker: bytes, timeout: float = 5) -> bytes:
     return data
 
 
+def wait_state(vb: VirtualBoard, state: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while vb.state != state:
+        assert time.monotonic() < deadline, f"board is {vb.state}, not {state}"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def ser(virtual_board: VirtualBoard):
     s = serial.Serial(virtual_board.port, timeout=0.05)
@@ -248,7 +255,7 @@ def test_friendly_repl(virtual_board, ser):
     assert b"vboard_repl" not in out and b"repl.py" not in out
     # Ctrl-C interrupts running code
     ser.write(b"while True: pass\r\r")
-    time.sleep(0.2)
+    wait_state(virtual_board, "running")
     ser.write(b"\x03")
     out = read_until(ser, b">>> ")
     assert out.endswith(b"KeyboardInterrupt: \r\n>>> ") and b'File "<stdin>"' in out
@@ -265,7 +272,8 @@ def test_raw_repl_keyboard_interrupt(virtual_board):
     try:
         t.enter_raw_repl()
         t.exec_raw_no_follow("n = 0\nwhile True:\n n += 1")
-        time.sleep(0.3)
+        wait_state(virtual_board, "running")
+        time.sleep(0.05)
         t.serial.write(b"\x03")
         out, err = t.follow(timeout=5)
         assert out == b"" and err.endswith(b"KeyboardInterrupt: \r\n"), err
@@ -273,7 +281,7 @@ def test_raw_repl_keyboard_interrupt(virtual_board):
         assert t.exec("print('after')") == b"after\r\n"
         # interrupt while user code reads the serial line itself
         t.exec_raw_no_follow("import sys\nsys.stdin.read(1)")
-        time.sleep(0.2)
+        wait_state(virtual_board, "running")
         t.serial.write(b"\x03")
         assert t.follow(timeout=5)[1].endswith(b"KeyboardInterrupt: \r\n")
         # a binary protocol: Ctrl-C disabled, the byte 3 and newlines pass through untouched

@@ -289,6 +289,12 @@ class VirtualBoard:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def state(self) -> str:
+        """'down' (between interpreters), 'booting', 'idle' (REPL waits for input), 'running'
+        (user code runs; Ctrl-C interrupts it) or 'raw-io' (user code turned Ctrl-C off)."""
+        return ("down", "booting", "idle", "running", "raw-io")[self._mode]
+
+    @property
     def child_pid(self) -> int | None:
         """The current interpreter's pid (changes at every reset)."""
         c = self._child
