@@ -1,0 +1,601 @@
+"""The SmartREST 1.0 engine of the platform emulator: request bodies in, platform calls, rows out.
+
+It serves the MQTT connector (`ms/<ID>` text, `bs/<ID>` binary, operations on `mr/<ID>`) and
+`POST /s`, and calls the platform through `Api.handle` (api.py) rather than HTTP. The protocol
+cores are the device's own: `microcot.smartrest` (CSV), `microcot.binrest` (binary),
+`microcot.templates` (collections and their 41 checks).
+
+Text requests, `process(body, user)`
+------------------------------------
+The body starts with `15,<X-ID>`. Line numbers count from 1 over the rows of the body, the `15`
+row included (`15,X\\n600,ICCID` is answered on line 2); like the device cores they count CSV rows,
+so blank lines and line breaks inside quoted values do not count.
+
+    15,<X-ID> alone                 20,<collection id>  or  40,Template not found.
+    15,<X-ID> + 10/11 rows          registration: 20,<collection id>, or one 41 row:
+                                    41,Cannot create templates for already existing template object
+                                    41,<line>,<message of templates.py>   (e.g. Bad pattern)
+    15,<X-ID> + request rows        each row executed in order, see below
+    a later 15,<X-ID> row           switches the collection for the rows after it
+
+A request row `<template id>,<values...>` (NOW parameters take no value) is answered with
+    42,<line>,Malformed request line: <what>          CSV defect, bad UTF-8, a bad 15 row
+    43,<line>,Invalid message identifier: <what>      unknown X-ID or template, non-numeric id
+    45,<line>,Invalid message arguments: <what>       value count, a value of the wrong type
+                                                       ("parameter at position '2': expected type
+                                                       'NUMBER' but got 'abc'")
+    50,<line>,<HTTP status>,<reason phrase>           the REST call failed (50,2,404,Not Found)
+or, when the call succeeds, with the rows of every response template of the collection that
+matches the JSON answer (engine_paths.py): `<response id>,<line>,<values...>`.
+
+A body not starting with a valid `15,<X-ID>` row, an empty body, or one over `max_body` bytes is
+answered `42,1,Malformed request line: <what>`.
+
+The answer
+----------
+Rows keep the order of the request lines. Each run of consecutive response-template rows of one
+X-ID is headed by `87,<number of rows in the run>,<X-ID>`; the built-in rows (20, 40, 41, 42,
+43, 45, 50) stand alone, outside any 87 group, as seed 002 shows `50,2,404,Not Found` alone and
+`87,1,X-ID\\nRTID,2,MO-ID` for template rows. A body whose every row succeeded thus gets one 87
+group; an error between two answered rows splits them into two groups. Rows are joined by `\\n`
+without a trailing one; a body that yields no row at all (a measurement with no matching response
+template) gets b"" and the connector publishes nothing.
+
+Binary requests, `process_binary(payload, user)`
+------------------------------------------------
+Decoded as a whole with `binrest.decode` and the registered collections first; any defect
+refuses the whole payload (nothing of it is executed) with one row in the text format above,
+`<code>,<message index>,<message>`, the message being seed 002's text:
+
+    42,1,Malformed Request: no X-Id found in binary message '1' around byte '0'
+    43,2,Invalid template identifier: template with X-ID 'X' and Template ID '9' not found in cache
+    45,1,Invalid parameter at position '1': Expected type 'STRING' in binary message '1' around byte '7'
+
+(the index doubles as line number because smartrest.parse, on the device, wants one for 42-45).
+Otherwise each message is executed exactly like a text row of its values (DATE -> ISO 8601 UTC,
+NUMBER -> its shortest binary32 decimal), its line number being its index in the payload (from
+1), and the answer is the same text as above, published on `br/<ID>`.
+
+Devices, their collection and operations
+----------------------------------------
+A device user's first body with request rows binds the user to that X-ID (seed 002: template 500
+must be in the collection the device uses first). A first collection without a GET template 500
+is refused: every row gets `43,<line>,Invalid message identifier: ...template 500...` and is not
+executed, and nothing is bound, so the device can fix its templates. Pass `bind=False` for
+callers that are not devices (an administrator's `POST /s`). The binding is kept in the store.
+
+The device's managed object id is learnt from the platform's answers to the device's own requests:
+any answer holding an external ID whose value is the user name (checking or registering its
+ICCID) names it; before that `device_mo_id` looks the user up as an external ID of the types in
+`id_types` (`c8y_Serial` by default). Without it operations cannot be fetched, as seed 002 warns.
+
+`pending_operations(user)` runs the bound collection's template 500 with the device's managed
+object id for each of its parameters (NOW gets the time), follows the answer's `next` pages (seed
+002: all pending operations are sent at the next connection) and renders them with the
+collection's response templates, line number 1 (the connector's own one-row request).
+`render_operation(op, user=... or xid=...)` renders one new operation as if template 500 had
+returned just it: `{"operations": [op]}`.
+
+Nothing escapes `process`, `process_binary`, `pending_operations` or `render_operation`: an
+unexpected failure is logged and answered `50,<line>,500,Internal Server Error` (or b"" for the
+operation calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+from microcot import binrest, smartrest
+from microcot.templates import OPERATIONS_ID, Collection, Request, TemplateError
+
+from . import engine_paths, engine_values
+from .engine_store import ApiLike, ApiStore, Session, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+MAX_PAGES = 100  # of pending operations fetched for one delivery
+
+E40 = "Template not found."
+E41_EXISTS = "Cannot create templates for already existing template object"
+E42 = "Malformed request line"
+E43 = "Invalid message identifier"
+E45 = "Invalid message arguments"
+
+# one answer item: (X-ID of a response-template row, or None for a built-in row, fields)
+Item = tuple[str | None, list[Any]]
+
+
+def _phrase(status: int, reason: str) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return reason or "Error"
+
+
+def _records(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a body into CSV rows, numbered from 1, blank ones skipped (as smartrest does).
+
+    The cores parse a body all or nothing; splitting first lets one bad row be answered 42 while
+    the others run. Only `"` and `\\n` matter here and both are ASCII, so bytes will do; each
+    row is then parsed by smartrest.parse_rows, which has the last word on its syntax."""
+    out = []
+    n = len(data)
+    pos = 0
+    while pos <= n:
+        j = pos
+        while True:
+            nl = data.find(b"\n", j)
+            q = data.find(b'"', j, nl if nl >= 0 else n)
+            if q < 0:
+                end = nl if nl >= 0 else n
+                break
+            close = data.find(b'"', q + 1)
+            if close < 0:  # unterminated: the rest is this row, and parse_rows says why
+                end = n
+                break
+            j = close + 1
+        rec = data[pos:end]
+        if rec not in (b"", b"\r"):
+            out.append((len(out) + 1, rec))
+        pos = end + 1
+    return out
+
+
+def _fields(rec: bytes) -> tuple[list[str], str | None]:
+    try:
+        rows = smartrest.parse_rows(rec)
+    except ValueError as e:
+        why = str(e)
+        return [], why[7:] if why.startswith("line 1 ") else why
+    if len(rows) != 1:
+        return [], "one request line holds %d rows" % len(rows)
+    return rows[0], None
+
+
+class Engine:
+    """See the module docstring. `api` is api.Api (or anything with its `handle`); `store`
+    defaults to ApiStore(api); `clock` gives Unix seconds (NOW values)."""
+
+    def __init__(
+        self,
+        api: ApiLike,
+        store: Store | None = None,
+        *,
+        max_body: int = MAX_BODY,
+        id_types: tuple[str, ...] = ("c8y_Serial",),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api = api
+        self.store: Store = store if store is not None else ApiStore(api)
+        self.max_body = max_body
+        self.id_types = id_types
+        self.clock = clock
+        self._collections: dict[str, tuple[str, Collection]] = {}
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.RLock()
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def collection(self, xid: str) -> tuple[str, Collection] | None:
+        """(collection managed object id, Collection) of a registered X-ID, or None."""
+        hit = self._collections.get(xid)
+        if hit is not None:
+            return hit
+        found = self.store.find_collection(xid)
+        if found is None:
+            return None
+        with self._lock:
+            self._collections[xid] = found
+        return found
+
+    def forget(self, xid: str | None = None) -> None:
+        """Drop cached collections (one or all): after a collection's managed object is deleted
+        elsewhere, so requests stop using it. Registration always asks the store anyway."""
+        with self._lock:
+            if xid is None:
+                self._collections.clear()
+            else:
+                self._collections.pop(xid, None)
+
+    def _lookup(self, xid: str, tid: int) -> list[str] | None:
+        hit = self.collection(xid)
+        return None if hit is None else hit[1].lookup(xid, tid)
+
+    def _register(self, xid: str, rows: list[tuple[int, bytes]], user: str | None) -> list[Item]:
+        parsed = [["15", xid]]
+        lines = []
+        for line, rec in rows:
+            fields, why = _fields(rec)
+            if why:
+                return [(None, [42, line, "%s: %s" % (E42, why)])]
+            parsed.append(fields)
+            lines.append(line)
+        with self._lock:
+            self._collections.pop(xid, None)
+            if self.store.find_collection(xid) is not None:
+                return [(None, [41, E41_EXISTS])]
+            try:
+                coll = Collection.from_rows(parsed)
+            except TemplateError as e:
+                # templates numbers the rows from 2 like we do, blank rows skipped by both
+                return [(None, [41, e.message] if e.line is None else [41, e.line, e.message])]
+            for line, t in zip(lines, coll, strict=True):
+                if isinstance(t, Request):
+                    continue
+                for p in [t.base, t.condition, *t.values]:
+                    why = engine_paths.invalid(p) if p else None
+                    if why:
+                        log.info("41 for %s line %d: JSONPath %r: %s", xid, line, p, why)
+                        return [(None, [41, line, "Invalid JsonPath"])]
+            mo = self.store.add_collection(coll, user)
+            if mo is None:  # registered concurrently elsewhere
+                return [(None, [41, E41_EXISTS])]
+            self._collections[xid] = (mo, coll)
+        log.info(
+            "template collection %s registered as %s by %s (%d templates)", xid, mo, user, len(coll)
+        )
+        return [(None, [20, mo])]
+
+    # -- device sessions ----------------------------------------------------------------------
+
+    def _session(self, user: str) -> Session:
+        s = self._sessions.get(user)
+        if s is None:
+            s = self.store.session(user) or Session(user)
+            with self._lock:
+                s = self._sessions.setdefault(user, s)
+        return s
+
+    def _save(self, s: Session) -> None:
+        self.store.save_session(Session(s.user, s.xid, s.device_id))
+
+    def collection_for_device(self, user: str) -> Collection | None:
+        """The collection the device used first (where its template 500 is), or None."""
+        xid = self._session(user).xid
+        hit = self.collection(xid) if xid else None
+        return None if hit is None else hit[1]
+
+    def device_mo_id(self, user: str) -> str | None:
+        """The device's own managed object id: learnt, or found as external ID (id_types)."""
+        s = self._session(user)
+        if s.device_id:
+            return s.device_id
+        for t in self.id_types:
+            r = self.api.handle("GET", "/identity/externalIds/%s/%s" % (t, user), None, None, None)
+            mo = (
+                (r.body or {}).get("managedObject")
+                if r.status < 300 and isinstance(r.body, dict)
+                else None
+            )
+            if isinstance(mo, dict) and mo.get("id") is not None:
+                self._learn_device(user, str(mo["id"]))
+                return s.device_id
+        return None
+
+    def _learn_device(self, user: str, mo: str) -> None:
+        with self._lock:
+            s = self._session(user)
+            if s.device_id == mo:
+                return
+            s.device_id = mo
+            self._save(s)
+        log.info("device %s is managed object %s", user, mo)
+
+    def _learn(self, user: str | None, body: Any) -> None:
+        # seed 002's self-creation: the device checks, then registers, its ID as external ID
+        if user and isinstance(body, dict) and body.get("externalId") == user:
+            mo = body.get("managedObject")
+            if isinstance(mo, dict) and mo.get("id") is not None:
+                self._learn_device(user, str(mo["id"]))
+
+    def _bind(self, user: str, xid: str, coll: Collection) -> str | None:
+        """None when the user may go on with this collection, else the 43 message."""
+        s = self._session(user)
+        if s.xid:
+            return None
+        if not coll.has_operations_template():
+            log.warning(
+                "device %s used X-ID %s first, which has no GET template 500: refused "
+                "(seed 002: the collection used first must hold the operations template)",
+                user,
+                xid,
+            )
+            return (
+                "%s: the first collection a device uses must hold the GET template 500 "
+                "(pending operations); X-ID '%s' has none" % (E43, xid)
+            )
+        with self._lock:
+            if not s.xid:
+                s.xid = xid
+                self._save(s)
+        log.info("device %s bound to X-ID %s", user, xid)
+        return None
+
+    # -- executing ----------------------------------------------------------------------------
+
+    def _now(self) -> str:
+        return engine_values.iso_time(self.clock())
+
+    def _render(self, xid: str, coll: Collection, doc: Any, line: int) -> list[Item]:
+        out: list[Item] = []
+        if doc is None:
+            return out
+        for t in coll:
+            if isinstance(t, Request):
+                continue
+            for values in engine_paths.extract(t, doc):
+                out.append((xid, [t.tid, line, *values]))
+        return out
+
+    def _call(
+        self, method: str, target: str, body: str | None, ctype: str | None, user: str | None
+    ):
+        try:
+            return self.api.handle(method, target, body, ctype, user)
+        except Exception:
+            log.exception("platform call %s %s failed", method, target)
+            return None
+
+    def _execute(
+        self,
+        xid: str,
+        coll: Collection,
+        req: Request,
+        values: list[str],
+        line: int,
+        user: str | None,
+    ) -> list[Item]:
+        full, why = engine_values.complete(req, values, self._now())
+        if why:
+            return [(None, [45, line, "%s: %s" % (E45, why)])]
+        method, target, body = engine_values.fill(req, full)
+        r = self._call(method, target, body, req.content_type or None, user)
+        if r is None:
+            return [(None, [50, line, 500, "Internal Server Error"])]
+        if r.status >= 400:
+            return [(None, [50, line, r.status, _phrase(r.status, r.reason)])]
+        self._learn(user, r.body)
+        return self._render(xid, coll, r.body, line)
+
+    def _unknown(self, xid: str, coll: Collection | None, tid: int) -> str:
+        if coll is not None and coll.response(tid) is not None:
+            return "%s: template %d of X-ID '%s' is a response template" % (E43, tid, xid)
+        return "%s: template with X-ID '%s' and Template ID '%d' not found" % (E43, xid, tid)
+
+    def _rows(
+        self, xid: str, rows: list[tuple[int, bytes]], user: str | None, bind: bool
+    ) -> list[Item]:
+        hit = self.collection(xid)
+        coll = hit[1] if hit else None
+        refused = None
+        if bind and user and coll is not None:
+            refused = self._bind(user, xid, coll)
+        out: list[Item] = []
+        for line, rec in rows:
+            fields, why = _fields(rec)
+            if why:
+                out.append((None, [42, line, "%s: %s" % (E42, why)]))
+                continue
+            head = fields[0]
+            if head == "15":
+                bad = self._xid_problem(fields)
+                if bad:
+                    out.append((None, [42, line, "%s: %s" % (E42, bad)]))
+                    continue
+                xid = fields[1]
+                hit = self.collection(xid)
+                coll = hit[1] if hit else None
+                continue
+            tid = smartrest._uint(head)
+            if tid is None:
+                out.append((None, [43, line, "%s: '%s' is not a template ID" % (E43, head[:40])]))
+                continue
+            if refused:
+                out.append((None, [43, line, refused]))
+                continue
+            req = coll.request(tid) if coll is not None else None
+            if req is None:
+                out.append((None, [43, line, self._unknown(xid, coll, tid)]))
+                continue
+            out.extend(self._execute(xid, coll, req, fields[1:], line, user))
+        return out
+
+    @staticmethod
+    def _xid_problem(fields: list[str]) -> str | None:
+        if len(fields) != 2:
+            return "the 15 row takes the X-ID alone; got %d values" % (len(fields) - 1)
+        try:
+            smartrest.check_xid(fields[1])
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def _text(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
+        if len(data) > self.max_body:
+            return [
+                (
+                    None,
+                    [
+                        42,
+                        1,
+                        "%s: request of %d bytes exceeds the limit of %d bytes"
+                        % (E42, len(data), self.max_body),
+                    ],
+                )
+            ]
+        recs = _records(data)
+        if not recs:
+            return [
+                (
+                    None,
+                    [
+                        42,
+                        1,
+                        "%s: empty request; a request starts with a 15 row naming the X-ID" % E42,
+                    ],
+                )
+            ]
+        fields, why = _fields(recs[0][1])
+        if not why and fields[0] != "15":
+            why = "a request starts with a 15 row naming the X-ID"
+        why = why or self._xid_problem(fields)
+        if why:
+            return [(None, [42, 1, "%s: %s" % (E42, why)])]
+        xid = fields[1]
+        rest = recs[1:]
+        if not rest:
+            hit = self.collection(xid)
+            return [(None, [20, hit[0]] if hit else [40, E40])]
+        first, _ = _fields(rest[0][1])
+        if first and first[0] in ("10", "11"):
+            return self._register(xid, rest, user)
+        return self._rows(xid, rest, user, bind)
+
+    def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
+        if len(data) > self.max_body:
+            return [
+                (
+                    None,
+                    [
+                        42,
+                        1,
+                        "Malformed Request: payload of %d bytes exceeds the limit of %d bytes"
+                        % (len(data), self.max_body),
+                    ],
+                )
+            ]
+        try:
+            msgs = binrest.decode(data, self._lookup)
+        except binrest.Error as e:
+            return [(None, [e.code, e.index or 1, e.message])]
+        out: list[Item] = []
+        refused = None
+        for line, (xid, tid, values) in enumerate(msgs, 1):
+            mo, coll = self.collection(xid)  # decode found it, so it is cached
+            req = coll.request(tid)
+            if line == 1 and bind and user:
+                refused = self._bind(user, xid, coll)
+            if refused:
+                out.append((None, [43, line, refused]))
+                continue
+            text = engine_values.binary_text(req.binary_types(), values)
+            out.extend(self._execute(xid, coll, req, text, line, user))
+        return out
+
+    # -- answers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _format(items: list[Item]) -> bytes:
+        lines: list[str] = []
+        i = 0
+        while i < len(items):
+            xid, fields = items[i]
+            if xid is None:
+                lines.append(smartrest.row(fields))
+                i += 1
+                continue
+            j = i
+            while j < len(items) and items[j][0] == xid:
+                j += 1
+            lines.append(smartrest.row([87, j - i, xid]))
+            lines.extend(smartrest.row(f) for _, f in items[i:j])
+            i = j
+        return "\n".join(lines).encode()
+
+    def process(self, body: bytes | str, user: str | None = None, *, bind: bool = True) -> bytes:
+        """Answer a SmartREST text request body (see the module docstring)."""
+        try:
+            data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+            return self._format(self._text(data, user, bind))
+        except Exception:
+            log.exception("SmartREST request of %s failed", user)
+            return b"50,1,500,Internal Server Error"
+
+    def process_binary(
+        self, payload: bytes, user: str | None = None, *, bind: bool = True
+    ) -> bytes:
+        """Answer a binary SmartREST payload with text rows (see the module docstring)."""
+        try:
+            return self._format(self._binary(bytes(payload), user, bind))
+        except Exception:
+            log.exception("binary SmartREST request of %s failed", user)
+            return b"50,1,500,Internal Server Error"
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _operations_collection(
+        self, user: str | None, xid: str | None
+    ) -> tuple[str, Collection] | None:
+        if xid is None and user is not None:
+            xid = self._session(user).xid
+        hit = self.collection(xid) if xid else None
+        if hit is None:
+            log.warning("no template collection for the operations of %s (X-ID %s)", user, xid)
+        return None if hit is None else (xid, hit[1])
+
+    def pending_operations(self, user: str, xid: str | None = None) -> bytes:
+        """The device's pending operations (template 500 of its first collection, or of xid) as
+        rows of its response templates, for mr/<ID>; b"" when there are none or it cannot be
+        fetched (the reason is logged)."""
+        try:
+            found = self._operations_collection(user, xid)
+            if found is None:
+                return b""
+            xid, coll = found
+            req = coll.request(OPERATIONS_ID)
+            if req is None or req.method != "GET":
+                log.warning("X-ID %s has no GET template 500; %s gets no operations", xid, user)
+                return b""
+            mo = self.device_mo_id(user)
+            if mo is None:
+                log.warning(
+                    "device %s has no managed object known yet (no external ID %s): no operations",
+                    user,
+                    "/".join(self.id_types),
+                )
+                return b""
+            now = self._now()
+            method, target, body = engine_values.fill(
+                req, [now if t == "NOW" else mo for t in req.params]
+            )
+            items: list[Item] = []
+            # seed 002: every pending operation goes out at the next connection, so all pages
+            for _ in range(MAX_PAGES):
+                r = self._call(method, target, body, req.content_type or None, user)
+                if r is None or r.status >= 400:
+                    log.warning(
+                        "template 500 of %s for %s: %s", xid, user, r and (r.status, r.reason)
+                    )
+                    break
+                items += self._render(xid, coll, r.body, 1)
+                nxt = r.body.get("next") if isinstance(r.body, dict) else None
+                if not isinstance(nxt, str) or not (r.body.get("operations") or []):
+                    break
+                parts = urlsplit(nxt)
+                target = parts.path + ("?" + parts.query if parts.query else "")
+            return self._format(items)
+        except Exception:
+            log.exception("pending operations of %s failed", user)
+            return b""
+
+    def render_operation(self, op: dict, xid: str | None = None, user: str | None = None) -> bytes:
+        """One operation (the platform's JSON) as rows of the response templates of xid, or of
+        the collection user used first, rendered as template 500's answer holding just it."""
+        try:
+            found = self._operations_collection(user, xid)
+            if found is None:
+                return b""
+            xid, coll = found
+            return self._format(self._render(xid, coll, {"operations": [op]}, 1))
+        except Exception:
+            log.exception(
+                "rendering operation %r failed", op.get("id") if isinstance(op, dict) else op
+            )
+            return b""
