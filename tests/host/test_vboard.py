@@ -377,8 +377,10 @@ def test_no_modem_by_default(virtual_board):
 def test_cli_serves_until_sigterm(tmp_path):
     port_file = tmp_path / "port"
     flash = tmp_path / "flash"
+    link = tmp_path / "ttyVB0"
     cli = subprocess.Popen([sys.executable, "-m", "microcot_host", "board", "virtual", "--name",
-                            "cli-test", "--flash", str(flash), "--port-file", str(port_file)],
+                            "cli-test", "--flash", str(flash), "--port-file", str(port_file),
+                            "--link", str(link)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -388,6 +390,9 @@ def test_cli_serves_until_sigterm(tmp_path):
             time.sleep(0.05)
         port = port_file.read_text().strip()
         assert mpremote(port, "exec", "print(6*7)").stdout.strip() == "42"
+        # through the symlink mpremote does not know it is a pty and polls in_waiting instead
+        assert os.readlink(link) == port
+        assert mpremote(str(link), "exec", "print(7*7)").stdout.strip() == "49"
         assert pids_of(flash)
         cli.send_signal(signal.SIGTERM)
         out, _ = cli.communicate(timeout=10)
@@ -396,6 +401,6 @@ def test_cli_serves_until_sigterm(tmp_path):
             cli.kill()
             cli.wait()
     assert cli.returncode == 0, out
-    assert f"mpremote connect {port} repl" in out
+    assert f"mpremote connect {link} repl" in out
     assert pids_of(flash) == []
-    assert not port_file.exists()
+    assert not port_file.exists() and not link.is_symlink()
