@@ -629,6 +629,13 @@ def test_bulk_registration_refuses_unusable_files(api: Api, sink: FakeSink) -> N
 
 # -- tenant, SmartREST collections, connector helpers -----------------------------------------
 
+def test_internal_failures_are_500(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    api.model.close()
+    e = err(api.handle("GET", "/inventory/managedObjects"), 500, "see its log")
+    assert e["error"] == "inventory/Internal Server Error"
+    assert "GET /inventory/managedObjects failed" in caplog.text
+
+
 def test_tenant_and_s(api: Api) -> None:
     t = ok(api.handle("GET", "/tenant/currentTenant"))
     assert (t["name"], t["domainName"]) == ("t-emulator", "emu:8080")

@@ -40,7 +40,8 @@ Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unre
 field of the wrong JSON type or a malformed query parameter (the message names it), 404 unknown
 resource or object, 405 method (with `Allow`), 409 duplicate, 413 (http.py), 415 a body that is
 not JSON, 422 valid JSON with unacceptable data (missing mandatory field, unknown source, bad
-status transition; message "Following mandatory fields should be included: ..." as Cumulocity).
+status transition; message "Following mandatory fields should be included: ..." as Cumulocity),
+500 an internal failure (logged; `handle` itself never raises).
 
 Emulator behaviour worth knowing
 --------------------------------
@@ -253,6 +254,13 @@ class Api:
             return self._error(422, f"{domain}/validationError", e.message)
         except ModelError as e:
             return self._error(422, f"{domain}/validationError", e.message)
+        except Exception:
+            # a bug or a database failure: the caller (HTTP client, SmartREST row) gets a 500
+            # like any other error instead of a dropped connection; the body is not logged
+            # since a bulk registration's holds passwords
+            log.exception("emulator API: %s %s failed", method, parts.path)
+            return self._error(500, f"{domain}/Internal Server Error",
+                               "the emulator failed on this request; see its log")
 
     @staticmethod
     def _error(status: int, code: str, message: str,
