@@ -270,6 +270,7 @@ class VirtualBoard:
         self._restart_args: tuple[int, int] = (0, PWRON_RESET)
         self._crash_streak = 0
         self._soft_t0: float | None = None
+        self._gen = 0  # changes whenever the interpreter does
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -398,10 +399,12 @@ class VirtualBoard:
             self._spawn(0, PWRON_RESET)
             while not self._stopping:
                 self._update_interest()
+                gen = self._gen
                 for key, events in self._sel.select(self._timeout()):
-                    key.data(events)
-                    if self._stopping:
+                    # events after an interpreter change may name its reused descriptors
+                    if self._stopping or self._gen != gen:
                         break
+                    key.data(events)
                 self._on_timers()
         except BaseException as exc:  # keep the reason for stop()/start() to report
             self.error = exc
@@ -582,6 +585,7 @@ class VirtualBoard:
         ctl.setblocking(False)
         pidfd = os.pidfd_open(proc.pid)
         self._child = _Child(proc, stdin_w, stdin_r, out_r, ctl, pidfd)
+        self._gen += 1
         self._mode = _BOOTING
         self._intr = 3
         self._sigint_at = None
@@ -686,7 +690,7 @@ class VirtualBoard:
 
     def _on_child_exit(self, _events: int) -> None:
         c = self._child
-        if c is None:
+        if c is None or c.proc.poll() is None:
             return
         self._drain_child_out()
         status = c.proc.wait()
@@ -743,6 +747,7 @@ class VirtualBoard:
         c.stdin_w = c.stdin_r = c.out_r = c.pidfd = -1
         c.ctl.close()
         self._child = None
+        self._gen += 1
         self._mode = _DOWN
 
     def _kill_child(self) -> None:
