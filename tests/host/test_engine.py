@@ -396,6 +396,10 @@ def test_deleted_collection_can_be_registered_again(eng, api):
     create_device(eng)
     # the collection's own delete template (seed: "15,X-ID\nTID,Templatesammlung-MO-ID")
     assert ask(eng, "114," + mo) == ""
+    # gone at once for requests, and free for a new registration
+    assert ask(eng, "113") == (
+        "43,2,Invalid message identifier: template with X-ID 'mcX1' and Template ID '113' not found"
+    )
     out = eng.process(REG, ICCID).decode()
     assert out.startswith("20,") and out != "20," + mo
 
@@ -1053,3 +1057,27 @@ def test_huge_row_is_bounded():
     out = e.process(("15,%s\n108,%s" % (XID, "y" * 60000)).encode(), ICCID)
     assert out.startswith(b"87,1,%s\n204,2," % XID.encode())
     assert e.process(b"15,mcX1\n" + b'"' * 70000, ICCID).startswith(b"42,1,")
+
+
+def test_http_x_id_header(eng, api):
+    # POST /s with the X-Id header: no 15 row, the body's first row is line 1
+    mo = create_device(eng)
+    assert eng.process("104,%s\n100,nobody" % mo, "admin", bind=False, xid=XID).decode() == (
+        "87,1,%s\n201,1,%s\n50,2,404,Not Found" % (XID, mo)
+    )
+    assert eng.process("", "admin", xid=XID).decode() == "20," + eng.collection(XID)[0]
+    assert eng.process("", "admin", xid="nope1") == b"40,Template not found."
+    assert eng.process("113", xid="12") == (
+        b"42,1,Malformed request line: X-ID '12' is all digits; it needs at least one letter"
+    )
+    # registration over HTTP: 41 lines count the body's rows from 1
+    assert eng.process("10,100,GET,/a,,,,,\n10,100,GET,/b,,,,,", "admin", xid="httpX1") == (
+        b"41,2,Duplicate message identifiers are not allowed"
+    )
+    assert eng.process("10,100,GET,/a,,,,,\n11,101,,$.a b,$.id", xid="httpX1") == (
+        b"41,2,Invalid JsonPath"
+    )
+    assert eng.process(
+        "10,100,GET,/tenant/currentTenant,,,,,\n11,101,,$.name,$.name", xid="httpX1"
+    ).startswith(b"20,")
+    assert eng.process("100", "admin", bind=False, xid="httpX1") == b"87,1,httpX1\n101,1,t-emulator"

@@ -29,7 +29,14 @@ or, when the call succeeds, with the rows of every response template of the coll
 matches the JSON answer (engine_paths.py): `<response id>,<line>,<values...>`.
 
 A body not starting with a valid `15,<X-ID>` row, an empty body, or one over `max_body` bytes is
-answered `42,1,Malformed request line: <what>`.
+answered `42,1,Malformed request line: <what>`. `POST /s` with the `X-Id` header passes
+`xid=<X-Id>`: the body has no 15 row then and its first row is line 1. Our own message texts
+avoid commas, so they mostly travel unquoted (CSV quotes when a quoted-back value needs them).
+
+A successful DELETE of a cached collection's managed object (the collection's own delete
+template, seed 002) drops it at once; after a deletion through the REST API call `forget(xid)`,
+or requests keep using the cached copy (registration always asks the platform, so re-registering
+works either way).
 
 The answer
 ----------
@@ -74,7 +81,9 @@ object id for each of its parameters (NOW gets the time), follows the answer's `
 002: all pending operations are sent at the next connection) and renders them with the
 collection's response templates, line number 1 (the connector's own one-row request).
 `render_operation(op, user=... or xid=...)` renders one new operation as if template 500 had
-returned just it: `{"operations": [op]}`.
+returned just it: `{"operations": [op]}`. The connector finds the user for a new operation with
+`Api.device_user(op["deviceId"])` (which walks up to the parent of a child device) and publishes
+the result on that user's `mr/` topic (b"": nothing to publish).
 
 Nothing escapes `process`, `process_binary`, `pending_operations` or `render_operation`: an
 unexpected failure is logged and answered `50,<line>,500,Internal Server Error` (or b"" for the
@@ -89,7 +98,7 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from microcot import binrest, smartrest
 from microcot.templates import OPERATIONS_ID, Collection, Request, TemplateError
@@ -148,6 +157,10 @@ def _records(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def _err(code: int, line: int, text: str) -> Item:
+    return (None, [code, line, text])
+
+
 def _fields(rec: bytes) -> tuple[list[str], str | None]:
     try:
         rows = smartrest.parse_rows(rec)
@@ -204,6 +217,14 @@ class Engine:
             else:
                 self._collections.pop(xid, None)
 
+    def _deleted(self, target: str) -> None:
+        # a collection deleted through one of its own templates (seed 002) stops answering at once
+        path = urlsplit(target).path.rstrip("/")
+        with self._lock:
+            for xid, (mo, _) in list(self._collections.items()):
+                if path == "/inventory/managedObjects/" + mo:
+                    del self._collections[xid]
+
     def _lookup(self, xid: str, tid: int) -> list[str] | None:
         hit = self.collection(xid)
         return None if hit is None else hit[1].lookup(xid, tid)
@@ -214,7 +235,7 @@ class Engine:
         for line, rec in rows:
             fields, why = _fields(rec)
             if why:
-                return [(None, [42, line, "%s: %s" % (E42, why)])]
+                return [_err(42, line, "%s: %s" % (E42, why))]
             parsed.append(fields)
             lines.append(line)
         with self._lock:
@@ -224,8 +245,11 @@ class Engine:
             try:
                 coll = Collection.from_rows(parsed)
             except TemplateError as e:
-                # templates numbers the rows from 2 like we do, blank rows skipped by both
-                return [(None, [41, e.message] if e.line is None else [41, e.line, e.message])]
+                # templates numbers the rows from 2 (after the 15 row), blank rows skipped like
+                # here; map back to our numbering, which differs with an X-Id header
+                if e.line is None or not 2 <= e.line < len(lines) + 2:
+                    return [(None, [41, e.message])]
+                return [_err(41, lines[e.line - 2], e.message)]
             for line, t in zip(lines, coll, strict=True):
                 if isinstance(t, Request):
                     continue
@@ -233,7 +257,7 @@ class Engine:
                     why = engine_paths.invalid(p) if p else None
                     if why:
                         log.info("41 for %s line %d: JSONPath %r: %s", xid, line, p, why)
-                        return [(None, [41, line, "Invalid JsonPath"])]
+                        return [_err(41, line, "Invalid JsonPath")]
             mo = self.store.add_collection(coll, user)
             if mo is None:  # registered concurrently elsewhere
                 return [(None, [41, E41_EXISTS])]
@@ -268,12 +292,10 @@ class Engine:
         if s.device_id:
             return s.device_id
         for t in self.id_types:
-            r = self.api.handle("GET", "/identity/externalIds/%s/%s" % (t, user), None, None, None)
-            mo = (
-                (r.body or {}).get("managedObject")
-                if r.status < 300 and isinstance(r.body, dict)
-                else None
-            )
+            target = "/identity/externalIds/%s/%s" % (quote(t, safe=""), quote(user, safe=""))
+            r = self.api.handle("GET", target, None, None, None)
+            ok = r.status < 300 and isinstance(r.body, dict)
+            mo = r.body.get("managedObject") if ok else None
             if isinstance(mo, dict) and mo.get("id") is not None:
                 self._learn_device(user, str(mo["id"]))
                 return s.device_id
@@ -354,13 +376,15 @@ class Engine:
     ) -> list[Item]:
         full, why = engine_values.complete(req, values, self._now())
         if why:
-            return [(None, [45, line, "%s: %s" % (E45, why)])]
+            return [_err(45, line, "%s: %s" % (E45, why))]
         method, target, body = engine_values.fill(req, full)
         r = self._call(method, target, body, req.content_type or None, user)
         if r is None:
             return [(None, [50, line, 500, "Internal Server Error"])]
         if r.status >= 400:
             return [(None, [50, line, r.status, _phrase(r.status, r.reason)])]
+        if method == "DELETE":
+            self._deleted(target)
         self._learn(user, r.body)
         return self._render(xid, coll, r.body, line)
 
@@ -381,13 +405,13 @@ class Engine:
         for line, rec in rows:
             fields, why = _fields(rec)
             if why:
-                out.append((None, [42, line, "%s: %s" % (E42, why)]))
+                out.append(_err(42, line, "%s: %s" % (E42, why)))
                 continue
             head = fields[0]
             if head == "15":
                 bad = self._xid_problem(fields)
                 if bad:
-                    out.append((None, [42, line, "%s: %s" % (E42, bad)]))
+                    out.append(_err(42, line, "%s: %s" % (E42, bad)))
                     continue
                 xid = fields[1]
                 hit = self.collection(xid)
@@ -395,14 +419,14 @@ class Engine:
                 continue
             tid = smartrest._uint(head)
             if tid is None:
-                out.append((None, [43, line, "%s: '%s' is not a template ID" % (E43, head[:40])]))
+                out.append(_err(43, line, "%s: '%s' is not a template ID" % (E43, head[:40])))
                 continue
             if refused:
-                out.append((None, [43, line, refused]))
+                out.append(_err(43, line, refused))
                 continue
             req = coll.request(tid) if coll is not None else None
             if req is None:
-                out.append((None, [43, line, self._unknown(xid, coll, tid)]))
+                out.append(_err(43, line, self._unknown(xid, coll, tid)))
                 continue
             out.extend(self._execute(xid, coll, req, fields[1:], line, user))
         return out
@@ -417,39 +441,25 @@ class Engine:
             return str(e)
         return None
 
-    def _text(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
+    def _text(self, data: bytes, user: str | None, bind: bool, xid: str | None) -> list[Item]:
         if len(data) > self.max_body:
-            return [
-                (
-                    None,
-                    [
-                        42,
-                        1,
-                        "%s: request of %d bytes exceeds the limit of %d bytes"
-                        % (E42, len(data), self.max_body),
-                    ],
-                )
-            ]
-        recs = _records(data)
-        if not recs:
-            return [
-                (
-                    None,
-                    [
-                        42,
-                        1,
-                        "%s: empty request; a request starts with a 15 row naming the X-ID" % E42,
-                    ],
-                )
-            ]
-        fields, why = _fields(recs[0][1])
-        if not why and fields[0] != "15":
-            why = "a request starts with a 15 row naming the X-ID"
-        why = why or self._xid_problem(fields)
-        if why:
-            return [(None, [42, 1, "%s: %s" % (E42, why)])]
-        xid = fields[1]
-        rest = recs[1:]
+            why = "request of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
+            return [_err(42, 1, "%s: %s" % (E42, why))]
+        rest = _records(data)
+        why = None
+        if xid is not None:  # HTTP's X-Id header: every row of the body is a request row
+            why = self._xid_problem(["15", xid])
+        elif not rest:
+            why = "empty request; a request starts with a 15 row naming the X-ID"
+        else:
+            fields, why = _fields(rest[0][1])
+            if not why and fields[0] != "15":
+                why = "a request starts with a 15 row naming the X-ID"
+            why = why or self._xid_problem(fields)
+            xid = fields[1] if not why else None
+            rest = rest[1:]
+        if why or xid is None:
+            return [_err(42, 1, "%s: %s" % (E42, why))]
         if not rest:
             hit = self.collection(xid)
             return [(None, [20, hit[0]] if hit else [40, E40])]
@@ -460,21 +470,12 @@ class Engine:
 
     def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
         if len(data) > self.max_body:
-            return [
-                (
-                    None,
-                    [
-                        42,
-                        1,
-                        "Malformed Request: payload of %d bytes exceeds the limit of %d bytes"
-                        % (len(data), self.max_body),
-                    ],
-                )
-            ]
+            why = "payload of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
+            return [_err(42, 1, "Malformed Request: " + why)]
         try:
             msgs = binrest.decode(data, self._lookup)
         except binrest.Error as e:
-            return [(None, [e.code, e.index or 1, e.message])]
+            return [_err(e.code, e.index or 1, e.message)]
         out: list[Item] = []
         refused = None
         for line, (xid, tid, values) in enumerate(msgs, 1):
@@ -483,7 +484,7 @@ class Engine:
             if line == 1 and bind and user:
                 refused = self._bind(user, xid, coll)
             if refused:
-                out.append((None, [43, line, refused]))
+                out.append(_err(43, line, refused))
                 continue
             text = engine_values.binary_text(req.binary_types(), values)
             out.extend(self._execute(xid, coll, req, text, line, user))
@@ -509,11 +510,19 @@ class Engine:
             i = j
         return "\n".join(lines).encode()
 
-    def process(self, body: bytes | str, user: str | None = None, *, bind: bool = True) -> bytes:
-        """Answer a SmartREST text request body (see the module docstring)."""
+    def process(
+        self,
+        body: bytes | str,
+        user: str | None = None,
+        *,
+        bind: bool = True,
+        xid: str | None = None,
+    ) -> bytes:
+        """Answer a SmartREST text request body (see the module docstring). `xid` is the X-Id
+        header of `POST /s`: the body then holds no 15 row and its first row is line 1."""
         try:
             data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-            return self._format(self._text(data, user, bind))
+            return self._format(self._text(data, user, bind, xid))
         except Exception:
             log.exception("SmartREST request of %s failed", user)
             return b"50,1,500,Internal Server Error"
