@@ -61,7 +61,8 @@ _LF = re.compile(rb"(?<!\r)\n")
 # A second Ctrl-C is sent as SIGINT only when the first was not seen handled within this time
 # (user code may catch KeyboardInterrupt and go on running).
 SIGINT_GUARD_S = 0.5
-# Output the host has not read for this long is dropped (nobody is listening).
+# Output the host has not read for this long is dropped: nobody is listening. (rp2 and esp32 give
+# up on USB-CDC output after a similar TX timeout; a UART never waits at all.)
 OUTPUT_STALL_S = 0.5
 # Bytes buffered towards the interpreter beyond its pipe; more is dropped like a full UART ring
 # buffer (the interrupt character still gets through).
@@ -237,6 +238,10 @@ class VirtualBoard:
         self.flash_dir = Path(flash_dir).resolve() if flash_dir else board_flash_dir(name)
         self.link = Path(link) if link else None
         self.micropython = micropython
+        if iccid is not None:
+            from .modem import ef_iccid_hex
+
+            ef_iccid_hex(iccid)  # a bad ICCID is an argument error, not a failure at start()
         # counters, for tests and the CLI
         self.restarts = 0
         self.soft_resets = 0
@@ -248,11 +253,11 @@ class VirtualBoard:
         self.error: BaseException | None = None
 
         self._modem = None
+        self._mp = ""
         self._port: str | None = None
         self._master = self._slave = self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._lock = threading.Lock()
         self._ready = threading.Event()  # an interpreter sits in its REPL
         self._started = threading.Event()  # an interpreter talks to us (maybe still in main.py)
         self._child: _Child | None = None
@@ -332,6 +337,9 @@ class VirtualBoard:
                 self.link.symlink_to(self._port)
         except BaseException:
             self._close_fds()
+            if self._modem is not None:
+                self._modem.stop()
+                self._modem = None
             raise
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name=f"vboard {self.name}",
