@@ -913,7 +913,13 @@ def test_http_keep_alive(server: RestServer) -> None:
     assert resp.status == 401
     resp.read()
     conn.request("GET", "/tenant/currentTenant", headers={"Authorization": "Basic " + token})
-    assert conn.getresponse().status == 200
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.read()
+    server.stop()  # ends the open connection too
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        conn.request("GET", "/tenant/currentTenant", headers={"Authorization": "Basic " + token})
+        conn.getresponse()
     conn.close()
 
 

@@ -14,7 +14,8 @@ before it sends). `POST /s` goes to the
 SmartREST engine's callable `smartrest(body, x_id, user) -> (status, body)` with the `X-Id`
 header (None if absent); without one it is 501.
 
-Keep-alive (HTTP/1.1) works; idle connections are closed after `idle_timeout` seconds. Request
+Keep-alive (HTTP/1.1) works; idle connections are closed after `idle_timeout` seconds, and all
+of them by stop(). Request
 lines are logged at DEBUG; headers (and so credentials) never are.
 """
 
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import http.server
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +93,7 @@ class RestServer:
             return
         server.shutdown()
         server.server_close()
+        server.close_connections()
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
@@ -126,6 +130,28 @@ class RestServer:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True  # an idle keep-alive connection must not hold up stop()
     allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(request)
+
+    def close_connections(self) -> None:
+        """End the open keep-alive connections: a stopped server answers nobody."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("emulator HTTP: error while serving %s", client_address)
