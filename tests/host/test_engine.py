@@ -857,7 +857,14 @@ def test_binary_conversation(eng, api):
         ICCID,
     ).decode()
     assert out.startswith("87,1,%s\n206,1," % XID) and out.endswith(",ACTIVE,1,stark erhoeht")
+    out = eng.process_binary(c.encode(106, [int(T0), int(mo), 8.5, 112.0, 51.25]), ICCID).decode()
+    assert out.startswith("87,1,%s\n208,1," % XID) and out.endswith(",51.25")
+    child = eng.process_binary(c.encode(108, ["bin child"]), ICCID).decode().split(",")[-1]
+    assert eng.process_binary(c.encode(109, [int(mo), int(child)]), ICCID) == b""
+    refs = _get(api, "/inventory/managedObjects/" + mo)["childDevices"]["references"]
+    assert [r["managedObject"]["id"] for r in refs] == [child]
     op = _op(api, mo, c8y_Command={"text": "ls -l"})
+    assert eng.process_binary(c.encode(110, [int(op["id"])]), ICCID) == b""
     assert (
         eng.process_binary(c.encode(111, [int(op["id"]), "SUCCESSFUL", "ok", "ls -l"]), ICCID)
         == b""
@@ -1082,3 +1089,25 @@ def test_http_x_id_header(eng, api):
         "10,100,GET,/tenant/currentTenant,,,,,\n11,101,,$.name,$.name", xid="httpX1"
     ).startswith(b"20,")
     assert eng.process("100", "admin", bind=False, xid="httpX1") == b"87,1,httpX1\n101,1,t-emulator"
+
+
+def test_concurrent_devices(api):
+    import threading
+
+    e = _engine(api)
+    e.process(REG, ICCID)
+    mo = create_device(e)
+    answers: list[bytes] = []
+
+    def device(n: int) -> None:
+        for i in range(25):
+            answers.append(e.process("15,%s\n115,%s,%d.5" % (XID, mo, n * 100 + i), ICCID))
+
+    threads = [threading.Thread(target=device, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 200 and all(a.startswith(b"87,1," + XID.encode()) for a in answers)
+    ids = {a.split(b"\n")[1].split(b",")[2] for a in answers}
+    assert len(ids) == 200
