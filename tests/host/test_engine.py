@@ -1111,3 +1111,45 @@ def test_concurrent_devices(api):
     assert len(answers) == 200 and all(a.startswith(b"87,1," + XID.encode()) for a in answers)
     ids = {a.split(b"\n")[1].split(b",")[2] for a in answers}
     assert len(ids) == 200
+
+
+def test_fill_raw_text_uri_first():
+    c = Collection("X1")
+    r = c.add_request(
+        7, "PUT", "/a/%%/b?x=%%", "a/b", "", "%%", "STRING STRING STRING", '{"x":"%%"}'
+    )
+    # the URI takes the first values; a value holding the placeholder is not substituted again
+    assert engine_values.fill(r, ["%%", "1 2", 'q"%%']) == ("PUT", "/a/%%/b?x=1 2", '{"x":"q"%%"}')
+    assert engine_values.fill(c.add_request(8, "DELETE", "/d", "", "", "", "", ""), []) == (
+        "DELETE",
+        "/d",
+        None,
+    )
+    with pytest.raises(ValueError):
+        engine_values.fill(r, ["1"])
+
+
+def test_response_template_rules():
+    from microcot_host.emulator import engine_paths
+
+    c = Collection("X1")
+    ops = c.add_response(1, "$.operations", "$.c8y_Command", ["$.id", "$.c8y_Command", "$.nope"])
+    doc = {
+        "operations": [
+            {"id": "1", "c8y_Command": {"text": "a,b"}},
+            {"id": "2"},
+            {"id": "3", "c8y_Command": None},
+        ]
+    }
+    # one row per list element that has the condition (a null counts: the key exists)
+    assert engine_paths.extract(ops, doc) == [["1", '{"text":"a,b"}', ""], ["3", "", ""]]
+    whole = c.add_response(2, "", "", ["$.flag", "$.n", "$.f", "$.list"])
+    assert engine_paths.extract(whole, {"flag": False, "n": 3, "f": 2.5, "list": [1]}) == [
+        ["false", "3", "2.5", "[1]"]
+    ]
+    # a base that matches nothing yields nothing; an object base yields one row
+    assert engine_paths.extract(c.add_response(3, "$.mo", "", ["$.id"]), {"x": 1}) == []
+    assert engine_paths.extract(c.add_response(4, "$.mo", "", ["$.id"]), {"mo": {"id": 9}}) == [
+        ["9"]
+    ]
+    assert engine_paths.invalid("$.a b") and not engine_paths.invalid("$.a['b c'].d")
