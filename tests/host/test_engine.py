@@ -1153,3 +1153,47 @@ def test_response_template_rules():
         ["9"]
     ]
     assert engine_paths.invalid("$.a b") and not engine_paths.invalid("$.a['b c'].d")
+
+
+def test_serve_http(eng):
+    mo = create_device(eng)
+    assert eng.serve_http(b"104," + mo.encode(), XID, "admin") == (
+        200,
+        ("87,1,%s\n201,1,%s" % (XID, mo)).encode(),
+    )
+    # a body with its own 15 row: the header is not needed, and not used
+    assert eng.serve_http(("15,%s\n104,%s" % (XID, mo)).encode(), None, "admin") == (
+        200,
+        ("87,1,%s\n201,2,%s" % (XID, mo)).encode(),
+    )
+    assert eng.serve_http(b"", XID, "admin") == (200, b"20," + eng.collection(XID)[0].encode())
+    assert eng.serve_http(b"113", None, "admin")[1].startswith(b"42,1,")
+    assert eng.collection_for_device("admin") is None
+
+
+def test_post_s_over_http():
+    import base64
+    import urllib.request
+
+    from microcot_host.emulator.http import RestServer
+
+    api = Api(Model(":memory:"))
+    e = _engine(api)
+    with RestServer(api, "admin", "secret", smartrest=e.serve_http) as srv:
+
+        def post(body: bytes, x_id: str | None = None) -> tuple[int, bytes]:
+            req = urllib.request.Request(srv.url + "/s", data=body, method="POST")
+            req.add_header("Authorization", "Basic " + base64.b64encode(b"admin:secret").decode())
+            if x_id:
+                req.add_header("X-Id", x_id)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read()
+
+        # the seed's registration by the tenant admin over REST, then a request with the header
+        status, out = post(REG.encode())
+        assert status == 200 and out.startswith(b"20,")
+        assert post(b"", XID) == (200, out)
+        assert post(b"113", XID) == (
+            200,
+            b"87,1,%s\n205,1,t-emulator,%s" % (XID.encode(), srv.url.split("//")[1].encode()),
+        )

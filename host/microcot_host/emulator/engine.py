@@ -30,7 +30,8 @@ matches the JSON answer (engine_paths.py): `<response id>,<line>,<values...>`.
 
 A body not starting with a valid `15,<X-ID>` row, an empty body, or one over `max_body` bytes is
 answered `42,1,Malformed request line: <what>`. `POST /s` with the `X-Id` header passes
-`xid=<X-Id>`: the body has no 15 row then and its first row is line 1. Our own message texts
+`xid=<X-Id>`: the body has no 15 row then and its first row is line 1 (`serve_http` is the
+callable http.py wants for `POST /s`). Our own message texts
 avoid commas, so they mostly travel unquoted (CSV quotes when a quoted-back value needs them).
 
 A successful DELETE of a cached collection's managed object (the collection's own delete
@@ -526,6 +527,13 @@ class Engine:
         except Exception:
             log.exception("SmartREST request of %s failed", user)
             return b"50,1,500,Internal Server Error"
+
+    def serve_http(self, body: bytes, x_id: str | None, user: str | None) -> tuple[int, bytes]:
+        """http.py's SmartREST callable for `POST /s`: always 200, as Cumulocity answers SmartREST
+        over HTTP. A body that starts with its own 15 row names its X-ID itself, else the X-Id
+        header does. No device binding: the first-use rule is about MQTT operations."""
+        own = body.lstrip(b"\r\n").startswith(b"15,") or not x_id
+        return 200, self.process(body, user, bind=False, xid=None if own else x_id)
 
     def process_binary(
         self, payload: bytes, user: str | None = None, *, bind: bool = True
