@@ -211,8 +211,8 @@ class DeviceItem(pytest.Item):
             out = transport.run(t, code, timeout=limit)
         except transport.ExecTimeout as exc:
             raise DeviceTestFailure(f"timed out on the board: {exc}") from None
-        except transport.TransportExecError as exc:
-            output = exc.args[0].decode(errors="replace") if exc.args else ""
+        except transport.ExecError as exc:
+            output = exc.output.decode(errors="replace")
             tb = exc.error_output
             if SKIP_MARK in tb:
                 pytest.skip(tb.split(SKIP_MARK, 1)[1].strip().splitlines()[0])

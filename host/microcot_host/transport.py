@@ -32,6 +32,14 @@ class ExecTimeout(BoardError):
     pass
 
 
+class ExecError(TransportExecError):
+    """Code raised an exception on the board: its output so far and the board's traceback."""
+
+    def __init__(self, output: bytes, error_output: str) -> None:
+        super().__init__(output, error_output)
+        self.output = output
+
+
 @dataclass(frozen=True)
 class BoardInfo:
     platform: str
@@ -58,21 +66,32 @@ def open_board(port: str, baudrate: int = 115200, soft_reset: bool = True,
         raise BoardError(f"{port}: no such serial port (is the board plugged in?)")
     try:
         t = SerialTransport(port, baudrate=baudrate, exclusive=True)
-    except serial.SerialException as exc:
-        if "exclusive" in str(exc).lower() or "busy" in str(exc).lower():
-            raise BoardError(f"{port}: port is busy (another program, e.g. a terminal or "
-                             "mpremote, has it open)") from None
-        raise BoardError(f"{port}: cannot open: {exc}") from None
-    except TransportError as exc:
-        raise BoardError(f"{port}: cannot open: {exc}") from None
+    except (serial.SerialException, TransportError):
+        raise BoardError(f"{port}: {_why_unopenable(port, baudrate)}") from None
     try:
         t.serial.timeout = 1
+        t.serial = _PushbackSerial(t.serial)
         _quiet(t.enter_raw_repl, soft_reset=soft_reset, timeout_overall=timeout)
     except (TransportError, serial.SerialException, OSError) as exc:
         t.close()
         raise BoardError(f"{port}: not a MicroPython board, or it does not answer "
                          f"(no raw REPL: {exc})") from None
     return t
+
+
+def _why_unopenable(port: str, baudrate: int) -> str:
+    """mpremote says only "failed to access"; open the port ourselves to learn why."""
+    try:
+        serial.Serial(port, baudrate=baudrate, exclusive=True).close()
+    except serial.SerialException as exc:
+        text = str(exc)
+        if "exclusive" in text.lower() or "busy" in text.lower() or "Errno 16" in text:
+            return "port is busy (another program, e.g. a terminal or mpremote, has it open)"
+        if "Permission denied" in text or "Errno 13" in text:
+            return ("permission denied (add yourself to the port's group, e.g. dialout, "
+                    "and log in again)")
+        return f"cannot open: {text}"
+    return "cannot open (it went away or is in use)"
 
 
 def _quiet(fn: Callable, *args, **kwargs):
@@ -94,8 +113,41 @@ def run(t: SerialTransport, code: str, timeout: float = 30.0,
         interrupt(t)
         raise ExecTimeout(f"no result within {timeout:g} s (interrupted)")
     if err:
-        raise TransportExecError(out, err.decode(errors="replace"))
+        raise ExecError(out, err.decode(errors="replace"))
     return out
+
+
+class _PushbackSerial:
+    """A serial port that can take bytes back, so a chunked read never eats the next prompt."""
+
+    def __init__(self, ser: serial.Serial) -> None:
+        self._ser = ser
+        self._back = b""
+
+    def unread(self, data: bytes) -> None:
+        self._back = data + self._back
+
+    def read(self, size: int = 1) -> bytes:
+        if self._back:
+            data, self._back = self._back[:size], self._back[size:]
+            return data
+        return self._ser.read(size)
+
+    def inWaiting(self) -> int:  # noqa: N802 - mpremote calls pyserial's old name
+        return len(self._back) + self._ser.in_waiting
+
+    @property
+    def in_waiting(self) -> int:
+        return self.inWaiting()
+
+    def __getattr__(self, name: str):
+        return getattr(self._ser, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("_ser", "_back"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._ser, name, value)
 
 
 def _read_result(ser, deadline: float,
@@ -114,6 +166,9 @@ def _read_result(ser, deadline: float,
             if end < 0:
                 break
             if part == 1:
+                rest = chunk[end + 1:]
+                if rest and hasattr(ser, "unread"):
+                    ser.unread(rest)
                 return bytes(parts[0]), bytes(parts[1])
             part = 1
             chunk = chunk[end + 1:]
@@ -124,7 +179,9 @@ def interrupt(t: SerialTransport) -> None:
     """Ctrl-C a running program and resynchronise at the raw REPL prompt."""
     t.serial.write(b"\x03")
     data = t.read_until(1, b"\x04>", timeout=5)
-    if not data.endswith(b"\x04>"):
+    if data.endswith(b"\x04>"):
+        t.serial.unread(b">")  # the next exec waits for this prompt
+    else:
         _quiet(t.enter_raw_repl, soft_reset=False)
 
 
@@ -158,5 +215,5 @@ def close(t: SerialTransport) -> None:
         t.close()
 
 
-__all__ = ["BoardError", "BoardInfo", "ExecTimeout", "TransportExecError", "board_info",
+__all__ = ["BoardError", "BoardInfo", "ExecError", "ExecTimeout", "TransportExecError", "board_info",
            "close", "evaluate", "interrupt", "open_board", "run", "soft_reset"]

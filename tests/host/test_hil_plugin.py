@@ -72,7 +72,7 @@ def suite(pytester):
 
 
 def test_device_tests_run_on_a_virtual_board(suite):
-    result = suite.runpytest_subprocess("--board", "virtual", "-v", "-p", "no:cacheprovider",
+    result = suite.runpytest_subprocess("--board", "virtual", "-v", "-rs", "-p", "no:cacheprovider",
                                         "--board-timeout", "30", "tests/device")
     out = result.stdout.str()
     assert "microcot board: virtual" in out
