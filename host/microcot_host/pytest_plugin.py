@@ -108,7 +108,7 @@ class BoardSession:
                 name=f"pytest-{os.getpid()}",
                 heap=self.config.getoption("--board-heap"),
                 flash_dir=Path(self._tmp.name) / "flash",
-                iccid="89490200001234567894",
+                iccid="89490200001234567892",
             ).start()
             self.port = self._vb.port
             board_name = board_name or "virtual"
