@@ -27,7 +27,7 @@ from .paths import firmware_dir
 from .transport import BoardError, BoardInfo, TransportExecError
 
 LIB = "/lib/microcot"
-CHUNK = 2048  # raw bytes a write exec carries; small enough for a board's heap and line buffer
+CHUNK = 1024  # raw bytes one write exec carries: its code string must fit a fragmented heap
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 

@@ -146,14 +146,27 @@ class BoardSession:
         return spec.dest
 
     def prepare_module(self, path: Path) -> None:
+        """Fresh interpreter, this module and the helpers on the board, fresh interpreter again.
+
+        Resetting first gives the upload an unfragmented heap; resetting after an upload gives
+        the tests the whole heap, as a board that boots into them would have.
+        """
         from . import transport
 
         t = self.board()
-        for helper in sorted(self.device_dir.glob("*.py")):
-            if not helper.name.startswith(("test_", "conftest")):
-                self.upload(helper)
-        self.upload(path)
         transport.soft_reset(t)
+        helpers = [h for h in sorted(self.device_dir.glob("*.py"))
+                   if not h.name.startswith(("test_", "conftest"))]
+        before = dict(self.uploaded)
+        try:
+            for module in [*helpers, path]:
+                self.upload(module)
+        except transport.ExecError as exc:
+            raise DeviceTestFailure(f"copying {path.name} to the board failed: "
+                                    f"{_last_line(exc.error_output)}",
+                                    traceback=exc.error_output) from None
+        if self.uploaded != before:
+            transport.soft_reset(t)
 
     def pytest_sessionfinish(self) -> None:
         from . import transport
@@ -189,7 +202,13 @@ class DeviceModule(pytest.File):
                                              timeout=timeout)
 
     def setup(self) -> None:
-        _session(self.config).prepare_module(self.path)
+        # pytest shows setup errors with its own traceback; a board's failure reads better plain
+        try:
+            _session(self.config).prepare_module(self.path)
+            return
+        except DeviceTestFailure as exc:
+            failure = exc
+        pytest.fail(_describe(f"{self.path.name}: cannot run on the board", failure), pytrace=False)
 
 
 class DeviceItem(pytest.Item):
@@ -225,17 +244,20 @@ class DeviceItem(pytest.Item):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, DeviceTestFailure):
-            f = excinfo.value
-            parts = [f"{self.name} failed on the board: {f.summary}"]
-            if f.traceback:
-                parts += ["", "board traceback:", f.traceback.rstrip()]
-            if f.output:
-                parts += ["", "board output:", f.output.rstrip()]
-            return "\n".join(parts)
+            return _describe(f"{self.name} failed on the board", excinfo.value)
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
         return self.path, self.lineno - 1, f"{self.name} [on board]"
+
+
+def _describe(title: str, f: DeviceTestFailure) -> str:
+    parts = [f"{title}: {f.summary}"]
+    if f.traceback:
+        parts += ["", "board traceback:", f.traceback.rstrip()]
+    if f.output:
+        parts += ["", "board output:", f.output.rstrip()]
+    return "\n".join(parts)
 
 
 def _last_line(tb: str) -> str:
