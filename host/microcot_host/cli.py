@@ -23,7 +23,12 @@ class _LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            # one broken or missing optional piece must not take the whole CLI down
+            click.echo(f"microcot: command {name!r} unavailable: {exc}", err=True)
+            return None
 
 
 @click.group(cls=_LazyGroup)
