@@ -1,0 +1,267 @@
+"""The whole platform emulator in one object: `with Emulator(data_dir) as emu: ...`.
+
+Start order: the broker (Mosquitto, broker.py), the platform model (SQLite) and its REST API with
+the broker as credential sink, the SmartREST engine, the HTTP server (REST + `POST /s`), the MQTT
+connector; stop() goes the other way. Everything that must survive a restart lives in `data_dir`:
+
+    connection.json        where to connect, with the passwords (0600, rewritten on every start)
+    emulator-secrets.json  the admin's and the bootstrap user's passwords (0600, made once)
+    platform.sqlite        the platform's data (model.py), engine and connector state included
+    connector.key          the key that encrypts stored bootstrap secrets (0600, bootstrap.py)
+    broker/                Mosquitto's files: TLS CA and server certificate, users, sessions, log
+
+`data_dir=None` uses a new temporary directory, removed when the `with` block ends. Ports given
+as 0 are chosen free on the first start and reused on later starts when they are still free, so
+devices configured with them keep working after a restart.
+
+The broker is a child process that gets SIGTERM when the thread that started it ends (broker.py):
+start the emulator from a thread that lives as long as it should, normally the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .api import Api
+from .broker import Broker, BrokerError
+from .connector import Connector
+from .engine import Engine
+from .http import RestServer
+from .model import Model
+
+log = logging.getLogger(__name__)
+
+CONNECTION_KEYS = ("mqtt_host", "mqtt_port", "ca_cert", "http_url", "admin_user",
+                   "admin_password", "bootstrap_user", "bootstrap_password")
+
+
+class EmulatorError(RuntimeError):
+    """The emulator could not start, or a convenience call was refused."""
+
+
+class Emulator:
+    """A Cloud of Things on this machine; see the module docstring.
+
+    Attributes once started: `api` (api.Api), `engine` (engine.Engine), `broker`
+    (broker.Broker), `rest` (http.RestServer), `connector` (connector.Connector), `model`,
+    `connection` (the dict written to connection.json).
+    """
+
+    def __init__(self, data_dir: Path | str | None = None, mqtt_port: int = 0,
+                 http_port: int = 0, auto_accept: bool = False,
+                 bootstrap_user: str = "devicebootstrap", admin_user: str = "admin",
+                 host: str = "127.0.0.1", tenant: str = "t-emulator", workers: int = 4,
+                 max_message: int = 64 * 1024) -> None:
+        self._temp = data_dir is None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="microcot-emulator-") if data_dir is None
+                             else data_dir).resolve()
+        self.mqtt_port = mqtt_port
+        self.http_port = http_port
+        self.auto_accept = auto_accept
+        self.bootstrap_user = bootstrap_user
+        self.admin_user = admin_user
+        self.host = host
+        self.tenant = tenant
+        self.workers = workers
+        self.max_message = max_message
+        self.broker: Broker | None = None
+        self.model: Model | None = None
+        self.api: Api | None = None
+        self.engine: Engine | None = None
+        self.rest: RestServer | None = None
+        self.connector: Connector | None = None
+        self.connection: dict[str, Any] = {}
+
+    # -- paths --------------------------------------------------------------------------------
+
+    @property
+    def connection_file(self) -> Path:
+        return self.data_dir / "connection.json"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "broker" / "tls" / "ca.pem"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Emulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._temp:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self.connector is not None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        passwords = self._passwords()
+        previous = self._previous_ports()
+        try:
+            self.broker = self._start_broker(previous.get("mqtt_port"))
+            self.broker.set_bootstrap(self.bootstrap_user, passwords["bootstrap_password"])
+            self.model = Model(self.data_dir / "platform.sqlite")
+            self.api = Api(self.model, credentials=self.broker, tenant=self.tenant)
+            self.engine = Engine(self.api, max_body=self.max_message)
+            self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"))
+            connector = Connector(self.broker, self.api, self.engine,
+                                  auto_accept=self.auto_accept,
+                                  key_file=self.data_dir / "connector.key",
+                                  max_message=self.max_message, workers=self.workers)
+            connector.start()
+            self.connector = connector
+        except BaseException:
+            self._stop_parts()
+            raise
+        self.connection = {
+            "mqtt_host": self.host,
+            "mqtt_port": self.broker.port,
+            "ca_cert": str(self.broker.ca_cert),
+            "http_url": self.rest.url,
+            "admin_user": self.admin_user,
+            "admin_password": passwords["admin_password"],
+            "bootstrap_user": self.bootstrap_user,
+            "bootstrap_password": passwords["bootstrap_password"],
+        }
+        _write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
+        log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.host, self.broker.port,
+                 self.rest.url, self.data_dir)
+
+    def stop(self) -> None:
+        self._stop_parts()
+
+    def restart(self) -> None:
+        """Stop and start again on the same data (and, when free, the same ports)."""
+        self.stop()
+        self.start()
+
+    def _stop_parts(self) -> None:
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            try:
+                connector.stop()
+            except Exception:
+                log.exception("stopping the connector failed")
+        rest, self.rest = self.rest, None
+        if rest is not None:
+            rest.stop()
+        model, self.model = self.model, None
+        if model is not None:
+            model.close()
+        broker, self.broker = self.broker, None
+        if broker is not None:
+            broker.stop()
+
+    def _start_broker(self, previous: int | None) -> Broker:
+        tried_previous = not self.mqtt_port and previous
+        broker = Broker(self.data_dir / "broker", port=self.mqtt_port or previous or 0,
+                        host=self.host, hostnames=("localhost",))
+        try:
+            broker.start()
+        except BrokerError as e:
+            if not (tried_previous and "already in use" in str(e)):
+                raise
+            log.info("MQTT port %s of the last run is taken: choosing another", previous)
+            broker = Broker(self.data_dir / "broker", port=0, host=self.host,
+                            hostnames=("localhost",))
+            broker.start()
+        return broker
+
+    def _start_rest(self, admin_password: str, previous: int | None) -> RestServer:
+        assert self.api is not None and self.engine is not None
+        port = self.http_port or previous or 0
+        for attempt in (port, 0):
+            rest = RestServer(self.api, self.admin_user, admin_password, port=attempt,
+                              host=self.host, smartrest=self.engine.serve_http)
+            try:
+                rest.start()
+                return rest
+            except OSError:
+                if attempt == 0 or self.http_port:
+                    raise
+                log.info("HTTP port %s of the last run is taken: choosing another", attempt)
+        raise AssertionError("unreachable")
+
+    # -- persisted settings -------------------------------------------------------------------
+
+    def _passwords(self) -> dict[str, str]:
+        path = self.data_dir / "emulator-secrets.json"
+        data: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            data = json.loads(path.read_text())
+        changed = False
+        for key in ("admin_password", "bootstrap_password"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                data[key] = secrets.token_urlsafe(18)
+                changed = True
+        if changed:
+            _write_private(path, json.dumps(data, indent=1) + "\n")
+        return data
+
+    def _previous_ports(self) -> dict[str, int]:
+        try:
+            old = json.loads(self.connection_file.read_text())
+            url = str(old.get("http_url", ""))
+            return {"mqtt_port": int(old["mqtt_port"]),
+                    "http_port": int(url.rsplit(":", 1)[1]) if ":" in url[7:] else 0}
+        except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
+            return {}
+
+    # -- conveniences for tests and tools ---------------------------------------------------
+
+    def _need_api(self) -> Api:
+        if self.api is None:
+            raise EmulatorError("the emulator is not running: start() it first")
+        return self.api
+
+    def accept(self, device_id: str) -> dict[str, Any]:
+        """Accept the device's new device request (as REST PUT does); returns the request."""
+        r = self._need_api().handle("PUT", "/devicecontrol/newDeviceRequests/"
+                                    + quote(device_id, safe=""), {"status": "ACCEPTED"})
+        if r.status != 200 or not isinstance(r.body, dict):
+            message = r.body.get("message") if isinstance(r.body, dict) else r.reason
+            raise EmulatorError(f"accepting {device_id} failed: {r.status} {message}")
+        return r.body
+
+    def create_operation(self, device_mo_id: str, fragment: dict[str, Any]) -> dict[str, Any]:
+        """Create an operation for a managed object (as REST POST does); returns it."""
+        r = self._need_api().handle("POST", "/devicecontrol/operations",
+                                    {"deviceId": str(device_mo_id), **fragment})
+        if r.status != 201 or not isinstance(r.body, dict):
+            message = r.body.get("message") if isinstance(r.body, dict) else r.reason
+            raise EmulatorError(f"creating the operation failed: {r.status} {message}")
+        return r.body
+
+    def add_device(self, device_id: str, password: str | None = None) -> str:
+        """Give a device broker credentials directly (no bootstrap); returns the password."""
+        password = password or secrets.token_urlsafe(15)
+        self._need_api().issue_credentials(device_id, password, source="emulator")
+        return password
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically, readable by the owner only (the file holds passwords)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
