@@ -10,6 +10,7 @@ import click
 _COMMANDS = {
     "board": "microcot_host.vboard.cli:board",
     "deploy": "microcot_host.deploy:deploy_command",
+    "emulator": "microcot_host.emulator.cli:emulator",
     "kics-emulator": "microcot_host.kics_emulator:kics_emulator",
 }
 
