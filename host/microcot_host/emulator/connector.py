@@ -81,6 +81,7 @@ CLIENT_ID = "microcot-connector"
 MAX_MESSAGE = 64 * 1024
 SENT_KEY = "connector.sent."
 MAX_SENT = 5000      # operation ids remembered per device
+PRUNE_SENT = 200     # ... trimmed to the PENDING ones when a new operation finds this many
 ORPHAN_TTL = 900.0   # seconds an undeliverable operation keeps triggering synchronisations
 MAX_OP_PAGES = 20    # of 2000 pending operations per synchronisation
 
@@ -302,9 +303,14 @@ class Connector:
         c.on_disconnect = self._on_disconnect
         self._ready.clear()
         self._failure = None
+        self._synced.clear()
+        # known before connecting: a persistent session delivers what waited for us at once,
+        # possibly before the SUBACK, and those answers must go out
+        self._client = c
         try:
             c.connect(self.broker.host, self.broker.port, keepalive=30)
         except (OSError, ssl.SSLError) as e:
+            self._client = None
             self.lanes.stop(0)
             raise ConnectorError(f"the connector could not reach the broker: {e}") from None
         c.loop_start()
@@ -312,11 +318,10 @@ class Connector:
             c.loop_stop()
             with contextlib.suppress(Exception):
                 c.disconnect()
+            self._client = None
             self.lanes.stop(0)
             raise ConnectorError(f"the connector could not subscribe: "
                                  f"{self._failure or 'no answer from the broker'}")
-        self._client = c
-        self._synced.clear()
         self._started = True
         log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.host,
                  self.broker.port)
@@ -333,8 +338,7 @@ class Connector:
             c.disconnect()
         c.loop_stop()
         left = self.lanes.stop(timeout / 2)
-        late = self.lanes.queued
-        if left or late:
+        if left:
             log.warning("connector stopped with %d requests that arrived during shutdown: "
                         "executed, but their answers could not be sent", left)
 
@@ -384,8 +388,9 @@ class Connector:
                 log.warning("ss/%s: %d bytes is no bootstrap secret: ignored", device,
                             len(payload))
                 return
-            self.lanes.submit(device, lambda: self.bootstrap.on_secret(device, payload),
-                              force=True)
+            if not self.lanes.submit(device, lambda: self.bootstrap.on_secret(device, payload)):
+                log.warning("ss/%s: over %d messages waiting: ignored", device,
+                            self.lanes.max_lane)
             return
         binary = kind == "bs"
         if len(payload) > self.max_message:
@@ -475,6 +480,11 @@ class Connector:
     def _deliver(self, user: str, ops: list[dict[str, Any]], pending: set[str] | None = None
                  ) -> None:
         sent = self._sent(user)
+        if pending is None and len(sent) >= PRUNE_SENT:
+            # many operations since the last synchronisation: forget those no longer PENDING
+            listed = self._pending_ops(user)
+            if listed is not None:
+                pending = {str(o.get("id")) for o in listed} | {str(o.get("id")) for o in ops}
         if pending is not None:
             sent &= pending
         chunks: list[bytes] = []
@@ -524,21 +534,27 @@ class Connector:
     def _sync(self, user: str) -> None:
         if self.engine.collection_for_device(user) is None:
             return
+        ops = self._pending_ops(user)
+        if ops is not None:
+            self._deliver(user, ops, {str(o.get("id")) for o in ops})
+
+    def _pending_ops(self, user: str) -> list[dict[str, Any]] | None:
+        """The PENDING operations of the device and its child devices (None: unknown)."""
         mo = self.engine.device_mo_id(user)
         if mo is None:
-            return
+            return None
         ops: list[dict[str, Any]] = []
         target = f"/devicecontrol/operations?agentId={mo}&status=PENDING&pageSize=2000"
         for page in range(1, MAX_OP_PAGES + 1):
             r = self.api.handle("GET", f"{target}&currentPage={page}")
             if r.status != 200 or not isinstance(r.body, dict):
                 log.warning("pending operations of %s: %s %s", user, r.status, r.reason)
-                return
+                return None
             got = r.body.get("operations") or []
             ops += got
             if "next" not in r.body or not got:
                 break
-        self._deliver(user, ops, {str(o.get("id")) for o in ops})
+        return ops
 
     def _sent(self, user: str) -> set[str]:
         raw = self.api.model.get_setting(SENT_KEY + user)

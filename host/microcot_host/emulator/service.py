@@ -94,7 +94,12 @@ class Emulator:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> Emulator:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            if self._temp:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
