@@ -1,0 +1,584 @@
+"""Tag-value subscription of Kaspersky Industrial CyberSecurity for Networks (seed 001).
+
+The server streams tag values over SignalR (JSON hub protocol, see signalr.py) on the WebSocket at
+`wss://<server>/kics4net/api/v4/tag-values`, authenticated with `Authorization: Bearer <token>`
+(no or a bad token: HTTP 401 -> KicsAuthError). The client invokes the stream method
+`GetTagValuesStream` with one argument
+
+    {"tagIdentifiers": [{"tagName": ..., "assetName": ...}, ...],
+     "streamConfig": {"samplingRateHz": <number> | null}}        (null: no sampling)
+
+and receives stream items of two kinds:
+
+    {"confirmation": {"result": "ok"|"notFound", "tagIdentifier": {...}, "tagId": 102}}
+    {"value": {"tagId": 102, "tagValue": <object, or the JSON text of the object>}}
+
+A tag value: {"n": type name, "ts": µs since 1970, "dn": "r"|"w"|"rw", "mp": monitoring point,
+"d": {field name: field}}; a field: {"t": type, "v": value, "x": 1 on the main value, "m": marker}
+with the types u (UINT64), i (INT64), b (BOOL), d (DOUBLE), s (UTF-8), t (µs since 1970),
+e (ENUM: also "n" type name, "s" string), st (structure: "v" holds fields), un (union: "v" holds
+the alternative views of the same data, "_" the raw one). Markers: q quality, ts timestamp
+status, ds data status, o origin, t update time, ct cause of transmission.
+
+The server keeps at most one active subscription: a second one is refused with an error about an
+excessive number of connections (KicsSubscriptionLimitError here). After the connection drops, the
+app must subscribe again: the client does that by itself.
+
+Pieces, all without I/O except TagValueClient:
+  subscription_request()  builds and checks the argument (KicsArgumentError)
+  parse_item()            a stream item -> Confirmation or TagValue (KicsDecodeError)
+  decode_tag_value()      a tagValue -> TagValue of Fields, EnumValues
+  Session                 SignalR connection + subscription state, fed with bytes and ticks
+  TagValueClient          Session over microcot.ws.WebSocketClient, cyclic execute()
+Tags are named by (assetName, tagName) tuples; dicts with those keys are accepted too.
+"""
+
+from microcot import signalr
+
+PATH = "/kics4net/api/v4/tag-values"
+METHOD = "GetTagValuesStream"
+
+OK = "ok"
+NOT_FOUND = "notFound"
+
+FIELD_TYPES = ("u", "i", "b", "d", "s", "t", "e", "st", "un")
+MARKERS = ("q", "ts", "ds", "o", "t", "ct")
+
+# Session / TagValueClient states
+IDLE = 0
+CONNECTING = 1  # WebSocket opening
+HANDSHAKE = 2  # SignalR handshake sent
+SUBSCRIBING = 3  # GetTagValuesStream sent, confirmations outstanding
+SUBSCRIBED = 4  # every tag confirmed (ok or notFound)
+WAITING = 5  # disconnected, reconnecting after a pause
+FAILED = 6  # stopped by an error that a retry would repeat (see .error)
+STOPPED = 7  # closed by the app
+
+STATE_NAMES = ("idle", "connecting", "handshake", "subscribing", "subscribed", "waiting",
+               "failed", "stopped")
+
+
+class KicsError(Exception):
+    """Base of this module's errors."""
+
+
+class KicsAuthError(KicsError):
+    """The server answered the WebSocket request with 401: no token, or one it did not accept."""
+
+
+class KicsSubscriptionLimitError(KicsError):
+    """The server refused the subscription: another one is active (seed: "excessive number of
+    connections"). Retried after a pause, since the other subscription may end (or be our own
+    previous one, not yet noticed as gone by the server)."""
+
+
+class KicsSubscriptionError(KicsError):
+    """The server refused the subscription with an error (e.g. a problem with the argument)."""
+
+
+class KicsArgumentError(KicsError):
+    """A subscription argument that the server would refuse, caught before sending."""
+
+
+class KicsConnectionError(KicsError):
+    """The connection failed or closed (WebSocket, SignalR handshake, server close, timeout)."""
+
+
+class KicsDecodeError(KicsError):
+    """A stream item or tag value that does not follow the seed's format; names the field path."""
+
+
+# -- tags and the subscription argument -------------------------------------------------------
+
+
+def tag_key(tag):
+    """(assetName, tagName) of a tuple/list or a {"assetName", "tagName"} dict."""
+    if isinstance(tag, dict):
+        a = tag.get("assetName")
+        t = tag.get("tagName")
+    elif isinstance(tag, (tuple, list)) and len(tag) == 2:
+        a, t = tag
+    else:
+        raise KicsArgumentError("a tag is (assetName, tagName) or a dict with both, got %r" % (tag,))
+    return a, t
+
+
+def subscription_request(tags, sampling_rate_hz=None):
+    """The GetTagValuesStream argument; KicsArgumentError naming what is wrong."""
+    try:
+        if isinstance(tags, (str, bytes, dict)):
+            raise TypeError
+        tags = list(tags)
+    except TypeError:
+        raise KicsArgumentError("tags must be a list of (assetName, tagName), got %r" % (tags,))
+    ids = []
+    for i, tag in enumerate(tags):
+        a, t = tag_key(tag)
+        for what, v in (("assetName", a), ("tagName", t)):
+            if not isinstance(v, str) or not v:
+                raise KicsArgumentError("tagIdentifiers[%d].%s must be a non-empty string, got %r"
+                                        % (i, what, v))
+        ids.append({"tagName": t, "assetName": a})
+    if not ids:
+        raise KicsArgumentError("tagIdentifiers must name at least one tag")
+    r = sampling_rate_hz
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0
+                          or r == float("inf")):
+        raise KicsArgumentError("streamConfig.samplingRateHz must be null or a number > 0, got %r"
+                                    % (sampling_rate_hz,))
+    return {"tagIdentifiers": ids, "streamConfig": {"samplingRateHz": sampling_rate_hz}}
+
+
+def classify_error(text):
+    """The exception for a completion error of GetTagValuesStream."""
+    low = (text or "").lower()
+    if "connection" in low and ("excess" in low or "too many" in low or "number of" in low
+                                or "limit" in low or "exceed" in low):
+        return KicsSubscriptionLimitError(text)
+    return KicsSubscriptionError(text)
+
+
+# -- the value model ---------------------------------------------------------------------------
+
+
+class EnumValue:
+    """An ENUM field's value: type name (`n`), original value (`v`) and its string (`s`)."""
+
+    def __init__(self, name, value, string):
+        self.name = name
+        self.value = value
+        self.string = string
+
+    def __eq__(self, other):
+        if isinstance(other, EnumValue):
+            return (self.name, self.value, self.string) == (other.name, other.value, other.string)
+        return False
+
+    def __hash__(self):
+        return hash((self.name, self.value))
+
+    def __repr__(self):
+        return "EnumValue(%r, %r, %r)" % (self.name, self.value, self.string)
+
+
+class Field:
+    """One field of a tag value.
+
+    type    one of FIELD_TYPES
+    value   u, i, t: int (exact, any size; t in µs since 1970); b: bool; d: float; s: str;
+            e: EnumValue; st, un: dict name -> Field (a union's raw view is "_")
+    main    True for the field marked `"x": 1` (the tag's main value)
+    marker  the `m` marker code (q, ts, ds, o, t, ct) or None
+    path    dotted path from the top ("strucfield.q2")
+    """
+
+    def __init__(self, name, type, value, main=False, marker=None, path=None):
+        self.name = name
+        self.type = type
+        self.value = value
+        self.main = main
+        self.marker = marker
+        self.path = path or name
+
+    def __getitem__(self, name):
+        if self.type not in ("st", "un"):
+            raise KeyError("field %s of type %s has no sub-fields" % (self.path, self.type))
+        return self.value[name]
+
+    def to_py(self):
+        """Plain Python: nested dicts for st/un, (name, value, string) tuples for enums."""
+        if self.type in ("st", "un"):
+            return dict((k, f.to_py()) for k, f in self.value.items())
+        if self.type == "e":
+            return (self.value.name, self.value.value, self.value.string)
+        return self.value
+
+    def __eq__(self, other):
+        return isinstance(other, Field) and (self.name, self.type, self.value, self.main,
+                                             self.marker) == (other.name, other.type, other.value,
+                                                              other.main, other.marker)
+
+    def __repr__(self):
+        extra = (" x" if self.main else "") + (" m=%s" % self.marker if self.marker else "")
+        return "Field(%s:%s=%r%s)" % (self.path, self.type, self.value, extra)
+
+
+class TagValue:
+    """A tag's new value.
+
+    tag_id     the server's tag id
+    tag        (assetName, tagName) when known from the confirmation, else None
+    type_name  `n`: the tag's TagStructure type name
+    ts         `ts`: µs since 1970 (int, exact)
+    direction  `dn`: "r", "w" or "rw"
+    mp         monitoring point id
+    fields     dict name -> Field (top level of `d`)
+    main       the Field with `"x": 1` (None if there is none); `x` is its value
+    markers    dict marker code -> Field carrying it (the shallowest; `marked` lists all)
+    """
+
+    def __init__(self, tag_id, type_name, ts, direction, mp, fields, tag=None):
+        self.tag_id = tag_id
+        self.tag = tag
+        self.type_name = type_name
+        self.ts = ts
+        self.direction = direction
+        self.mp = mp
+        self.fields = fields
+        self.marked = []
+        self.main = None
+        walk = []
+        todo = list(fields.values())
+        while todo:
+            f = todo.pop()
+            walk.append(f)
+            if f.type in ("st", "un"):
+                todo.extend(f.value.values())
+        walk.sort(key=_depth_key)  # shallowest first, then by path: the same on every port
+        self.markers = {}
+        for f in walk:
+            if f.main and self.main is None:
+                self.main = f
+            if f.marker:
+                self.marked.append(f)
+                if f.marker not in self.markers:
+                    self.markers[f.marker] = f
+
+    @property
+    def x(self):
+        return self.main.value if self.main is not None else None
+
+    def __getitem__(self, name):
+        return self.fields[name]
+
+    def get(self, path, default=None):
+        """The Field at a dotted path ("strucfield.v1"), or default."""
+        node = self.fields
+        f = None
+        for part in path.split("."):
+            if node is None or part not in node:
+                return default
+            f = node[part]
+            node = f.value if f.type in ("st", "un") else None
+        return f
+
+    def to_py(self):
+        return dict((k, f.to_py()) for k, f in self.fields.items())
+
+    def __repr__(self):
+        return "TagValue(%r, id=%r, n=%r, ts=%r, x=%r)" % (self.tag, self.tag_id, self.type_name,
+                                                          self.ts, self.x)
+
+
+def _depth_key(f):
+    return (f.path.count("."), f.path)
+
+
+class Confirmation:
+    """The server's answer for one requested tag: result "ok" or "notFound", and its tag id."""
+
+    def __init__(self, result, tag, tag_id):
+        self.result = result
+        self.tag = tag
+        self.tag_id = tag_id
+
+    @property
+    def ok(self):
+        return self.result == OK
+
+    def __repr__(self):
+        return "Confirmation(%r, %r, %r)" % (self.result, self.tag, self.tag_id)
+
+
+def _int(v, path, what="integer"):
+    """An exact int from a JSON integer or a decimal string (kept as the string if the port
+    cannot hold it); integral floats only while a double is exact (2**53)."""
+    if isinstance(v, bool):
+        raise KicsDecodeError("%s: expected an %s, got a boolean" % (path, what))
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        s = v[1:] if v[:1] == "-" else v
+        if not s or not s.isdigit():
+            raise KicsDecodeError("%s: expected an %s, got %r" % (path, what, v))
+        try:
+            return int(v)
+        except (ValueError, OverflowError):
+            return v  # beyond this port's ints: the exact decimal text
+    if isinstance(v, float) and v == v and abs(v) <= 9007199254740992.0 and v == int(v):
+        return int(v)
+    raise KicsDecodeError("%s: expected an %s, got %r" % (path, what, v))
+
+
+_SPECIAL_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def decode_field(name, obj, path=None):
+    """One field object -> Field (recursively for st/un)."""
+    path = path or name
+    if not isinstance(obj, dict):
+        raise KicsDecodeError("%s: a field must be an object, got %r" % (path, obj))
+    t = obj.get("t")
+    if t not in FIELD_TYPES:
+        raise KicsDecodeError("%s: unknown field type 't'=%r" % (path, t))
+    if "v" not in obj:
+        raise KicsDecodeError("%s: field without 'v'" % path)
+    v = obj["v"]
+    if t == "u":
+        v = _int(v, path, "unsigned integer")
+        if (isinstance(v, int) and v < 0) or (isinstance(v, str) and v[:1] == "-"):
+            raise KicsDecodeError("%s: negative value %s for type u (UINT64)" % (path, v))
+    elif t == "i" or t == "t":
+        v = _int(v, path)
+    elif t == "b":
+        if v is True or v is False:
+            pass
+        elif v == 0 or v == 1:
+            v = v == 1
+        else:
+            raise KicsDecodeError("%s: expected a boolean, got %r" % (path, v))
+    elif t == "d":
+        if isinstance(v, str) and v in _SPECIAL_FLOATS:
+            v = _SPECIAL_FLOATS[v]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = float(v)
+        else:
+            raise KicsDecodeError("%s: expected a number, got %r" % (path, v))
+    elif t == "s":
+        if not isinstance(v, str):
+            raise KicsDecodeError("%s: expected a string, got %r" % (path, v))
+    elif t == "e":
+        n = obj.get("n")
+        s = obj.get("s")
+        if not isinstance(n, str) or not isinstance(s, str):
+            raise KicsDecodeError("%s: an enum needs string 'n' (type name) and 's' (value name)"
+                                  % path)
+        if isinstance(v, (int, str)) and not isinstance(v, bool):
+            try:
+                v = _int(v, path)
+            except KicsDecodeError:
+                pass  # a non-numeric original value stays as it came
+        elif not isinstance(v, float):
+            raise KicsDecodeError("%s: enum value 'v' must be a number or string, got %r" % (path, v))
+        v = EnumValue(n, v, s)
+    else:  # st, un
+        if not isinstance(v, dict):
+            raise KicsDecodeError("%s: a %s field needs an object of fields in 'v'" % (path, t))
+        v = dict((k, decode_field(k, sub, path + "." + k)) for k, sub in v.items())
+    x = obj.get("x")
+    m = obj.get("m")
+    if m is not None and not isinstance(m, str):
+        raise KicsDecodeError("%s: marker 'm' must be a string, got %r" % (path, m))
+    return Field(name, t, v, bool(x), m, path)
+
+
+def decode_tag_value(tag_value, tag_id=None, tag=None):
+    """A `tagValue` (object, or JSON text of one) -> TagValue."""
+    if isinstance(tag_value, (str, bytes, bytearray)):
+        try:
+            tag_value = signalr.loads(tag_value)
+        except signalr.SignalRError as exc:
+            raise KicsDecodeError("tagValue of tag %r is not JSON: %s" % (tag_id, exc))
+    if not isinstance(tag_value, dict):
+        raise KicsDecodeError("tagValue of tag %r must be an object" % (tag_id,))
+    d = tag_value.get("d")
+    if not isinstance(d, dict):
+        raise KicsDecodeError("tagValue of tag %r: 'd' must be an object of fields" % (tag_id,))
+    fields = dict((k, decode_field(k, f)) for k, f in d.items())
+    ts = tag_value.get("ts")
+    if ts is not None:
+        ts = _int(ts, "ts")
+    mp = tag_value.get("mp")
+    if mp is not None and not isinstance(mp, str):
+        mp = _int(mp, "mp")
+    n = tag_value.get("n")
+    dn = tag_value.get("dn")
+    if n is not None and not isinstance(n, str):
+        raise KicsDecodeError("tagValue of tag %r: 'n' must be a string" % (tag_id,))
+    if dn is not None and dn not in ("r", "w", "rw"):
+        raise KicsDecodeError("tagValue of tag %r: 'dn' must be r, w or rw, got %r" % (tag_id, dn))
+    return TagValue(tag_id, n, ts, dn, mp, fields, tag)
+
+
+def _tag_id(v, what):
+    if v is None:
+        return None
+    return _int(v, what)
+
+
+def parse_item(item, tags_by_id=None):
+    """A GetTagValuesStream item -> Confirmation or TagValue; KicsDecodeError otherwise."""
+    if not isinstance(item, dict):
+        raise KicsDecodeError("stream item must be an object, got %r" % (item,))
+    if "confirmation" in item:
+        c = item["confirmation"]
+        if not isinstance(c, dict) or not isinstance(c.get("result"), str):
+            raise KicsDecodeError("confirmation without a string 'result'")
+        ti = c.get("tagIdentifier")
+        tag = None
+        if ti is not None:
+            if not isinstance(ti, dict):
+                raise KicsDecodeError("confirmation: 'tagIdentifier' must be an object")
+            tag = tag_key(ti)
+        return Confirmation(c["result"], tag, _tag_id(c.get("tagId"), "confirmation.tagId"))
+    if "value" in item:
+        v = item["value"]
+        if not isinstance(v, dict) or "tagValue" not in v:
+            raise KicsDecodeError("value item without 'tagValue'")
+        tid = _tag_id(v.get("tagId"), "value.tagId")
+        tag = tags_by_id.get(tid) if tags_by_id else None
+        return decode_tag_value(v["tagValue"], tid, tag)
+    raise KicsDecodeError("stream item with neither 'confirmation' nor 'value': keys %s"
+                          % sorted(item))
+
+
+# -- the subscription, sans-I/O ----------------------------------------------------------------
+
+
+class Session:
+    """SignalR connection plus the subscription, without I/O (times in ms).
+
+    The driver calls connection_made(now) when the WebSocket is open, receive(data, now) with
+    each message, tick(now) cyclically, sends data_to_send(now) as text messages, and
+    connection_lost() when the socket closed. After each call it checks `close_requested`
+    (close the socket) and `retry` (whether reconnecting makes sense; False after an error that a
+    retry would repeat: `error` says which).
+
+    Callbacks: on_value(TagValue), on_status(tag, result) per confirmation (result "ok",
+    "notFound", or None when a reconnect makes it unknown again), on_error(exception) for every
+    error, including items that could not be decoded (those are skipped, the stream goes on).
+    """
+
+    def __init__(self, tags, sampling_rate_hz=None, on_value=None, on_status=None, on_error=None,
+                 keep_alive_interval=15000, server_timeout=30000, max_record_size=0x10000):
+        self.hub = signalr.HubConnection(keep_alive_interval, server_timeout,
+                                         max_record_size=max_record_size)
+        self.on_value = on_value
+        self.on_status = on_status
+        self.on_error = on_error
+        self.state = IDLE
+        self.error = None
+        self.close_requested = False
+        self.retry = True
+        self.invocation_id = None
+        self.values = {}  # tag -> latest TagValue
+        self.tag_ids = {}  # tag id -> tag
+        self.tag_status = {}
+        self._set_tags(tags, sampling_rate_hz)
+
+    def _set_tags(self, tags, sampling_rate_hz):
+        self.request = subscription_request(tags, sampling_rate_hz)
+        self.tags = [(t["assetName"], t["tagName"]) for t in self.request["tagIdentifiers"]]
+        self.sampling_rate_hz = sampling_rate_hz
+        self.tag_status = dict((t, None) for t in self.tags)
+
+    # -- driver side ---------------------------------------------------------------------------
+    def connection_made(self, now):
+        self.hub.start(now)
+        self.state = HANDSHAKE
+        self.close_requested = False
+        self.invocation_id = None
+
+    def connection_lost(self, error=None):
+        if self.state in (FAILED, STOPPED):
+            return
+        self.hub.connection_lost(error)
+        self._unconfirm()
+        self.invocation_id = None
+        self.state = WAITING if self.retry else FAILED
+
+    def data_to_send(self, now):
+        return self.hub.data_to_send(now)
+
+    def stop(self):
+        self.hub.stop()
+        self.state = STOPPED
+        self.retry = False
+
+    def subscribe(self, tags, sampling_rate_hz=None):
+        """Replace the subscription; re-issued at once when connected, else on connect."""
+        self._set_tags(tags, sampling_rate_hz)
+        self.values = {}
+        self.tag_ids = {}
+        if self.hub.state == signalr.CONNECTED:
+            if self.invocation_id is not None:
+                self.hub.cancel(self.invocation_id)
+            self._invoke()
+
+    def _invoke(self):
+        self.invocation_id = self.hub.stream(METHOD, [self.request])
+        self.state = SUBSCRIBING
+
+    def _unconfirm(self):
+        for t in self.tags:
+            if self.tag_status.get(t) is not None:
+                self.tag_status[t] = None
+                if self.on_status:
+                    self.on_status(t, None)
+
+    def _fail(self, exc, retry):
+        self.error = exc
+        self.retry = retry
+        self.close_requested = True
+        if self.on_error:
+            self.on_error(exc)
+
+    def receive(self, data, now):
+        for ev in self.hub.receive(data, now):
+            self._event(ev)
+
+    def tick(self, now):
+        for ev in self.hub.tick(now):
+            self._event(ev)
+
+    def _event(self, ev):
+        t = ev.type
+        if t == signalr.HANDSHAKE:
+            self._invoke()
+        elif t == signalr.STREAM_ITEM:
+            if ev.invocation_id == self.invocation_id:
+                self._item(ev.item)
+        elif t == signalr.COMPLETION:
+            if ev.invocation_id != self.invocation_id:
+                return
+            self.invocation_id = None
+            if ev.error is not None:
+                exc = classify_error(ev.error)
+                self._fail(exc, isinstance(exc, KicsSubscriptionLimitError))
+            else:
+                self._fail(KicsConnectionError("the server ended the subscription"), True)
+        elif t == signalr.CLOSE:
+            if ev.local:
+                text = ev.error or "connection closed"
+                retry = ev.allow_reconnect
+                if text.startswith("handshake refused"):
+                    retry = False
+            else:
+                text = "server closed the connection" + (": %s" % ev.error if ev.error else "")
+                retry = ev.allow_reconnect
+            self._fail(KicsConnectionError(text), retry)
+        # invocations from the server (type 1) are not part of this API: ignored
+
+    def _item(self, item):
+        try:
+            obj = parse_item(item, self.tag_ids)
+        except KicsError as exc:
+            if self.on_error:
+                self.on_error(exc)
+            return
+        if isinstance(obj, Confirmation):
+            tag = obj.tag
+            if tag is None or tag not in self.tag_status:
+                return
+            self.tag_status[tag] = obj.result
+            if obj.tag_id is not None and obj.ok:
+                self.tag_ids[obj.tag_id] = tag
+            if self.state == SUBSCRIBING and None not in self.tag_status.values():
+                self.state = SUBSCRIBED
+                self.error = None
+            if self.on_status:
+                self.on_status(tag, obj.result)
+        else:
+            self.values[obj.tag if obj.tag is not None else obj.tag_id] = obj
+            if self.on_value:
+                self.on_value(obj)
