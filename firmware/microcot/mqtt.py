@@ -1,0 +1,629 @@
+# MQTT 3.1.1 client with the umqtt.simple API shape, for MicroPython and CPython.
+#
+#   c = MQTTClient("ID", "broker", user="ID", password=pw, keepalive=60,
+#                  ssl=tls_context(cafile="/ca.pem"))       # port defaults to 8883 with TLS
+#   c.set_callback(lambda topic, msg: ...)                    # both bytes
+#   c.connect(clean_session=False)                            # -> session present
+#   c.subscribe("mr/ID", qos=1)                               # -> granted QoS, or MQTTSubscribeError
+#   pid = c.publish("ms/ID", b"200,1", qos=1)                 # QoS 1: returns at once with the id
+#   c.poll(100)                                               # never blocks longer than asked
+#
+# Beyond umqtt:
+# - TLS verifies the broker by default (tls_context(): CERT_REQUIRED, CA from a file or bytes,
+#   server_hostname = server); verification is off only with tls_context(verify=False) or a
+#   context without it, and then a warning is printed.
+# - poll(timeout_ms) / check_msg() read non-blocking (select.poll on the socket; TLS data already
+#   decrypted is read before waiting, so nothing stays stuck in the TLS layer), send PINGREQ when
+#   nothing was sent or received for `keepalive` seconds, and declare the link dead (MQTTTimeout)
+#   when nothing arrived for 1.5 x keepalive or a PINGREQ stayed unanswered for keepalive (that
+#   happens only while other packets still arrive). `timeout` (seconds) bounds connect (TCP, TLS,
+#   CONNACK), SUBACK, a send that makes no progress, and the rest of a packet once it started.
+# - QoS 1 publish is pipelined: publish() returns the packet id (1..65535, never 0, ids in use are
+#   skipped), at most `max_inflight` wait for PUBACK (publish waits up to `timeout` for room);
+#   pending(), wait_puback(pid, timeout_ms). Unacknowledged messages stay in the client across
+#   connections and are re-sent, oldest first, with DUP set and their original ids, by every
+#   successful connect(): with a persistent session MQTT 3.1.1 requires it; without one (clean
+#   session, or the broker lost it) the broker treats them as new messages, which QoS 1 allows
+#   (at least once) and which loses nothing. drop_pending() forgets them.
+# - QoS 1 and 2 receive; QoS 2 ids awaiting PUBREL are remembered (bounded) so a DUP is delivered
+#   once; they are kept across a reconnect that finds the session present.
+# - A PUBACK, PUBREC, PUBCOMP, SUBACK or UNSUBACK for an id we do not wait for is ignored and
+#   logged (self.log, print by default) and counted in self.stray: after a reconnect a late or
+#   repeated acknowledgement is harmless, and closing a working link over it would be worse. A
+#   PUBREL for an unknown id is answered with PUBCOMP, as the protocol asks.
+# - All errors are MQTTException subclasses (mqttpkt.py); I/O errors close the connection.
+# - No last will (the Cloud of Things broker does not support it).
+import select
+import socket
+
+from . import hal
+from .mqttpkt import (
+    CONNACK,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    SUBACK_FAILURE,
+    MQTTConnectError,
+    MQTTConnectionError,
+    MQTTException,
+    MQTTPacketTooLarge,
+    MQTTProtocolError,
+    MQTTSubscribeError,
+    MQTTTimeout,
+    MQTTTLSError,
+    Reader,
+    ack,
+    parse_connack,
+    parse_pid,
+    parse_publish,
+    parse_suback,
+)
+from .mqttpkt import connect as _connect_pkt
+from .mqttpkt import publish as _publish_pkt
+from .mqttpkt import subscribe as _subscribe_pkt
+from .mqttpkt import unsubscribe as _unsubscribe_pkt
+
+__all__ = (
+    "MQTTClient", "tls_context", "MQTTException", "MQTTProtocolError", "MQTTPacketTooLarge",
+    "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError", "MQTTTLSError", "MQTTTimeout",
+)
+
+try:
+    from errno import EAGAIN, ETIMEDOUT
+except ImportError:  # pragma: no cover
+    EAGAIN, ETIMEDOUT = 11, 110
+
+_MP = hal.family() != "cpython"
+_PINGREQ = bytes((PINGREQ, 0))
+_DISCONNECT = bytes((DISCONNECT, 0))
+_Q2_MAX = 32
+_NAMES = {0x40: "PUBACK", 0x50: "PUBREC", 0x60: "PUBREL", 0x70: "PUBCOMP", 0xB0: "UNSUBACK"}
+
+
+def _log(msg):
+    print("mqtt:", msg)
+
+
+def _would_block(e):
+    return getattr(e, "errno", None) == EAGAIN or type(e).__name__ in (
+        "BlockingIOError", "SSLWantReadError", "SSLWantWriteError")
+
+
+def _is_timeout(e):
+    return getattr(e, "errno", None) in (ETIMEDOUT, EAGAIN) or type(e).__name__ in (
+        "timeout", "TimeoutError")
+
+
+def _text(e):
+    s = str(e).strip()
+    return s or type(e).__name__
+
+
+def _der_certs(data):
+    # MicroPython's mbedTLS (unix port 1.29) accepts only DER in load_verify_locations(cadata=):
+    # every PEM certificate of the data is decoded here; data without a PEM header is DER.
+    if isinstance(data, str):
+        data = data.encode()
+    begin = b"-----BEGIN CERTIFICATE-----"
+    end = b"-----END CERTIFICATE-----"
+    i = data.find(begin)
+    if i < 0:
+        return [bytes(data)]
+    from binascii import a2b_base64
+
+    out = []
+    while i >= 0:
+        j = data.find(end, i)
+        if j < 0:
+            raise ValueError("PEM certificate without its END line")
+        out.append(a2b_base64(b"".join(data[i + len(begin):j].split())))
+        i = data.find(begin, j)
+    return out
+
+
+def tls_context(cafile=None, cadata=None, verify=True):
+    """An ssl.SSLContext for a TLS client that verifies the server against the given CA.
+
+    cafile: path of a PEM or DER file (on the board's filesystem); cadata: its bytes (PEM or DER,
+    or PEM as str). verify=False disables verification and prints a warning. Without a CA,
+    CPython uses its default trust store; MicroPython has none and raises ValueError.
+    """
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if not verify:
+        if hasattr(ctx, "check_hostname"):
+            ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _log("WARNING: TLS certificate verification disabled: the broker is not authenticated")
+        return ctx
+    ctx.verify_mode = ssl.CERT_REQUIRED  # explicit: MicroPython's SSLContext defaults to CERT_NONE
+    if cafile is None and cadata is None:
+        if _MP:
+            raise ValueError("tls_context: give the broker's CA (cafile= or cadata=), or verify=False")
+        ctx.load_default_certs()
+        return ctx
+    for where, data in ((cafile, None), ("cadata", cadata)):
+        if where is None or (where == "cadata" and data is None):
+            continue
+        if data is None:
+            with open(cafile, "rb") as f:
+                data = f.read()
+        try:
+            if _MP:
+                for der in _der_certs(data):
+                    ctx.load_verify_locations(cadata=der)
+            else:
+                if isinstance(data, (bytes, bytearray)) and data.lstrip()[:5] == b"-----":
+                    data = bytes(data).decode()
+                ctx.load_verify_locations(cadata=data)
+        except ValueError as e:
+            raise ValueError("%s: not a valid CA certificate (PEM or DER): %s" % (where, _text(e)))
+    return ctx
+
+
+class MQTTClient:
+    def __init__(self, client_id, server, port=0, user=None, password=None, keepalive=0,
+                 ssl=None, ssl_params=None, timeout=10, max_packet=16384, max_inflight=8):
+        self.client_id = client_id
+        self.server = server
+        self.port = port or (8883 if ssl else 1883)
+        self.user = user
+        self.pswd = password
+        self.keepalive = keepalive
+        self.ssl = ssl
+        self.ssl_params = ssl_params or {}
+        self.timeout = timeout
+        self.max_inflight = max_inflight
+        self.cb = None
+        self.log = _log
+        self.stray = 0  # acknowledgements for ids we were not waiting for
+        self.sock = None
+        self._po = None  # the object registered with select.poll
+        self._pl = None
+        self._rd = None
+        self._wr = None
+        self._rx = Reader(max_packet)
+        self._ab = bytearray(4)  # PUBACK/PUBREC/PUBCOMP are written from here
+        self._pid = 0
+        self._out = []  # [pid, packet] of unacknowledged QoS 1 publishes, oldest first
+        self._q2 = []  # QoS 2 ids received, PUBREC sent, PUBREL not yet
+        self._wait = None  # [pid, return code or None] of a SUBSCRIBE/UNSUBSCRIBE under way
+        self._t_tx = self._t_rx = 0
+        self._t_ping = None
+        self._warned = False
+
+    # -- umqtt API -------------------------------------------------------------------------------
+
+    def set_callback(self, f):
+        self.cb = f
+
+    def connect(self, clean_session=True, timeout=None):
+        """Open the connection and return the session-present flag of CONNACK.
+
+        Raises MQTTConnectError (.code) for a refused CONNACK, MQTTTLSError, MQTTTimeout or
+        MQTTConnectionError otherwise. Then re-sends the unacknowledged QoS 1 messages."""
+        self.close()
+        ms = int((self.timeout if timeout is None else timeout) * 1000)
+        deadline = hal.ticks_add(hal.ticks_ms(), ms)
+        where = "%s:%d" % (self.server, self.port)
+        try:
+            ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
+        except OSError as e:
+            raise MQTTConnectionError("cannot resolve %s: %s" % (self.server, _text(e)))
+        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        raw = s
+        try:
+            s.settimeout(ms / 1000)
+            s.connect(ai[-1])
+            ctx = self._context()
+            if ctx is not None:
+                s.settimeout(max(1, self._left(deadline)) / 1000)
+                host = self.ssl_params.get("server_hostname", self.server)
+                try:
+                    s = ctx.wrap_socket(s, server_hostname=host)
+                except (OSError, ValueError) as e:
+                    if isinstance(e, OSError) and _is_timeout(e):
+                        raise
+                    raise MQTTTLSError("TLS handshake with %s failed: %s" % (where, _text(e)))
+            s.setblocking(False)
+        except OSError as e:
+            s.close()
+            if s is not raw:
+                raw.close()
+            if _is_timeout(e):
+                raise MQTTTimeout("connect to %s: no answer within %d ms" % (where, ms))
+            raise MQTTConnectionError("connect to %s failed: %s" % (where, _text(e)))
+        except MQTTException:
+            s.close()
+            raise
+        self.sock = s
+        self._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
+        self._pl = select.poll()
+        self._pl.register(self._po, select.POLLIN)
+        self._rd = s.readinto if hasattr(s, "readinto") else s.recv_into
+        self._wr = s.write if hasattr(s, "write") else s.send
+        self._t_rx = hal.ticks_ms()
+        self._send(_connect_pkt(self.client_id, self.user, self.pswd, self.keepalive,
+                                clean_session), deadline)
+        pkt = self._read(self._left(deadline))
+        if pkt is None:
+            self._fail(MQTTTimeout("no CONNACK from %s within %d ms" % (where, ms)))
+        if pkt[0] != CONNACK:
+            self._fail(MQTTProtocolError("expected CONNACK, got packet 0x%02x" % pkt[0]))
+        try:
+            present, code = parse_connack(pkt[1])
+        except MQTTException as e:
+            self._fail(e)
+        if code:
+            self._fail(MQTTConnectError(code))
+        if not present:
+            self._q2 = []
+        for item in self._out:
+            item[1][0] |= 0x08  # DUP
+            self._send(item[1])
+        return present
+
+    def disconnect(self):
+        if self.sock is not None:
+            try:
+                self._send(_DISCONNECT)
+            except MQTTException:
+                pass
+        self.close()
+
+    def ping(self):
+        self._send(_PINGREQ)
+        self._t_ping = hal.ticks_ms()
+
+    def publish(self, topic, msg, retain=False, qos=0):
+        """Send a message. QoS 0: returns None once written. QoS 1: returns the packet id once
+        written; the message stays in the client until its PUBACK (see pending, wait_puback) and
+        is re-sent by the next connect() if the link fails, also when this call raises an
+        MQTTConnectionError after taking it (such an error has .pid)."""
+        if qos not in (0, 1):
+            raise ValueError("publish: qos %r not supported (0 or 1)" % (qos,))
+        if not qos:
+            pkt = _publish_pkt(topic, msg, 0, retain)
+            self._check_size(pkt)
+            self._send(pkt)
+            return None
+        self._connected()
+        if len(self._out) >= self.max_inflight:
+            deadline = hal.ticks_add(hal.ticks_ms(), int(self.timeout * 1000))
+            while len(self._out) >= self.max_inflight:
+                left = self._left(deadline)
+                if left <= 0:
+                    raise MQTTTimeout("publish: %d messages await PUBACK, none came within %d ms"
+                                      % (len(self._out), int(self.timeout * 1000)))
+                self.poll(left)
+        pid = self._newpid()
+        pkt = _publish_pkt(topic, msg, 1, retain, False, pid)
+        self._check_size(pkt)
+        self._out.append([pid, pkt])
+        try:
+            self._send(pkt)
+        except MQTTConnectionError as e:
+            e.pid = pid
+            raise
+        return pid
+
+    def subscribe(self, topic, qos=0):
+        """Subscribe and wait for SUBACK (delivering messages meanwhile); return the granted QoS.
+        A refusal (0x80) raises MQTTSubscribeError naming the topic."""
+        rc = self._request(_subscribe_pkt, topic, (qos,), "SUBACK")
+        if rc == SUBACK_FAILURE:
+            raise MQTTSubscribeError(topic, rc)
+        return rc
+
+    def unsubscribe(self, topic):
+        self._request(_unsubscribe_pkt, topic, (), "UNSUBACK")
+
+    def check_msg(self):
+        return self.poll(0)
+
+    def wait_msg(self, timeout_ms=None):
+        """Block until one packet was handled (its type, e.g. 0x30) or timeout_ms passed (None)."""
+        if timeout_ms is not None:
+            return self.poll(timeout_ms)
+        while True:
+            t = self.poll(60000)
+            if t is not None:
+                return t
+
+    # -- beyond umqtt -------------------------------------------------------------------------
+
+    def isconnected(self):
+        return self.sock is not None
+
+    def poll(self, timeout_ms=0):
+        """Handle at most one incoming packet, waiting up to timeout_ms for it; service the
+        keep-alive. Returns the packet type handled (0x30 PUBLISH, 0x40 PUBACK, ...) or None."""
+        self._connected()
+        deadline = hal.ticks_add(hal.ticks_ms(), timeout_ms)
+        while True:
+            due = self._keepalive()
+            left = self._left(deadline)
+            pkt = self._read(max(0, min(left, due)))
+            if pkt is not None:
+                return self._handle(pkt[0], pkt[1])
+            if self._left(deadline) <= 0:
+                self._keepalive()
+                return None
+
+    def pending(self):
+        """Number of QoS 1 messages waiting for their PUBACK."""
+        return len(self._out)
+
+    def wait_puback(self, pid, timeout_ms=None):
+        """True once pid is acknowledged (or was never pending), False after timeout_ms
+        (default: `timeout`); the link stays up."""
+        if timeout_ms is None:
+            timeout_ms = int(self.timeout * 1000)
+        deadline = hal.ticks_add(hal.ticks_ms(), timeout_ms)
+        while self._find(pid) >= 0:
+            left = self._left(deadline)
+            if left <= 0:
+                return False
+            self.poll(left)
+        return True
+
+    def drop_pending(self):
+        """Forget the unacknowledged QoS 1 messages; returns how many there were."""
+        n = len(self._out)
+        self._out = []
+        return n
+
+    def close(self):
+        """Close the connection without DISCONNECT (unacknowledged messages are kept)."""
+        s, self.sock = self.sock, None
+        if s is not None:
+            try:
+                self._pl.unregister(self._po)
+            except Exception:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+            if self._po is not s:
+                try:
+                    self._po.close()
+                except OSError:
+                    pass
+        self._po = self._pl = self._rd = self._wr = None
+        self._rx.reset()
+        self._t_ping = None
+        self._wait = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _context(self):
+        ctx = self.ssl
+        if not ctx:
+            return None
+        if ctx is True:
+            p = self.ssl_params
+            ctx = tls_context(p.get("cafile"), p.get("cadata"), p.get("verify", True))
+            self.ssl = ctx
+        if not self._warned and ctx.verify_mode == 0:  # CERT_NONE
+            self._warned = True
+            self.log("WARNING: TLS to %s without certificate verification" % self.server)
+        return ctx
+
+    def _connected(self):
+        if self.sock is None:
+            raise MQTTConnectionError("not connected")
+
+    def _check_size(self, pkt):
+        if len(pkt) > self._rx.limit:
+            raise MQTTPacketTooLarge(len(pkt), self._rx.limit, "PUBLISH")
+
+    def _left(self, deadline):
+        return hal.ticks_diff(deadline, hal.ticks_ms())
+
+    def _fail(self, exc):
+        self.close()
+        raise exc
+
+    def _find(self, pid):
+        out = self._out
+        for i in range(len(out)):
+            if out[i][0] == pid:
+                return i
+        return -1
+
+    def _newpid(self):
+        p = self._pid
+        while True:
+            p = p % 65535 + 1
+            if self._find(p) < 0 and not (self._wait and self._wait[0] == p):
+                self._pid = p
+                return p
+
+    def _request(self, build, topic, args, name):
+        self._connected()
+        pid = self._newpid()
+        self._wait = [pid, None]
+        ms = int(self.timeout * 1000)
+        deadline = hal.ticks_add(hal.ticks_ms(), ms)
+        try:
+            self._send(build(pid, topic, *args))
+            while self._wait[1] is None:
+                left = self._left(deadline)
+                if left <= 0:
+                    self._fail(MQTTTimeout("no %s for %r within %d ms" % (name, topic, ms)))
+                self.poll(left)
+            return self._wait[1]
+        finally:
+            self._wait = None
+
+    def _wait_io(self, mask, ms):
+        pl = self._pl
+        pl.modify(self._po, mask)
+        pl.poll(ms)
+
+    def _send(self, buf, deadline=None):
+        self._connected()
+        if deadline is None:
+            deadline = hal.ticks_add(hal.ticks_ms(), int(self.timeout * 1000))
+        mv = memoryview(buf)
+        n = 0
+        size = len(buf)
+        while n < size:
+            try:
+                k = self._wr(mv[n:])
+            except OSError as e:
+                if not _would_block(e):
+                    self._fail(MQTTConnectionError("send failed: %s" % _text(e)))
+                k = None
+            if k:
+                n += k
+                continue
+            left = self._left(deadline)
+            if left <= 0:
+                self._fail(MQTTTimeout("send stalled: %d of %d bytes written" % (n, size)))
+            self._wait_io(select.POLLOUT, left)
+        self._t_tx = hal.ticks_ms()
+
+    def _read(self, wait_ms):
+        """One complete packet (first byte, body) or None when none completed within wait_ms."""
+        rx = self._rx
+        deadline = hal.ticks_add(hal.ticks_ms(), wait_ms)
+        while True:
+            try:
+                k = self._rd(rx.want())
+            except OSError as e:
+                if not _would_block(e):
+                    self._fail(MQTTConnectionError("receive failed: %s" % _text(e)))
+                k = None
+            if k is None:
+                left = self._left(deadline)
+                if left <= 0:
+                    return None
+                self._wait_io(select.POLLIN, left)
+                continue
+            if k == 0:
+                got, exp = rx.progress()
+                self._fail(MQTTConnectionError(
+                    "connection closed by the broker" + (
+                        " in the middle of a packet (%d of %s bytes)" % (
+                            got, exp if exp >= 0 else "?") if rx.busy() else "")))
+            self._t_rx = hal.ticks_ms()
+            try:
+                pkt = rx.got(k)
+            except MQTTException as e:
+                self._fail(e)
+            if pkt is not None:
+                return pkt
+
+    def _keepalive(self):
+        """Ping or fail as due; return ms until the next check is due."""
+        now = hal.ticks_ms()
+        idle_rx = hal.ticks_diff(now, self._t_rx)
+        due = 600000
+        rx = self._rx
+        if rx.busy():
+            ms = int(self.timeout * 1000)
+            if idle_rx >= ms:
+                got, exp = rx.progress()
+                self._fail(MQTTTimeout("incomplete packet: %d of %s bytes, nothing more for %d ms"
+                                       % (got, exp if exp >= 0 else "?", idle_rx)))
+            due = ms - idle_rx
+        ka = self.keepalive * 1000
+        if not ka:
+            return due
+        dead = ka + ka // 2
+        if idle_rx >= dead:
+            self._fail(MQTTTimeout("link dead: nothing from the broker for %d ms (keep-alive %d s)"
+                                   % (idle_rx, self.keepalive)))
+        if self._t_ping is not None:
+            age = hal.ticks_diff(now, self._t_ping)
+            if age >= ka:
+                self._fail(MQTTTimeout("link dead: PINGREQ unanswered for %d ms (keep-alive %d s)"
+                                       % (age, self.keepalive)))
+            due = min(due, ka - age)
+        else:
+            idle_tx = hal.ticks_diff(now, self._t_tx)
+            if idle_tx >= ka or idle_rx >= ka:
+                self.ping()
+                due = min(due, ka)
+            else:
+                due = min(due, ka - idle_tx, ka - idle_rx)
+        return max(1, min(due, dead - idle_rx))
+
+    def _ack(self, first, pid):
+        self._send(ack(first, pid, self._ab))
+
+    def _handle(self, first, body):
+        kind = first & 0xF0
+        try:
+            if kind == PUBLISH:
+                self._on_publish(first, body)
+                return kind
+            if first & 0x0F != (2 if kind == 0x60 else 0):
+                raise MQTTProtocolError("packet 0x%02x: reserved flags are not %d"
+                                        % (first, 2 if kind == 0x60 else 0))
+            if kind == 0xD0:  # PINGRESP
+                if body:
+                    raise MQTTProtocolError("PINGRESP with a body of %d bytes" % len(body))
+                self._t_ping = None
+            elif kind == 0x90:  # SUBACK
+                pid, rc = parse_suback(body)
+                self._answer(pid, rc, "SUBACK")
+            elif kind in _NAMES:
+                pid = parse_pid(_NAMES[kind], body)
+                if kind == 0x40:
+                    i = self._find(pid)
+                    if i >= 0:
+                        self._out.pop(i)
+                    else:
+                        self._stray("PUBACK", pid)
+                elif kind == 0x60:  # PUBREL
+                    if pid in self._q2:
+                        self._q2.remove(pid)
+                    else:
+                        self._stray("PUBREL", pid)
+                    self._ack(PUBCOMP, pid)
+                elif kind == 0xB0:
+                    self._answer(pid, 0, "UNSUBACK")
+                else:  # PUBREC, PUBCOMP: we never publish with QoS 2
+                    self._stray(_NAMES[kind], pid)
+            else:
+                raise MQTTProtocolError("unexpected packet 0x%02x from the broker" % first)
+        except MQTTProtocolError as e:
+            self._fail(e)
+        return kind
+
+    def _answer(self, pid, rc, name):
+        w = self._wait
+        if w is not None and w[0] == pid:
+            w[1] = rc
+        else:
+            self._stray(name, pid)
+
+    def _stray(self, name, pid):
+        self.stray += 1
+        self.log("%s for unknown packet id %d ignored" % (name, pid))
+
+    def _on_publish(self, first, body):
+        qos, pid, end, start = parse_publish(first, body)
+        if qos == 2:
+            if pid in self._q2:  # a DUP of a message already delivered
+                self._ack(PUBREC, pid)
+                return
+            if len(self._q2) >= _Q2_MAX:
+                raise MQTTProtocolError("more than %d QoS 2 messages await PUBREL" % _Q2_MAX)
+        mv = memoryview(body)
+        if self.cb is not None:
+            self.cb(bytes(mv[2:end]), bytes(mv[start:]))
+        else:
+            self.log("message on %r dropped: no callback set" % bytes(mv[2:end]))
+        if qos == 1:
+            self._ack(PUBACK, pid)
+        elif qos == 2:
+            self._q2.append(pid)
+            self._ack(PUBREC, pid)
