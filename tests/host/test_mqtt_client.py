@@ -55,8 +55,9 @@ def out(**kw):
 def err(e):
     return {"cls": type(e).__name__, "msg": str(e), "code": getattr(e, "code", None)}
 
-def client(password, ctx, host="localhost", **kw):
-    c = MQTTClient(ID, host, cfg["port"], user=ID, password=password, keepalive=30, ssl=ctx, **kw)
+def client(password, ctx, host="localhost", keepalive=30, **kw):
+    c = MQTTClient(ID, host, cfg["port"], user=ID, password=password, keepalive=keepalive,
+                   ssl=ctx, **kw)
     got = []
     c.set_callback(lambda t, m: got.append([t.decode(), m.decode()]))
     return c, got
@@ -65,7 +66,7 @@ mode = cfg["mode"]
 if mode == "roundtrip":
     gc.collect()
     before = gc.mem_alloc()
-    c, got = client(cfg["pw"], tls_context(cafile=cfg["ca"]))
+    c, got = client(cfg["pw"], tls_context(cafile=cfg["ca"]), keepalive=1)
     sp = c.connect(clean_session=False)
     gc.collect()
     conn_heap = gc.mem_alloc() - before
@@ -78,9 +79,12 @@ if mode == "roundtrip":
     t0 = time.ticks_ms()
     idle = c.poll(300)  # nothing more comes: poll waits the 300 ms and no longer
     poll_ms = time.ticks_diff(time.ticks_ms(), t0)
+    while time.ticks_diff(time.ticks_ms(), t0) < 2500:  # keep-alive 1 s: pings keep it up
+        c.poll(100)
+    alive = c.isconnected()
     c.disconnect()
     out(sp=sp, granted=granted, pid=pid, acked=acked, got=got, pending=c.pending(),
-        idle=idle, poll_ms=poll_ms, conn_heap=conn_heap)
+        idle=idle, poll_ms=poll_ms, alive=alive, conn_heap=conn_heap)
 elif mode == "refusals":
     res = {}
     for name, pw, ctx, kw in (
@@ -96,6 +100,33 @@ elif mode == "refusals":
             c.disconnect()
         except MQTTException as e:
             res[name] = err(e)
+    out(**res)
+elif mode == "fake":
+    # plain TCP against the scripted fake broker: the same client code paths without TLS
+    res = {}
+    c = MQTTClient("mp", "127.0.0.1", cfg["port"], keepalive=0, timeout=3, max_packet=4096)
+    got = []
+    c.set_callback(lambda t, m: got.append([t.decode(), m.decode()]))
+    c.connect()
+    res["kinds"] = [c.poll(3000) for _ in range(4)]
+    res["got"] = got
+    t0 = time.ticks_ms()
+    res["idle"] = c.poll(250)
+    res["poll_ms"] = time.ticks_diff(time.ticks_ms(), t0)
+    try:
+        c.poll(3000)
+    except MQTTException as e:
+        res["oversized"] = err(e)
+    res["oversized_ms"] = time.ticks_diff(time.ticks_ms(), t0) - res["poll_ms"]
+    c.keepalive = 1
+    c.connect()
+    t0 = time.ticks_ms()
+    try:
+        while time.ticks_diff(time.ticks_ms(), t0) < 10000:
+            c.poll(100)
+    except MQTTException as e:
+        res["dead"] = err(e)
+    res["dead_ms"] = time.ticks_diff(time.ticks_ms(), t0)
     out(**res)
 elif mode == "crash":
     c, got = client(cfg["pw"], tls_context(cafile=cfg["ca"]), timeout=5)
@@ -194,6 +225,7 @@ def test_micropython_over_verified_tls_publishes_subscribes_and_receives(broker,
     assert res["got"] == [[f"mr/{DEV}", "echo:hello"]]
     # poll(300) under TLS on MicroPython returns after about 300 ms, never much later
     assert res["idle"] is None and 290 <= res["poll_ms"] < 2000, res
+    assert res["alive"] is True  # PINGREQ/PINGRESP over TLS with a keep-alive of 1 s
     assert "WARNING" not in stdout
 
 
@@ -265,6 +297,40 @@ def test_micropython_qos1_message_survives_a_broker_crash(broker, mp_script):
             conn.close()
         if not broker.running:
             broker.restart()
+
+
+def test_micropython_against_the_fake_broker(mp_script):
+    seen = {}
+
+    def script(accept):
+        link = accept()
+        link.connack()
+        link.send(P.publish("mr/X", b"q1", qos=1, pid=5) + P.publish("mr/X", b"q2", qos=2, pid=7)
+                  + P.publish("mr/X", b"q2", qos=2, pid=7, dup=True) + P.ack(P.PUBREL, 7))
+        seen["acks"] = [link.recv() for _ in range(4)]
+        time.sleep(0.6)  # the client's poll(250) finds nothing
+        link.send(bytes.fromhex("30ffffff7f"))
+        link.wait_closed()
+        link = accept()
+        link.connack()
+        seen["dead"] = []
+        try:
+            while True:
+                seen["dead"].append(link.recv()[0])  # PINGREQ, never answered
+        except (EOFError, OSError):
+            pass
+
+    fake = Fake(script)
+    res, _ = run_mp(mp_script, json.dumps({"mode": "fake", "id": "mp", "port": fake.port}))
+    fake.finish()
+    assert res["kinds"] == [0x30, 0x30, 0x30, 0x60]
+    assert res["got"] == [["mr/X", "q1"], ["mr/X", "q2"]]
+    assert seen["acks"] == [(0x40, b"\x00\x05"), (0x50, b"\x00\x07"), (0x50, b"\x00\x07"),
+                            (0x70, b"\x00\x07")]
+    assert res["idle"] is None and 240 <= res["poll_ms"] < 1500, res
+    assert res["oversized"]["cls"] == "MQTTPacketTooLarge" and res["oversized_ms"] < 2000, res
+    assert res["dead"]["cls"] == "MQTTTimeout" and "link dead" in res["dead"]["msg"], res
+    assert 1000 <= res["dead_ms"] < 6000 and seen["dead"][:1] == [P.PINGREQ], (res, seen)
 
 
 def test_cpython_client_over_verified_tls(broker):
