@@ -146,12 +146,13 @@ def tls_context(cafile=None, cadata=None, verify=True):
             raise ValueError("tls_context: give the broker's CA (cafile= or cadata=), or verify=False")
         ctx.load_default_certs()
         return ctx
-    for where, data in ((cafile, None), ("cadata", cadata)):
-        if where is None or (where == "cadata" and data is None):
-            continue
-        if data is None:
-            with open(cafile, "rb") as f:
-                data = f.read()
+    cas = []
+    if cafile is not None:
+        with open(cafile, "rb") as f:
+            cas.append((cafile, f.read()))
+    if cadata is not None:
+        cas.append(("cadata", cadata))
+    for where, data in cas:
         try:
             if _MP:
                 for der in _der_certs(data):
@@ -160,7 +161,7 @@ def tls_context(cafile=None, cadata=None, verify=True):
                 if isinstance(data, (bytes, bytearray)) and data.lstrip()[:5] == b"-----":
                     data = bytes(data).decode()
                 ctx.load_verify_locations(cadata=data)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # CPython: ssl.SSLError
             raise ValueError("%s: not a valid CA certificate (PEM or DER): %s" % (where, _text(e)))
     return ctx
 
@@ -244,8 +245,8 @@ class MQTTClient:
         self._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
         self._pl = select.poll()
         self._pl.register(self._po, select.POLLIN)
-        self._rd = s.readinto if hasattr(s, "readinto") else s.recv_into
-        self._wr = s.write if hasattr(s, "write") else s.send
+        self._rd = s.readinto if _MP else s.recv_into  # both non-blocking, both into a buffer
+        self._wr = s.write if _MP else s.send
         self._t_rx = hal.ticks_ms()
         self._send(_connect_pkt(self.client_id, self.user, self.pswd, self.keepalive,
                                 clean_session), deadline)

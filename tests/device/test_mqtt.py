@@ -193,3 +193,14 @@ def test_pem_to_der():
     assert mqtt._der_certs(pem.decode()) == [H("0001020304"), H("ff")]
     assert mqtt._der_certs(H("3082")) == [H("3082")]
     raises(ValueError, mqtt._der_certs, b"-----BEGIN CERTIFICATE-----\nAAEC\n")
+
+
+def test_tls_context_refuses_a_bad_ca_and_verifies_by_default():
+    from microcot import mqtt
+
+    e = raises(ValueError, mqtt.tls_context, cadata=b"not a certificate")
+    assert "cadata" in str(e)
+    e = raises(ValueError, mqtt.tls_context, cadata=b"-----BEGIN CERTIFICATE-----\nAAEC\n-----END CERTIFICATE-----\n")
+    assert "not a valid CA certificate" in str(e)
+    ctx = mqtt.tls_context(verify=False)
+    assert ctx.verify_mode == 0

@@ -17,8 +17,10 @@ import os
 import queue
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -46,7 +48,8 @@ MP_SCRIPT = r"""
 import sys, json, gc, time
 sys.path.insert(0, %(firmware)r)
 from microcot.mqtt import MQTTClient, tls_context, MQTTException
-cfg = json.loads(sys.argv[1])
+with open(sys.argv[1]) as f:  # a file: the unix port dies on an argument of 256+ characters
+    cfg = json.load(f)
 ID = cfg["id"]
 
 def out(**kw):
@@ -100,6 +103,25 @@ elif mode == "refusals":
             c.disconnect()
         except MQTTException as e:
             res[name] = err(e)
+    c, got = client(cfg["pw"], tls_context(cafile=cfg["ca"]))
+    c.connect()
+    try:
+        c.subscribe("mr/someone-else", 1)
+        res["foreign_sub"] = "granted"
+    except MQTTException as e:
+        res["foreign_sub"] = err(e)
+    res["after_sub"] = c.isconnected()
+    c.disconnect()
+    if "silent_port" in cfg:
+        c = MQTTClient(ID, "localhost", cfg["silent_port"], ssl=tls_context(cafile=cfg["ca"]),
+                       timeout=1)
+        t0 = time.ticks_ms()
+        try:
+            c.connect()
+            res["silent"] = "connected"
+        except MQTTException as e:
+            res["silent"] = err(e)
+        res["silent_ms"] = time.ticks_diff(time.ticks_ms(), t0)
     out(**res)
 elif mode == "fake":
     # plain TCP against the scripted fake broker: the same client code paths without TLS
@@ -170,13 +192,25 @@ def mp_script(tmp_path_factory):
 
 
 def mp_cfg(broker, mode, **kw):
-    return json.dumps(dict(mode=mode, id=DEV, pw=PW, port=broker.port, ca=str(broker.ca_cert),
-                           **kw))
+    return dict(mode=mode, id=DEV, pw=PW, port=broker.port, ca=str(broker.ca_cert), **kw)
+
+
+def cfg_file(cfg: dict) -> str:
+    """The script's settings as a JSON file: `micropython` (1.29 unix port) stops with
+    "FATAL: uncaught NLR" when a command-line argument is 256 characters or longer."""
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="mqtt-cfg-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f)
+    return path
 
 
 def run_mp(script, cfg, heap=None):
-    cmd = [str(MICROPYTHON)] + (["-X", f"heapsize={heap}"] if heap else []) + [str(script), cfg]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=40)
+    path = cfg_file(cfg)
+    cmd = [str(MICROPYTHON)] + (["-X", f"heapsize={heap}"] if heap else []) + [str(script), path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=40)
+    finally:
+        os.unlink(path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]), proc.stdout
@@ -231,7 +265,14 @@ def test_micropython_over_verified_tls_publishes_subscribes_and_receives(broker,
 
 def test_micropython_refuses_wrong_ca_and_host_and_types_connack_5(broker, mp_script, tmp_path):
     other = ensure_ca_and_server(tmp_path / "other").ca_cert
-    res, stdout = run_mp(mp_script, mp_cfg(broker, "refusals", other_ca=str(other)))
+
+    def silent(accept):  # a TLS server that never answers the handshake
+        accept().wait_closed()
+
+    fake = Fake(silent)
+    res, stdout = run_mp(mp_script, mp_cfg(broker, "refusals", other_ca=str(other),
+                                           silent_port=fake.port))
+    fake.finish()
     assert res["wrong_ca"]["cls"] == "MQTTTLSError", res
     assert res["wrong_host"]["cls"] == "MQTTTLSError", res
     assert "CN" in res["wrong_host"]["msg"] or "name" in res["wrong_host"]["msg"].lower(), res
@@ -242,10 +283,16 @@ def test_micropython_refuses_wrong_ca_and_host_and_types_connack_5(broker, mp_sc
     assert res["unverified"] == "connected"
     assert "WARNING: TLS certificate verification disabled" in stdout
     assert "without certificate verification" in stdout
+    # the broker's SUBACK 0x80 for another device's topic, with the link still up
+    assert res["foreign_sub"]["cls"] == "MQTTSubscribeError", res
+    assert "'mr/someone-else'" in res["foreign_sub"]["msg"] and res["after_sub"] is True
+    # the connect timeout also bounds a TLS handshake that never completes
+    assert res["silent"]["cls"] == "MQTTTimeout" and res["silent_ms"] < 5000, res
 
 
 def test_micropython_qos1_message_survives_a_broker_crash(broker, mp_script):
-    proc = subprocess.Popen([str(MICROPYTHON), str(mp_script), mp_cfg(broker, "crash")],
+    path = cfg_file(mp_cfg(broker, "crash"))
+    proc = subprocess.Popen([str(MICROPYTHON), str(mp_script), path],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines: queue.Queue[dict] = queue.Queue()
@@ -295,6 +342,7 @@ def test_micropython_qos1_message_survives_a_broker_crash(broker, mp_script):
             proc.kill()
         if conn:
             conn.close()
+        os.unlink(path)
         if not broker.running:
             broker.restart()
 
@@ -321,7 +369,7 @@ def test_micropython_against_the_fake_broker(mp_script):
             pass
 
     fake = Fake(script)
-    res, _ = run_mp(mp_script, json.dumps({"mode": "fake", "id": "mp", "port": fake.port}))
+    res, _ = run_mp(mp_script, {"mode": "fake", "id": "mp", "port": fake.port})
     fake.finish()
     assert res["kinds"] == [0x30, 0x30, 0x30, 0x60]
     assert res["got"] == [["mr/X", "q1"], ["mr/X", "q2"]]
@@ -351,6 +399,8 @@ def test_cpython_client_over_verified_tls(broker):
         c.disconnect()
     finally:
         conn.close()
+    ctx = mqtt.tls_context(cafile=str(broker.ca_cert))
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     # a CA given as PEM bytes works as well, a PEM string too
     pem = broker.ca_cert.read_bytes()
     for cadata in (pem, pem.decode()):
@@ -849,6 +899,19 @@ def test_qos1_and_qos2_receive_with_duplicate_qos2_delivered_once():
     assert got == [(b"mr/X", b"q1"), (b"mr/X", b"q2"), (b"mr/X", b"q2 again")]
     assert acks == [(0x40, b"\x00\x05"), (0x50, b"\x00\x07"), (0x50, b"\x00\x07"),
                     (0x70, b"\x00\x07"), (0x50, b"\x00\x07"), (0x70, b"\x00\x07")]
+
+
+def test_tls_handshake_that_never_completes_times_out():
+    def script(accept):
+        accept().wait_closed()
+
+    fake = Fake(script)
+    c = fake.client(ssl=mqtt.tls_context(), ssl_params={"server_hostname": "localhost"})
+    t0 = time.monotonic()
+    with pytest.raises(mqtt.MQTTTimeout, match="no answer within 700 ms"):
+        c.connect(timeout=0.7)
+    assert time.monotonic() - t0 < 4
+    fake.finish()
 
 
 def test_connection_refused_and_tls_to_a_plain_server_are_clear_errors():
