@@ -343,7 +343,9 @@ def test_micropython_qos1_message_survives_a_broker_crash(broker, mp_script):
         if conn:
             conn.close()
         os.unlink(path)
-        if not broker.running:
+        if broker.running:
+            os.kill(broker.pid, signal.SIGCONT)  # in case the test failed while it was frozen
+        else:
             broker.restart()
 
 
@@ -375,7 +377,7 @@ def test_micropython_against_the_fake_broker(mp_script):
     assert res["got"] == [["mr/X", "q1"], ["mr/X", "q2"]]
     assert seen["acks"] == [(0x40, b"\x00\x05"), (0x50, b"\x00\x07"), (0x50, b"\x00\x07"),
                             (0x70, b"\x00\x07")]
-    assert res["idle"] is None and 240 <= res["poll_ms"] < 1500, res
+    assert res["idle"] is None and 240 <= res["poll_ms"] < 3000, res
     assert res["oversized"]["cls"] == "MQTTPacketTooLarge" and res["oversized_ms"] < 2000, res
     assert res["dead"]["cls"] == "MQTTTimeout" and "link dead" in res["dead"]["msg"], res
     assert 1000 <= res["dead_ms"] < 6000 and seen["dead"][:1] == [P.PINGREQ], (res, seen)
@@ -648,7 +650,7 @@ def test_poll_never_blocks_longer_than_asked():
         t0 = time.monotonic()
         assert c.poll(ms) is None
         elapsed = time.monotonic() - t0
-        assert ms / 1000 - 0.02 <= elapsed < ms / 1000 + 0.7, (ms, elapsed)
+        assert ms / 1000 - 0.02 <= elapsed < ms / 1000 + 1.5, (ms, elapsed)
     assert c.check_msg() is None
     c.close()
     fake.finish()
@@ -673,12 +675,12 @@ def test_keepalive_pings_on_time_and_survives_with_pingresp():
     c = fake.client(keepalive=1)
     c.connect()
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.6:
+    while time.monotonic() - t0 < 3.2:
         c.poll(100)
     c.disconnect()
     fake.finish()
     assert len(pings) >= 2, pings  # due at ~1 s and ~2 s
-    assert pings[0] - t0 < 1.8
+    assert pings[0] - t0 < 2.5
 
 
 def test_dead_link_detected_when_pingresp_never_comes():
