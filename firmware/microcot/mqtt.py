@@ -31,8 +31,16 @@
 #   logged (self.log, print by default) and counted in self.stray: after a reconnect a late or
 #   repeated acknowledgement is harmless, and closing a working link over it would be worse. A
 #   PUBREL for an unknown id is answered with PUBCOMP, as the protocol asks.
-# - All errors are MQTTException subclasses (mqttpkt.py); I/O errors close the connection.
-# - No last will (the Cloud of Things broker does not support it).
+# - Incoming packets are bounded by max_packet (whole packet, default 16 KiB): a larger one is
+#   refused (MQTTPacketTooLarge, connection closed) once its remaining length is read, before
+#   anything is allocated for it; an outgoing PUBLISH over the limit is refused before sending.
+#   A packet is read with readinto into one bytearray of its size; the callback gets topic and
+#   message as bytes copied from it, so a message costs about twice its size while delivered.
+# - The callback runs inside poll(); if it raises, the exception leaves poll() and the message is
+#   not acknowledged (QoS 1/2: the broker delivers it again after the next reconnect).
+# - All errors are MQTTException subclasses (mqttpkt.py); I/O errors close the connection, and
+#   the in-flight messages stay for the next connect().
+# - No last will (the Cloud of Things broker does not support it), no QoS 2 publish.
 import select
 import socket
 
@@ -211,6 +219,9 @@ class MQTTClient:
         ms = int((self.timeout if timeout is None else timeout) * 1000)
         deadline = hal.ticks_add(hal.ticks_ms(), ms)
         where = "%s:%d" % (self.server, self.port)
+        # what can fail without the network fails before a socket exists
+        pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session)
+        ctx = self._context()
         try:
             ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
         except OSError as e:
@@ -220,7 +231,6 @@ class MQTTClient:
         try:
             s.settimeout(ms / 1000)
             s.connect(ai[-1])
-            ctx = self._context()
             if ctx is not None:
                 s.settimeout(max(1, self._left(deadline)) / 1000)
                 host = self.ssl_params.get("server_hostname", self.server)
@@ -248,8 +258,7 @@ class MQTTClient:
         self._rd = s.readinto if _MP else s.recv_into  # both non-blocking, both into a buffer
         self._wr = s.write if _MP else s.send
         self._t_rx = hal.ticks_ms()
-        self._send(_connect_pkt(self.client_id, self.user, self.pswd, self.keepalive,
-                                clean_session), deadline)
+        self._send(pkt, deadline)
         pkt = self._read(self._left(deadline))
         if pkt is None:
             self._fail(MQTTTimeout("no CONNACK from %s within %d ms" % (where, ms)))
