@@ -269,6 +269,9 @@ def test_auto_accept_and_rebootstrap(emu, conn, coll_id):
         emu.connector.auto_accept = False
     d = device(conn, iccid, first)
     assert d.request("15," + XID) == "20," + coll_id
+    mo = self_create(d)
+    op = emu.create_operation(mo, {"c8y_Restart": {}})
+    assert d.get("mr/" + iccid).decode() == f"87,1,{XID}\n203,1,{op['id']},{mo}"
     d.close()
     # again, with credentials: a new request to accept, a new password, the old one refused
     second = bootstrap(conn, iccid, lambda: emu.accept(iccid))
@@ -277,6 +280,9 @@ def test_auto_accept_and_rebootstrap(emu, conn, coll_id):
     d = device(conn, iccid, second)
     try:
         assert d.request("15," + XID) == "20," + coll_id
+        # it may have lost its session: its PENDING operation comes once more
+        assert d.get("mr/" + iccid).decode() == f"87,1,{XID}\n203,1,{op['id']},{mo}"
+        assert d.nothing("mr/" + iccid) == []
     finally:
         d.close()
 

@@ -29,8 +29,11 @@ is not processed but answered like the engine answers an oversized body,
 (`42,1,Malformed Request: payload of ...` on `br/`); an oversized secret is ignored with a
 warning. A device with more than `max_lane` unanswered messages gets `50,1,429,Too Many
 Requests` for each further one; when `max_queued` messages wait in all, paho's thread waits for
-room, which slows the broker's delivery to the connector (the broker keeps up to 1000 messages
-per session, broker.py). An answer too large for the broker is replaced by
+room, which slows the broker's delivery to the connector. Mosquitto itself queues at most
+`max_queued_messages` (1000, broker.py) messages for the connector beyond the 20 in flight and
+drops the rest ("Outgoing messages are being dropped for client microcot-connector" in its log):
+a burst of more than about a thousand messages from all devices together, faster than the
+connector drains them (some 2000-3500 per second), loses messages at the broker. An answer too large for the broker is replaced by
 `50,<line>,413,Payload Too Large` (logged).
 
 Messages are acknowledged to the broker when they reach a lane (paho's automatic PUBACK), not
