@@ -193,7 +193,9 @@ def verify(t, modules: list[str]) -> str:
     transport.soft_reset(t)
     code = (
         "import sys, gc\nimport microcot\nfor _m in %r:\n"
-        " __import__('microcot.' + _m)\n del sys.modules['microcot.' + _m]\n gc.collect()\n"
+        " __import__('microcot.' + _m)\n del sys.modules['microcot.' + _m]\n"
+        # the package holds each submodule as an attribute too: drop it, or nothing is freed
+        " try:\n  delattr(microcot, _m)\n except AttributeError:\n  pass\n gc.collect()\n"
         "print(microcot.__version__)" % (modules,)
     )
     try:

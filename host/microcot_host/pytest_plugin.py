@@ -28,7 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--board", metavar="PORT|virtual", default=None,
                     help="run device tests on the board at PORT, or on a fresh virtual board")
     group.addoption("--board-heap", metavar="SIZE", default=None,
-                    help="heap of the virtual board (e.g. 100k), like a real board's RAM")
+                    help="heap of the virtual board (e.g. 100k); default: the board file's "
+                         "heap_budget")
     group.addoption("--board-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                     help="time limit of one device test on the board (default %(default)s)")
     group.addoption("--board-no-deploy", action="store_true",
@@ -104,9 +105,12 @@ class BoardSession:
             from .vboard import VirtualBoard
 
             self._tmp = tempfile.TemporaryDirectory(prefix="microcot-hil-")
+            # a virtual board gets the RAM its board file budgets, so CI holds the firmware to it
+            heap = self.config.getoption("--board-heap") or \
+                boards.load(board_name or "virtual").heap_budget
             self._vb = VirtualBoard(
                 name=f"pytest-{os.getpid()}",
-                heap=self.config.getoption("--board-heap"),
+                heap=heap,
                 flash_dir=Path(self._tmp.name) / "flash",
                 iccid="89490200001234567892",
             ).start()
