@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -391,7 +392,8 @@ class Connector:
                 log.warning("ss/%s: %d bytes is no bootstrap secret: ignored", device,
                             len(payload))
                 return
-            if not self.lanes.submit(device, lambda: self.bootstrap.on_secret(device, payload)):
+            if not self.lanes.submit(device, functools.partial(self.bootstrap.on_secret, device,
+                                                               payload)):
                 log.warning("ss/%s: over %d messages waiting: ignored", device,
                             self.lanes.max_lane)
             return
@@ -399,10 +401,10 @@ class Connector:
         if len(payload) > self.max_message:
             log.warning("%s/%s: a message of %d bytes exceeds the limit of %d: refused",
                         kind, device, len(payload), self.max_message)
-            n = len(payload)
-            task = lambda: self._refuse_size(device, binary, n)  # noqa: E731 (payload not kept)
+            # the payload itself is not kept
+            task = functools.partial(self._refuse_size, device, binary, len(payload))
         else:
-            task = lambda: self._request(device, payload, binary)  # noqa: E731
+            task = functools.partial(self._request, device, payload, binary)
         if not self.lanes.submit(device, task):
             log.warning("%s has over %d requests waiting: answered 429", device,
                         self.lanes.max_lane)
