@@ -9,9 +9,11 @@ import click
 # name -> "module:attribute" of a click command or group
 _COMMANDS = {
     "board": "microcot_host.vboard.cli:board",
+    "boards": "microcot_host.boards_cli:boards",
     "deploy": "microcot_host.deploy:deploy_command",
     "emulator": "microcot_host.emulator.cli:emulator",
     "kics-emulator": "microcot_host.kics_emulator:kics_emulator",
+    "test": "microcot_host.hil:test_command",
 }
 
 

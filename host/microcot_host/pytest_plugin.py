@@ -6,6 +6,14 @@ item: the firmware is deployed first (hash-skip), the module and its helper modu
 /tests on the board (compiled to .mpy where the board allows, to spare its heap), the board is soft
 reset before each module, and each test runs under an overall timeout with the board's traceback
 and output in the report.
+
+Board requirements: a device module may declare, as module globals read by AST (decorators cannot
+be evaluated here, the module runs on MicroPython), `BOARD_FAMILIES = ("esp32", "rp2")` (the
+board's family, chip or board-file name must be one of them) and `BOARD_REQUIRES = ("modem",)`
+(every capability must be present; see CAPABILITIES). Its tests get the `family`/`needs` markers
+and are skipped with the reason on a board that does not qualify. Ordinary test functions can
+carry `@pytest.mark.family(...)` / `@pytest.mark.needs(...)` to the same effect under --board.
+Without --board (CPython in-process) all of this is ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +29,69 @@ import pytest
 BOARD_TESTS = "/tests"
 DEFAULT_TIMEOUT = 60.0
 SKIP_MARK = "SkipTest: "
+# what BOARD_REQUIRES / @pytest.mark.needs may name, and how the board is asked (CAPS_CODE)
+CAPABILITIES = {
+    "modem": "a cellular modem answers AT on the board's modem UART (hal.modem_uart())",
+    "wlan": "network.WLAN exists",
+    "ssl": "the ssl (or tls) module imports",
+    "socket": "the socket module imports",
+}
+FAMILY_GLOBAL = "BOARD_FAMILIES"
+REQUIRES_GLOBAL = "BOARD_REQUIRES"
+
+# Runs on the board: (tags, capabilities). Tags are the family (hal.family(), else from
+# sys.platform) and the deployed board file's name and chip. A modem counts only when it answers.
+CAPS_CODE = r"""
+import sys
+def _caps():
+    tags = []
+    caps = []
+    cfg = {}
+    hal = None
+    try:
+        from microcot import hal
+        tags.append(hal.family())
+        cfg = hal.config()
+    except Exception:
+        p = sys.platform
+        tags.append('esp32' if p[:5] == 'esp32' else 'rp2' if p == 'rp2' else 'unix')
+    for k in ('name', 'chip'):
+        if cfg.get(k):
+            tags.append(str(cfg[k]))
+    try:
+        import network
+        if hasattr(network, 'WLAN'):
+            caps.append('wlan')
+    except ImportError:
+        pass
+    for m in (('ssl', 'tls'), ('socket',)):
+        for n in m:
+            try:
+                __import__(n)
+                caps.append(m[0])
+                break
+            except ImportError:
+                pass
+    s = None
+    try:
+        s = hal.modem_uart() if hal else None
+        if s is not None:
+            from microcot.atmodem import AtModem
+            a = AtModem(s, timeout_ms=1000)
+            if a.ping(1000):
+                caps.append('modem')
+            a.close()
+    except Exception:
+        pass
+    if s is not None and hasattr(s, 'close'):
+        try:
+            s.close()
+        except Exception:
+            pass
+    return tags, caps
+print(repr(_caps()))
+del _caps
+"""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,6 +112,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "family(*names): with --board, run only on a board of one of these families, "
+        "chips or board files (esp32, rp2, unix, esp32s3, rp2-pico-w, ...)")
+    config.addinivalue_line(
+        "markers", "needs(*capabilities): with --board, run only on a board that has all of "
+        f"them ({', '.join(CAPABILITIES)})")
     if config.getoption("--board"):
         config.pluginmanager.register(BoardSession(config), "microcot-board-session")
 
@@ -67,6 +144,8 @@ class BoardSession:
         self.port: str | None = None
         self.uploaded: dict[str, str] = {}
         self._failed: str | None = None
+        self.board_name: str | None = None
+        self._caps: tuple[list[str], list[str]] | None = None
 
     # -- collection ---------------------------------------------------------------------------
     def is_device_module(self, path: Path) -> bool:
@@ -84,6 +163,73 @@ class BoardSession:
 
     def pytest_report_header(self, config: pytest.Config) -> str:
         return f"microcot board: {self.spec} (device tests run on the board)"
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        # one line that says which board these results are from, for logs of many boards
+        if self.info is not None:
+            tags, caps = self._caps or ([], [])
+            terminalreporter.write_line(
+                f"microcot board: {self.port} MicroPython {self.info.version} on "
+                f"{self.info.platform}, board file {self.board_name or 'none'}"
+                + (f", tags {','.join(tags)}" if tags else "")
+                + (f", capabilities {','.join(caps) or 'none'}" if self._caps else ""))
+
+    # -- requirements -------------------------------------------------------------------------
+    def capabilities(self) -> tuple[list[str], list[str]]:
+        """(tags, capabilities) of the board, asked once."""
+        from . import transport
+
+        if self._caps is None:
+            t = self.board()
+            try:
+                out = transport.run(t, CAPS_CODE, timeout=30)
+                tags, caps = ast.literal_eval(out.decode(errors="replace").strip())
+            except transport.TransportExecError as exc:
+                raise DeviceTestFailure("cannot ask the board for its capabilities: "
+                                        f"{_last_line(exc.error_output)}") from None
+            except (transport.BoardError, ValueError, SyntaxError) as exc:
+                raise DeviceTestFailure(f"cannot ask the board for its capabilities: {exc}") \
+                    from None
+            self._caps = (list(tags), list(caps))
+            self._record("microcot.capabilities", ",".join(caps))
+            self._record("microcot.tags", ",".join(tags))
+        return self._caps
+
+    def unmet(self, families: tuple[str, ...], needs: tuple[str, ...]) -> str | None:
+        """Why the board cannot run a test with these requirements, or None when it can."""
+        if not families and not needs:
+            return None
+        tags, caps = self.capabilities()
+        if families and not set(families) & set(tags):
+            return (f"board is {'/'.join(tags) or 'of no known family'}, "
+                    f"test needs {' or '.join(families)}")
+        missing = [n for n in needs if n not in caps]
+        if missing:
+            return f"board lacks {', '.join(missing)} (has {', '.join(caps) or 'none'})"
+        return None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if isinstance(item, DeviceItem):
+            return  # checked once per module in DeviceModule.setup
+        families, needs = _marker_requirements(item)
+        if families or needs:
+            try:
+                reason = self.unmet(families, needs)
+            except DeviceTestFailure as exc:
+                pytest.fail(str(exc), pytrace=False)
+            if reason:
+                pytest.skip(reason)
+
+    def _record(self, name: str, value: str) -> None:
+        """A property of the whole run in the JUnit XML (which board it ran on)."""
+        try:
+            from _pytest.junitxml import xml_key
+        except ImportError:  # pytest moved it; the report loses a property, nothing else
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is not None:
+            xml.add_global_property(name, value)
 
     # -- the board ----------------------------------------------------------------------------
     def board(self):
@@ -120,6 +266,11 @@ class BoardSession:
             self.port = self.spec
         self.t = transport.open_board(self.port)
         self.info = transport.board_info(self.t)
+        self.board_name = board_name
+        for key, value in (("port", self.port), ("micropython", self.info.version),
+                           ("platform", self.info.platform), ("machine", self.info.machine),
+                           ("board", board_name or "")):
+            self._record(f"microcot.{key}", value)
         if not self.config.getoption("--board-no-deploy"):
             bdef = boards.load(board_name) if board_name else None
             deploy.deploy_transport(self.t, bdef)
@@ -193,6 +344,9 @@ def _session(config: pytest.Config) -> BoardSession:
 class DeviceModule(pytest.File):
     """A tests/device module whose test functions run on the board."""
 
+    families: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+
     def collect(self):
         tree = ast.parse(self.path.read_text(), filename=str(self.path))
         timeout = None
@@ -200,18 +354,36 @@ class DeviceModule(pytest.File):
             if isinstance(node, ast.Assign) and any(
                     isinstance(tg, ast.Name) and tg.id == "BOARD_TIMEOUT" for tg in node.targets):
                 timeout = ast.literal_eval(node.value)
+        self.families = _module_names(self.path, tree, FAMILY_GLOBAL)
+        self.needs = _module_names(self.path, tree, REQUIRES_GLOBAL)
+        unknown = [n for n in self.needs if n not in CAPABILITIES]
+        if unknown:
+            raise self.CollectError(
+                f"{self.path.name}: {REQUIRES_GLOBAL} names unknown capabilities "
+                f"{', '.join(unknown)} (known: {', '.join(CAPABILITIES)})")
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                yield DeviceItem.from_parent(self, name=node.name, lineno=node.lineno,
-                                             timeout=timeout)
+                item = DeviceItem.from_parent(self, name=node.name, lineno=node.lineno,
+                                              timeout=timeout)
+                if self.families:
+                    item.add_marker(pytest.mark.family(*self.families))
+                if self.needs:
+                    item.add_marker(pytest.mark.needs(*self.needs))
+                yield item
 
     def setup(self) -> None:
         # pytest shows setup errors with its own traceback; a board's failure reads better plain
+        session = _session(self.config)
         try:
-            _session(self.config).prepare_module(self.path)
-            return
+            # before the upload: a board that does not qualify is not worth the copy
+            reason = session.unmet(self.families, self.needs)
+            if reason is None:
+                session.prepare_module(self.path)
+                return
         except DeviceTestFailure as exc:
             failure = exc
+        else:
+            pytest.skip(f"{self.path.name}: {reason}")
         pytest.fail(_describe(f"{self.path.name}: cannot run on the board", failure), pytrace=False)
 
 
@@ -253,6 +425,37 @@ class DeviceItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, self.lineno - 1, f"{self.name} [on board]"
+
+
+def _module_names(path: Path, tree: ast.Module, name: str) -> tuple[str, ...]:
+    """A module global like BOARD_REQUIRES = ("modem",) as a tuple of names ("x" alone is one)."""
+    value: object = ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(tg, ast.Name) and tg.id == name for tg in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise pytest.Collector.CollectError(
+                    f"{path.name}:{node.lineno}: {name} must be a literal tuple of strings"
+                ) from None
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value):
+        raise pytest.Collector.CollectError(
+            f"{path.name}: {name} must be a tuple of strings, got {value!r}")
+    return tuple(value)
+
+
+def _marker_requirements(item: pytest.Item) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(families, needs) from an item's family/needs markers (several markers add up)."""
+    families = tuple(a for m in item.iter_markers("family") for a in m.args)
+    needs = tuple(a for m in item.iter_markers("needs") for a in m.args)
+    unknown = [n for n in needs if n not in CAPABILITIES]
+    if unknown:
+        pytest.fail(f"@pytest.mark.needs: unknown capabilities {', '.join(unknown)} "
+                    f"(known: {', '.join(CAPABILITIES)})", pytrace=False)
+    return families, needs
 
 
 def _describe(title: str, f: DeviceTestFailure) -> str:
