@@ -41,11 +41,9 @@ is reported at the line where its row starts.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import tempfile
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +51,8 @@ from pathlib import Path
 from typing import IO
 
 from microcot import identity
+
+from .files import write_private
 
 COLUMNS = ("ID", "CREDENTIALS", "TYPE", "NAME", "ICCID", "SHELL")
 SEPARATORS = (";", ",", "\t")
@@ -394,15 +394,4 @@ def write(rows: Iterable[FleetRow], path_or_file: str | os.PathLike[str] | IO[st
         path_or_file.write(text)  # type: ignore[union-attr]
         return
     path = Path(path_or_file)  # type: ignore[arg-type]
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent or ".")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_private(path, text)

@@ -68,13 +68,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import secrets_file, write_private
 from .certs import TlsFiles, client_ssl_context, ensure_ca_and_server
 
 ADMIN_USER = "microcot-admin"
@@ -374,21 +374,9 @@ class Broker:
             self._lock_fd = None
 
     def _load_secrets(self) -> None:
-        if self._secrets:
-            return
-        path = self.data_dir / "broker-secrets.json"
-        data: dict[str, Any] = {}
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            data = json.loads(path.read_text())
-        changed = False
-        for key in ("admin_password", "connector_password"):
-            if not isinstance(data.get(key), str) or not data[key]:
-                data[key] = secrets.token_urlsafe(24)
-                changed = True
-        self._secrets = data
-        if changed:
-            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._save_secrets()
+        if not self._secrets:
+            self._secrets = secrets_file(self.data_dir / "broker-secrets.json",
+                                         ("admin_password", "connector_password"))
 
     def _save_secrets(self) -> None:
         self._write_file(self.data_dir / "broker-secrets.json",
@@ -477,15 +465,7 @@ class Broker:
 
     @staticmethod
     def _write_file(path: Path, text: str, mode: int) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_private(path, text, mode)
 
     # -- internals: process -------------------------------------------------------------------
 

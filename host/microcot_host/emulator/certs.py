@@ -16,7 +16,6 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..files import write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime clients such as Apple's accept for a server certificate
@@ -67,7 +68,7 @@ def ensure_ca_and_server(data_dir: Path, hostnames: Iterable[str] = DEFAULT_HOST
     if ca is None or ca[0].not_valid_after_utc - now < RENEW_BEFORE:
         ca = _new_ca(now)
         _write_key(ca_key_path, ca[1])
-        _write_atomic(files.ca_cert, ca[0].public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(files.ca_cert, ca[0].public_bytes(serialization.Encoding.PEM), 0o644)
     ca_cert, ca_key = ca
 
     server = _load_pair(files.server_cert, files.server_key)
@@ -76,7 +77,7 @@ def ensure_ca_and_server(data_dir: Path, hostnames: Iterable[str] = DEFAULT_HOST
         cn = hostnames[0] if hostnames else str(next(iter(names)).value)
         cert = _new_server(ca_cert, ca_key, key, cn, names, now)
         _write_key(files.server_key, key)
-        _write_atomic(files.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(files.server_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return files
 
 
@@ -194,19 +195,6 @@ def _load_pair(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, rsa.R
 def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+    write_private(path, pem, 0o600)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # the file is created with its final mode, so a key is never readable by others, not even briefly
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

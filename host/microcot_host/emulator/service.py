@@ -20,10 +20,8 @@ start the emulator from a thread that lives as long as it should, normally the m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from ..files import secrets_file, write_private
 from .api import Api
 from .broker import Broker, BrokerError
 from .connector import Connector
@@ -143,7 +142,7 @@ class Emulator:
             "bootstrap_user": self.bootstrap_user,
             "bootstrap_password": passwords["bootstrap_password"],
         }
-        _write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
+        write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
         log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.host, self.broker.port,
                  self.rest.url, self.data_dir)
 
@@ -205,18 +204,8 @@ class Emulator:
     # -- persisted settings -------------------------------------------------------------------
 
     def _passwords(self) -> dict[str, str]:
-        path = self.data_dir / "emulator-secrets.json"
-        data: dict[str, Any] = {}
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            data = json.loads(path.read_text())
-        changed = False
-        for key in ("admin_password", "bootstrap_password"):
-            if not isinstance(data.get(key), str) or not data[key]:
-                data[key] = secrets.token_urlsafe(18)
-                changed = True
-        if changed:
-            _write_private(path, json.dumps(data, indent=1) + "\n")
-        return data
+        return secrets_file(self.data_dir / "emulator-secrets.json",
+                            ("admin_password", "bootstrap_password"), nbytes=18)
 
     def _previous_ports(self) -> dict[str, int]:
         try:
@@ -259,14 +248,3 @@ class Emulator:
         return password
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write atomically, readable by the owner only (the file holds passwords)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
