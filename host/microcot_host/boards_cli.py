@@ -30,7 +30,8 @@ def _probe():
     r = {'platform': sys.platform, 'version': '.'.join([str(v) for v in i.version[:3]]),
          'machine': getattr(i, '_machine', ''), 'build': getattr(i, '_build', ''),
          'mpy': getattr(i, '_mpy', None), 'microcot': None, 'deployed_board': None,
-         'device_id': None, 'id_source': None, 'id_error': None}
+         'device_id': None, 'id_source': None, 'id_error': None,
+         'vboard': getattr(sys.modules.get('_vboard'), 'name', None)}
     try:
         import json
         f = open('/board.json')
@@ -164,6 +165,9 @@ def probe(port: str, timeout: float = 3.0, modem_ms: int = 1000, kind: str = "un
     finally:
         transport.close(t)
     rep.status = "micropython"
+    if facts.get("vboard") and rep.kind == "unknown":
+        rep.kind = ports.VIRTUAL
+        rep.usb = f"virtual board {facts['vboard']}"
     for key in ("platform", "version", "build", "machine", "mpy", "microcot"):
         setattr(rep, key, facts.get(key) if key in ("mpy", "microcot") else facts.get(key) or "")
     rep.board, rep.board_from = match_board(rep.platform, rep.build, rep.machine,
@@ -213,7 +217,8 @@ def survey(specs: tuple[str, ...] = (), show_all: bool = False, do_probe: bool =
         if not do_probe:
             return rep
         probed = probe(rep.port, timeout=timeout, kind=rep.kind)
-        probed.usb_id, probed.usb, probed.serial_number = rep.usb_id, rep.usb, rep.serial_number
+        probed.usb_id, probed.serial_number = rep.usb_id, rep.serial_number
+        probed.usb = rep.usb or probed.usb  # a virtual board names itself in the probe
         return probed
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(reports)))) as pool:

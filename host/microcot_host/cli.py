@@ -12,6 +12,7 @@ _COMMANDS = {
     "boards": "microcot_host.boards_cli:boards",
     "deploy": "microcot_host.deploy:deploy_command",
     "emulator": "microcot_host.emulator.cli:emulator",
+    "flash": "microcot_host.flash.cli:flash",
     "kics-emulator": "microcot_host.kics_emulator:kics_emulator",
     "test": "microcot_host.hil:test_command",
 }

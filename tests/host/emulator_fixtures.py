@@ -19,6 +19,7 @@ import urllib.request
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from seed_templates import TEMPLATES
 
 from microcot import identity
 from microcot_host.emulator.certs import client_ssl_context
@@ -28,8 +29,6 @@ QUIET = 0.5     # how long we listen for something that must not happen
 DENIED = 0x80   # SUBACK failure code of MQTT 3.1.1
 
 XID = "mcE2E1"
-
-from seed_templates import TEMPLATES  # noqa: E402
 
 REGISTRATION = "\n".join(["15," + XID, *TEMPLATES])
 
