@@ -1,0 +1,959 @@
+# ruff: noqa: F405 -- the WS_STATUS_*, OP_*, CLOSE_* names come from wsframe by the star import
+"""WebSocket client (RFC 6455, RFC 7692) with the interface of the seed's FB_IotWebSocketClient.
+
+    c = WebSocketClient("example.com", uri="/feed", tls={"ca": "/ca.der"},
+                        headers={"Authorization": "Bearer " + token})
+    c.on_message = lambda content, content_type: print(bytes(content))
+    c.connect()
+    while True:
+        c.execute()                  # cyclically: connect progress, keep-alive, receive, dispatch
+        if c.connected: c.send_message("hello")
+
+Inputs are constructor arguments and attributes, read at connect(); after changing one, call
+connect(reconfig=True). Outputs are attributes: `error`, `error_code`, `state` (the seed's
+WS_STATUS_* numbers, module constants here), `connected`, `close_reason`; and, beyond the seed,
+`error_msg` (what went wrong, in words), `http_status` (of the handshake answer), `protocol_selected`,
+`extensions` (the agreed permessage-deflate parameters or None), `can_compress` and
+`sent_compressed` (whether send_message(..., compress=True) really compressed).
+
+Overridable (subclass, or assign a function to the instance attribute):
+    check_protocol(protocol) -> bool       the subprotocol the server chose ("" for none)
+    on_message(content, content_type)      content: a memoryview valid during the call;
+                                           content_type WS_CONTENT_TEXT / WS_CONTENT_BINARY
+                                           (messages are reassembled, so WS_CONTENT_CONTINUATION
+                                           is never passed); return S_FALSE to have the same
+                                           message delivered again on the next execute()
+    on_close(status_code, content)         once per connection when it ends: the server's close
+                                           code and reason, else the code we closed with, 1006
+                                           when the connection broke without a Close
+
+States: WS_STATUS_SOCK_NO_CONN before connect and after a clean close, WS_STATUS_BUSY while
+connecting, WS_STATUS_SUCCESS while open, WS_STATUS_FINALIZE_DISCONNECT during the close
+handshake, an error status (with error=True) when something failed. error_code is the HTTP status
+for a refused handshake, the close code for a protocol failure, the OS errno for socket errors.
+
+TLS (`tls`: True, a Tls, a dict or any object with these attributes; the seed's ST_IotSocketTls
+names such as sCA, bNoServerCertCheck are accepted in a dict too): ca, cert, key_file (a path, or
+the PEM text / DER bytes), key_pwd, crl, ciphers, version ("tlsv1.2": the lowest version
+accepted), no_server_cert_check, psk_identity, psk_key. The server certificate and host name are
+verified unless no_server_cert_check. What the runtime's ssl cannot honour fails at connect with
+the matching WS_STATUS_TLS_* state and error_msg: on MicroPython CRL, PSK, key_pwd, ciphers and
+versions other than TLS 1.2, and a missing ca (there is no system store); PSK on CPython < 3.13.
+"""
+
+import socket
+import sys
+from os import urandom
+
+from microcot import wsframe as F
+from microcot.wsframe import *  # noqa: F403 -- the WS_STATUS_*, WS_CONTENT_* and CLOSE_* names
+
+try:
+    from time import ticks_diff, ticks_ms
+except ImportError:  # CPython
+    from time import monotonic
+
+    def ticks_ms():
+        return int(monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+try:
+    import select
+except ImportError:
+    select = None
+
+try:
+    import ssl
+except ImportError:
+    ssl = None
+
+_MP = sys.implementation.name == "micropython"
+if _MP:
+    _AGAIN = ()
+else:
+    _AGAIN = (BlockingIOError, InterruptedError)
+    if ssl is not None:
+        _AGAIN += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+S_OK = 0  # on_message: message taken
+S_FALSE = 1  # on_message: deliver the same message again on the next execute()
+
+RX_SIZE = 4096  # receive buffer; also the largest handshake answer head
+_EAGAIN = (11, 35, 115, 36, 114, 119)  # EAGAIN/EWOULDBLOCK/EINPROGRESS/EALREADY on Linux, BSD
+_POLLOUT = 4
+_POLLERR = 8 | 16  # POLLERR | POLLHUP
+
+_IDLE, _TCP, _TLS, _REQ, _RESP, _OPEN, _CLOSING, _DRAIN = range(8)
+
+_SEED_TLS = {"sCA": "ca", "sCert": "cert", "sKeyFile": "key_file", "sKeyPwd": "key_pwd",
+             "sCrl": "crl", "sCiphers": "ciphers", "sVersion": "version",
+             "bNoServerCertCheck": "no_server_cert_check", "sPskIdentity": "psk_identity",
+             "aPskKey": "psk_key"}
+_VERSIONS = ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3")
+
+
+class Tls:
+    """The seed's ST_IotSocketTls."""
+
+    def __init__(self, ca=None, cert=None, key_file=None, key_pwd=None, crl=None, ciphers=None,
+                 version="tlsv1.2", no_server_cert_check=False, psk_identity=None, psk_key=None):
+        self.ca = ca
+        self.cert = cert
+        self.key_file = key_file
+        self.key_pwd = key_pwd
+        self.crl = crl
+        self.ciphers = ciphers
+        self.version = version
+        self.no_server_cert_check = no_server_cert_check
+        self.psk_identity = psk_identity
+        self.psk_key = psk_key
+
+
+def _tls_of(t):
+    if not t:
+        return None
+    if t is True:
+        return Tls()
+    if isinstance(t, Tls):
+        return t
+    if isinstance(t, dict):
+        d = {}
+        for k, v in t.items():
+            d[_SEED_TLS.get(k, k)] = v
+        d.pop("nPskKeyLen", None)
+        return Tls(**d)
+    o = Tls()
+    for k in ("ca", "cert", "key_file", "key_pwd", "crl", "ciphers", "version",
+              "no_server_cert_check", "psk_identity", "psk_key"):
+        if hasattr(t, k):
+            setattr(o, k, getattr(t, k))
+    return o
+
+
+class _Fail(Exception):
+    def __init__(self, status, msg, code=0):
+        Exception.__init__(self, msg)
+        self.status = status
+        self.msg = msg
+        self.code = code
+
+
+def _errno(e):
+    a = e.args[0] if e.args else 0
+    if isinstance(a, int):
+        return a
+    s = str(a)  # MicroPython unix: '[addrinfo error -2]'
+    j = len(s) - (1 if s.endswith("]") else 0)
+    i = j
+    while i and (s[i - 1].isdigit() or s[i - 1] == "-"):
+        i -= 1
+    try:
+        return int(s[i:j])
+    except ValueError:
+        return 0
+
+
+def _read_file(v, what, nf):
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if v.startswith("-----BEGIN"):
+        return v.encode()
+    try:
+        with open(v, "rb") as f:
+            return f.read()
+    except OSError:
+        raise _Fail(nf, "%s file %r not found" % (what, v))
+
+
+def _ders(data, what, inv):
+    """DER blocks of PEM data (MicroPython's mbedtls here parses DER only); DER passes."""
+    if not data.startswith(b"-----BEGIN"):
+        return [data]
+    from binascii import a2b_base64
+
+    out = []
+    for blk in data.split(b"-----BEGIN ")[1:]:
+        lines = blk.split(b"\n")
+        if b"ENCRYPTED" in lines[0] or b"ENCRYPTED" in blk[:200]:
+            raise _Fail(inv, "%s is encrypted; this port cannot use key_pwd" % what)
+        body = b"".join(ln.strip() for ln in lines[1:] if ln and not ln.startswith(b"-----")
+                        and b":" not in ln)
+        try:
+            out.append(a2b_base64(body))
+        except ValueError:
+            raise _Fail(inv, "%s PEM is not valid base64" % what)
+    if not out:
+        raise _Fail(inv, "%s holds no PEM block" % what)
+    return out
+
+
+def _ssl_context(t):
+    """An ssl.SSLContext for the Tls settings; _Fail(WS_STATUS_TLS_*) for what cannot be done."""
+    if ssl is None:
+        raise _Fail(WS_STATUS_SOCK_NOT_SUPPORTED, "this runtime has no ssl module")
+    if t.psk_identity or t.psk_key:
+        raise _Fail(WS_STATUS_TLS_PSK_INVALID, "TLS-PSK is not supported by this runtime's ssl")
+    v = (t.version or "tlsv1.2").lower()
+    if v not in _VERSIONS:
+        raise _Fail(WS_STATUS_TLS_VERSION_INVALID, "unknown TLS version %r" % t.version)
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    except Exception as e:
+        raise _Fail(WS_STATUS_TLS_SETUP, "SSLContext: %r" % (e,))
+    if _MP:
+        return _mp_context(ctx, t, v)
+    return _cpy_context(ctx, t, v)
+
+
+def _mp_context(ctx, t, v):
+    if t.crl:
+        raise _Fail(WS_STATUS_TLS_CRL_INVALID, "CRL checking is not supported by this port's ssl")
+    if t.key_pwd:
+        raise _Fail(WS_STATUS_TLS_KEY_INVALID, "encrypted private keys (key_pwd) are not "
+                    "supported by this port's ssl")
+    if v != "tlsv1.2":
+        raise _Fail(WS_STATUS_TLS_VERSION_INVALID, "this port's ssl cannot select %s" % v)
+    if t.ciphers:
+        if not hasattr(ctx, "set_ciphers"):
+            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "this port's ssl cannot select ciphers")
+        try:
+            ctx.set_ciphers(t.ciphers.split(":") if isinstance(t.ciphers, str) else t.ciphers)
+        except Exception as e:
+            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "ciphers %r: %r" % (t.ciphers, e))
+    if t.no_server_cert_check:
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        if not t.ca:
+            raise _Fail(WS_STATUS_TLS_CA_NOTFOUND, "no CA given: MicroPython has no system "
+                        "store; set tls ca, or no_server_cert_check")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if t.ca:
+        for der in _ders(_read_file(t.ca, "CA", WS_STATUS_TLS_CA_NOTFOUND), "CA",
+                         WS_STATUS_TLS_CA_INVALID):
+            try:
+                ctx.load_verify_locations(cadata=der)
+            except Exception as e:
+                raise _Fail(WS_STATUS_TLS_CA_INVALID, "CA not loadable: %r" % (e,))
+    if t.cert or t.key_file:
+        if not (t.cert and t.key_file):
+            raise _Fail(WS_STATUS_TLS_KEY_NOTFOUND if t.cert else WS_STATUS_TLS_CERT_NOTFOUND,
+                        "a client certificate needs both cert and key_file")
+        c = _ders(_read_file(t.cert, "certificate", WS_STATUS_TLS_CERT_NOTFOUND),
+                  "certificate", WS_STATUS_TLS_CERT_INVALID)[0]
+        k = _ders(_read_file(t.key_file, "key", WS_STATUS_TLS_KEY_NOTFOUND), "key",
+                  WS_STATUS_TLS_KEY_INVALID)[0]
+        try:
+            ctx.load_cert_chain(c, k)
+        except Exception as e:
+            st = WS_STATUS_TLS_KEY_INVALID if "key" in str(e) else WS_STATUS_TLS_CERT_INVALID
+            raise _Fail(st, "client certificate/key not loadable: %r" % (e,))
+    return ctx
+
+
+def _tmp(data):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(data)
+    return f.name
+
+
+def _cpy_context(ctx, t, v):
+    import os
+
+    ctx.minimum_version = {"tlsv1": ssl.TLSVersion.TLSv1, "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+                           "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+                           "tlsv1.3": ssl.TLSVersion.TLSv1_3}[v]
+    if t.ciphers:
+        try:
+            ctx.set_ciphers(t.ciphers)
+        except ssl.SSLError as e:
+            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "ciphers %r: %s" % (t.ciphers, e))
+    if t.ca:
+        data = _read_file(t.ca, "CA", WS_STATUS_TLS_CA_NOTFOUND)
+        try:
+            if data.startswith(b"-----BEGIN"):
+                ctx.load_verify_locations(cadata=data.decode())
+            else:
+                ctx.load_verify_locations(cadata=data)
+        except (ssl.SSLError, ValueError) as e:
+            raise _Fail(WS_STATUS_TLS_CA_INVALID, "CA not loadable: %s" % e)
+    elif not t.no_server_cert_check:
+        ctx.load_default_certs()
+    if t.crl:
+        data = _read_file(t.crl, "CRL", WS_STATUS_TLS_CRL_NOTFOUND)
+        path = _tmp(data)
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except ssl.SSLError as e:
+            raise _Fail(WS_STATUS_TLS_CRL_INVALID, "CRL not loadable: %s" % e)
+        finally:
+            os.unlink(path)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    if t.cert or t.key_file:
+        if not (t.cert and t.key_file):
+            raise _Fail(WS_STATUS_TLS_KEY_NOTFOUND if t.cert else WS_STATUS_TLS_CERT_NOTFOUND,
+                        "a client certificate needs both cert and key_file")
+        cp = _tmp(_read_file(t.cert, "certificate", WS_STATUS_TLS_CERT_NOTFOUND))
+        kp = _tmp(_read_file(t.key_file, "key", WS_STATUS_TLS_KEY_NOTFOUND))
+        try:
+            ctx.load_cert_chain(cp, kp, t.key_pwd or None)
+        except (ssl.SSLError, ValueError, TypeError) as e:
+            m = str(e).lower()
+            st = WS_STATUS_TLS_CERT_INVALID
+            if "key" in m or "decrypt" in m or "password" in m:
+                st = WS_STATUS_TLS_KEY_INVALID
+            raise _Fail(st, "client certificate/key not loadable: %s" % e)
+        finally:
+            os.unlink(cp)
+            os.unlink(kp)
+    if t.no_server_cert_check:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _tls_fail(e):
+    """The WS_STATUS_TLS_* of a failed TLS handshake."""
+    code = getattr(e, "verify_code", None)  # CPython SSLCertVerificationError
+    m = str(e)
+    if code == 62 or "CN" in m or "Hostname mismatch" in m or "Common Name" in m:
+        st = WS_STATUS_TLS_CN_MISMATCH
+    elif code in (9, 10) or "expired" in m or "future" in m:
+        st = WS_STATUS_TLS_CERT_EXPIRED
+    elif code is not None or "verif" in m.lower() or "certificate" in m.lower():
+        st = WS_STATUS_TLS_VERIFY_FAIL
+    else:
+        st = WS_STATUS_TLS_HANDSHAKE_FAIL
+    return _Fail(st, "TLS handshake failed: %s" % (m.strip() or repr(e)), _errno(e))
+
+
+def _conn_fail(e):
+    n = _errno(e)
+    if n in (111, 61, 10061):
+        st = WS_STATUS_SOCK_CONN_REFUSED
+    elif n in (113, 101, 65, 51, 10065):
+        st = WS_STATUS_SOCK_CONN_HOSTUNREACH
+    elif n in (110, 60, 10060):
+        st = WS_STATUS_SOCK_CONN_TIMEDOUT
+    elif n == 12:
+        st = WS_STATUS_SOCK_NOMEM
+    else:
+        st = WS_STATUS_SOCK_CONN_FAILED
+    return _Fail(st, "TCP connect failed: %r" % (e,), n)
+
+
+class _Cfg:
+    pass
+
+
+_INPUTS = ("host", "port", "uri", "protocol", "origin", "tls", "per_message_deflate",
+           "keep_alive", "keep_alive_interval", "keep_alive_close_timeout",
+           "connect_response_timeout", "max_recv_frame_size", "max_recv_msg_size",
+           "max_send_frame_size", "headers", "close_timeout", "send_timeout")
+
+
+class WebSocketClient:
+    """The seed's FB_IotWebSocketClient (see the module docstring)."""
+
+    def __init__(self, host="", port=None, uri="/", protocol="", origin="", tls=None,
+                 per_message_deflate=False, keep_alive=True, keep_alive_interval=30,
+                 keep_alive_close_timeout=10, connect_response_timeout=10,
+                 max_recv_frame_size=0x10000, max_recv_msg_size=0x100000,
+                 max_send_frame_size=0x4000, headers=None, close_timeout=5, send_timeout=10):
+        self.host = host
+        self.port = port
+        self.uri = uri
+        self.protocol = protocol
+        self.origin = origin
+        self.tls = tls
+        self.per_message_deflate = per_message_deflate
+        self.keep_alive = keep_alive
+        self.keep_alive_interval = keep_alive_interval
+        self.keep_alive_close_timeout = keep_alive_close_timeout
+        self.connect_response_timeout = connect_response_timeout
+        self.max_recv_frame_size = max_recv_frame_size
+        self.max_recv_msg_size = max_recv_msg_size
+        self.max_send_frame_size = max_send_frame_size
+        self.headers = headers
+        self.close_timeout = close_timeout
+        self.send_timeout = send_timeout
+        # outputs
+        self.error = False
+        self.error_code = 0
+        self.error_msg = ""
+        self.state = WS_STATUS_SOCK_NO_CONN
+        self.connected = False
+        self.close_reason = 0
+        self.http_status = 0
+        self.protocol_selected = ""
+        self.extensions = None
+        self.can_compress = False
+        self.sent_compressed = False
+        self._c = None
+        self._ctx = None
+        self._ph = _IDLE
+        self._raw = None
+        self._s = None
+        self._poll = None
+        self._rx = None
+        self._tx = bytearray(0)
+        self._reader = None
+        self._infl = None
+        self._defl = None
+        self._pending = None
+
+    # --- overridables ----------------------------------------------------------------------------
+
+    def check_protocol(self, protocol):
+        return True
+
+    def on_message(self, content, content_type):
+        return S_OK
+
+    def on_close(self, status_code, content):
+        return S_OK
+
+    # --- connect ---------------------------------------------------------------------------------
+
+    def _snapshot(self):
+        c = _Cfg()
+        for k in _INPUTS:
+            setattr(c, k, getattr(self, k))
+        c.tls = _tls_of(c.tls)
+        if not c.port:
+            c.port = 443 if c.tls else 80
+        c.host = c.host or "localhost"
+        p = c.protocol
+        c.protocols = [x.strip() for x in p.split(",")] if isinstance(p, str) else list(p or ())
+        c.protocols = [x for x in c.protocols if x]
+        pmd = c.per_message_deflate
+        if pmd:
+            from microcot import wspmd
+
+            if not wspmd.inflate_available():
+                raise _Fail(WS_STATUS_SOCK_NOT_SUPPORTED, "no zlib/deflate module for "
+                            "per_message_deflate")
+            c.pmd_opts = wspmd.default_options() if pmd is True else pmd
+            c.ext = wspmd.offer(c.pmd_opts)
+        else:
+            c.ext = None
+        self._c = c
+        self._ctx = _ssl_context(c.tls) if c.tls else None
+
+    def connect(self, reconfig=False):
+        """Start connecting (execute() carries it on); True when under way or connected."""
+        if self._ph != _IDLE:
+            if not reconfig:
+                return True
+            self._close_sock()
+        self.error = False
+        self.error_code = 0
+        self.error_msg = ""
+        self.close_reason = 0
+        self.http_status = 0
+        self.protocol_selected = ""
+        self.extensions = None
+        self.can_compress = False
+        self._pending = None
+        self._closed_cb = False
+        self._discard = False
+        self.state = WS_STATUS_BUSY
+        try:
+            if reconfig or self._c is None:
+                self._c = None
+                self._snapshot()
+            self._start()
+        except _Fail as e:
+            self._error(e.status, e.msg, e.code)
+            self._close_sock()
+            return False
+        except MemoryError:
+            self._error(WS_STATUS_SOCK_NOMEM, "out of memory while connecting")
+            self._close_sock()
+            return False
+        return True
+
+    def _start(self):
+        c = self._c
+        if not (0 < c.port < 65536):
+            raise _Fail(WS_STATUS_SOCK_CONN_INVAL, "port %r out of range" % (c.port,))
+        self._key = F.make_key()
+        try:
+            self._req = F.request(c.host, c.port, c.uri, self._key, ", ".join(c.protocols),
+                                  c.origin, c.ext, c.headers, bool(c.tls))
+        except F.HandshakeError as e:
+            raise _Fail(e.status, e.msg)
+        try:
+            ai = socket.getaddrinfo(c.host, c.port, 0, socket.SOCK_STREAM)[0]
+        except OSError as e:
+            n = _errno(e)
+            st = WS_STATUS_SOCK_NOT_FOUND if n in (-2, -5, 8, 7, 202) else WS_STATUS_SOCK_ERR_EAI
+            raise _Fail(st, "cannot resolve %r: %r" % (c.host, e), n)
+        try:
+            s = socket.socket(ai[0], ai[1], ai[2])
+        except OSError as e:
+            raise _Fail(WS_STATUS_SOCK_ERR_CREATE, "socket: %r" % (e,), _errno(e))
+        self._raw = self._s = s
+        s.setblocking(False)
+        try:
+            s.connect(ai[-1])
+        except OSError as e:
+            if _errno(e) not in _EAGAIN:
+                raise _conn_fail(e)
+        if self._rx is None:
+            self._rx = bytearray(RX_SIZE)
+        self._rs = self._re = 0
+        self._poll = select.poll()
+        self._poll.register(s, _POLLOUT)
+        self._ph = _TCP
+        self._t0 = ticks_ms()
+        self._progress()
+
+    def _timed_out(self, secs):
+        return ticks_diff(ticks_ms(), self._t0) >= secs * 1000
+
+    def _progress(self):
+        c = self._c
+        if self._ph == _TCP:
+            ev = self._poll.poll(0)
+            if not ev:
+                if self._timed_out(c.connect_response_timeout):
+                    raise _Fail(WS_STATUS_SOCK_CONN_TIMEDOUT, "TCP connect to %s:%d timed out"
+                                % (c.host, c.port), 110)
+                return
+            if ev[0][1] & _POLLERR:
+                raise _conn_fail(self._sock_error())
+            self._poll.modify(self._raw, 1)  # POLLIN from now on
+            if self._ctx:
+                try:
+                    self._s = self._ctx.wrap_socket(self._raw, server_hostname=c.host,
+                                                    do_handshake_on_connect=False)
+                except Exception as e:
+                    raise _tls_fail(e)
+                self._ph = _REQ if _MP else _TLS
+            else:
+                self._ph = _REQ
+            self._sent = 0
+        if self._ph == _TLS:  # CPython: the TLS handshake, non-blocking
+            try:
+                self._s.do_handshake()
+            except _AGAIN:
+                if self._timed_out(c.connect_response_timeout):
+                    raise _Fail(WS_STATUS_TLS_HANDSHAKE_FAIL, "TLS handshake timed out", 110)
+                return
+            except (OSError, ValueError) as e:
+                raise _tls_fail(e)
+            self._ph = _REQ
+        if self._ph == _REQ:  # on MicroPython with TLS the first write drives the handshake
+            try:
+                while self._sent < len(self._req):
+                    k = self._write(memoryview(self._req)[self._sent:])
+                    if k is None:
+                        if self._timed_out(c.connect_response_timeout):
+                            if self._ctx:
+                                raise _Fail(WS_STATUS_TLS_HANDSHAKE_FAIL,
+                                            "TLS handshake timed out", 110)
+                            raise _Fail(WS_STATUS_CONNECT_REQ_SEND_ERROR,
+                                        "sending the request timed out", 110)
+                        return
+                    self._sent += k
+            except _Fail:
+                raise
+            except (OSError, ValueError) as e:
+                if self._ctx and _MP:
+                    raise _tls_fail(e)
+                raise _Fail(WS_STATUS_CONNECT_REQ_SEND_ERROR, "sending the request: %r" % (e,),
+                            _errno(e))
+            self._ph = _RESP
+            self._t0 = ticks_ms()
+        if self._ph == _RESP:
+            self._response()
+
+    def _sock_error(self):
+        s = self._raw
+        if hasattr(s, "getsockopt"):
+            n = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            return OSError(n, "connect failed")
+        try:
+            s.send(b"\0")
+        except OSError as e:
+            return e
+        return OSError(0, "connect failed")
+
+    def _response(self):
+        c = self._c
+        rx = self._rx
+        while True:
+            n = self._read(memoryview(rx)[self._re:])
+            if n is None:
+                break
+            if n == 0:
+                raise _Fail(WS_STATUS_SOCK_CONN_LOST, "connection closed before the "
+                            "handshake answer was complete")
+            self._re += n
+            if self._re == len(rx):
+                break
+        end = bytes(memoryview(rx)[:self._re]).find(b"\r\n\r\n")
+        if end < 0:
+            if self._re == len(rx):
+                raise _Fail(WS_STATUS_CONNECT_RES_PARSE_ERROR, "handshake answer head over %d "
+                            "bytes" % len(rx))
+            if self._timed_out(c.connect_response_timeout):
+                raise _Fail(WS_STATUS_CONNECT_RES_TIMEDOUT, "no handshake answer within %ss"
+                            % c.connect_response_timeout)
+            return
+        try:
+            status, _, hdrs = F.parse_response(memoryview(rx)[:end])
+            self.http_status = status
+            proto = F.check_response(status, hdrs, self._key, c.protocols)
+            cfg = None
+            ext = hdrs.get("sec-websocket-extensions", "")
+            if c.ext:
+                from microcot import wspmd
+
+                cfg = wspmd.accept(ext, c.pmd_opts)
+            elif ext:
+                raise F.HandshakeError(WS_STATUS_CONNECT_RES_INVALID_EXTENSION,
+                                       "server answered extensions %r, none offered" % ext, 101)
+        except F.HandshakeError as e:
+            raise _Fail(e.status, e.msg, e.http)
+        self.protocol_selected = proto
+        if not self.check_protocol(proto):
+            raise _Fail(WS_STATUS_CONNECT_RES_INVALID, "check_protocol refused subprotocol %r"
+                        % proto, 101)
+        self.extensions = cfg
+        self._reader = F.Reader(c.max_recv_frame_size, c.max_recv_msg_size, cfg is not None)
+        self._infl = self._defl = None
+        if cfg:
+            from microcot import wspmd
+
+            self._infl = wspmd.Inflater(cfg["sbits"], not cfg["snct"])
+            self._defl = wspmd.Deflater(cfg["cbits"], not cfg["cnct"])
+            self.can_compress = self._defl.ok
+        self._rs = end + 4
+        self._ph = _OPEN
+        self.state = WS_STATUS_SUCCESS
+        self.connected = True
+        self._last_rx = ticks_ms()
+        self._ping_at = None
+
+    # --- raw I/O ---------------------------------------------------------------------------------
+
+    def _read(self, mv):
+        """n > 0 bytes, 0 at EOF, None when nothing is available now."""
+        try:
+            if _MP:
+                return self._s.readinto(mv)
+            return self._s.recv_into(mv)
+        except _AGAIN:
+            return None
+        except OSError as e:
+            if _errno(e) in _EAGAIN:
+                return None
+            if ssl is not None and not _MP and isinstance(e, ssl.SSLZeroReturnError):
+                return 0
+            raise
+
+    def _write(self, mv):
+        try:
+            if _MP:
+                return self._s.write(mv)
+            return self._s.send(mv)
+        except _AGAIN:
+            return None
+        except OSError as e:
+            if _errno(e) in _EAGAIN:
+                return None
+            raise
+
+    def _write_all(self, mv):
+        t0 = ticks_ms()
+        i = 0
+        n = len(mv)
+        while i < n:
+            k = self._write(mv[i:])
+            if k is None:
+                left = self._c.send_timeout * 1000 - ticks_diff(ticks_ms(), t0)
+                if left <= 0:
+                    raise OSError(110, "send timed out")
+                self._poll.modify(self._raw, _POLLOUT)
+                self._poll.poll(left if left < 50 else 50)
+                self._poll.modify(self._raw, 1)
+                continue
+            i += k
+
+    def _frame(self, op, payload, fin=True, rsv1=False):
+        n = len(payload)
+        if len(self._tx) < n + 14:
+            self._tx = bytearray(n + 14)
+        tx = self._tx
+        key = urandom(4)
+        _, h = F.header(op, n, fin, rsv1, key, tx)
+        tx[h:h + n] = payload
+        F.mask(tx, h, h + n, key)
+        self._write_all(memoryview(tx)[:h + n])
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    def send_message(self, data, text=True, compress=False):
+        """Send one message, fragmented into frames of max_send_frame_size; True when sent.
+        compress=True compresses where the connection can (can_compress); otherwise the message
+        goes uncompressed and sent_compressed tells so."""
+        self.sent_compressed = False
+        if self._ph != _OPEN:
+            return False
+        if isinstance(data, str):
+            data = data.encode()
+        elif text and not F.valid_utf8(data):
+            raise ValueError("text message is not valid UTF-8")
+        comp = False
+        if compress and self._defl is not None and self._defl.ok:
+            data = self._defl.deflate(data)
+            comp = True
+        mv = memoryview(data)
+        n = len(mv)
+        fs = self._c.max_send_frame_size or n or 1
+        op = OP_TEXT if text else OP_BINARY
+        i = 0
+        try:
+            while True:
+                k = n - i if n - i <= fs else fs
+                fin = i + k >= n
+                self._frame(op if i == 0 else OP_CONT, mv[i:i + k], fin, comp and i == 0)
+                i += k
+                if fin:
+                    break
+        except OSError as e:
+            self._lost(e)
+            return False
+        self.sent_compressed = comp
+        return True
+
+    # --- closing ---------------------------------------------------------------------------------
+
+    def disconnect(self, code=CLOSE_NORMAL, reason=""):
+        """Start the close handshake (execute() completes it); while connecting, drop at once."""
+        if self._ph == _OPEN:
+            p = F.close_payload(code, reason)
+            self.connected = False
+            self.state = WS_STATUS_FINALIZE_DISCONNECT
+            self.close_reason = code
+            try:
+                self._frame(OP_CLOSE, p)
+            except OSError:
+                self._finish()
+                return True
+            self._ph = _CLOSING
+            self._t0 = ticks_ms()
+            self._discard = False
+        elif self._ph != _IDLE and self._ph < _OPEN:
+            self._close_sock()
+            self.state = WS_STATUS_SOCK_NO_CONN
+        return True
+
+    def _error(self, status, msg, code=0):
+        self.error = True
+        self.state = status
+        self.error_msg = msg
+        self.error_code = code
+        self.connected = False
+
+    def _fail(self, code, status, msg):
+        """Fail the connection: send Close(code), then wait (discarding) for the server's end."""
+        self._error(status, msg, code)
+        self.close_reason = code
+        if self._ph == _OPEN:
+            try:
+                self._frame(OP_CLOSE, F.close_payload(code))
+            except OSError:
+                self._finish()
+                return
+            self._ph = _CLOSING
+            self._t0 = ticks_ms()
+            self._discard = True
+        else:
+            self._finish()
+
+    def _lost(self, e=None):
+        if self._ph in (_CLOSING, _DRAIN):  # the server ended the close handshake
+            self._finish()
+            return
+        st = WS_STATUS_SOCK_CONN_LOST
+        if e is not None and ssl is not None and not _MP and isinstance(e, ssl.SSLError):
+            st = WS_STATUS_SOCK_ERR_TLS
+        self._error(st, "connection lost" + (": %r" % (e,) if e is not None else ""),
+                    _errno(e) if e is not None else 0)
+        if not self._closed_cb:
+            self.close_reason = CLOSE_ABNORMAL
+        self._finish()
+
+    def _close_sock(self):
+        s = self._s
+        self._s = None
+        if s is not None:
+            try:
+                s.close()
+            except Exception:
+                pass
+        if self._raw is not None and self._raw is not s:
+            try:
+                self._raw.close()
+            except Exception:
+                pass
+        self._raw = None
+        self._poll = None
+        self._ph = _IDLE
+        self.connected = False
+
+    def _finish(self):
+        was = self._ph >= _OPEN
+        self._close_sock()
+        if not self.error:
+            self.state = WS_STATUS_SOCK_NO_CONN
+        if was and not self._closed_cb:
+            self._closed_cb = True
+            self.on_close(self.close_reason or CLOSE_ABNORMAL, b"")
+
+    # --- the cycle -------------------------------------------------------------------------------
+
+    def execute(self, wait_ms=0):
+        """One cycle: connect progress, keep-alive, receive and dispatch. Waits up to wait_ms
+        for data when there is nothing to do (0: never waits)."""
+        if self._ph == _IDLE:
+            return
+        try:
+            if self._ph < _OPEN:
+                self._progress()
+                if self._ph < _OPEN:
+                    if wait_ms and self._poll:
+                        self._poll.poll(wait_ms)
+                    return
+            if self._pending is not None and self._deliver(*self._pending):
+                return
+            got = self._receive()
+            if self._ph >= _OPEN:
+                self._timers()
+            if not got and wait_ms and self._ph != _IDLE and self._pending is None:
+                self._poll.poll(wait_ms)
+        except _Fail as e:
+            self._error(e.status, e.msg, e.code)
+            self._close_sock()
+        except F.ProtocolError as e:
+            self._fail(e.code, e.status, e.msg)
+        except MemoryError:
+            self._fail(CLOSE_TOO_BIG, WS_STATUS_NOMEMORY, "out of memory for a message")
+        except OSError as e:
+            self._lost(e)
+
+    def _deliver(self, content, ctype):
+        """Hand a message to on_message; True when it asked to get it again."""
+        try:
+            r = self.on_message(content, ctype)
+        except Exception:
+            self._pending = None
+            self._fail(CLOSE_INTERNAL_ERROR, WS_STATUS_INTERNAL_ERROR, "on_message raised")
+            raise
+        if r == S_FALSE and r is not True:
+            self._pending = (content, ctype)
+            self._last_rx = ticks_ms()
+            return True
+        self._pending = None
+        return False
+
+    def _receive(self):
+        rd = self._reader
+        rx = self._rx
+        budget = 4 * RX_SIZE + self._c.max_recv_frame_size
+        got = False
+        while budget > 0 and self._ph >= _OPEN:
+            if self._rs < self._re:
+                if self._discard:
+                    self._rs = self._re
+                    continue
+                used, ev = rd.feed(memoryview(rx)[self._rs:self._re])
+                self._rs += used
+                if ev and self._event(ev):
+                    return True
+                continue
+            t = None if self._discard else rd.target()
+            if t is not None and len(t) >= 512:
+                n = self._read(t)
+            else:
+                t = None
+                n = self._read(memoryview(rx))
+            if n is None:
+                break
+            if n == 0:
+                self._lost()
+                return got
+            got = True
+            budget -= n
+            self._last_rx = ticks_ms()
+            self._ping_at = None
+            if t is None:
+                self._rs = 0
+                self._re = n
+            else:
+                ev = rd.got(n)
+                if ev and self._event(ev):
+                    return True
+        return got
+
+    def _event(self, ev):
+        """Act on a reader event; True to stop reading for this cycle."""
+        kind = ev[0]
+        if kind == "msg":
+            _, op, n, comp = ev
+            content = memoryview(self._reader.buf)[:n]
+            if comp:
+                content = self._infl.inflate(content, self._c.max_recv_msg_size)
+                if op == OP_TEXT and not F.valid_utf8(content):
+                    raise F.ProtocolError(CLOSE_INVALID_DATA, WS_STATUS_PROTOCOL_ERROR,
+                                          "text message is not valid UTF-8")
+            if self._ph != _OPEN:
+                return False  # closing: late data is dropped
+            return self._deliver(content, WS_CONTENT_TEXT if op == OP_TEXT else WS_CONTENT_BINARY)
+        if kind == "ping":
+            if self._ph == _OPEN:
+                self._frame(OP_PONG, ev[1])
+            return False
+        if kind == "pong":
+            return False
+        # close
+        code, reason = ev[1], ev[2]
+        if self._ph == _OPEN:
+            self.connected = False
+            self.state = WS_STATUS_FINALIZE_DISCONNECT
+            try:
+                self._frame(OP_CLOSE, F.close_payload(None if code == CLOSE_NO_STATUS else code))
+            except OSError:
+                pass
+        self._ph = _DRAIN
+        self._t0 = ticks_ms()
+        if not self.error:
+            self.close_reason = code
+        if not self._closed_cb:
+            self._closed_cb = True
+            self.on_close(code, reason)
+        return True
+
+    def _timers(self):
+        c = self._c
+        now = ticks_ms()
+        if self._ph in (_CLOSING, _DRAIN):
+            if ticks_diff(now, self._t0) >= c.close_timeout * 1000:
+                self._finish()
+            return
+        if not (c.keep_alive and c.keep_alive_interval) or self._pending is not None:
+            return
+        if self._ping_at is None:
+            if ticks_diff(now, self._last_rx) >= c.keep_alive_interval * 1000:
+                self._frame(OP_PING, b"microcot")
+                self._ping_at = now
+        elif ticks_diff(now, self._ping_at) >= c.keep_alive_close_timeout * 1000:
+            self._fail(CLOSE_INTERNAL_ERROR, WS_STATUS_KEEP_ALIVE_TIMEDOUT,
+                       "no pong within %ss" % c.keep_alive_close_timeout)
+            self._finish()
