@@ -97,13 +97,14 @@ class EspRomEmulator:
     """The ROM loader of an ESP32 (or, for detection only, an ESP32-S3) behind a pty."""
 
     def __init__(self, flash_path: Path | str, chip: str = "esp32", flash_size: int = 4 << 20,
-                 mac: bytes = bytes.fromhex("246f28a1b2c3")) -> None:
+                 mac: bytes = bytes.fromhex("246f28a1b2c3"), latency: float = 0.0) -> None:
         if chip not in ("esp32", "esp32s3"):
             raise ValueError(f"chip {chip!r}: the emulator knows esp32 and esp32s3")
         self.chip = chip
         self.flash_path = Path(flash_path)
         self.flash_size = flash_size
         self.mac = mac
+        self.latency = latency  # seconds before each answer, like a slow link or a busy chip
         self.ops: list[str] = []
         self.baud = 115200
         self.exited = False
@@ -265,6 +266,8 @@ class EspRomEmulator:
 
     def _reply(self, op: int, val: int = 0, data: bytes = b"", status: int = 0,
                error: int = 0) -> None:
+        if self.latency:
+            time.sleep(self.latency)
         body = data + bytes([status, error, 0, 0])
         packet = struct.pack("<BBHI", 1, op, len(body), val) + body
         os.write(self._master, slip_encode(packet))

@@ -69,6 +69,9 @@ def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, er
     """
     try:
         board = boards.load(board_name)
+        if board.family not in ("esp32", "rp2"):
+            raise FlashError(f"board {board.name} ({board.family}) runs MicroPython's unix port: "
+                             "there is nothing to flash (start it with `microcot board start`)")
         fw = resolve_firmware(board, firmware)
         data = fw.read_bytes()
         if board.family == "esp32":
@@ -77,12 +80,9 @@ def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, er
                                     baud=baud or int(board.raw.get("baud", 460800)),
                                     before=before, after=after, no_stub=no_stub, erase=erase,
                                     compress=not no_compress), verbose)
-        elif board.family == "rp2":
+        else:
             failed = _flash_rp2(board, fw, data, port_specs, drive, bootsel, check_only, no_wait,
                                 wait_timeout)
-        else:
-            raise FlashError(f"board {board.name} ({board.family}) runs MicroPython's unix port: "
-                             "there is nothing to flash (start it with `microcot board start`)")
     except (FlashError, boards.BoardError, transport.BoardError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
