@@ -134,6 +134,9 @@ def validate_uf2(data: bytes, chip: str, board_family: int | None = None) -> Uf2
         if size > MAX_PAYLOAD:
             raise FlashError(f"{where}: payload of {size} bytes, more than the {MAX_PAYLOAD} a "
                              "block holds")
+        if _is_ignore_block(flags, family, size, raw):
+            ignored += 1
+            continue
         if number >= count:
             raise FlashError(f"{where}: block number {number} is not below its block count "
                              f"{count}")
