@@ -131,7 +131,7 @@ def test_check_image_reports_bootloader_and_application() -> None:
     (b"\x00" * 64, "first byte 0x00"),
     (b"UF2\n" + bytes(60), "not an ESP firmware image"),
     (esp_image(ESP32S3_CHIP_ID), "built for ESP32-S3"),
-    (esp_image(77), "unknown chip id 77"),
+    (esp_image(77), "built for an unknown chip .image chip id 77."),
     (corrupt(esp_image(), 40, 0x99), "checksum"),                 # a segment byte changed
     (corrupt(esp_image(), -1, 0x00), "SHA-256"),                   # the digest changed
     (esp_image()[:200], "corrupt image"),                          # truncated in a segment
@@ -171,10 +171,12 @@ def test_flash_rom_loader_deflated(emulator: EspRomEmulator, fw: Path) -> None:
     assert flash_now[0x1000:0x1000 + len(data)] == data
     assert flash_now[:0x1000] == b"\xff" * 0x1000
     assert flash_now[0x1000 + len(data):] == b"\xff" * (FLASH_SIZE - 0x1000 - len(data))
-    for op in ("SYNC", "READ_REG", "SPI_ATTACH", "SPI_SET_PARAMS", "FLASH_DEFL_BEGIN",
+    for op in ("SYNC", "READ_REG", "WRITE_REG", "CHANGE_BAUDRATE", "SPI_ATTACH", "SPI_SET_PARAMS",
+               "FLASH_DEFL_BEGIN",
                "FLASH_DEFL_DATA", "SPI_FLASH_MD5"):
         assert op in emulator.ops, op
     assert "FLASH_DATA" not in emulator.ops
+    assert emulator.baud == 460800  # the board file's rate, after syncing at 115200
     assert not emulator.errors[2:], emulator.errors  # the first two: ESP32 has no security info
     assert "ESP32-D0WD-V3 (revision v3.0), MAC 24:6f:28:a1:b2:c3" in r.stdout
     assert "application at 0x10000 valid" in r.stdout
@@ -328,7 +330,11 @@ def test_wait_for_repl_reports_the_version(virtual_board) -> None:
     assert running.describe().startswith(f"MicroPython {running.info.version} on linux")
 
 
-def test_wait_for_repl_gives_up_clearly(emulator: EspRomEmulator) -> None:
-    # a ROM loader is not a MicroPython REPL
-    with pytest.raises(FlashError, match="no MicroPython REPL within 3 s"):
-        wait_for_repl([emulator.port], timeout=3)
+def test_each_flashed_board_is_awaited(virtual_board, emulator: EspRomEmulator, capsys) -> None:
+    from microcot_host.flash import cli
+
+    failed = cli._await_repls([virtual_board.port, emulator.port], timeout=3)
+    out, err = capsys.readouterr()
+    assert failed == [emulator.port]
+    assert f"{virtual_board.port}: MicroPython " in out and " on linux" in out
+    assert f"{emulator.port}: error: no MicroPython REPL within 3 s" in err

@@ -15,8 +15,8 @@ from pathlib import Path
 from .. import boards, transport
 from ..paths import state_dir
 
-__all__ = ["DOWNLOAD_URL", "MICROPYTHON_BOARDS", "FlashError", "cache_dir", "download_hint",
-           "micropython_board", "resolve_firmware", "wait_for_repl"]
+__all__ = ["DOWNLOAD_URL", "MICROPYTHON_BOARDS", "FlashError", "Running", "cache_dir",
+           "download_hint", "micropython_board", "resolve_firmware", "wait_for_repl"]
 
 DOWNLOAD_URL = "https://micropython.org/download/{board}/"
 

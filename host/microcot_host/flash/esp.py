@@ -117,9 +117,9 @@ def _check_one(data: bytes, chip: str, what: str) -> tuple[int, bool]:
     image_chip_id = struct.unpack_from("<H", data, 12)[0]
     built_for = _chip_by_image_id().get(image_chip_id)
     if built_for != chip:
-        found = chip_name(built_for) if built_for else f"unknown chip id {image_chip_id}"
-        raise FlashError(f"{what}: built for {found} (chip id {image_chip_id}), but the board "
-                         f"has an {chip_name(chip)}")
+        found = chip_name(built_for) if built_for else "an unknown chip"
+        raise FlashError(f"{what}: built for {found} (image chip id {image_chip_id}), but the "
+                         f"board has an {chip_name(chip)}")
     try:
         image = LoadFirmwareImage(chip, data)
     except (FatalError, RuntimeError, struct.error, TypeError, ValueError, IndexError) as exc:
