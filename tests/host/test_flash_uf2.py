@@ -317,7 +317,7 @@ def test_no_bootloader_on_the_board(env: Path, fw: Path, board: VirtualBoard) ->
     drive = make_drive(env)
     result = run("-b", "rp2-pico-w", "-f", str(fw), "-p", board.port, "--timeout", "2")
     assert_clean_failure(result, f"{board.port}: no machine.bootloader() on this board",
-                         "--bootsel", "1 board(s) not flashed")
+                         "--bootsel", "failed on 1 board(s)")
     assert files_on(drive) == set()
 
 

@@ -88,7 +88,7 @@ def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, er
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
     if failed:
-        raise click.ClickException(f"{len(failed)} board(s) not flashed: {', '.join(failed)}")
+        raise click.ClickException(f"failed on {len(failed)} board(s): {', '.join(failed)}")
 
 
 # ---- ESP32 -------------------------------------------------------------------------------------
