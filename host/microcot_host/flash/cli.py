@@ -71,7 +71,7 @@ def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, er
         board = boards.load(board_name)
         if board.family not in ("esp32", "rp2"):
             raise FlashError(f"board {board.name} ({board.family}) runs MicroPython's unix port: "
-                             "there is nothing to flash (start it with `microcot board start`)")
+                             "there is nothing to flash (start one with `microcot board virtual`)")
         fw = resolve_firmware(board, firmware)
         data = fw.read_bytes()
         if board.family == "esp32":
