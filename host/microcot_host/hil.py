@@ -178,7 +178,10 @@ class Runner:
     def command(self, t: Target, junit: Path) -> list[str]:
         cmd = [sys.executable, "-m", "pytest", "--board", t.port, f"--junitxml={junit}",
                "-o", f"junit_suite_name={t.label}", "-o", f"microcot_device_dir={self.device_dir}",
-               "-p", "no:cacheprovider"]
+               "-p", "no:cacheprovider",
+               # the log is for reading later: every test's name and the board's output of
+               # passing tests too (the user's own -q/-r after these still win)
+               "-v", "-rA"]
         if t.board:
             cmd += ["--board-name", t.board]
         cmd += self.pytest_args
@@ -318,7 +321,8 @@ def real_targets(port_list: list[str], board: str | None, timeout: float) -> lis
             problem = ""
         return Target("", port, name, problem=problem)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(port_list)))) as pool:
+    with ports.keep_stdio(), ThreadPoolExecutor(max_workers=max(1, min(16, len(port_list)))) \
+            as pool:
         found = list(pool.map(one, port_list))
     used: set[str] = set()
     for t in found:
@@ -375,7 +379,8 @@ def _summary(results: list[Result]):
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None,
               help="boards tested at once (default: all of them)")
 @click.option("--heap", default=None, metavar="SIZE",
-              help="heap of the virtual boards started here, e.g. 100k")
+              help="heap of the virtual boards started here, e.g. 100k (default: the board "
+                   "file's heap_budget, as pytest --board virtual does)")
 @click.option("--probe-timeout", default=5.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each real board's raw REPL before the run")
 @click.option("--live", is_flag=True, help="also print every board's output (redacted), "
@@ -411,7 +416,7 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
     runner = Runner(out.resolve(), ddir, list(pytest_args), live)
     try:
         if n_virtual:
-            vboards = _start_virtual(n_virtual, heap, Path(tmp.name))
+            vboards = _start_virtual(n_virtual, heap, Path(tmp.name), board_name)
             targets += [Target(vb.name, vb.port, board_name or "virtual", virtual=True)
                         for vb in vboards]
         if not as_json:
@@ -439,9 +444,16 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
         sys.exit(1)
 
 
-def _start_virtual(n: int, heap: str | None, flash_root: Path) -> list:
+def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None) -> list:
+    from . import boards
     from .vboard import BoardStartError, VirtualBoard
 
+    if heap is None:
+        # like `pytest --board virtual`: the RAM the board file budgets, not the host's plenty
+        try:
+            heap = boards.load(board or "virtual").heap_budget
+        except boards.BoardError as exc:
+            raise click.ClickException(str(exc)) from None
     started = []
     try:
         for i in range(1, n + 1):

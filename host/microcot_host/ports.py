@@ -309,6 +309,21 @@ def _candidates_text(ports: list[Port]) -> str:
                      for p in ports)
 
 
+@contextlib.contextmanager
+def keep_stdio():
+    """Restore sys.stdout/stderr after probing boards from several threads.
+
+    transport.open_board silences mpremote with contextlib.redirect_stdout, which swaps the
+    process-wide sys.stdout: two threads doing that at once can leave a StringIO in place, and
+    everything printed afterwards is lost.
+    """
+    out, err = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
 def answers_micropython(port: str, timeout: float = 2.0) -> bool:
     """True when a MicroPython raw REPL answers on the port within about `timeout` seconds."""
     from . import transport
@@ -333,7 +348,7 @@ def auto(probe: Callable[[str], bool] | None = None) -> str:
     candidates = serial + list_virtual()
     if len(candidates) > 1:
         probe = probe or answers_micropython
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        with keep_stdio(), ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(probe, [p.device for p in candidates]))
         answering = [p for p, ok in zip(candidates, answers, strict=True) if ok]
         if answering:
@@ -431,6 +446,6 @@ def resolve_for_click(specs: Sequence[str] | str | None, **kwargs) -> list[str]:
 
 
 __all__ = ["BOOTLOADER", "answers_micropython", "BOOTSEL", "ENV", "SERIAL", "USB_IDS", "VIRTUAL", "Port", "PortError",
-           "auto", "classify", "list_bootsel", "list_serial", "list_virtual", "natural_key",
+           "auto", "classify", "keep_stdio", "list_bootsel", "list_serial", "list_virtual", "natural_key",
            "port_option", "resolve", "resolve_for_click", "run_dir", "split_specs",
            "uf2_board_id"]
