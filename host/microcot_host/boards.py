@@ -29,6 +29,11 @@ class Board:
         return self.raw.get("modem")
 
     @property
+    def repl_baud(self) -> int:
+        """The REPL's line speed; `baud` is esptool's flashing speed, often higher."""
+        return int(self.raw.get("repl_baud", 115200))
+
+    @property
     def heap_budget(self) -> int | None:
         return self.raw.get("heap_budget")
 

@@ -229,7 +229,7 @@ def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True
 def deploy(port: str, board: str | None = None, compile_: bool = True,
            progress: Progress | None = None, timeout: float = 10.0) -> DeployResult:
     bdef = boards.load(board) if board else None
-    t = transport.open_board(port, baudrate=(bdef.raw.get("baud", 115200) if bdef else 115200),
+    t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
                              timeout=timeout)
     try:
         return deploy_transport(t, bdef, compile_, progress)
@@ -260,7 +260,7 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
     except boards.BoardError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        t = transport.open_board(port, baudrate=bdef.raw.get("baud", 115200) if bdef else 115200,
+        t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
                                  timeout=timeout)
     except BoardError as exc:
         raise click.ClickException(str(exc)) from None
