@@ -134,7 +134,7 @@ def _tls_of(t):
 
 class _Fail(Exception):
     def __init__(self, status, msg, code=0):
-        Exception.__init__(self, msg)
+        super().__init__(msg)
         self.status = status
         self.msg = msg
         self.code = code
@@ -405,6 +405,11 @@ class WebSocketClient:
         self._defl = None
         self._pending = None
 
+    @property
+    def active(self):
+        """True from connect() until the connection, close handshake included, has ended."""
+        return self._ph != _IDLE
+
     # --- overridables ----------------------------------------------------------------------------
 
     def check_protocol(self, protocol):
@@ -497,6 +502,10 @@ class WebSocketClient:
         except OSError as e:
             raise _Fail(WS_STATUS_SOCK_ERR_CREATE, "socket: %r" % (e,), _errno(e))
         self._raw = self._s = s
+        try:
+            s.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY: frames go out as written
+        except (OSError, AttributeError):
+            pass
         s.setblocking(False)
         try:
             s.connect(ai[-1])

@@ -116,7 +116,7 @@ class ProtocolError(Exception):
     """The peer broke RFC 6455/7692: close with `code`, report `status`."""
 
     def __init__(self, code, status, msg):
-        Exception.__init__(self, msg)
+        super().__init__(msg)
         self.code = code
         self.status = status
         self.msg = msg
@@ -126,7 +126,7 @@ class HandshakeError(Exception):
     """The opening handshake failed: `status` is the WS_STATUS_*, `http` the HTTP status or 0."""
 
     def __init__(self, status, msg, http=0):
-        Exception.__init__(self, msg)
+        super().__init__(msg)
         self.status = status
         self.msg = msg
         self.http = http
