@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -311,17 +312,18 @@ def _candidates_text(ports: list[Port]) -> str:
 
 @contextlib.contextmanager
 def keep_stdio():
-    """Restore sys.stdout/stderr after probing boards from several threads.
+    """Silence stdout while boards are probed from several threads, and restore it after.
 
-    transport.open_board silences mpremote with contextlib.redirect_stdout, which swaps the
-    process-wide sys.stdout: two threads doing that at once can leave a StringIO in place, and
-    everything printed afterwards is lost.
+    transport.open_board silences mpremote's prints with contextlib.redirect_stdout, which swaps
+    the process-wide sys.stdout: threads doing that at once restore each other's StringIO (all
+    later output lost) or the real stdout too early (mpremote's b'' lands in --json output).
     """
-    out, err = sys.stdout, sys.stderr
+    out = sys.stdout
+    sys.stdout = io.StringIO()
     try:
         yield
     finally:
-        sys.stdout, sys.stderr = out, err
+        sys.stdout = out
 
 
 def answers_micropython(port: str, timeout: float = 2.0) -> bool:
