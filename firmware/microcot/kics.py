@@ -582,3 +582,239 @@ class Session:
             self.values[obj.tag if obj.tag is not None else obj.tag_id] = obj
             if self.on_value:
                 self.on_value(obj)
+
+
+# -- the client over microcot.ws -----------------------------------------------------------------
+
+try:
+    from time import ticks_diff, ticks_ms
+except ImportError:  # CPython
+    from time import monotonic
+
+    def ticks_ms():
+        return int(monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+
+# WebSocket states after which a retry would fail the same way (TLS settings, unsupported)
+_WS_PERMANENT = (10, 17, 18, 19, 20, 21, 22, 24, 26, 27, 28, 29, 30)
+_WS_REJECT = 1009  # WS_STATUS_CONNECT_RES_REJECT: an HTTP 4xx/5xx answer to the upgrade
+
+
+class TagValueClient:
+    """Tag-value subscription over microcot.ws, cyclic like the WebSocket client.
+
+        c = TagValueClient("kics-server", token, [("Asset 079", "Asdu_1_object_1001")], 1,
+                           port=8080, tls={"ca": "/kics-ca.der"}, on_value=print)
+        c.connect()
+        while True:
+            c.execute(50)     # connect, handshake, subscribe, receive, ping, reconnect
+
+    server, port   the KICS server (port: 443 with TLS, 80 without, when None)
+    token          the REST API's authentication token, sent as `Authorization: Bearer <token>`
+    tags           [(assetName, tagName), ...]; sampling_rate_hz: None (every value) or > 0
+    tls            passed to microcot.ws: True, False/None (ws://), a dict such as {"ca": path}
+    on_value(TagValue), on_status(tag, result), on_error(exception): callbacks (see Session)
+    reconnect_interval, reconnect_max: seconds; the pause doubles after each failed attempt
+    ws_options     further microcot.ws.WebSocketClient arguments (per_message_deflate, limits...)
+
+    Outputs: state (IDLE CONNECTING HANDSHAKE SUBSCRIBING SUBSCRIBED WAITING FAILED STOPPED),
+    state_name, error (the last exception: KicsAuthError, KicsSubscriptionLimitError,
+    KicsSubscriptionError, KicsConnectionError, KicsDecodeError), tag_status, values, ws.
+    After a lost connection the client reconnects and subscribes again by itself; it stops
+    (FAILED) only on errors a retry would repeat: 401, the server refusing the argument, the
+    handshake refused, TLS settings the port cannot use.
+    """
+
+    def __init__(self, server, token, tags, sampling_rate_hz=None, port=None, tls=True,
+                 on_value=None, on_status=None, on_error=None, path=PATH,
+                 keep_alive_interval=15, server_timeout=30, reconnect_interval=1,
+                 reconnect_max=30, max_record_size=0x10000, ws_options=None):
+        if not token:
+            raise KicsArgumentError("a token is required (the server answers 401 without one)")
+        self.session = Session(tags, sampling_rate_hz, on_value, on_status, None,
+                               keep_alive_interval * 1000, server_timeout * 1000, max_record_size)
+        self.session.on_error = self._on_error
+        self.on_error = on_error
+        self.server = server
+        self.port = port or (443 if tls else 80)
+        self.tls = tls or None
+        self.path = path
+        self._token = token
+        self.ws_options = ws_options or {}
+        self.reconnect_interval = reconnect_interval
+        self.reconnect_max = reconnect_max
+        self.ws = None
+        self.attempts = 0  # connection attempts so far
+        self._delay = reconnect_interval
+        self._retry_at = 0
+        self._t = ticks_ms()
+        self._now = 0
+
+    # outputs ----------------------------------------------------------------------------------
+    @property
+    def state(self):
+        return self.session.state
+
+    @property
+    def state_name(self):
+        return STATE_NAMES[self.session.state]
+
+    @property
+    def error(self):
+        return self.session.error
+
+    @property
+    def tag_status(self):
+        return self.session.tag_status
+
+    @property
+    def values(self):
+        return self.session.values
+
+    @property
+    def subscribed(self):
+        return self.session.state == SUBSCRIBED
+
+    def __repr__(self):
+        return "<TagValueClient %s:%d %s>" % (self.server, self.port, self.state_name)
+
+    # inputs -----------------------------------------------------------------------------------
+    def subscribe(self, tags, sampling_rate_hz=None):
+        """Replace the subscription (sent at once when subscribed, else on the next connect)."""
+        self.session.subscribe(tags, sampling_rate_hz)
+
+    def connect(self):
+        """Start connecting; execute() carries it on. Also restarts a FAILED or STOPPED client."""
+        self.session.retry = True
+        self.session.error = None
+        self._delay = self.reconnect_interval
+        self._open(self._clock())
+
+    def close(self):
+        """Stop: close the connection, no reconnect. execute() finishes the close handshake."""
+        self.session.stop()
+        if self.ws is not None:
+            self.ws.disconnect()
+
+    # the cycle --------------------------------------------------------------------------------
+    def _clock(self):
+        t = ticks_ms()
+        self._now += ticks_diff(t, self._t)
+        self._t = t
+        return self._now
+
+    def _on_error(self, exc):
+        if self.on_error:
+            self.on_error(exc)
+
+    def _make_ws(self):
+        from microcot.ws import WebSocketClient
+
+        opts = dict(self.ws_options)
+        hdrs = dict(opts.pop("headers", None) or {})
+        hdrs["Authorization"] = "Bearer " + self._token
+        ws = WebSocketClient(self.server, self.port, self.path, tls=self.tls, headers=hdrs, **opts)
+        ws.on_message = self._ws_message
+        return ws
+
+    def _ws_message(self, content, content_type):
+        self.session.receive(content, self._clock())
+
+    def _open(self, now):
+        self.attempts += 1
+        ses = self.session
+        ses.state = CONNECTING
+        ses.close_requested = False
+        if self.ws is None:
+            self.ws = self._make_ws()
+            ok = self.ws.connect()
+        else:
+            ok = self.ws.connect(True)  # a fresh connection, whatever the old one was doing
+        if not ok:
+            self._ws_failed(now)
+
+    def _ws_failed(self, now):
+        ws = self.ws
+        if ws.state == _WS_REJECT and ws.http_status == 401:
+            exc = KicsAuthError("the server refused the token: HTTP 401 on %s" % self.path)
+            retry = False
+        else:
+            exc = KicsConnectionError("WebSocket: %s (state %d)" % (ws.error_msg or "failed", ws.state))
+            retry = ws.state not in _WS_PERMANENT
+        ses = self.session
+        ses.error = exc
+        ses.retry = retry
+        self._on_error(exc)
+        self._wait(now)
+
+    def _wait(self, now):
+        ses = self.session
+        ses.connection_lost()  # WAITING, or FAILED when ses.retry is False
+        ses.close_requested = False
+        if ses.state == WAITING:
+            self._retry_at = now + int(self._delay * 1000)
+            self._delay = min(self._delay * 2, self.reconnect_max)
+
+    def execute(self, wait_ms=0):
+        """One cycle; waits up to wait_ms for data when there is nothing to do."""
+        ses = self.session
+        ws = self.ws
+        if ws is not None:
+            ws.execute(wait_ms if ses.state in (CONNECTING, HANDSHAKE, SUBSCRIBING, SUBSCRIBED)
+                       else 0)
+        now = self._clock()
+        st = ses.state
+        if st == WAITING:
+            if now - self._retry_at >= 0:
+                self._open(now)
+            elif wait_ms:
+                _sleep_ms(min(wait_ms, self._retry_at - now))
+            return
+        if st in (IDLE, FAILED, STOPPED):
+            if wait_ms:
+                _sleep_ms(wait_ms)
+            return
+        if st == CONNECTING:
+            if ws.connected:
+                ses.connection_made(now)
+            elif ws.error or ws.state == 4:  # WS_STATUS_SOCK_NO_CONN: gone without an error
+                self._ws_failed(now)
+                return
+            else:
+                return
+        elif ses.close_requested:  # SignalR said goodbye, or the subscription was refused
+            if ws.connected:
+                ws.disconnect()
+            self._wait(now)
+            return
+        elif not ws.connected:  # the WebSocket closed or broke under us
+            exc = KicsConnectionError(ws.error_msg or "the server closed the WebSocket (code %d)"
+                                      % ws.close_reason)
+            ses.error = exc
+            self._on_error(exc)
+            self._wait(now)
+            return
+        ses.tick(now)
+        if ses.state == SUBSCRIBED:
+            self._delay = self.reconnect_interval
+        out = ses.data_to_send(now)
+        if out and not ws.send_message(out, True):
+            return  # the send failed: the next cycle sees the connection gone
+        if ses.close_requested:
+            ws.disconnect()
+            self._wait(now)
+
+
+def _sleep_ms(ms):
+    if ms > 0:
+        try:
+            from time import sleep_ms
+        except ImportError:
+            from time import sleep
+
+            sleep(ms / 1000)
+            return
+        sleep_ms(ms)

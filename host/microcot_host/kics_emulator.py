@@ -457,6 +457,7 @@ class KicsEmulator:
         self._negotiated: set[str] = set()
         self._clients: set[_Client] = set()
         self._transports: set[asyncio.BaseTransport] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # keeps fire-and-forget tasks referenced
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -566,13 +567,14 @@ class KicsEmulator:
         return self._call(drop)
 
     def close_connections(self, error: str | None = None, allow_reconnect: bool = True) -> int:
-        """Send a SignalR close message, then close every connection; returns how many."""
+        """Send a SignalR close message, then close every connection; returns how many.
+        Does not wait for the clients' side of the close handshake."""
         async def close() -> int:
             clients = list(self._clients)
             for c in clients:
                 with contextlib.suppress(ConnectionClosed):
                     await self._send(c, signalr.close(error, allow_reconnect))
-                    await c.ws.close()
+                    self._tasks.add(asyncio.create_task(c.ws.close()))
             return len(clients)
         return self._call(close)
 
@@ -791,8 +793,19 @@ class KicsEmulator:
     def _counter(self, tag: TagSpec, now: float) -> int:
         return int((now - self._t0) / tag.period)
 
+    def _ts(self, tag: TagSpec, k: int) -> int:
+        return self._t0_us + int(k * tag.period * 1_000_000)
+
+    def value_for(self, tag_id: int, ts: int) -> dict[str, Any]:
+        """The tag data this emulator sends for tag_id with timestamp ts (to check clients)."""
+        tag = next(t for t in self.tags if t.id == tag_id)
+        k = round((ts - self._t0_us) / (tag.period * 1_000_000))
+        if self._ts(tag, k) != ts:
+            raise ValueError(f"tag {tag_id} never had a value at ts {ts}")
+        return tag_value(tag, k, ts)
+
     def _value_item(self, tag: TagSpec, k: int) -> dict[str, Any]:
-        t_us = self._t0_us + int(k * tag.period * 1_000_000)
+        t_us = self._ts(tag, k)
         tv: Any = tag_value(tag, k, t_us)
         if self.tag_value_format == "text":
             tv = json.dumps(tv, ensure_ascii=False)
