@@ -6,6 +6,7 @@ rule, the SignalR server timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from microcot import kics
+from microcot import kics, signalr
 from microcot_host.deploy import compile_module
 from microcot_host.kics_emulator import KicsEmulator, default_tags
 from microcot_host.paths import firmware_dir
@@ -348,3 +351,57 @@ def test_micropython_client_plain_ws_in_128k_heap_and_401(data_dir, tmp_path, mp
         held = lines[-1][3]
         print(f"MicroPython: a subscribed ws:// connection holds {held} bytes of heap")
         assert held < 40_000, held
+
+
+# -- sans-I/O properties (CPython, hypothesis) -------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=4),
+    max_leaves=12)
+_props = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _quoted(v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, list):
+            return [_quoted(x) for x in v]
+        if isinstance(v, dict):
+            return {k: _quoted(x) for k, x in v.items()}
+        return v
+    return str(v) if len(str(abs(v))) >= 19 else v
+
+
+@_props
+@given(_json)
+def test_quote_big_ints_keeps_every_value(doc):
+    text = json.dumps(doc, ensure_ascii=False)
+    assert json.loads(signalr.quote_big_ints(text)) == _quoted(doc)
+    assert signalr.loads(text) == doc
+
+
+@_props
+@given(st.lists(_json, min_size=1, max_size=5), st.data())
+def test_records_reassemble_however_split(docs, data):
+    stream = b"".join(signalr.record(d) for d in docs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    rec, got, last = signalr.Records(), [], 0
+    for c in cuts + [len(stream)]:
+        got += rec.feed(stream[last:c])
+        last = c
+    assert [json.loads(r) for r in got] == docs
+
+
+@_props
+@given(_json)
+def test_decoders_raise_only_their_errors(obj):
+    with contextlib.suppress(kics.KicsDecodeError):
+        kics.decode_field("f", obj)
+    with contextlib.suppress(kics.KicsError):
+        kics.parse_item(obj)
+    with contextlib.suppress(signalr.SignalRError):
+        signalr.parse(obj if isinstance(obj, dict) else json.dumps(obj).encode())
+    for t in kics.FIELD_TYPES:
+        with contextlib.suppress(kics.KicsDecodeError):
+            kics.decode_field("f", {"t": t, "v": obj, "n": "E", "s": "S"})
