@@ -567,21 +567,39 @@ class Session:
                 self.on_error(exc)
             return
         if isinstance(obj, Confirmation):
-            tag = obj.tag
-            if tag is None or tag not in self.tag_status:
+            tag = self._requested(obj.tag)
+            if tag is None:
                 return
             self.tag_status[tag] = obj.result
             if obj.tag_id is not None and obj.ok:
                 self.tag_ids[obj.tag_id] = tag
             if self.state == SUBSCRIBING and None not in self.tag_status.values():
-                self.state = SUBSCRIBED
-                self.error = None
+                self._subscribed()
             if self.on_status:
                 self.on_status(tag, obj.result)
         else:
+            if self.state == SUBSCRIBING:  # values flow: the subscription is up, whatever the
+                self._subscribed()  # confirmations said
             self.values[obj.tag if obj.tag is not None else obj.tag_id] = obj
             if self.on_value:
                 self.on_value(obj)
+
+    def _subscribed(self):
+        self.state = SUBSCRIBED
+        self.error = None
+
+    def _requested(self, tag):
+        """The requested tag a confirmation names: as sent, else matched without regard to
+        case (a server may answer with its own spelling); None when it names none of ours."""
+        if tag is None or tag in self.tag_status:
+            return tag
+        a, t = tag
+        a = str(a).lower()
+        t = str(t).lower()
+        for k in self.tags:
+            if k[0].lower() == a and k[1].lower() == t:
+                return k
+        return None
 
 
 # -- the client over microcot.ws -----------------------------------------------------------------

@@ -369,6 +369,18 @@ def test_session_close_timeout_and_handshake():
     assert isinstance(ses.error, k.KicsConnectionError) and ses.retry
 
 
+def test_session_confirmation_spelling_and_values_before_confirmations():
+    ses, log = _session()
+    iid = _subscribe(ses, log)
+    ses.receive(_item(iid, _conf(("ASSET 079", "asdu_1_object_1001"), "ok", 102)) +
+                _item(iid, _conf(("Other", "Tag"), "ok", 7)), 5)
+    assert ses.tag_status[TAGS[0]] == "ok" and ses.tag_ids == {102: TAGS[0]}
+    assert log.status == [(TAGS[0], "ok")]  # a tag we did not ask for is not reported
+    assert ses.state == k.SUBSCRIBING
+    ses.receive(_item(iid, {"value": {"tagId": 102, "tagValue": {"d": {}}}}), 6)
+    assert ses.state == k.SUBSCRIBED and log.values[0].tag == TAGS[0]
+
+
 def test_session_subscribe_replaces_while_connected():
     ses, log = _session()
     iid = _subscribe(ses, log)
