@@ -324,15 +324,21 @@ def real_targets(port_list: list[str], board: str | None, timeout: float) -> lis
     with ports.keep_stdio(), ThreadPoolExecutor(max_workers=max(1, min(16, len(port_list)))) \
             as pool:
         found = list(pool.map(one, port_list))
-    used: set[str] = set()
     for t in found:
-        base = _safe(f"{t.board or 'board'}-{Path(t.port).name}")
-        label, k = base, 2
+        # /dev/ttyACM0 -> esp32-s3-ttyACM0, /dev/pts/3 -> virtual-pts-3
+        t.label = _safe(f"{t.board or 'board'}-{t.port.removeprefix('/dev/')}")
+    return found
+
+
+def unique_labels(targets: list[Target]) -> None:
+    """Labels name the report files: two boards must never share one."""
+    used: set[str] = set()
+    for t in targets:
+        label, k = t.label, 2
         while label in used:
-            label, k = f"{base}-{k}", k + 1
+            label, k = f"{t.label}-{k}", k + 1
         used.add(label)
         t.label = label
-    return found
 
 
 def _device_dir(given: Path | None) -> Path:
@@ -419,6 +425,7 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
             vboards = _start_virtual(n_virtual, heap, Path(tmp.name), board_name)
             targets += [Target(vb.name, vb.port, board_name or "virtual", virtual=True)
                         for vb in vboards]
+        unique_labels(targets)
         if not as_json:
             click.echo(f"testing {len(targets)} board(s): "
                        + ", ".join(f"{t.label} ({t.port})" for t in targets), err=True)

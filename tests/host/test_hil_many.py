@@ -91,6 +91,11 @@ def test_virtual_port_specs_and_test_paths():
     assert hil._iccid(1) != hil._iccid(2) and len(hil._iccid(1)) == 20
     assert not hil._names_tests(["-k", "tests", "-x", "--lf"])
     assert hil._names_tests(["-x", __file__ + "::test_x"])
+    targets = [hil.Target("virtual-1", "/dev/pts/1"), hil.Target("virtual-1", "/dev/pts/2"),
+               hil.Target("virtual-1-2", "/dev/pts/3"), hil.Target("virtual-1", "/dev/pts/4")]
+    hil.unique_labels(targets)
+    assert [t.label for t in targets] == ["virtual-1", "virtual-1-2", "virtual-1-2-2",
+                                          "virtual-1-3"]
 
 
 # -- many boards -------------------------------------------------------------------------------
