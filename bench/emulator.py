@@ -400,6 +400,10 @@ def _f(x: float, spec: str) -> str:
     return format(x, spec)
 
 
+def _lat(ph: PhaseResult) -> str:
+    return "".join(" " + _f(x, "7.1f") for x in (ph.p50, ph.p90, ph.p99, ph.pmax))
+
+
 def _ratio(a: float, b: float) -> str:
     if a != a or b != b or b == 0:
         return "-"
@@ -423,19 +427,16 @@ def print_report(args: argparse.Namespace, setup: dict[str, float],
     print()
     print("Throughput and end-to-end latency (ms), QoS 1, TLS; relay = the same payloads through "
           "a plain Mosquitto")
-    head = (f"{'N':>5} {'rows':>6} | {'emulator rows/s':>15} {'p50':>6} {'p90':>6} {'p99':>6} "
-            f"{'max':>6} | {'relay rows/s':>12} {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6} | "
-            f"{'emulator / relay: rows/s':>24} {'p50':>5} {'p99':>5}")
+    lat = "".join(f" {x:>7}" for x in ("p50", "p90", "p99", "max"))
+    head = (f"{'N':>5} {'rows':>6} | {'emulator rows/s':>15}{lat} | {'relay rows/s':>12}{lat} | "
+            f"{'emulator / relay: rows/s':>24} {'p50':>6} {'p99':>6}")
     print(head)
     print("-" * len(head))
     for e, r in results:
         rr = r or PhaseResult("relay", e.n)
-        print(f"{e.n:>5} {e.rows:>6} | {_f(e.rate, '15.0f')} {_f(e.p50, '6.1f')} "
-              f"{_f(e.p90, '6.1f')} {_f(e.p99, '6.1f')} {_f(e.pmax, '6.0f')} | "
-              f"{_f(rr.rate, '12.0f')} {_f(rr.p50, '6.1f')} {_f(rr.p90, '6.1f')} "
-              f"{_f(rr.p99, '6.1f')} {_f(rr.pmax, '6.0f')} | "
-              f"{_ratio(e.rate, rr.rate):>24} {_ratio(e.p50, rr.p50):>5} "
-              f"{_ratio(e.p99, rr.p99):>5}")
+        print(f"{e.n:>5} {e.rows:>6} | {_f(e.rate, '15.0f')}{_lat(e)} | {_f(rr.rate, '12.0f')}"
+              f"{_lat(rr)} | {_ratio(e.rate, rr.rate):>24} {_ratio(e.p50, rr.p50):>6} "
+              f"{_ratio(e.p99, rr.p99):>6}")
     print()
     print("Rows stored (REST API check of every row incl. the warm-up row) and CPU in % of wall "
           "time during the timed rows")
