@@ -190,7 +190,8 @@ class BoardSession:
             except (transport.BoardError, ValueError, SyntaxError) as exc:
                 raise DeviceTestFailure(f"cannot ask the board for its capabilities: {exc}") \
                     from None
-            self._caps = (list(tags), list(caps))
+            # family and chip are often the same word (unix/unix): once is enough
+            self._caps = (list(dict.fromkeys(tags)), list(dict.fromkeys(caps)))
             self._record("microcot.capabilities", ",".join(caps))
             self._record("microcot.tags", ",".join(tags))
         return self._caps
