@@ -158,8 +158,14 @@ def read_junit(path: Path, res: Result) -> None:
         res.errors += int(s.get("errors", 0))
         res.skipped += int(s.get("skipped", 0))
         for case in s.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
+            bad = case.find("failure")
+            bad = bad if bad is not None else case.find("error")
+            if bad is not None:
                 res.failures.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+                if not res.reason:
+                    # the first failure's cause: often all of them (a board that cannot deploy)
+                    first = (bad.get("message") or bad.text or "").strip().splitlines()
+                    res.reason = first[0][:160] if first else ""
     res.passed = res.tests - res.failed - res.errors - res.skipped
 
 
