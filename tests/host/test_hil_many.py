@@ -182,6 +182,7 @@ def test_three_virtual_boards_in_parallel_one_fails(suite):
         if label == "virtual-2":
             assert b["status"] == "failed" and b["failed"] == 1
             assert b["failures"] == ["tests.device.test_board_two_fails::test_not_board_two"]
+            assert "fails on board 2, password=***" in b["reason"]
         else:
             assert b["status"] == "passed" and b["passed"] == 5
         xml = ET.parse(out / f"{label}.xml").getroot()
