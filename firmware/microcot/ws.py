@@ -1,4 +1,3 @@
-# ruff: noqa: F405 -- the WS_STATUS_*, OP_*, CLOSE_* names come from wsframe by the star import
 """WebSocket client (RFC 6455, RFC 7692) with the interface of the seed's FB_IotWebSocketClient.
 
     c = WebSocketClient("example.com", uri="/feed", tls={"ca": "/ca.der"},
@@ -46,7 +45,6 @@ import sys
 from os import urandom
 
 from microcot import wsframe as F
-from microcot.wsframe import *  # noqa: F403 -- the WS_STATUS_*, WS_CONTENT_* and CLOSE_* names
 
 try:
     from time import ticks_diff, ticks_ms
@@ -87,57 +85,19 @@ _POLLERR = 8 | 16  # POLLERR | POLLHUP
 
 _IDLE, _TCP, _TLS, _REQ, _RESP, _OPEN, _CLOSING, _DRAIN = range(8)
 
-_SEED_TLS = {"sCA": "ca", "sCert": "cert", "sKeyFile": "key_file", "sKeyPwd": "key_pwd",
-             "sCrl": "crl", "sCiphers": "ciphers", "sVersion": "version",
-             "bNoServerCertCheck": "no_server_cert_check", "sPskIdentity": "psk_identity",
-             "aPskKey": "psk_key"}
-_VERSIONS = ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3")
+def __getattr__(name):
+    # the WS_STATUS_*, WS_CONTENT_*, CLOSE_* and OP_* constants of microcot.wsframe, without a
+    # second copy of them in this module's globals
+    if name[:3] in ("WS_", "CLO", "OP_"):
+        return getattr(F, name)
+    if name == "Tls":
+        from microcot import wstls
 
-
-class Tls:
-    """The seed's ST_IotSocketTls."""
-
-    def __init__(self, ca=None, cert=None, key_file=None, key_pwd=None, crl=None, ciphers=None,
-                 version="tlsv1.2", no_server_cert_check=False, psk_identity=None, psk_key=None):
-        self.ca = ca
-        self.cert = cert
-        self.key_file = key_file
-        self.key_pwd = key_pwd
-        self.crl = crl
-        self.ciphers = ciphers
-        self.version = version
-        self.no_server_cert_check = no_server_cert_check
-        self.psk_identity = psk_identity
-        self.psk_key = psk_key
-
-
-def _tls_of(t):
-    if not t:
-        return None
-    if t is True:
-        return Tls()
-    if isinstance(t, Tls):
-        return t
-    if isinstance(t, dict):
-        d = {}
-        for k, v in t.items():
-            d[_SEED_TLS.get(k, k)] = v
-        d.pop("nPskKeyLen", None)
-        return Tls(**d)
-    o = Tls()
-    for k in ("ca", "cert", "key_file", "key_pwd", "crl", "ciphers", "version",
-              "no_server_cert_check", "psk_identity", "psk_key"):
-        if hasattr(t, k):
-            setattr(o, k, getattr(t, k))
-    return o
-
-
-class _Fail(Exception):
-    def __init__(self, status, msg, code=0):
-        super().__init__(msg)
-        self.status = status
-        self.msg = msg
-        self.code = code
+        return wstls.Tls
+    if name == "__all__":  # from microcot.ws import *
+        return [k for k in dir(F) if k[:3] in ("WS_", "CLO", "OP_")] + [
+            "WebSocketClient", "S_OK", "S_FALSE", "Tls", "RX_SIZE"]
+    raise AttributeError(name)
 
 
 def _errno(e):
@@ -155,194 +115,27 @@ def _errno(e):
         return 0
 
 
-def _read_file(v, what, nf):
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    if v.startswith("-----BEGIN"):
-        return v.encode()
-    try:
-        with open(v, "rb") as f:
-            return f.read()
-    except OSError:
-        raise _Fail(nf, "%s file %r not found" % (what, v))
+def _tls_error(e):
+    from microcot import wstls
 
-
-def _ders(data, what, inv):
-    """DER blocks of PEM data (MicroPython's mbedtls here parses DER only); DER passes."""
-    if not data.startswith(b"-----BEGIN"):
-        return [data]
-    from binascii import a2b_base64
-
-    out = []
-    for blk in data.split(b"-----BEGIN ")[1:]:
-        lines = blk.split(b"\n")
-        if b"ENCRYPTED" in lines[0] or b"ENCRYPTED" in blk[:200]:
-            raise _Fail(inv, "%s is encrypted; this port cannot use key_pwd" % what)
-        body = b"".join(ln.strip() for ln in lines[1:] if ln and not ln.startswith(b"-----")
-                        and b":" not in ln)
-        try:
-            out.append(a2b_base64(body))
-        except ValueError:
-            raise _Fail(inv, "%s PEM is not valid base64" % what)
-    if not out:
-        raise _Fail(inv, "%s holds no PEM block" % what)
-    return out
-
-
-def _ssl_context(t):
-    """An ssl.SSLContext for the Tls settings; _Fail(WS_STATUS_TLS_*) for what cannot be done."""
-    if ssl is None:
-        raise _Fail(WS_STATUS_SOCK_NOT_SUPPORTED, "this runtime has no ssl module")
-    if t.psk_identity or t.psk_key:
-        raise _Fail(WS_STATUS_TLS_PSK_INVALID, "TLS-PSK is not supported by this runtime's ssl")
-    v = (t.version or "tlsv1.2").lower()
-    if v not in _VERSIONS:
-        raise _Fail(WS_STATUS_TLS_VERSION_INVALID, "unknown TLS version %r" % t.version)
-    try:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    except Exception as e:
-        raise _Fail(WS_STATUS_TLS_SETUP, "SSLContext: %r" % (e,))
-    if _MP:
-        return _mp_context(ctx, t, v)
-    return _cpy_context(ctx, t, v)
-
-
-def _mp_context(ctx, t, v):
-    if t.crl:
-        raise _Fail(WS_STATUS_TLS_CRL_INVALID, "CRL checking is not supported by this port's ssl")
-    if t.key_pwd:
-        raise _Fail(WS_STATUS_TLS_KEY_INVALID, "encrypted private keys (key_pwd) are not "
-                    "supported by this port's ssl")
-    if v != "tlsv1.2":
-        raise _Fail(WS_STATUS_TLS_VERSION_INVALID, "this port's ssl cannot select %s" % v)
-    if t.ciphers:
-        if not hasattr(ctx, "set_ciphers"):
-            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "this port's ssl cannot select ciphers")
-        try:
-            ctx.set_ciphers(t.ciphers.split(":") if isinstance(t.ciphers, str) else t.ciphers)
-        except Exception as e:
-            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "ciphers %r: %r" % (t.ciphers, e))
-    if t.no_server_cert_check:
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        if not t.ca:
-            raise _Fail(WS_STATUS_TLS_CA_NOTFOUND, "no CA given: MicroPython has no system "
-                        "store; set tls ca, or no_server_cert_check")
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    if t.ca:
-        for der in _ders(_read_file(t.ca, "CA", WS_STATUS_TLS_CA_NOTFOUND), "CA",
-                         WS_STATUS_TLS_CA_INVALID):
-            try:
-                ctx.load_verify_locations(cadata=der)
-            except Exception as e:
-                raise _Fail(WS_STATUS_TLS_CA_INVALID, "CA not loadable: %r" % (e,))
-    if t.cert or t.key_file:
-        if not (t.cert and t.key_file):
-            raise _Fail(WS_STATUS_TLS_KEY_NOTFOUND if t.cert else WS_STATUS_TLS_CERT_NOTFOUND,
-                        "a client certificate needs both cert and key_file")
-        c = _ders(_read_file(t.cert, "certificate", WS_STATUS_TLS_CERT_NOTFOUND),
-                  "certificate", WS_STATUS_TLS_CERT_INVALID)[0]
-        k = _ders(_read_file(t.key_file, "key", WS_STATUS_TLS_KEY_NOTFOUND), "key",
-                  WS_STATUS_TLS_KEY_INVALID)[0]
-        try:
-            ctx.load_cert_chain(c, k)
-        except Exception as e:
-            st = WS_STATUS_TLS_KEY_INVALID if "key" in str(e) else WS_STATUS_TLS_CERT_INVALID
-            raise _Fail(st, "client certificate/key not loadable: %r" % (e,))
-    return ctx
-
-
-def _tmp(data):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        f.write(data)
-    return f.name
-
-
-def _cpy_context(ctx, t, v):
-    import os
-
-    ctx.minimum_version = {"tlsv1": ssl.TLSVersion.TLSv1, "tlsv1.1": ssl.TLSVersion.TLSv1_1,
-                           "tlsv1.2": ssl.TLSVersion.TLSv1_2,
-                           "tlsv1.3": ssl.TLSVersion.TLSv1_3}[v]
-    if t.ciphers:
-        try:
-            ctx.set_ciphers(t.ciphers)
-        except ssl.SSLError as e:
-            raise _Fail(WS_STATUS_TLS_CIPHER_INVALID, "ciphers %r: %s" % (t.ciphers, e))
-    if t.ca:
-        data = _read_file(t.ca, "CA", WS_STATUS_TLS_CA_NOTFOUND)
-        try:
-            if data.startswith(b"-----BEGIN"):
-                ctx.load_verify_locations(cadata=data.decode())
-            else:
-                ctx.load_verify_locations(cadata=data)
-        except (ssl.SSLError, ValueError) as e:
-            raise _Fail(WS_STATUS_TLS_CA_INVALID, "CA not loadable: %s" % e)
-    elif not t.no_server_cert_check:
-        ctx.load_default_certs()
-    if t.crl:
-        data = _read_file(t.crl, "CRL", WS_STATUS_TLS_CRL_NOTFOUND)
-        path = _tmp(data)
-        try:
-            ctx.load_verify_locations(cafile=path)
-        except ssl.SSLError as e:
-            raise _Fail(WS_STATUS_TLS_CRL_INVALID, "CRL not loadable: %s" % e)
-        finally:
-            os.unlink(path)
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    if t.cert or t.key_file:
-        if not (t.cert and t.key_file):
-            raise _Fail(WS_STATUS_TLS_KEY_NOTFOUND if t.cert else WS_STATUS_TLS_CERT_NOTFOUND,
-                        "a client certificate needs both cert and key_file")
-        cp = _tmp(_read_file(t.cert, "certificate", WS_STATUS_TLS_CERT_NOTFOUND))
-        kp = _tmp(_read_file(t.key_file, "key", WS_STATUS_TLS_KEY_NOTFOUND))
-        try:
-            ctx.load_cert_chain(cp, kp, t.key_pwd or None)
-        except (ssl.SSLError, ValueError, TypeError) as e:
-            m = str(e).lower()
-            st = WS_STATUS_TLS_CERT_INVALID
-            if "key" in m or "decrypt" in m or "password" in m:
-                st = WS_STATUS_TLS_KEY_INVALID
-            raise _Fail(st, "client certificate/key not loadable: %s" % e)
-        finally:
-            os.unlink(cp)
-            os.unlink(kp)
-    if t.no_server_cert_check:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _tls_fail(e):
-    """The WS_STATUS_TLS_* of a failed TLS handshake."""
-    code = getattr(e, "verify_code", None)  # CPython SSLCertVerificationError
-    m = str(e)
-    if code == 62 or "CN" in m or "Hostname mismatch" in m or "Common Name" in m:
-        st = WS_STATUS_TLS_CN_MISMATCH
-    elif code in (9, 10) or "expired" in m or "future" in m:
-        st = WS_STATUS_TLS_CERT_EXPIRED
-    elif code is not None or "verif" in m.lower() or "certificate" in m.lower():
-        st = WS_STATUS_TLS_VERIFY_FAIL
-    else:
-        st = WS_STATUS_TLS_HANDSHAKE_FAIL
-    return _Fail(st, "TLS handshake failed: %s" % (m.strip() or repr(e)), _errno(e))
+    err = wstls.handshake_error(e)
+    err.code = _errno(e)
+    return err
 
 
 def _conn_fail(e):
     n = _errno(e)
     if n in (111, 61, 10061):
-        st = WS_STATUS_SOCK_CONN_REFUSED
+        st = F.WS_STATUS_SOCK_CONN_REFUSED
     elif n in (113, 101, 65, 51, 10065):
-        st = WS_STATUS_SOCK_CONN_HOSTUNREACH
+        st = F.WS_STATUS_SOCK_CONN_HOSTUNREACH
     elif n in (110, 60, 10060):
-        st = WS_STATUS_SOCK_CONN_TIMEDOUT
+        st = F.WS_STATUS_SOCK_CONN_TIMEDOUT
     elif n == 12:
-        st = WS_STATUS_SOCK_NOMEM
+        st = F.WS_STATUS_SOCK_NOMEM
     else:
-        st = WS_STATUS_SOCK_CONN_FAILED
-    return _Fail(st, "TCP connect failed: %r" % (e,), n)
+        st = F.WS_STATUS_SOCK_CONN_FAILED
+    return F.ConnectError(st, "TCP connect failed: %r" % (e,), n)
 
 
 class _Cfg:
@@ -384,7 +177,7 @@ class WebSocketClient:
         self.error = False
         self.error_code = 0
         self.error_msg = ""
-        self.state = WS_STATUS_SOCK_NO_CONN
+        self.state = F.WS_STATUS_SOCK_NO_CONN
         self.connected = False
         self.close_reason = 0
         self.http_status = 0
@@ -427,7 +220,12 @@ class WebSocketClient:
         c = _Cfg()
         for k in _INPUTS:
             setattr(c, k, getattr(self, k))
-        c.tls = _tls_of(c.tls)
+        if c.tls:
+            from microcot import wstls
+
+            c.tls = wstls.tls_of(c.tls)
+        else:
+            c.tls = None
         if not c.port:
             c.port = 443 if c.tls else 80
         c.host = c.host or "localhost"
@@ -439,14 +237,18 @@ class WebSocketClient:
             from microcot import wspmd
 
             if not wspmd.inflate_available():
-                raise _Fail(WS_STATUS_SOCK_NOT_SUPPORTED, "no zlib/deflate module for "
+                raise F.ConnectError(F.WS_STATUS_SOCK_NOT_SUPPORTED, "no zlib/deflate module for "
                             "per_message_deflate")
             c.pmd_opts = wspmd.default_options() if pmd is True else pmd
             c.ext = wspmd.offer(c.pmd_opts)
         else:
             c.ext = None
         self._c = c
-        self._ctx = _ssl_context(c.tls) if c.tls else None
+        self._ctx = None
+        if c.tls:
+            from microcot import wstls
+
+            self._ctx = wstls.context(c.tls)
 
     def connect(self, reconfig=False):
         """Start connecting (execute() carries it on); True when under way or connected."""
@@ -465,18 +267,18 @@ class WebSocketClient:
         self._pending = None
         self._closed_cb = False
         self._discard = False
-        self.state = WS_STATUS_BUSY
+        self.state = F.WS_STATUS_BUSY
         try:
             if reconfig or self._c is None:
                 self._c = None
                 self._snapshot()
             self._start()
-        except _Fail as e:
+        except F.ConnectError as e:
             self._error(e.status, e.msg, e.code)
             self._close_sock()
             return False
         except MemoryError:
-            self._error(WS_STATUS_SOCK_NOMEM, "out of memory while connecting")
+            self._error(F.WS_STATUS_SOCK_NOMEM, "out of memory while connecting")
             self._close_sock()
             return False
         return True
@@ -484,23 +286,23 @@ class WebSocketClient:
     def _start(self):
         c = self._c
         if not (0 < c.port < 65536):
-            raise _Fail(WS_STATUS_SOCK_CONN_INVAL, "port %r out of range" % (c.port,))
+            raise F.ConnectError(F.WS_STATUS_SOCK_CONN_INVAL, "port %r out of range" % (c.port,))
         self._key = F.make_key()
         try:
             self._req = F.request(c.host, c.port, c.uri, self._key, ", ".join(c.protocols),
                                   c.origin, c.ext, c.headers, bool(c.tls))
         except F.HandshakeError as e:
-            raise _Fail(e.status, e.msg)
+            raise F.ConnectError(e.status, e.msg)
         try:
             ai = socket.getaddrinfo(c.host, c.port, 0, socket.SOCK_STREAM)[0]
         except OSError as e:
             n = _errno(e)
-            st = WS_STATUS_SOCK_NOT_FOUND if n in (-2, -5, 8, 7, 202) else WS_STATUS_SOCK_ERR_EAI
-            raise _Fail(st, "cannot resolve %r: %r" % (c.host, e), n)
+            st = F.WS_STATUS_SOCK_NOT_FOUND if n in (-2, -5, 8, 7, 202) else F.WS_STATUS_SOCK_ERR_EAI
+            raise F.ConnectError(st, "cannot resolve %r: %r" % (c.host, e), n)
         try:
             s = socket.socket(ai[0], ai[1], ai[2])
         except OSError as e:
-            raise _Fail(WS_STATUS_SOCK_ERR_CREATE, "socket: %r" % (e,), _errno(e))
+            raise F.ConnectError(F.WS_STATUS_SOCK_ERR_CREATE, "socket: %r" % (e,), _errno(e))
         self._raw = self._s = s
         try:
             s.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY: frames go out as written
@@ -530,7 +332,7 @@ class WebSocketClient:
             ev = self._poll.poll(0)
             if not ev:
                 if self._timed_out(c.connect_response_timeout):
-                    raise _Fail(WS_STATUS_SOCK_CONN_TIMEDOUT, "TCP connect to %s:%d timed out"
+                    raise F.ConnectError(F.WS_STATUS_SOCK_CONN_TIMEDOUT, "TCP connect to %s:%d timed out"
                                 % (c.host, c.port), 110)
                 return
             if ev[0][1] & _POLLERR:
@@ -541,7 +343,7 @@ class WebSocketClient:
                     self._s = self._ctx.wrap_socket(self._raw, server_hostname=c.host,
                                                     do_handshake_on_connect=False)
                 except Exception as e:
-                    raise _tls_fail(e)
+                    raise _tls_error(e)
                 self._ph = _REQ if _MP else _TLS
             else:
                 self._ph = _REQ
@@ -551,10 +353,10 @@ class WebSocketClient:
                 self._s.do_handshake()
             except _AGAIN:
                 if self._timed_out(c.connect_response_timeout):
-                    raise _Fail(WS_STATUS_TLS_HANDSHAKE_FAIL, "TLS handshake timed out", 110)
+                    raise F.ConnectError(F.WS_STATUS_TLS_HANDSHAKE_FAIL, "TLS handshake timed out", 110)
                 return
             except (OSError, ValueError) as e:
-                raise _tls_fail(e)
+                raise _tls_error(e)
             self._ph = _REQ
         if self._ph == _REQ:  # on MicroPython with TLS the first write drives the handshake
             try:
@@ -563,18 +365,18 @@ class WebSocketClient:
                     if k is None:
                         if self._timed_out(c.connect_response_timeout):
                             if self._ctx:
-                                raise _Fail(WS_STATUS_TLS_HANDSHAKE_FAIL,
+                                raise F.ConnectError(F.WS_STATUS_TLS_HANDSHAKE_FAIL,
                                             "TLS handshake timed out", 110)
-                            raise _Fail(WS_STATUS_CONNECT_REQ_SEND_ERROR,
+                            raise F.ConnectError(F.WS_STATUS_CONNECT_REQ_SEND_ERROR,
                                         "sending the request timed out", 110)
                         return
                     self._sent += k
-            except _Fail:
+            except F.ConnectError:
                 raise
             except (OSError, ValueError) as e:
                 if self._ctx and _MP:
-                    raise _tls_fail(e)
-                raise _Fail(WS_STATUS_CONNECT_REQ_SEND_ERROR, "sending the request: %r" % (e,),
+                    raise _tls_error(e)
+                raise F.ConnectError(F.WS_STATUS_CONNECT_REQ_SEND_ERROR, "sending the request: %r" % (e,),
                             _errno(e))
             self._ph = _RESP
             self._t0 = ticks_ms()
@@ -600,7 +402,7 @@ class WebSocketClient:
             if n is None:
                 break
             if n == 0:
-                raise _Fail(WS_STATUS_SOCK_CONN_LOST, "connection closed before the "
+                raise F.ConnectError(F.WS_STATUS_SOCK_CONN_LOST, "connection closed before the "
                             "handshake answer was complete")
             self._re += n
             if self._re == len(rx):
@@ -608,10 +410,10 @@ class WebSocketClient:
         end = bytes(memoryview(rx)[:self._re]).find(b"\r\n\r\n")
         if end < 0:
             if self._re == len(rx):
-                raise _Fail(WS_STATUS_CONNECT_RES_PARSE_ERROR, "handshake answer head over %d "
+                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_PARSE_ERROR, "handshake answer head over %d "
                             "bytes" % len(rx))
             if self._timed_out(c.connect_response_timeout):
-                raise _Fail(WS_STATUS_CONNECT_RES_TIMEDOUT, "no handshake answer within %ss"
+                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_TIMEDOUT, "no handshake answer within %ss"
                             % c.connect_response_timeout)
             return
         try:
@@ -625,13 +427,13 @@ class WebSocketClient:
 
                 cfg = wspmd.accept(ext, c.pmd_opts)
             elif ext:
-                raise F.HandshakeError(WS_STATUS_CONNECT_RES_INVALID_EXTENSION,
+                raise F.HandshakeError(F.WS_STATUS_CONNECT_RES_INVALID_EXTENSION,
                                        "server answered extensions %r, none offered" % ext, 101)
         except F.HandshakeError as e:
-            raise _Fail(e.status, e.msg, e.http)
+            raise F.ConnectError(e.status, e.msg, e.http)
         self.protocol_selected = proto
         if not self.check_protocol(proto):
-            raise _Fail(WS_STATUS_CONNECT_RES_INVALID, "check_protocol refused subprotocol %r"
+            raise F.ConnectError(F.WS_STATUS_CONNECT_RES_INVALID, "check_protocol refused subprotocol %r"
                         % proto, 101)
         self.extensions = cfg
         self._reader = F.Reader(c.max_recv_frame_size, c.max_recv_msg_size, cfg is not None)
@@ -644,7 +446,7 @@ class WebSocketClient:
             self.can_compress = self._defl.ok
         self._rs = end + 4
         self._ph = _OPEN
-        self.state = WS_STATUS_SUCCESS
+        self.state = F.WS_STATUS_SUCCESS
         self.connected = True
         self._last_rx = ticks_ms()
         self._ping_at = None
@@ -725,13 +527,13 @@ class WebSocketClient:
         mv = memoryview(data)
         n = len(mv)
         fs = self._c.max_send_frame_size or n or 1
-        op = OP_TEXT if text else OP_BINARY
+        op = F.OP_TEXT if text else F.OP_BINARY
         i = 0
         try:
             while True:
                 k = n - i if n - i <= fs else fs
                 fin = i + k >= n
-                self._frame(op if i == 0 else OP_CONT, mv[i:i + k], fin, comp and i == 0)
+                self._frame(op if i == 0 else F.OP_CONT, mv[i:i + k], fin, comp and i == 0)
                 i += k
                 if fin:
                     break
@@ -743,15 +545,15 @@ class WebSocketClient:
 
     # --- closing ---------------------------------------------------------------------------------
 
-    def disconnect(self, code=CLOSE_NORMAL, reason=""):
+    def disconnect(self, code=F.CLOSE_NORMAL, reason=""):
         """Start the close handshake (execute() completes it); while connecting, drop at once."""
         if self._ph == _OPEN:
             p = F.close_payload(code, reason)
             self.connected = False
-            self.state = WS_STATUS_FINALIZE_DISCONNECT
+            self.state = F.WS_STATUS_FINALIZE_DISCONNECT
             self.close_reason = code
             try:
-                self._frame(OP_CLOSE, p)
+                self._frame(F.OP_CLOSE, p)
             except OSError:
                 self._finish()
                 return True
@@ -760,7 +562,7 @@ class WebSocketClient:
             self._discard = False
         elif self._ph != _IDLE and self._ph < _OPEN:
             self._close_sock()
-            self.state = WS_STATUS_SOCK_NO_CONN
+            self.state = F.WS_STATUS_SOCK_NO_CONN
         return True
 
     def _error(self, status, msg, code=0):
@@ -776,7 +578,7 @@ class WebSocketClient:
         self.close_reason = code
         if self._ph == _OPEN:
             try:
-                self._frame(OP_CLOSE, F.close_payload(code))
+                self._frame(F.OP_CLOSE, F.close_payload(code))
             except OSError:
                 self._finish()
                 return
@@ -790,13 +592,13 @@ class WebSocketClient:
         if self._ph in (_CLOSING, _DRAIN):  # the server ended the close handshake
             self._finish()
             return
-        st = WS_STATUS_SOCK_CONN_LOST
+        st = F.WS_STATUS_SOCK_CONN_LOST
         if e is not None and ssl is not None and not _MP and isinstance(e, ssl.SSLError):
-            st = WS_STATUS_SOCK_ERR_TLS
+            st = F.WS_STATUS_SOCK_ERR_TLS
         self._error(st, "connection lost" + (": %r" % (e,) if e is not None else ""),
                     _errno(e) if e is not None else 0)
         if not self._closed_cb:
-            self.close_reason = CLOSE_ABNORMAL
+            self.close_reason = F.CLOSE_ABNORMAL
         self._finish()
 
     def _close_sock(self):
@@ -821,10 +623,10 @@ class WebSocketClient:
         was = self._ph >= _OPEN
         self._close_sock()
         if not self.error:
-            self.state = WS_STATUS_SOCK_NO_CONN
+            self.state = F.WS_STATUS_SOCK_NO_CONN
         if was and not self._closed_cb:
             self._closed_cb = True
-            self.on_close(self.close_reason or CLOSE_ABNORMAL, b"")
+            self.on_close(self.close_reason or F.CLOSE_ABNORMAL, b"")
 
     # --- the cycle -------------------------------------------------------------------------------
 
@@ -847,13 +649,13 @@ class WebSocketClient:
                 self._timers()
             if not got and wait_ms and self._ph != _IDLE and self._pending is None:
                 self._poll.poll(wait_ms)
-        except _Fail as e:
+        except F.ConnectError as e:
             self._error(e.status, e.msg, e.code)
             self._close_sock()
         except F.ProtocolError as e:
             self._fail(e.code, e.status, e.msg)
         except MemoryError:
-            self._fail(CLOSE_TOO_BIG, WS_STATUS_NOMEMORY, "out of memory for a message")
+            self._fail(F.CLOSE_TOO_BIG, F.WS_STATUS_NOMEMORY, "out of memory for a message")
         except OSError as e:
             self._lost(e)
 
@@ -863,7 +665,7 @@ class WebSocketClient:
             r = self.on_message(content, ctype)
         except Exception:
             self._pending = None
-            self._fail(CLOSE_INTERNAL_ERROR, WS_STATUS_INTERNAL_ERROR, "on_message raised")
+            self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR, "on_message raised")
             raise
         if r == S_FALSE and r is not True:
             self._pending = (content, ctype)
@@ -919,15 +721,15 @@ class WebSocketClient:
             content = memoryview(self._reader.buf)[:n]
             if comp:
                 content = self._infl.inflate(content, self._c.max_recv_msg_size)
-                if op == OP_TEXT and not F.valid_utf8(content):
-                    raise F.ProtocolError(CLOSE_INVALID_DATA, WS_STATUS_PROTOCOL_ERROR,
+                if op == F.OP_TEXT and not F.valid_utf8(content):
+                    raise F.ProtocolError(F.CLOSE_INVALID_DATA, F.WS_STATUS_PROTOCOL_ERROR,
                                           "text message is not valid UTF-8")
             if self._ph != _OPEN:
                 return False  # closing: late data is dropped
-            return self._deliver(content, WS_CONTENT_TEXT if op == OP_TEXT else WS_CONTENT_BINARY)
+            return self._deliver(content, F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY)
         if kind == "ping":
             if self._ph == _OPEN:
-                self._frame(OP_PONG, ev[1])
+                self._frame(F.OP_PONG, ev[1])
             return False
         if kind == "pong":
             return False
@@ -935,9 +737,9 @@ class WebSocketClient:
         code, reason = ev[1], ev[2]
         if self._ph == _OPEN:
             self.connected = False
-            self.state = WS_STATUS_FINALIZE_DISCONNECT
+            self.state = F.WS_STATUS_FINALIZE_DISCONNECT
             try:
-                self._frame(OP_CLOSE, F.close_payload(None if code == CLOSE_NO_STATUS else code))
+                self._frame(F.OP_CLOSE, F.close_payload(None if code == F.CLOSE_NO_STATUS else code))
             except OSError:
                 pass
         self._ph = _DRAIN
@@ -960,9 +762,9 @@ class WebSocketClient:
             return
         if self._ping_at is None:
             if ticks_diff(now, self._last_rx) >= c.keep_alive_interval * 1000:
-                self._frame(OP_PING, b"microcot")
+                self._frame(F.OP_PING, b"microcot")
                 self._ping_at = now
         elif ticks_diff(now, self._ping_at) >= c.keep_alive_close_timeout * 1000:
-            self._fail(CLOSE_INTERNAL_ERROR, WS_STATUS_KEEP_ALIVE_TIMEDOUT,
+            self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_KEEP_ALIVE_TIMEDOUT,
                        "no pong within %ss" % c.keep_alive_close_timeout)
             self._finish()

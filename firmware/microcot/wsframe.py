@@ -122,6 +122,16 @@ class ProtocolError(Exception):
         self.msg = msg
 
 
+class ConnectError(Exception):
+    """Connecting failed: `status` is the WS_STATUS_*, `code` an errno, HTTP status or 0."""
+
+    def __init__(self, status, msg, code=0):
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+        self.code = code
+
+
 class HandshakeError(Exception):
     """The opening handshake failed: `status` is the WS_STATUS_*, `http` the HTTP status or 0."""
 

@@ -6,9 +6,10 @@ wbits)` on MicroPython. DeflateIO cannot keep one inflater across messages: its 
 at each message, and the EOFError it raises there loses the count of bytes it produced. Context
 takeover (the server referring back into earlier messages) is instead rebuilt per message: the
 last 2**wbits bytes of output are kept and fed to a fresh DeflateIO as a stored block before the
-new message, whose output starts after them. That costs 2**wbits bytes of history, so
-MicroPython's default offer asks for `server_no_context_takeover`; a dict with
-`server_no_context_takeover=False` enables it (see DEFAULT).
+new message, whose output starts after them. That costs 2**wbits bytes of history, and DeflateIO
+allocates a 2**wbits window per message, so MicroPython's default offer asks for
+`server_no_context_takeover` and `server_max_window_bits=12`; a dict such as
+{"server_no_context_takeover": False} enables takeover (see default_options()).
 
 Outgoing messages are compressed with zlib on CPython; on MicroPython only where the port was
 built with MICROPY_PY_DEFLATE_COMPRESS (DeflateIO has `write`). Its stream always ends with a
@@ -61,8 +62,10 @@ def default_options():
     """The offer made for per_message_deflate=True on this runtime."""
     if zlib is not None:
         return {"client_max_window_bits": True}
-    o = {"server_no_context_takeover": True, "client_no_context_takeover": True}
-    return o
+    # MicroPython: no history kept, a 4 KiB inflate window instead of 32 KiB, and the server
+    # need not keep a context for us (we compress rarely, each message on its own)
+    return {"server_no_context_takeover": True, "client_no_context_takeover": True,
+            "server_max_window_bits": 12}
 
 
 def offer(opts=None):
@@ -144,6 +147,9 @@ def accept(value, opts=None):
             cfg["cbits"] = _bits(k, v)
         else:
             raise _bad("unknown permessage-deflate parameter %r" % k)
+    mx = opts.get("server_max_window_bits")
+    if mx and mx is not True and "server_max_window_bits" not in p:
+        raise _bad("server did not confirm server_max_window_bits=%d" % mx)
     mx = opts.get("client_max_window_bits")
     if mx and mx is not True and cfg["cbits"] > mx:
         cfg["cbits"] = mx
@@ -189,9 +195,33 @@ class Inflater:
         return out
 
     def _deflateio(self, data, limit):
+        hist = self.hist if self.takeover else b""
+        self.hist = b""
+        h = len(hist)
+        top = h + limit + 1  # one byte over the limit tells "too big"
+        try:
+            got = self._run(hist, data, top, True)
+        except (OSError, EOFError, ValueError):
+            # The payload did not end on a block boundary, as RFC 7692 7.2.3.3's example (a
+            # stored block without the flush): inflate it as zlib streams do, byte by byte up to
+            # the end of the input, since DeflateIO's EOFError hides how much it wrote.
+            try:
+                got = self._run(hist, data, top, False)
+            except (OSError, ValueError) as e:
+                raise _derr(e)
+        if got >= top:
+            raise _too_big(limit)
+        if got < h:
+            raise _derr("history not reproduced")
+        out = self.out
+        if self.takeover:
+            w = 1 << self.wbits
+            self.hist = bytes(memoryview(out)[got - w if got > w else 0:got])
+        return memoryview(out)[h:got]
+
+    def _run(self, hist, data, top, final):
         import io
 
-        hist = self.hist if self.takeover else b""
         h = len(hist)
         n = len(data)
         src = io.BytesIO(h + 5 + n + 9)
@@ -200,38 +230,32 @@ class Inflater:
             src.write(hist)
         src.write(data)
         src.write(TAIL)
-        src.write(_FINAL)
+        if final:
+            src.write(_FINAL)
         src.seek(0)
-        top = h + limit + 1  # one byte over the limit tells "too big"
         out = self.out
-        self.hist = b""
-        try:
-            d = deflate.DeflateIO(src, deflate.RAW, self.wbits)
-            got = 0
-            while True:
-                if got == len(out):
-                    if got >= top:
-                        break
-                    cap = got * 2 if got else 1024
-                    if cap < h + n * 2:
-                        cap = h + n * 2
-                    nb = bytearray(cap if cap < top else top)
-                    nb[:got] = memoryview(out)[:got]
-                    out = self.out = nb
-                k = d.readinto(memoryview(out)[got:])
-                if not k:
+        d = deflate.DeflateIO(src, deflate.RAW, self.wbits)
+        got = 0
+        while True:
+            if got == len(out):
+                if got >= top:
                     break
-                got += k
-        except (OSError, EOFError, ValueError) as e:
-            raise _derr(e)
-        if got >= top:
-            raise _too_big(limit)
-        if got < h:
-            raise _derr("history not reproduced")
-        if self.takeover:
-            w = 1 << self.wbits
-            self.hist = bytes(memoryview(out)[got - w if got > w else 0:got])
-        return memoryview(out)[h:got]
+                cap = got * 2 if got else 1024
+                if cap < h + n * 2:
+                    cap = h + n * 2
+                nb = bytearray(cap if cap < top else top)
+                nb[:got] = memoryview(out)[:got]
+                out = self.out = nb
+            try:
+                k = d.readinto(memoryview(out)[got:] if final else memoryview(out)[got:got + 1])
+            except EOFError:
+                if final:
+                    raise
+                break
+            if not k:
+                break
+            got += k
+        return got
 
 
 class Deflater:
