@@ -70,6 +70,7 @@ import functools
 import itertools
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -362,6 +363,12 @@ class Connector:
             self._ready.set()
             log.error("the broker refused the connector: %s", rc)
             return
+        # paho leaves Nagle on: each answer would wait ~40 ms behind our own PUBACK for the
+        # broker's delayed TCP acknowledgement (bench/emulator.py: p50 44 ms at one device)
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # a persistent session keeps them, but the first start (or a broker that lost its
         # database) needs them, and subscribing again costs nothing
         client.subscribe([("ms/+", 1), ("bs/+", 1), ("ss/+", 1)])
