@@ -221,7 +221,7 @@ def survey(specs: tuple[str, ...] = (), show_all: bool = False, do_probe: bool =
         probed.usb = rep.usb or probed.usb  # a virtual board names itself in the probe
         return probed
 
-    with ports.keep_stdio(), ThreadPoolExecutor(max_workers=max(1, min(16, len(reports)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(reports)))) as pool:
         reports = list(pool.map(one, reports))
     for p in bootsel:
         rep = _report_for(p)

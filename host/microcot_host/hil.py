@@ -327,7 +327,7 @@ def real_targets(port_list: list[str], board: str | None, timeout: float) -> lis
             problem = ""
         return Target("", port, name, problem=problem)
 
-    with ports.keep_stdio(), ThreadPoolExecutor(max_workers=max(1, min(16, len(port_list)))) \
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(port_list)))) \
             as pool:
         found = list(pool.map(one, port_list))
     for t in found:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import json
 import os
 import re
@@ -310,22 +309,6 @@ def _candidates_text(ports: list[Port]) -> str:
                      for p in ports)
 
 
-@contextlib.contextmanager
-def keep_stdio():
-    """Silence stdout while boards are probed from several threads, and restore it after.
-
-    transport.open_board silences mpremote's prints with contextlib.redirect_stdout, which swaps
-    the process-wide sys.stdout: threads doing that at once restore each other's StringIO (all
-    later output lost) or the real stdout too early (mpremote's b'' lands in --json output).
-    """
-    out = sys.stdout
-    sys.stdout = io.StringIO()
-    try:
-        yield
-    finally:
-        sys.stdout = out
-
-
 def answers_micropython(port: str, timeout: float = 2.0) -> bool:
     """True when a MicroPython raw REPL answers on the port within about `timeout` seconds."""
     from . import transport
@@ -350,7 +333,7 @@ def auto(probe: Callable[[str], bool] | None = None) -> str:
     candidates = serial + list_virtual()
     if len(candidates) > 1:
         probe = probe or answers_micropython
-        with keep_stdio(), ThreadPoolExecutor(max_workers=8) as pool:
+        with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(probe, [p.device for p in candidates]))
         answering = [p for p, ok in zip(candidates, answers, strict=True) if ok]
         if answering:
@@ -448,6 +431,6 @@ def resolve_for_click(specs: Sequence[str] | str | None, **kwargs) -> list[str]:
 
 
 __all__ = ["BOOTLOADER", "answers_micropython", "BOOTSEL", "ENV", "SERIAL", "USB_IDS", "VIRTUAL", "Port", "PortError",
-           "auto", "classify", "keep_stdio", "list_bootsel", "list_serial", "list_virtual", "natural_key",
+           "auto", "classify", "list_bootsel", "list_serial", "list_virtual", "natural_key",
            "port_option", "resolve", "resolve_for_click", "run_dir", "split_specs",
            "uf2_board_id"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import io
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import serial
+from mpremote import transport_serial as _transport_serial
 from mpremote.transport import TransportError, TransportExecError
 from mpremote.transport_serial import SerialTransport
 
@@ -71,7 +71,7 @@ def open_board(port: str, baudrate: int = 115200, soft_reset: bool = True,
     try:
         t.serial.timeout = 1
         t.serial = _PushbackSerial(t.serial)
-        _quiet(t.enter_raw_repl, soft_reset=soft_reset, timeout_overall=timeout)
+        t.enter_raw_repl(soft_reset=soft_reset, timeout_overall=timeout)
     except (TransportError, serial.SerialException, OSError) as exc:
         t.close()
         raise BoardError(f"{port}: not a MicroPython board, or it does not answer "
@@ -94,10 +94,9 @@ def _why_unopenable(port: str, baudrate: int) -> str:
     return "cannot open (it went away or is in use)"
 
 
-def _quiet(fn: Callable, *args, **kwargs):
-    """mpremote prints the bytes it got when entering the raw REPL fails; keep the terminal clean."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args, **kwargs)
+# mpremote prints the bytes it got when entering the raw REPL fails; we raise a clear error
+# instead. Shadowing print in its module (not swapping sys.stdout) is safe with many threads.
+_transport_serial.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
 
 
 def run(t: SerialTransport, code: str, timeout: float = 30.0,
@@ -182,7 +181,7 @@ def interrupt(t: SerialTransport) -> None:
     if data.endswith(b"\x04>"):
         t.serial.unread(b">")  # the next exec waits for this prompt
     else:
-        _quiet(t.enter_raw_repl, soft_reset=False)
+        t.enter_raw_repl(soft_reset=False)
 
 
 def evaluate(t: SerialTransport, expr: str, timeout: float = 30.0):
@@ -205,7 +204,7 @@ def board_info(t: SerialTransport) -> BoardInfo:
 
 
 def soft_reset(t: SerialTransport) -> None:
-    _quiet(t.enter_raw_repl, soft_reset=True)
+    t.enter_raw_repl(soft_reset=True)
 
 
 def close(t: SerialTransport) -> None:
