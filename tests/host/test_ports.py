@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -357,3 +358,32 @@ def test_boards_table_shows_the_device_id(tmp_path):
         proc = run_cli("boards", "--port", vb.port)
     assert proc.returncode == 0, proc.stderr
     assert ICCID in proc.stdout and "virtual" in proc.stdout and "micropython" in proc.stdout
+
+
+def test_a_virtual_board_from_the_cli_registers_and_is_found(tmp_path):
+    env = {**os.environ, "MICROCOT_HOME": str(tmp_path / "home")}
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "microcot_host", "board", "virtual", "--name", "t-registry",
+         "--flash", str(tmp_path / "flash"), "--port-file", str(port_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if port_file.exists():
+                break
+            time.sleep(0.05)
+        pty = port_file.read_text().strip()
+        entry = tmp_path / "home" / "run" / "t-registry.json"
+        assert json.loads(entry.read_text())["port"] == pty
+        assert oct(entry.stat().st_mode & 0o777) == "0o600"
+        found = ports.list_virtual(tmp_path / "home" / "run")
+        assert [p.device for p in found] == [pty]
+        listed = subprocess.run([sys.executable, "-m", "microcot_host", "boards", "--json"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        rows = {r["port"]: r for r in json.loads(listed.stdout)}
+        assert rows[pty]["status"] == "micropython" and rows[pty]["board"] == "virtual"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert not (tmp_path / "home" / "run" / "t-registry.json").exists()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -70,6 +72,7 @@ def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     stop = threading.Event()
+    registry: Path | None = None
 
     def on_signal(_signum: int, _frame: object) -> None:
         stop.set()
@@ -93,17 +96,46 @@ def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
             tmp = port_file.with_name(port_file.name + ".tmp")
             tmp.write_text(vb.port + "\n")
             os.replace(tmp, port_file)  # a watcher never reads half a path
+        registry = _register(vb, name, link, iccid)
         click.echo("Ctrl-C stops the board.")
         while not stop.wait(0.5):
             if not vb.running:
                 raise click.ClickException(f"the board's supervisor stopped: {vb.error}")
     finally:
+        if registry is not None:
+            _unregister(registry)
         vb.stop()
         for s, h in old.items():
             signal.signal(s, h)
         if port_file is not None:
             with contextlib.suppress(OSError):
                 port_file.unlink()
+
+
+def _register(vb: VirtualBoard, name: str, link: Path | None, iccid: str | None) -> Path:
+    """Announce the board where `microcot boards` and `--port auto` look (ports.list_virtual).
+
+    Only boards started from this command register: boards of tests and `microcot test` would
+    make `auto` ambiguous for a developer with one board on the desk.
+    """
+    from ..files import write_private
+    from ..ports import run_dir
+
+    path = run_dir() / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"name": name, "pid": os.getpid(), "port": vb.port,
+             "link": str(link) if link else None, "modem": vb.modem_path,
+             "flash": str(vb.flash_dir), "mac": vb.mac.hex(":").upper(), "iccid": iccid,
+             "started": time.time()}
+    write_private(path, json.dumps(entry, indent=1) + "\n")
+    return path
+
+
+def _unregister(path: Path) -> None:
+    # a second board of the same name may have taken the entry over: leave its file alone
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
 
 
 def _deploy(port: str) -> None:
