@@ -255,7 +255,13 @@ class WebSocketClient:
         if self._ph != _IDLE:
             if not reconfig:
                 return True
-            self._close_sock()
+            if self._ph == _OPEN:  # a polite end of the old connection
+                self.close_reason = F.CLOSE_NORMAL
+                try:
+                    self._frame(F.OP_CLOSE, F.close_payload(F.CLOSE_NORMAL))
+                except OSError:
+                    pass
+            self._finish()
         self.error = False
         self.error_code = 0
         self.error_msg = ""
@@ -397,24 +403,26 @@ class WebSocketClient:
     def _response(self):
         c = self._c
         rx = self._rx
-        while True:
+        eof = False
+        while self._re < len(rx):
             n = self._read(memoryview(rx)[self._re:])
             if n is None:
                 break
             if n == 0:
-                raise F.ConnectError(F.WS_STATUS_SOCK_CONN_LOST, "connection closed before the "
-                            "handshake answer was complete")
-            self._re += n
-            if self._re == len(rx):
+                eof = True
                 break
+            self._re += n
         end = bytes(memoryview(rx)[:self._re]).find(b"\r\n\r\n")
         if end < 0:
+            if eof:
+                raise F.ConnectError(F.WS_STATUS_SOCK_CONN_LOST, "connection closed before the "
+                                     "handshake answer was complete")
             if self._re == len(rx):
-                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_PARSE_ERROR, "handshake answer head over %d "
-                            "bytes" % len(rx))
+                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_PARSE_ERROR, "handshake answer "
+                                     "head over %d bytes" % len(rx))
             if self._timed_out(c.connect_response_timeout):
-                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_TIMEDOUT, "no handshake answer within %ss"
-                            % c.connect_response_timeout)
+                raise F.ConnectError(F.WS_STATUS_CONNECT_RES_TIMEDOUT, "no handshake answer "
+                                     "within %ss" % c.connect_response_timeout)
             return
         try:
             status, _, hdrs = F.parse_response(memoryview(rx)[:end])

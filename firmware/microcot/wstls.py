@@ -229,7 +229,7 @@ def handshake_error(e):
     """The F.WS_STATUS_TLS_* of a failed TLS handshake."""
     code = getattr(e, "verify_code", None)  # CPython SSLCertVerificationError
     m = str(e)
-    if code == 62 or "CN" in m or "Hostname mismatch" in m or "Common Name" in m:
+    if code in (62, 64) or "CN" in m or "mismatch" in m or "Common Name" in m:
         st = F.WS_STATUS_TLS_CN_MISMATCH
     elif code in (9, 10) or "expired" in m or "future" in m:
         st = F.WS_STATUS_TLS_CERT_EXPIRED
