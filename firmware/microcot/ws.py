@@ -79,6 +79,7 @@ S_OK = 0  # on_message: message taken
 S_FALSE = 1  # on_message: deliver the same message again on the next execute()
 
 RX_SIZE = 4096  # receive buffer; also the largest handshake answer head
+TX_CHUNK = 4096  # send buffer (plus a header): larger frames are masked and written in chunks
 _EAGAIN = (11, 35, 115, 36, 114, 119)  # EAGAIN/EWOULDBLOCK/EINPROGRESS/EALREADY on Linux, BSD
 _POLLOUT = 4
 _POLLERR = 8 | 16  # POLLERR | POLLHUP
@@ -505,15 +506,25 @@ class WebSocketClient:
             i += k
 
     def _frame(self, op, payload, fin=True, rsv1=False):
+        """Write one frame, masked with a fresh key, through the send buffer of at most
+        TX_CHUNK + 14 bytes: a longer payload goes out in chunks of TX_CHUNK."""
         n = len(payload)
-        if len(self._tx) < n + 14:
-            self._tx = bytearray(n + 14)
+        c = n if n < TX_CHUNK else TX_CHUNK
+        if len(self._tx) < c + 14:
+            self._tx = bytearray(c + 14)
         tx = self._tx
         key = urandom(4)
         _, h = F.header(op, n, fin, rsv1, key, tx)
-        tx[h:h + n] = payload
-        F.mask(tx, h, h + n, key)
-        self._write_all(memoryview(tx)[:h + n])
+        i = 0
+        while True:
+            tx[h:h + c] = payload[i:i + c]
+            F.mask(tx, h, h + c, key)  # i is a multiple of 4 here: the key stays in phase
+            self._write_all(memoryview(tx)[:h + c])
+            i += c
+            if i >= n:
+                return
+            h = 0
+            c = n - i if n - i < TX_CHUNK else TX_CHUNK
 
     # --- sending ---------------------------------------------------------------------------------
 

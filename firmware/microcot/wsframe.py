@@ -313,11 +313,27 @@ _MASK_VIPER = """
 def vmask(buf: ptr8, start: int, end: int, key: ptr8):
     i = start
     j = 0
+    while i < end and ((uint(buf) + uint(i)) & 3):
+        buf[i] ^= key[j & 3]
+        i += 1
+        j += 1
+    kw = uint(key[j & 3]) | (uint(key[(j + 1) & 3]) << 8) | (uint(key[(j + 2) & 3]) << 16) | \\
+        (uint(key[(j + 3) & 3]) << 24)
+    w = ptr32(uint(buf) + uint(i))
+    n = (end - i) >> 2
+    k = 0
+    while k < n:
+        w[k] ^= kw
+        k += 1
+    i += n << 2
+    j += n << 2
     while i < end:
         buf[i] ^= key[j & 3]
         i += 1
         j += 1
 """
+# (32-bit words XORed in place once the address is aligned; the key word is little-endian, so the
+# viper variant is used only where sys.byteorder is "little")
 
 _MP = sys.implementation.name == "micropython"
 _vm = None  # None: not tried; False: unavailable
@@ -336,7 +352,7 @@ def mask_variant():
     """'viper' when mask() runs the viper loop, else 'python'."""
     global _vm
     if _vm is None:
-        _vm = _viper(_MASK_VIPER, "vmask") if _MP else False
+        _vm = _viper(_MASK_VIPER, "vmask") if _MP and sys.byteorder == "little" else False
     return "viper" if _vm else "python"
 
 
