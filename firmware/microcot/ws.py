@@ -198,6 +198,9 @@ class WebSocketClient:
         self._infl = None
         self._defl = None
         self._pending = None
+        self._closed_cb = False
+        self._discard = False
+        self._uexc = None
 
     @property
     def active(self):
@@ -224,7 +227,10 @@ class WebSocketClient:
         if c.tls:
             from microcot import wstls
 
-            c.tls = wstls.tls_of(c.tls)
+            try:
+                c.tls = wstls.tls_of(c.tls)
+            except (TypeError, ValueError) as e:
+                raise F.ConnectError(F.WS_STATUS_TLS_SETUP, "bad tls setting: %s" % (e,))
         else:
             c.tls = None
         if not c.port:
@@ -250,6 +256,16 @@ class WebSocketClient:
             from microcot import wstls
 
             self._ctx = wstls.context(c.tls)
+
+    def _configure(self):
+        try:
+            self._snapshot()
+        except (ValueError, TypeError) as e:  # a per_message_deflate dict out of range
+            self._c = None
+            raise F.ConnectError(F.WS_STATUS_CONNECT_REQ_INTERNAL_ERROR, "bad setting: %s" % (e,))
+        except F.ConnectError:
+            self._c = None
+            raise
 
     def connect(self, reconfig=False):
         """Start connecting (execute() carries it on); True when under way or connected."""
@@ -278,7 +294,7 @@ class WebSocketClient:
         try:
             if reconfig or self._c is None:
                 self._c = None
-                self._snapshot()
+                self._configure()
             self._start()
         except F.ConnectError as e:
             self._error(e.status, e.msg, e.code)
@@ -441,7 +457,7 @@ class WebSocketClient:
         except F.HandshakeError as e:
             raise F.ConnectError(e.status, e.msg, e.http)
         self.protocol_selected = proto
-        if not self.check_protocol(proto):
+        if not self._user(self.check_protocol, proto):
             raise F.ConnectError(F.WS_STATUS_CONNECT_RES_INVALID, "check_protocol refused subprotocol %r"
                         % proto, 101)
         self.extensions = cfg
@@ -645,13 +661,15 @@ class WebSocketClient:
             self.state = F.WS_STATUS_SOCK_NO_CONN
         if was and not self._closed_cb:
             self._closed_cb = True
-            self.on_close(self.close_reason or F.CLOSE_ABNORMAL, b"")
+            self._user(self.on_close, self.close_reason or F.CLOSE_ABNORMAL, b"")
 
     # --- the cycle -------------------------------------------------------------------------------
 
     def execute(self, wait_ms=0):
         """One cycle: connect progress, keep-alive, receive and dispatch. Waits up to wait_ms
-        for data when there is nothing to do (0: never waits)."""
+        for data when there is nothing to do (0: never waits). An exception raised by
+        on_message, on_close or check_protocol fails the connection (close 1011,
+        WS_STATUS_INTERNAL_ERROR) and is raised from here."""
         if self._ph == _IDLE:
             return
         try:
@@ -668,29 +686,44 @@ class WebSocketClient:
                 self._timers()
             if not got and wait_ms and self._ph != _IDLE and self._pending is None:
                 self._poll.poll(wait_ms)
-        except F.ConnectError as e:
-            self._error(e.status, e.msg, e.code)
-            self._close_sock()
-        except F.ProtocolError as e:
-            self._fail(e.code, e.status, e.msg)
-        except MemoryError:
-            self._fail(F.CLOSE_TOO_BIG, F.WS_STATUS_NOMEMORY, "out of memory for a message")
-        except OSError as e:
-            self._lost(e)
+        except Exception as e:
+            if e is self._uexc:
+                self._uexc = None
+                if self._ph == _OPEN:
+                    self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR,
+                               "a handler raised %r" % (e,))
+                elif self._ph < _OPEN:
+                    self._error(F.WS_STATUS_INTERNAL_ERROR, "a handler raised %r" % (e,))
+                    self._close_sock()
+                raise
+            if isinstance(e, F.ConnectError):
+                self._error(e.status, e.msg, e.code)
+                self._close_sock()
+            elif isinstance(e, F.ProtocolError):
+                self._fail(e.code, e.status, e.msg)
+            elif isinstance(e, MemoryError):
+                self._fail(F.CLOSE_TOO_BIG, F.WS_STATUS_NOMEMORY, "out of memory for a message")
+            elif isinstance(e, OSError):
+                self._lost(e)
+            else:
+                raise
+
+    def _user(self, fn, *args):
+        """Call a handler; its exception is marked so that execute() passes it on."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._uexc = e
+            raise
 
     def _deliver(self, content, ctype):
         """Hand a message to on_message; True when it asked to get it again."""
-        try:
-            r = self.on_message(content, ctype)
-        except Exception:
-            self._pending = None
-            self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR, "on_message raised")
-            raise
+        self._pending = None
+        r = self._user(self.on_message, content, ctype)
         if r == S_FALSE and r is not True:
             self._pending = (content, ctype)
             self._last_rx = ticks_ms()
             return True
-        self._pending = None
         return False
 
     def _receive(self):
@@ -767,7 +800,7 @@ class WebSocketClient:
             self.close_reason = code
         if not self._closed_cb:
             self._closed_cb = True
-            self.on_close(code, reason)
+            self._user(self.on_close, code, reason)
         return True
 
     def _timers(self):

@@ -437,20 +437,30 @@ def test_connection_dropped_without_close(peer):
     assert c.close_reason == 1006 and c.closes == [(1006, b"")]
 
 
-def test_on_message_exception_closes_1011_and_propagates(peer):
+@pytest.mark.parametrize("exc", [RuntimeError, OSError])
+def test_on_message_exception_closes_1011_and_propagates(peer, exc):
     class Broken(Client):
         def on_message(self, content, content_type):
-            raise RuntimeError("handler bug")
+            raise exc("handler bug")
 
     c = Broken("127.0.0.1", peer.port, "/echo")
     c.connect()
     run(c, lambda: c.connected)
     c.send_message("x")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(exc, match="handler bug"):  # even an OSError is the handler's, not ours
         run(c, lambda: False, 2)
     assert c.state == W.WS_STATUS_INTERNAL_ERROR and c.close_reason == 1011
     run(c, lambda: not c.active)
     assert peer.last("/echo")["close_code"] == 1011
+
+
+def test_bad_settings_fail_at_connect():
+    c = Client("127.0.0.1", 1, per_message_deflate={"server_max_window_bits": 7})
+    assert not c.connect() and c.state == W.WS_STATUS_CONNECT_REQ_INTERNAL_ERROR
+    c = Client("127.0.0.1", 1, tls={"no_such_option": 1})
+    assert not c.connect() and c.state == W.WS_STATUS_TLS_SETUP
+    c = Client("127.0.0.1", 1, uri="/a\r\nX: y")
+    assert not c.connect() and c.state == W.WS_STATUS_CONNECT_REQ_INTERNAL_ERROR
 
 
 # --- handshake -----------------------------------------------------------------------------------
