@@ -14,6 +14,7 @@ _COMMANDS = {
     "emulator": "microcot_host.emulator.cli:emulator",
     "flash": "microcot_host.flash.cli:flash",
     "kics-emulator": "microcot_host.kics_emulator:kics_emulator",
+    "provision": "microcot_host.provision_cli:provision",
     "test": "microcot_host.hil:test_command",
 }
 
