@@ -54,6 +54,7 @@ DEFAULT_NAME = "microcot {id}"  # the agent's own default name (agent.py DEFAULT
 WRITTEN_R = "written"  # new credentials written and verified
 CONFIRMED = "confirmed"  # the board held them already (an interrupted run): ledger completed
 UNCHANGED = "unchanged"
+UPDATED = "updated"  # the board is unchanged, only ID/NAME/SHELL of the CSV row changed
 FAILED_R = "failed"
 
 Progress = Callable[[str, str], None]  # (port, what is happening)
@@ -199,8 +200,9 @@ def _last_line(tb: str) -> str:
 
 @dataclass
 class Options:
-    name_template: str = DEFAULT_NAME
-    shell: str = "0"
+    # None: a device the ledger knows keeps its recorded NAME/SHELL, a new one gets the default
+    name_template: str | None = None
+    shell: str | None = None
     rotate: bool = False
     deploy: bool = True  # deploy microcot first where it is missing
     board: str | None = None  # boards/*.toml for that deploy (default: guessed from the board)
@@ -212,7 +214,7 @@ class Options:
 @dataclass
 class Outcome:
     port: str
-    result: str = FAILED_R  # written | confirmed | unchanged | failed
+    result: str = FAILED_R  # written | confirmed | unchanged | updated | failed
     device_id: str | None = None
     id_source: str | None = None
     serial: str | None = None
@@ -243,8 +245,8 @@ class Provisioner:
                  options: Options | None = None, progress: Progress | None = None) -> None:
         self.books = books
         self.opts = options or Options()
-        check_template(self.opts.name_template)
-        if self.opts.shell not in ("0", "1"):
+        check_template(self.opts.name_template or DEFAULT_NAME)
+        if self.opts.shell not in (None, "0", "1"):
             raise ValueError(f"shell must be 0 or 1, got {self.opts.shell!r}")
         self.progress = progress or (lambda port, what: None)
         self._by_iccid: dict[str, FleetRow] = {}
@@ -328,10 +330,7 @@ class Provisioner:
         else:
             password, origin = generate_password(), "generated"
         out.origin = origin
-        external_id = row.id if row else did
-        name = row.name if row else self.opts.name_template.format_map(
-            {"id": did, "serial": out.serial or "", "source": out.id_source or ""})
-        shell = row.shell if row else self.opts.shell
+        external_id, name, shell = self._columns(did, row, rec, out)
         out.row = FleetRow(0, external_id, password, fleetcsv.DEVICE_TYPE, name, did, shell,
                            row.extra if row else ())
 
@@ -340,12 +339,16 @@ class Provisioner:
                     and facts.get("cred_status") == "ok")
         out.accepted = bool(cred.get("ok")) if on_board else None
         if (on_board and rec is not None and rec.status == VERIFIED
-                and books.keys.matches(rec.cred_hash, did, password)
-                and (rec.external_id, rec.name, rec.shell) == (external_id, name, shell)):
-            out.result = UNCHANGED
-            out.detail = "in place, " + ("accepted by the broker" if out.accepted
-                                         else "not used yet")
-            books.ledger.note(did, port, out.serial, UNCHANGED)
+                and books.keys.matches(rec.cred_hash, did, password)):
+            use = "accepted by the broker" if out.accepted else "not used yet"
+            if (rec.external_id, rec.name, rec.shell) == (external_id, name, shell):
+                out.result = UNCHANGED
+                out.detail = "in place, " + use
+                books.ledger.note(did, port, out.serial, UNCHANGED)
+            else:  # only the CSV columns changed: nothing to do on the board
+                books.ledger.describe(did, external_id=external_id, name=name, shell=shell)
+                out.result = UPDATED
+                out.detail = "ID/NAME/SHELL changed; credentials in place, " + use
             return
 
         # vault and ledger before the board: a crash from here on is resumed with this password
@@ -370,6 +373,21 @@ class Provisioner:
         self._verify(t, did, password)
         out.accepted = False if out.result == WRITTEN_R else out.accepted
         books.ledger.set_status(did, VERIFIED, port=port)
+
+    def _columns(self, did: str, row: FleetRow | None, rec, out: Outcome
+                 ) -> tuple[str, str, str]:
+        """ID, NAME and SHELL of the device's CSV row: the input CSV's, else what the options
+        say, else what the ledger recorded, else the defaults."""
+        if row is not None:
+            return row.id, row.name, row.shell
+        o = self.opts
+        if o.name_template is not None or rec is None:
+            name = (o.name_template or DEFAULT_NAME).format_map(
+                {"id": did, "serial": out.serial or "", "source": out.id_source or ""})
+        else:
+            name = rec.name
+        shell = o.shell if o.shell is not None else rec.shell if rec is not None else "0"
+        return (rec.external_id if rec is not None else did), name, shell
 
     def _verify(self, t, did: str, password: str) -> None:
         facts, nonce = probe(t, self.opts.modem_ms)

@@ -32,10 +32,12 @@ _KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
                    "some or all boards, matched by ICCID, else by ID")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="write the CSV for the bulk registration here (owner-only)")
-@click.option("--name-template", default=DEFAULT_NAME, show_default=True,
-              help="NAME of devices without a CSV row: {id}, {serial}, {source}")
-@click.option("--shell", type=click.Choice(["0", "1"]), default="0", show_default=True,
-              help="SHELL of devices without a CSV row (1: operations are sent to the device)")
+@click.option("--name-template", default=None, metavar="TEMPLATE",
+              help=f"NAME of devices without a CSV row: {{id}}, {{serial}}, {{source}} "
+                   f"[default: as recorded in the ledger, for new devices {DEFAULT_NAME!r}]")
+@click.option("--shell", type=click.Choice(["0", "1"]), default=None,
+              help="SHELL of devices without a CSV row, 1: operations are sent to the device "
+                   "[default: as recorded, for new devices 0]")
 @click.option("--rotate", is_flag=True,
               help="issue new passwords, even where the board or the CSV has one")
 @click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
@@ -49,7 +51,7 @@ _KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.pass_context
 def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | None,
-              out: Path | None, name_template: str, shell: str, rotate: bool,
+              out: Path | None, name_template: str | None, shell: str | None, rotate: bool,
               ledger: Path | None, key_file: Path | None, board_name: str | None,
               no_deploy: bool, allow_weak: bool, timeout: float, as_json: bool) -> None:
     """Give every connected board its device ID's credentials and write the CSV for the bulk
@@ -67,7 +69,7 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
     from .provision_ledger import Books, LedgerError
 
     try:
-        check_template(name_template)
+        check_template(name_template or DEFAULT_NAME)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name-template") from None
     source = _load_source(csv_path, allow_weak) if csv_path else None
@@ -162,7 +164,8 @@ def _print_outcomes(outcomes) -> None:
     table = Table(show_lines=False)
     for col in ("Port", "Device ID", "Board serial", "Result", "Password", "Detail"):
         table.add_column(col, overflow="fold")
-    style = {"written": "green", "confirmed": "green", "unchanged": "cyan", "failed": "red"}
+    style = {"written": "green", "confirmed": "green", "unchanged": "cyan", "updated": "cyan",
+             "failed": "red"}
     for o in outcomes:
         dev = f"{o.device_id} ({o.id_source})" if o.device_id else "-"
         detail = o.detail + (" [microcot deployed]" if o.deployed else "")

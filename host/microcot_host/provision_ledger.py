@@ -274,6 +274,15 @@ class Ledger:
                            cred_hash, cred_origin, 1 if new_password else 0, t, device_id))
             self._event(c, t, device_id, port, board_serial, PENDING, None)
 
+    def describe(self, device_id: str, *, external_id: str, name: str, shell: str) -> None:
+        """New CSV columns for a device whose credentials stay as they are."""
+        t = now()
+        with self._db.tx() as c:
+            c.execute("UPDATE devices SET external_id=?, name=?, shell=?, updated_at=? "
+                      "WHERE device_id=?", (external_id, name, shell, t, device_id))
+            self._event(c, t, device_id, None, None, "updated",
+                        f"ID {external_id!r}, NAME {name!r}, SHELL {shell}")
+
     def set_status(self, device_id: str, status: str, *, port: str | None = None,
                    board_serial: str | None = None, error: str | None = None) -> None:
         if status not in STATUSES:
