@@ -80,6 +80,7 @@ S_FALSE = 1  # on_message: deliver the same message again on the next execute()
 
 RX_SIZE = 4096  # receive buffer; also the largest handshake answer head
 TX_CHUNK = 4096  # send buffer (plus a header): larger frames are masked and written in chunks
+DRAIN_MS = 500  # after both Close frames, how long the server's TCP close is awaited
 _EAGAIN = (11, 35, 115, 36, 114, 119)  # EAGAIN/EWOULDBLOCK/EINPROGRESS/EALREADY on Linux, BSD
 _POLLOUT = 4
 _POLLERR = 8 | 16  # POLLERR | POLLHUP
@@ -807,7 +808,13 @@ class WebSocketClient:
         c = self._c
         now = ticks_ms()
         if self._ph in (_CLOSING, _DRAIN):
-            if ticks_diff(now, self._t0) >= c.close_timeout * 1000:
+            # _CLOSING: our Close is out, the server's awaited for close_timeout. _DRAIN: both
+            # are through; the server should now close TCP, but one behind TLS may wait for us
+            # (it cannot half-close), so we close after DRAIN_MS (RFC 6455 7.1.1 allows it).
+            limit = c.close_timeout * 1000
+            if self._ph == _DRAIN and limit > DRAIN_MS:
+                limit = DRAIN_MS
+            if ticks_diff(now, self._t0) >= limit:
                 self._finish()
             return
         if not (c.keep_alive and c.keep_alive_interval) or self._pending is not None:

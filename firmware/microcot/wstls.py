@@ -209,13 +209,16 @@ def _cpy_context(ctx, t, v):
         cp = _tmp(_read_file(t.cert, "certificate", F.WS_STATUS_TLS_CERT_NOTFOUND))
         kp = _tmp(_read_file(t.key_file, "key", F.WS_STATUS_TLS_KEY_NOTFOUND))
         try:
-            ctx.load_cert_chain(cp, kp, t.key_pwd or None)
-        except (ssl.SSLError, ValueError, TypeError) as e:
-            m = str(e).lower()
-            st = F.WS_STATUS_TLS_CERT_INVALID
-            if "key" in m or "decrypt" in m or "password" in m:
-                st = F.WS_STATUS_TLS_KEY_INVALID
-            raise F.ConnectError(st, "client certificate/key not loadable: %s" % e)
+            try:  # the certificate alone first, so that a failure below is the key's
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cp)
+            except ssl.SSLError as e:
+                raise F.ConnectError(F.WS_STATUS_TLS_CERT_INVALID, "client certificate not "
+                                     "loadable: %s" % e)
+            try:
+                ctx.load_cert_chain(cp, kp, t.key_pwd or None)
+            except (ssl.SSLError, ValueError, TypeError) as e:
+                raise F.ConnectError(F.WS_STATUS_TLS_KEY_INVALID, "client key not loadable (or "
+                                     "wrong key_pwd, or not the certificate's key): %s" % e)
         finally:
             os.unlink(cp)
             os.unlink(kp)

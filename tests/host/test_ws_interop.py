@@ -562,6 +562,71 @@ def test_tls_unknown_ca_fails(tpeer, tmp_path):
     assert c.state == W.WS_STATUS_TLS_VERIFY_FAIL, (c.state, c.error_msg)
 
 
+def _client_cert(tls_files, out: Path, password: bytes | None = None) -> tuple[Path, Path]:
+    """A client certificate signed by the test CA: (cert.pem, key.pem)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_dir = tls_files.ca_cert.parent
+    ca = x509.load_pem_x509_certificate(tls_files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-0001")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    enc = serialization.BestAvailableEncryption(password) if password else \
+        serialization.NoEncryption()
+    cp, kp = out / "client.pem", out / ("client-enc.key" if password else "client.key")
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8, enc))
+    return cp, kp
+
+
+@pytest.fixture(scope="module")
+def mtls_peer(tls_files):
+    ctx = _server_ctx(tls_files)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(tls_files.ca_cert)
+    p = Peer(ctx).start()
+    yield p
+    p.stop()
+
+
+def test_tls_client_certificate(mtls_peer, tls_files, tmp_path):
+    cert, key = _client_cert(tls_files, tmp_path)
+    c = opened(mtls_peer.port, "/echo", tls={"ca": str(tls_files.ca_cert), "cert": str(cert),
+                                             "key_file": key.read_text()})
+    assert c.connected
+    c.send_message("mutual")
+    assert run(c, lambda: c.msgs)
+    finish(c)
+    # an encrypted key with its password (CPython's ssl takes key_pwd)
+    cert, key = _client_cert(tls_files, tmp_path, b"secret")
+    c = opened(mtls_peer.port, "/echo", tls={"sCA": str(tls_files.ca_cert), "sCert": str(cert),
+                                             "sKeyFile": str(key), "sKeyPwd": "secret"})
+    assert c.connected
+    finish(c)
+    c = Client("127.0.0.1", mtls_peer.port, "/", tls={"ca": str(tls_files.ca_cert),
+                                                      "cert": str(cert), "key_file": str(key),
+                                                      "key_pwd": "wrong"})
+    assert not c.connect() and c.state == W.WS_STATUS_TLS_KEY_INVALID
+    # without a certificate the server refuses
+    c = Client("127.0.0.1", mtls_peer.port, "/", tls={"ca": str(tls_files.ca_cert)})
+    c.connect()
+    assert run(c, lambda: not c.active)
+    assert c.error and not c.msgs
+
+
 def test_tls_settings_that_cannot_work_fail_at_connect(tls_files, tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
@@ -590,6 +655,7 @@ sys.path.insert(0, sys.argv[1])
 from microcot import ws as W
 port, zport, tport, badport, ca = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
     int(sys.argv[5]), sys.argv[6]
+mport, ccert, ckey = int(sys.argv[7]), sys.argv[8], sys.argv[9]
 out = {}
 
 
@@ -682,6 +748,12 @@ c = client(badport, "/", tls={"ca": ca})
 run(c, lambda: not c.active)
 out["tls_wrong_host"] = c.state
 
+c = client(mport, "/echo", tls={"ca": ca, "cert": ccert, "key_file": ckey})
+c.send_message("mutual")
+run(c, lambda: c.msgs)
+out["tls_client_cert"] = [c.state if not c.connected else 0, c.msgs[:1] == [(b"mutual", 1)]]
+done(c)
+
 for name, tls in (("crl", {"ca": ca, "crl": "x.crl"}), ("psk", {"ca": ca, "psk_identity": "i"}),
                   ("key_pwd", {"ca": ca, "cert": ca, "key_file": ca, "key_pwd": "secret"}),
                   ("ciphers", {"ca": ca, "ciphers": "AES128-SHA"}),
@@ -693,7 +765,7 @@ print("JSON" + json.dumps(out))
 '''
 
 
-def test_micropython_subset(peer, zpeer, tpeer, tls_files, tmp_path):
+def test_micropython_subset(peer, zpeer, tpeer, mtls_peer, tls_files, tmp_path):
     if not MICROPYTHON:
         pytest.skip("no micropython executable")
     from microcot_host.emulator.certs import ensure_ca_and_server
@@ -707,10 +779,12 @@ def test_micropython_subset(peer, zpeer, tpeer, tls_files, tmp_path):
     bad = Peer(_server_ctx(wrong)).start()
     script = tmp_path / "mp_interop.py"
     script.write_text(MP_SCRIPT)
+    ccert, ckey = _client_cert(tls_files, tmp_path)
     try:
         r = subprocess.run([MICROPYTHON, str(script), str(FIRMWARE), str(peer.port),
                             str(zpeer.port), str(tpeer.port), str(bad.port),
-                            str(tls_files.ca_cert)], capture_output=True, text=True, timeout=120)
+                            str(tls_files.ca_cert), str(mtls_peer.port), str(ccert), str(ckey)],
+                           capture_output=True, text=True, timeout=120)
     finally:
         bad.stop()
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("JSON")]
@@ -731,10 +805,12 @@ def test_micropython_subset(peer, zpeer, tpeer, tls_files, tmp_path):
     assert out["auth_ok"] is True
     assert out["tls"] == [0, True]
     assert out["tls_wrong_host"] == W.WS_STATUS_TLS_CN_MISMATCH
+    assert out["tls_client_cert"] == [0, True]
     assert out["tls_crl"][0] == W.WS_STATUS_TLS_CRL_INVALID
     assert out["tls_psk"][0] == W.WS_STATUS_TLS_PSK_INVALID
     assert out["tls_key_pwd"][0] == W.WS_STATUS_TLS_KEY_INVALID
     assert out["tls_ciphers"][0] == W.WS_STATUS_TLS_CIPHER_INVALID
     assert out["tls_version"][0] == W.WS_STATUS_TLS_VERSION_INVALID
     assert out["tls_no_ca"][0] == W.WS_STATUS_TLS_CA_NOTFOUND
-    assert all(v[1] for k, v in out.items() if k.startswith("tls_") and k != "tls_wrong_host")
+    assert all(v[1] for k, v in out.items() if k.startswith("tls_") and
+               k not in ("tls_wrong_host", "tls_client_cert"))
