@@ -4,16 +4,28 @@
                         headers={"Authorization": "Bearer " + token})
     c.on_message = lambda content, content_type: print(bytes(content))
     c.connect()
-    while True:
-        c.execute()                  # cyclically: connect progress, keep-alive, receive, dispatch
-        if c.connected: c.send_message("hello")
+    while c.active:
+        c.execute(10)                # cyclically: connect progress, keep-alive, receive, dispatch
+        ...                          # c.send_message("hello") whenever c.connected
 
 Inputs are constructor arguments and attributes, read at connect(); after changing one, call
-connect(reconfig=True). Outputs are attributes: `error`, `error_code`, `state` (the seed's
-WS_STATUS_* numbers, module constants here), `connected`, `close_reason`; and, beyond the seed,
-`error_msg` (what went wrong, in words), `http_status` (of the handshake answer), `protocol_selected`,
-`extensions` (the agreed permessage-deflate parameters or None), `can_compress` and
-`sent_compressed` (whether send_message(..., compress=True) really compressed).
+connect(reconfig=True). The seed's inputs: host ("" = localhost), port (None = 80, 443 with tls),
+uri, protocol (one or a comma-separated list), origin, tls, per_message_deflate (True, or a dict
+of RFC 7692 parameters, see microcot.wspmd), keep_alive, keep_alive_interval and
+keep_alive_close_timeout (s: a ping after that long without traffic from the server, the
+connection closed when the next that long brings nothing either), connect_response_timeout (s,
+for each of TCP connect, TLS handshake and the handshake answer), max_recv_frame_size=0x10000,
+max_recv_msg_size=0x100000, max_send_frame_size=0x4000. Beyond the seed: headers (a dict or pairs,
+e.g. Authorization), close_timeout (s to wait for the server's Close), send_timeout (s a blocked
+send may take). Only the name lookup blocks; connecting, sending the request and waiting for the
+answer proceed in execute(), which never waits longer than its wait_ms.
+
+Outputs are attributes: `error`, `error_code`, `state` (the seed's WS_STATUS_* numbers, module
+constants here), `connected`, `close_reason`; and, beyond the seed, `active` (a connection or its
+close handshake under way), `error_msg` (what went wrong, in words), `http_status` (of the
+handshake answer), `protocol_selected`, `extensions` (the agreed permessage-deflate parameters or
+None), `can_compress` and `sent_compressed` (whether send_message(..., compress=True) really
+compressed: where the runtime cannot, the message goes uncompressed).
 
 Overridable (subclass, or assign a function to the instance attribute):
     check_protocol(protocol) -> bool       the subprotocol the server chose ("" for none)
@@ -25,6 +37,7 @@ Overridable (subclass, or assign a function to the instance attribute):
     on_close(status_code, content)         once per connection when it ends: the server's close
                                            code and reason, else the code we closed with, 1006
                                            when the connection broke without a Close
+An exception from one of them fails the connection (1011) and is raised from execute().
 
 States: WS_STATUS_SOCK_NO_CONN before connect and after a clean close, WS_STATUS_BUSY while
 connecting, WS_STATUS_SUCCESS while open, WS_STATUS_FINALIZE_DISCONNECT during the close
@@ -38,6 +51,10 @@ accepted), no_server_cert_check, psk_identity, psk_key. The server certificate a
 verified unless no_server_cert_check. What the runtime's ssl cannot honour fails at connect with
 the matching WS_STATUS_TLS_* state and error_msg: on MicroPython CRL, PSK, key_pwd, ciphers and
 versions other than TLS 1.2, and a missing ca (there is no system store); PSK on CPython < 3.13.
+
+Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, and the
+message buffer, which grows with the messages that arrive up to max_recv_msg_size; a frame or
+message over the limits is refused from its header (close 1009), never stored.
 """
 
 import socket
