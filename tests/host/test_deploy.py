@@ -143,3 +143,20 @@ def test_mip_package_json_lists_every_module(board):
     assert r.returncode == 0, r.stdout + r.stderr
     names = on_board(board.port, "sorted(__import__('os').listdir('/mip/microcot'))")
     assert names == sorted(Path(p).name for p in present)
+
+
+def test_a_module_that_cannot_import_fails_the_deploy_naming_it(board, tmp_path):
+    src = tmp_path / "fw"
+    shutil.copytree(firmware_dir(), src)
+    (src / "microcot" / "zbroken.py").write_text("raise ImportError('needs a missing driver')\n")
+    t = transport.open_board(board.port)
+    try:
+        with pytest.raises(deploy.DeployError) as err:
+            deploy.deploy_transport(t, boards.load("virtual"), source=src)
+        assert "microcot.zbroken" in str(err.value)
+        assert "needs a missing driver" in str(err.value)
+        # the modules before it were checked and the board is usable afterwards
+        assert transport.evaluate(t, "1 + 1") == 2
+        transport.run(t, "import os\nos.remove('/lib/microcot/zbroken.mpy')")
+    finally:
+        transport.close(t)
