@@ -359,6 +359,30 @@ class VirtualBoard:
         """Wait until the interpreter sits in its REPL (after start or a reset)."""
         return self._ready.wait(timeout)
 
+    def power_cut(self, timeout: float = 10.0, settle: float = 1.0) -> bool:
+        """Cut the power: SIGKILL the interpreter wherever it is (no finally, no flush, a file
+        write stops mid-way), then wait until the supervisor has powered the board on again.
+
+        Counted in `crashes` like any death the board did not ask for. Returns True once the
+        new interpreter sits in its REPL, False if main.py still runs `settle` seconds after it
+        came up; raises RuntimeError when no interpreter comes back within `timeout`.
+        """
+        c = self._child
+        if c is None or not self.running:
+            raise RuntimeError(f"virtual board {self.name}: not running")
+        before = self.restarts
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(c.proc.pid, signal.SIGKILL)
+        # restarts grows after _spawn cleared _started: from then on _started is the new one's
+        deadline = time.monotonic() + timeout
+        while self.restarts == before:
+            if time.monotonic() >= deadline or not self.running:
+                raise RuntimeError(f"virtual board {self.name}: no power after the cut")
+            time.sleep(0.002)
+        if not self._started.wait(max(0.0, deadline - time.monotonic())):
+            raise RuntimeError(f"virtual board {self.name}: did not boot after the power cut")
+        return self._ready.wait(settle)
+
     def stop(self) -> None:
         """Stop the interpreter and the modem, close every descriptor; idempotent."""
         thread = self._thread
