@@ -96,9 +96,10 @@ def check_template(template: str) -> None:
 
 # -- what runs on the board (MicroPython) --------------------------------------------------------
 
-# Who the board is and what it holds, as a dict literal. The ID is found like the agent's
-# session.identify: /microcot.json's device_id (else /board.json's) as the configured fallback,
-# and a stored ICCID wins over a MAC when the modem does not answer this time.
+# Who the board is and what it holds, as a dict literal. Both IDs the agent's session.identify
+# knows: the stored one (document "dev", which the agent uses when it exists) and the hardware's
+# (identity.detect: the SIM's ICCID, else the MAC, else /microcot.json's or /board.json's
+# device_id), which the agent reads when nothing is stored.
 _PROBE = r"""
 def _p(nonce, modem_ms):
     r = {'microcot': None}
@@ -123,14 +124,13 @@ def _p(nonce, modem_ms):
     store.root(root)
     r['store'] = root
     try:
-        did, src = identity.detect(conf.get('device_id') or None, modem_ms)
-        dev = store.load('dev')
-        if src == 'mac' and isinstance(dev, dict) and dev.get('src') == 'iccid' and dev.get('id'):
-            did, src = dev['id'], 'iccid'
-        r['id'] = did
-        r['source'] = src
+        r['hw_id'], r['hw_source'] = identity.detect(conf.get('device_id') or None, modem_ms)
     except Exception as e:
         r['id_error'] = str(e)
+    dev = store.load('dev')
+    if isinstance(dev, dict) and dev.get('id'):
+        r['stored_id'] = dev['id']
+        r['stored_source'] = dev.get('src')
     try:
         import machine
         r['serial'] = binascii.hexlify(machine.unique_id()).decode()
@@ -159,6 +159,23 @@ def _w(root, did, pw):
 _w(%(root)r, %(did)r, %(pw)r)
 del _w
 """
+
+
+def device_id(facts: dict) -> tuple[str, str | None, str]:
+    """(ID, its source, a note) as the agent will use it: the stored ID when there is one (the
+    agent keeps it even when the hardware says otherwise), else the hardware's."""
+    hw, stored = facts.get("hw_id"), facts.get("stored_id")
+    if stored:
+        note = ""
+        if hw and hw != stored:
+            note = (f"the board's stored ID {stored} is not its hardware's {hw} (a new SIM?): "
+                    f"provisioned for {stored}, the ID its agent uses")
+        elif not hw:
+            note = f"hardware ID unreadable ({facts.get('id_error')}): the stored ID is used"
+        return stored, facts.get("stored_source"), note
+    if hw:
+        return hw, facts.get("hw_source"), ""
+    raise ProvisionError(f"no device ID: {facts.get('id_error') or 'none reported'}")
 
 
 def nonce_hash(nonce: str, password: str) -> str:
@@ -225,6 +242,7 @@ class Outcome:
     seconds: float = 0.0
     row: FleetRow | None = field(default=None, repr=False)
     begun: bool = field(default=False, repr=False)  # the ledger has this run's pending record
+    note: str = field(default="", repr=False)  # a warning for the detail
 
     @property
     def ok(self) -> bool:
@@ -280,6 +298,7 @@ class Provisioner:
             self.progress(port, "opening")
             t = transport.open_board(port, timeout=self.opts.timeout)
             self._provision(t, out)
+            out.detail = "; ".join(x for x in (out.detail, out.note) if x)
         except Exception as exc:  # one board's failure is its outcome, never the run's
             out.result = FAILED_R
             out.detail = mask(_reason(exc), [out.row.credentials if out.row else None])
@@ -311,10 +330,8 @@ class Provisioner:
                 raise ProvisionError(f"microcot does not import after the deploy: "
                                      f"{facts.get('why')}")
         out.serial = facts.get("serial") or self._usb_serials.get(os.path.realpath(port))
-        if facts.get("id_error") or not facts.get("id"):
-            raise ProvisionError(f"no device ID: {facts.get('id_error') or 'none reported'}")
-        did = out.device_id = facts["id"]
-        out.id_source = facts.get("source")
+        did, out.id_source, out.note = device_id(facts)
+        out.device_id = did
         self._claim(did, port)
 
         row = self._row_for(did)

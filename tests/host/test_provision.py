@@ -452,3 +452,25 @@ def test_ledger_is_readable_sql(tmp_path: Path, fleet: Fleet) -> None:
     steps = [s for (s,) in con.execute("SELECT status FROM events ORDER BY seq")]
     assert steps == ["pending", "written", "verified"]
     con.close()
+
+
+def test_the_stored_id_wins_as_in_the_agent(tmp_path: Path, fleet: Fleet) -> None:
+    """The agent keeps the ID it stored ("dev") even when the SIM changed: the credentials must
+    belong to that ID, or the agent would ignore them and bootstrap."""
+    from microcot_host import deploy, transport
+
+    (vb,) = fleet.start(1)
+    old = iccid(777)
+    deploy.deploy(vb.port)
+    t = transport.open_board(vb.port)
+    try:
+        transport.run(t, "from microcot import store\nstore.save('dev', {'id': %r, "
+                         "'src': 'iccid'})" % old)
+    finally:
+        transport.close(t)
+    r = run_cli(tmp_path, [vb])
+    assert r.exit_code == 0, r.output
+    got = results(r)[vb.port]
+    assert (got["device_id"], got["id_source"]) == (old, "iccid")
+    assert f"stored ID {old} is not its hardware's {vb.iccid}" in got["detail"]
+    assert stored_cred(vb)["id"] == old
