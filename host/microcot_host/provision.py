@@ -3,8 +3,9 @@ registration: "the device's credentials must be stored on it when it is produced
 
 For each board, in parallel:
   1. open it (raw REPL); deploy microcot when it is missing;
-  2. ask the board who it is: `identity.detect()` (ICCID from the modem, else the MAC, else the
-     configured ID, as the agent's session.identify does), `machine.unique_id()`, and a hash of
+  2. ask the board who it is, as its agent's session.identify will: the ID the agent stored, else
+     `identity.detect()` (ICCID from the modem, else the MAC, else the configured ID);
+     `machine.unique_id()`; and a hash of
      the credentials it already holds: SHA-256 over a fresh random nonce and the password, so
      neither the password nor a reusable hash of it ever comes back over the wire;
   3. take the password: a fresh one with --rotate, else the input CSV's row (matched by ICCID,
@@ -19,8 +20,9 @@ makes a run resumable: after a crash or an unplugged board the next run finds th
 and either sees it on the board already (the write made it) or writes it again.
 
 The CSV for the bulk registration holds one row per board that ended up verified or unchanged:
-ID (the CSV's, or the device ID), CREDENTIALS, TYPE mqtt, NAME (the CSV's, or the template),
-ICCID = the device ID (the MQTT user the device connects with), SHELL (the CSV's, or --shell).
+ID (the CSV's, or the device ID), CREDENTIALS, TYPE mqtt, NAME (the CSV's, else the template,
+else what the ledger recorded), ICCID = the device ID (the MQTT user the device connects with),
+SHELL (the CSV's, else --shell, else the ledger's).
 Rows are sorted by device ID, so an unchanged re-run writes the same file.
 
 Passwords are never printed, logged or put into an error message: a board's error text is
