@@ -73,6 +73,8 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name-template") from None
     source = _load_source(csv_path, allow_weak) if csv_path else None
+    if out is not None and not out.parent.is_dir():  # found out now, not after the boards
+        raise click.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
     port_list = ports.resolve_for_click(port_specs)
     opts = Options(name_template=name_template, shell=shell, rotate=rotate,
                    deploy=not no_deploy, board=board_name, timeout=timeout)
@@ -102,6 +104,18 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
         names = "; ".join(f"{o.port}" + (f" ({o.device_id})" if o.device_id else "")
                           + f": {o.detail}" for o in failed)
         raise click.ClickException(f"{len(failed)} of {len(outcomes)} board(s) failed: {names}")
+
+
+def _existing_books(ledger: Path | None, key_file: Path | None):
+    """The books of earlier runs; an error instead of new empty files (and a new key)."""
+    from .provision_ledger import Books, Paths
+
+    where = Paths.beside(ledger, key_file)
+    for p in (where.ledger, where.key):
+        if not p.exists():
+            raise click.ClickException(f"{p} does not exist: nothing was provisioned with it "
+                                       "(see --ledger and --key-file)")
+    return Books(ledger, key_file)
 
 
 def _load_source(path: Path, allow_weak: bool) -> fleetcsv.FleetCsv:
@@ -219,16 +233,15 @@ def validate(ctx: click.Context, file: Path, as_json: bool) -> None:
 @provision.command("export")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="the CSV to write (owner-only)")
-@click.option("--ledger", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=_LEDGER_HELP)
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help=_KEY_HELP)
 def export(out: Path, ledger: Path | None, key_file: Path | None) -> None:
     """Write the bulk-registration CSV of every verified device in the ledger (all runs)."""
     from .provision import ProvisionError, ledger_rows, write_csv
-    from .provision_ledger import Books, LedgerError
+    from .provision_ledger import LedgerError
 
     try:
-        with Books(ledger, key_file) as books:
+        with _existing_books(ledger, key_file) as books:
             rows = ledger_rows(books)
     except (LedgerError, OSError) as exc:
         raise click.ClickException(f"ledger: {exc}") from None
@@ -243,18 +256,17 @@ def export(out: Path, ledger: Path | None, key_file: Path | None) -> None:
 
 
 @provision.command("status")
-@click.option("--ledger", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=_LEDGER_HELP)
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help=_KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the ledger as JSON")
 def status(ledger: Path | None, key_file: Path | None, as_json: bool) -> None:
     """The ledger: every device's board, port, status and last error (no passwords)."""
     from dataclasses import asdict
 
-    from .provision_ledger import Books, LedgerError
+    from .provision_ledger import LedgerError
 
     try:
-        with Books(ledger, key_file) as books:
+        with _existing_books(ledger, key_file) as books:
             recs = books.ledger.all()
             where = books.paths.ledger
     except (LedgerError, OSError) as exc:

@@ -474,3 +474,16 @@ def test_the_stored_id_wins_as_in_the_agent(tmp_path: Path, fleet: Fleet) -> Non
     assert (got["device_id"], got["id_source"]) == (old, "iccid")
     assert f"stored ID {old} is not its hardware's {vb.iccid}" in got["detail"]
     assert stored_cred(vb)["id"] == old
+
+
+def test_export_and_status_need_an_existing_ledger(tmp_path: Path) -> None:
+    for cmd in (["export", "--out", str(tmp_path / "x.csv")], ["status"]):
+        r = invoke(*cmd, "--ledger", str(tmp_path / "none.db"))
+        assert r.exit_code == 1 and "does not exist" in r.output
+    assert not list(tmp_path.iterdir())  # and nothing was made
+
+
+def test_out_directory_is_checked_before_any_board(tmp_path: Path) -> None:
+    r = invoke("--port", "/dev/null", "--out", str(tmp_path / "nope" / "fleet.csv"),
+               "--ledger", str(tmp_path / "l.db"))
+    assert r.exit_code == 2 and "is not a directory" in r.output
