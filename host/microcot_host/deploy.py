@@ -27,6 +27,8 @@ from .paths import firmware_dir
 from .transport import BoardError, BoardInfo, TransportExecError
 
 LIB = "/lib/microcot"
+APP_FILES = ("main.py", "templates.csv")  # the example application, deployed with app=True
+APP_CONFIG = "/microcot.json"  # the agent's settings (microcot/agent.py)
 CHUNK = 1024  # raw bytes one write exec carries: its code string must fit a fragmented heap
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -188,27 +190,68 @@ def remove_stale(t, files: Iterable[FileSpec]) -> list[str]:
     return stale
 
 
+_VERIFY_CODE = (
+    "import sys, gc\nimport microcot\nprint('V', microcot.__version__)\nfor _m in %r:\n"
+    " __import__('microcot.' + _m)\n print('OK', _m)\n del sys.modules['microcot.' + _m]\n"
+    # the package holds each submodule as an attribute too: drop it, or nothing is freed
+    " try:\n  delattr(microcot, _m)\n except AttributeError:\n  pass\n gc.collect()\n"
+)
+
+
 def verify(t, modules: list[str]) -> str:
-    """Import microcot and each module in a fresh interpreter; return microcot.__version__."""
-    transport.soft_reset(t)
-    code = (
-        "import sys, gc\nimport microcot\nfor _m in %r:\n"
-        " __import__('microcot.' + _m)\n del sys.modules['microcot.' + _m]\n"
-        # the package holds each submodule as an attribute too: drop it, or nothing is freed
-        " try:\n  delattr(microcot, _m)\n except AttributeError:\n  pass\n gc.collect()\n"
-        "print(microcot.__version__)" % (modules,)
-    )
-    try:
-        return transport.run(t, code, timeout=60).decode().strip()
-    except TransportExecError as exc:
-        raise DeployError(f"import check failed on the board:\n{exc.error_output.strip()}") from None
+    """Import microcot and each module on the board; return microcot.__version__.
+
+    Modules are imported one after another in a fresh interpreter. The names a module interns
+    are never freed, so on a small heap a later module can fail only because of those before it:
+    on a MemoryError the check soft-resets and goes on from that module. A module fails the
+    deploy only if it cannot be imported right after a soft reset; the error names it.
+    """
+    pending = list(modules)
+    version = ""
+    while True:
+        transport.soft_reset(t)
+        try:
+            out, err = transport.run(t, _VERIFY_CODE % (pending,), timeout=60), ""
+        except transport.ExecError as exc:
+            out, err = exc.output, exc.error_output
+        lines = out.decode(errors="replace").splitlines()
+        version = next((ln[2:].strip() for ln in lines if ln.startswith("V ")), version)
+        done = [ln[3:].strip() for ln in lines if ln.startswith("OK ")]
+        if not err:
+            return version
+        if not version:
+            raise DeployError(f"import check failed on the board: import microcot:\n{err.strip()}")
+        failed = pending[len(done)] if len(done) < len(pending) else "?"
+        if "MemoryError" in err and done:
+            pending = pending[len(done):]
+            continue
+        raise DeployError(f"import check failed on the board: microcot.{failed}:\n{err.strip()}")
+
+
+def app_files(app: bool = True, config: dict | None = None,
+              source: Path | None = None) -> list[FileSpec]:
+    """The example application and the agent's settings, beside the package: `/main.py` and
+    `/templates.csv` (app=True) and `/microcot.json` (config, a dict; it holds passwords, so
+    nobody prints it)."""
+    files: list[FileSpec] = []
+    if app:
+        src = source or firmware_dir()
+        for name in APP_FILES:
+            files.append(FileSpec("/" + name, (src / name).read_bytes()))
+    if config is not None:
+        files.append(FileSpec(APP_CONFIG, json.dumps(config, indent=1, sort_keys=True).encode()))
+    return files
 
 
 def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True,
-                     progress: Progress | None = None, source: Path | None = None) -> DeployResult:
+                     progress: Progress | None = None, source: Path | None = None,
+                     app: bool = False, config: dict | None = None) -> DeployResult:
+    """Deploy the package (and the board file); app=True adds the example application
+    (/main.py, /templates.csv), config the agent's settings (/microcot.json)."""
     start = time.monotonic()
     info = transport.board_info(t)
     files, compiled = firmware_files(info, compile_, board, source)
+    files += app_files(app, config, source)
     result = DeployResult(info=info, compiled=compiled)
     hashes = remote_hashes(t, [f.dest for f in files])
     for spec in files:
@@ -227,12 +270,13 @@ def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True
 
 
 def deploy(port: str, board: str | None = None, compile_: bool = True,
-           progress: Progress | None = None, timeout: float = 10.0) -> DeployResult:
+           progress: Progress | None = None, timeout: float = 10.0, app: bool = False,
+           config: dict | None = None) -> DeployResult:
     bdef = boards.load(board) if board else None
     t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
                              timeout=timeout)
     try:
-        return deploy_transport(t, bdef, compile_, progress)
+        return deploy_transport(t, bdef, compile_, progress, app=app, config=config)
     finally:
         transport.close(t)
 
