@@ -1,0 +1,83 @@
+# Operations as the agent receives them (seed 002 "Operations"), pure logic.
+#
+# An operation reaches the device on mr/<ID> as a row of one of its response templates, e.g.
+#   202,1,<operation id>,<device MO id>,<command text>      (11,202,$.operations,$.c8y_Command,...)
+#   203,1,<operation id>,<device MO id>                     (11,203,$.operations,$.c8y_Restart,...)
+# Every operation template of the agent starts with $.id and $.deviceId, so `Op` takes those two
+# and keeps the rest as `values`. The device MO id tells whether it is for the device itself or
+# for one of its child devices (seed 002: "Handhabung von Operationen für Child-Devices").
+#
+# c8y_Command runs one of the commands the application registered (a dict name -> fn(args)):
+# the first word of the text names it, the rest is its argument string. Nothing else is
+# executed: an unknown name fails the operation with "unknown command: <name>".
+
+MAX_RESULT = 2000  # characters of a result or failure reason sent back
+
+
+class Failed(Exception):
+    """Raised by a handler: the operation is reported FAILED with this text as its reason."""
+
+
+class Op:
+    __slots__ = ("id", "rtid", "device", "values", "child")
+
+    def __init__(self, oid, rtid, device, values, child=None):
+        self.id = oid
+        self.rtid = rtid
+        self.device = device
+        self.values = values
+        self.child = child  # the child device's name, or None for the device itself
+
+    @property
+    def text(self):
+        """The first value after the device id (c8y_Command: the command line)."""
+        return self.values[0] if self.values else ""
+
+    def __repr__(self):
+        return "Op(%s, %d, dev %s, %r)" % (self.id, self.rtid, self.device, self.values)
+
+
+def parse(row):
+    """An Op from (response template id, values) of an operation row; ValueError when the row
+    does not carry an operation id and a device id."""
+    code, v = row
+    if len(v) < 2 or not _digits(v[0]) or not _digits(v[1]):
+        raise ValueError("operation row %d: expected <operation id>,<device id>,..., got %r"
+                         % (code, v))
+    return Op(v[0], code, v[1], v[2:])
+
+
+def _digits(s):
+    return bool(s) and all("0" <= c <= "9" for c in s)
+
+
+def clip(text):
+    """A result or reason as str, bounded to MAX_RESULT characters."""
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        text = str(text)
+    if len(text) > MAX_RESULT:
+        text = text[: MAX_RESULT - 3] + "..."
+    return text
+
+
+def reason(exc):
+    """The failure reason of an exception raised by a handler."""
+    s = str(exc)
+    if isinstance(exc, Failed):
+        return clip(s or "failed")
+    return clip("%s: %s" % (type(exc).__name__, s) if s else type(exc).__name__)
+
+
+def run(table, text):
+    """Run a command line with a table name -> fn(args); its result (str), or Failed."""
+    text = (text or "").strip()
+    i = 0
+    while i < len(text) and text[i] not in " \t":
+        i += 1
+    name = text[:i]
+    fn = table.get(name)
+    if fn is None:
+        raise Failed("unknown command: %s" % (name or "(empty)"))
+    return clip(fn(text[i:].strip()))
