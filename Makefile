@@ -24,6 +24,9 @@ lint: setup
 board: setup
 	$(VENV)/bin/microcot board virtual --name demo --deploy
 
+demo: setup
+	$(VENV)/bin/microcot demo
+
 bench: setup
 	$(PY) bench/footprint.py
 	$(PY) bench/xtea.py

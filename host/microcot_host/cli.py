@@ -10,6 +10,7 @@ import click
 _COMMANDS = {
     "board": "microcot_host.vboard.cli:board",
     "boards": "microcot_host.boards_cli:boards",
+    "demo": "microcot_host.demo:demo",
     "deploy": "microcot_host.deploy:deploy_command",
     "emulator": "microcot_host.emulator.cli:emulator",
     "flash": "microcot_host.flash.cli:flash",
