@@ -4,7 +4,10 @@
   random moments while a script on the board rewrites the credentials document in a loop; after
   each restart the board's own store.load() must give the last complete generation or the one
   being written, never anything else.
-* broker restarts mid-session: see test_broker_restarts_lose_nothing.
+* broker restarts mid-session, 20 times, while the agent measures with a sequence number every
+  0.1 s and operations are created before, during and after the restarts: every measurement
+  1..n arrives (a QoS 1 duplicate only as the same measurement), every operation runs once on
+  the board and is SUCCESSFUL with its result.
 * deleted device credentials: see test_deleted_credentials_rebootstrap_same_device.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,3 +113,186 @@ def test_power_cut_during_credential_writes(tmp_path: Path) -> None:
         if t is not None:
             transport.close(t)
         vb.stop()
+
+
+# ---- broker restarts ---------------------------------------------------------------------------
+
+RESTARTS = 20
+
+# On the board over the raw REPL: the agent with pre-provisioned credentials, a measurement with
+# a sequence number every 0.1 s, and a c8y_Command `seq <k>` that records each k it runs. The
+# host ends the run with `seq stop`: then measuring stops and the run ends once everything is
+# acknowledged by the broker.
+SEQ_AGENT = """
+from microcot.agent import Agent
+a = Agent()
+a.start(%(id)r)
+n = [0]
+ran = []
+stop = [False]
+def tick():
+    if not stop[0]:
+        n[0] += 1
+        a.measure('mc_Seq', 'n', n[0], '', type='mc_Seq')
+a.every(0.1, tick)
+def seq(args):
+    ran.append(args)
+    if args == 'stop':
+        stop[0] = True
+    return 'ran ' + args
+a.command('seq', seq)
+ok = a.run(seconds=%(limit)d, until=lambda: stop[0] and a.ready and not len(a.q)
+           and not a._c.pending())
+a.close()
+print('RAN', ' '.join(ran))
+print('DONE', ok, n[0], a.errors, a.q.dropped, a.stats['connects'])
+"""
+
+
+def agent_settings(conn: dict, **over) -> dict:
+    s = {"host": conn["mqtt_host"], "port": conn["mqtt_port"], "tls": True,
+         "ca": Path(conn["ca_cert"]).read_text(), "bootstrap_user": conn["bootstrap_user"],
+         "bootstrap_password": conn["bootstrap_password"], "bootstrap_delay": [0, 1],
+         "keepalive": 5, "timeout": 5, "backoff": [0.2, 1], "interval": 1}
+    s.update(over)
+    return s
+
+
+def provision(vb: VirtualBoard, device_id: str, password: str) -> None:
+    """Credentials on the board's flash, as `microcot provision` leaves them (host-side store,
+    the same code and format)."""
+    old = host_store.root()
+    host_store.root(str(vb.flash_dir / "store"))
+    try:
+        host_store.save("cred", {"id": device_id, "password": password,
+                                 "source": "provisioned", "ok": False})
+    finally:
+        host_store.root(old)
+
+
+def rest(emu, method: str, path: str, body=None):
+    r = emu.api.handle(method, path, body)
+    return r.status, r.body
+
+
+def wait_for(what: str, fn, timeout: float = 30.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(every)
+
+
+def external_mo(emu, device_id: str) -> str | None:
+    st, body = rest(emu, "GET", f"/identity/externalIds/c8y_Serial/{device_id}")
+    return body["managedObject"]["id"] if st == 200 else None
+
+
+def measurements(emu, mo: str, mtype: str) -> list[dict]:
+    out, page = [], 1
+    while True:
+        st, body = rest(emu, "GET", f"/measurement/measurements?source={mo}&type={mtype}"
+                                    f"&pageSize=2000&currentPage={page}")
+        assert st == 200, body
+        out += body["measurements"]
+        if len(body["measurements"]) < 2000:
+            return out
+        page += 1
+
+
+def test_broker_restarts_lose_nothing(tmp_path: Path) -> None:
+    from microcot_host.emulator import Emulator
+
+    device_id = "89490200001234567801"
+    with Emulator(tmp_path / "emu") as emu:
+        conn = emu.connection
+        password = emu.add_device(device_id)
+        vb = VirtualBoard("t-faults-broker", flash_dir=tmp_path / "flash").start()
+        t = None
+        try:
+            t = transport.open_board(vb.port)
+            deploy.deploy_transport(t, boards.load("virtual"), app=True,
+                                    config=agent_settings(conn))
+            provision(vb, device_id, password)
+            out: list[bytes] = []
+            done = threading.Event()
+            result: dict = {}
+
+            def board() -> None:
+                try:
+                    result["out"] = transport.run(t, SEQ_AGENT % {"id": device_id, "limit": 150},
+                                                  timeout=170, on_output=out.append)
+                except Exception as e:  # reported by the main thread
+                    result["error"] = e
+                finally:
+                    done.set()
+
+            runner = threading.Thread(target=board, daemon=True)
+            runner.start()
+            mo = wait_for("the device's managed object", lambda: external_mo(emu, device_id))
+            wait_for("the first measurement", lambda: measurements(emu, mo, "mc_Seq"))
+            rng = random.Random()
+            ops: dict[str, str] = {}  # operation id -> k
+            t0 = time.monotonic()
+
+            def operation(k: str) -> None:
+                ops[emu.create_operation(mo, {"c8y_Command": {"text": f"seq {k}"}})["id"]] = k
+
+            for i in range(RESTARTS):
+                time.sleep(rng.uniform(0.3, 1.5))
+                k = str(i)
+                during = None
+                if i % 3 == 0:  # an operation created while the device is connected,
+                    operation(k)
+                elif i % 3 == 1:  # while the broker stops and starts (~0.2 s),
+                    during = threading.Timer(rng.uniform(0.0, 0.2), operation, (k,))
+                    during.start()
+                emu.broker.restart()
+                if during is not None:
+                    during.join()
+                if i % 3 == 2:  # or while the device reconnects
+                    operation(k)
+                assert not done.is_set(), b"".join(out).decode(errors="replace")
+            restarts_took = time.monotonic() - t0
+            stop = emu.create_operation(mo, {"c8y_Command": {"text": "seq stop"}})["id"]
+            assert done.wait(120), "the agent did not finish"
+            assert "error" not in result, (result.get("error"), b"".join(out))
+            text = result["out"].decode(errors="replace")
+            ran = re.search(r"RAN (.*)\r?\n", text).group(1).split()
+            m = re.search(r"DONE (\w+) (\d+) (\d+) (\d+) (\d+)", text)
+            assert m and m.group(1) == "True", text
+            sent, dropped, connects = int(m.group(2)), int(m.group(4)), int(m.group(5))
+            assert dropped == 0
+
+            # every operation executed once on the board, and SUCCESSFUL with its result
+            assert sorted(ran) == sorted([*ops.values(), "stop"]), ran
+            for oid, k in [*ops.items(), (stop, "stop")]:
+                op = wait_for(f"operation {oid} SUCCESSFUL", lambda oid=oid: (
+                    lambda o: o if o["status"] == "SUCCESSFUL" else None)(
+                        rest(emu, "GET", f"/devicecontrol/operations/{oid}")[1]), timeout=10)
+                assert op["c8y_Command"]["result"] == f"ran {k}", op
+
+            # every measurement 1..sent arrived; a duplicate (a QoS 1 re-send) is the same one
+            def complete() -> list[dict] | None:
+                ms = measurements(emu, mo, "mc_Seq")
+                return ms if {m["mc_Seq"]["n"]["value"] for m in ms} >= set(
+                    range(1, sent + 1)) else None
+
+            ms = wait_for("all measurements", complete, timeout=15) or []
+            by_n: dict[int, list[tuple]] = {}
+            for x in ms:
+                by_n.setdefault(x["mc_Seq"]["n"]["value"], []).append(
+                    (x["time"], x["mc_Seq"]["n"].get("unit")))
+            assert sorted(by_n) == list(range(1, sent + 1))
+            dups = {n: v for n, v in by_n.items() if len(v) > 1}
+            assert all(len(set(v)) == 1 for v in dups.values()), dups
+            print(f"\n{RESTARTS} broker restarts in {restarts_took:.1f} s: {sent} measurements "
+                  f"all arrived ({sum(len(v) - 1 for v in dups.values())} duplicates), "
+                  f"{len(ops) + 1} operations executed once each, {connects} connects")
+            assert connects >= RESTARTS
+        finally:
+            if t is not None:
+                transport.close(t)
+            vb.stop()
