@@ -8,7 +8,10 @@
   0.1 s and operations are created before, during and after the restarts: every measurement
   1..n arrives (a QoS 1 duplicate only as the same measurement), every operation runs once on
   the board and is SUCCESSFUL with its result.
-* deleted device credentials: see test_deleted_credentials_rebootstrap_same_device.
+* deleted device credentials (REST DELETE /devicecontrol/deviceCredentials/<ID>) while main.py
+  runs: the broker refuses the credentials that worked (CONNACK 5), the agent deletes them,
+  bootstraps again (auto-accept), finds its managed object by its external ID and measures on
+  the same managed object; no second device is created.
 """
 
 from __future__ import annotations
@@ -296,3 +299,73 @@ def test_broker_restarts_lose_nothing(tmp_path: Path) -> None:
             if t is not None:
                 transport.close(t)
             vb.stop()
+
+
+# ---- deleted credentials -----------------------------------------------------------------------
+
+
+def test_deleted_credentials_rebootstrap_same_device(tmp_path: Path) -> None:
+    from microcot_host.demo import BoardLog
+    from microcot_host.emulator import Emulator
+
+    iccid = "89490200001234567819"
+    with Emulator(tmp_path / "emu", auto_accept=True) as emu:
+        conn = emu.connection
+        vb = VirtualBoard("t-faults-cred", iccid=iccid, flash_dir=tmp_path / "flash").start()
+        log = None
+        try:
+            t = transport.open_board(vb.port)
+            try:
+                deploy.deploy_transport(t, boards.load("virtual"), app=True,
+                                        config=agent_settings(conn))
+            finally:
+                transport.close(t)
+            log = BoardLog(vb.port)
+            log.write(b"\x04")  # soft reset: main.py runs the agent, which bootstraps
+            board = lambda: "\n".join(log.lines)  # noqa: E731
+            mo = wait_for("the device's managed object", lambda: external_mo(emu, iccid))
+            wait_for("a measurement", lambda: measurements(emu, mo, "c8y_Temperature"))
+            first = stored_password(vb)
+            assert first and emu.api.model.check_credentials(iccid, first)
+
+            st, _ = rest(emu, "DELETE", f"/devicecontrol/deviceCredentials/{iccid}")
+            assert st == 204
+            t_deleted = time.time()
+            # refused (CONNACK 4/5 with credentials that worked): deleted, bootstrapped again
+            wait_for("the refusal", lambda: log.find("credentials that worked before were "
+                                                     "refused"), timeout=30)
+            wait_for("new credentials", lambda: (lambda p: p and p != first)(stored_password(vb)),
+                     timeout=30)
+            assert emu.api.model.check_credentials(iccid, stored_password(vb)), board()
+            # the same managed object, and new measurements on it
+            before = {m["id"] for m in measurements(emu, mo, "c8y_Temperature")}
+            wait_for("a measurement after the re-bootstrap", lambda: [
+                m for m in measurements(emu, mo, "c8y_Temperature") if m["id"] not in before],
+                timeout=30)
+            assert external_mo(emu, iccid) == mo
+            print(f"\nre-bootstrapped and measuring on managed object {mo} again "
+                  f"{time.time() - t_deleted:.1f} s after the credentials were deleted")
+            st, devs = rest(emu, "GET", "/inventory/managedObjects?fragmentType=c8y_IsDevice"
+                                        "&pageSize=100")
+            mine = [d["id"] for d in devs["managedObjects"]
+                    if d.get("c8y_Hardware", {}).get("serialNumber") == iccid]
+            assert mine == [mo], board()
+            st, req = rest(emu, "GET", f"/devicecontrol/newDeviceRequests/{iccid}")
+            assert st == 200 and req["status"] == "ACCEPTED"
+            assert log.find("bootstrap: credentials received and stored"), board()
+        finally:
+            if log is not None:
+                log.close()
+            vb.stop()
+
+
+def stored_password(vb: VirtualBoard) -> str | None:
+    """The password the board has stored (read with the host-side store: same code, same
+    format); never printed."""
+    old = host_store.root()
+    host_store.root(str(vb.flash_dir / "store"))
+    try:
+        c = host_store.load("cred")
+    finally:
+        host_store.root(old)
+    return c.get("password") if isinstance(c, dict) else None
