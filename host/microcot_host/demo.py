@@ -275,10 +275,13 @@ def run(demo: Demo, workdir: Path, keep: bool = False) -> None:
     con = demo.console
     iccid = new_iccid()
     counts: collections.Counter[str] = collections.Counter()
-    with demo.step("start the platform emulator") as st:
-        emu = Emulator(workdir / "emulator", auto_accept=True)
-        emu.start()
+    emu = Emulator(workdir / "emulator", auto_accept=True)
     try:
+        with demo.step("start the platform emulator") as st:
+            emu.start()
+            conn = emu.connection
+            st.detail = (f"MQTT/TLS {conn['mqtt_host']}:{conn['mqtt_port']}, "
+                         f"REST {conn['http_url']}, bootstrap auto-accept")
         history = History(emu.model)
         # count the SmartREST messages the platform gets from the device, text and binary: the
         # REST API shows measurements, not how they came
@@ -291,10 +294,7 @@ def run(demo: Demo, workdir: Path, keep: bool = False) -> None:
                 return _o(payload, user, **kw)
 
             setattr(emu.engine, attr, counting)
-        conn = emu.connection
         api = Platform(conn)
-        st.detail = (f"MQTT/TLS {conn['mqtt_host']}:{conn['mqtt_port']}, REST {conn['http_url']},"
-                     " bootstrap auto-accept")
         _run_board(demo, workdir, emu, api, iccid, counts, history, keep)
     finally:
         with con.status("stopping the emulator"):
@@ -308,12 +308,12 @@ def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
 
     con = demo.console
     conn = emu.connection
-    with demo.step("start a virtual board") as st:
-        vb = VirtualBoard("demo-" + iccid[-6:], iccid=iccid,
-                          flash_dir=workdir / "flash").start()
-        st.detail = f"serial {vb.port}, modem with SIM ICCID {iccid}"
+    vb = VirtualBoard("demo-" + iccid[-6:], iccid=iccid, flash_dir=workdir / "flash")
     log: BoardLog | None = None
     try:
+        with demo.step("start a virtual board") as st:
+            vb.start()
+            st.detail = f"serial {vb.port}, modem with SIM ICCID {iccid}"
         with demo.step("deploy firmware, app and settings") as st:
             t = transport.open_board(vb.port)
             try:
