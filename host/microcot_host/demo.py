@@ -28,6 +28,7 @@ import base64
 import collections
 import contextlib
 import json
+import re
 import secrets
 import shutil
 import signal
@@ -61,7 +62,7 @@ for v in %r:
     a.measure('c8y_Temperature', 'T', v, 'C')
 ok = a.run(seconds=%d, until=lambda: a.ready and not len(a.q) and not a._c.pending())
 a.close()
-print('DEMO-PHASE2', ok, a.errors)
+print('DEMO-PHASE2', ok, a.errors, a.stats['sent'])
 """
 
 
@@ -253,8 +254,11 @@ class Demo:
     def _done(self, st: Step) -> None:
         st.done = self.elapsed()
         st.ok = True
-        self.console.print(f"[green]✔[/] [dim]{st.done:6.1f} s[/]  {st.name:<34} {st.detail}",
-                           highlight=False, overflow="ellipsis", no_wrap=self.console.is_terminal)
+        line = f"[green]✔[/] [dim]{st.done:6.1f} s[/]  {st.name:<34} {st.detail}"
+        if self.console.is_terminal:  # one screen line per step
+            self.console.print(line, overflow="ellipsis", no_wrap=True)
+        else:  # a log: the whole line
+            self.console.print(line)
 
 
 def settings(conn: dict[str, Any], ca_pem: str) -> dict[str, Any]:
@@ -440,10 +444,13 @@ def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
                                     timeout=demo.step_timeout + 10).decode(errors="replace")
             finally:
                 transport.close(t)
-            if "DEMO-PHASE2 True" not in out:
+            m = re.search(r"DEMO-PHASE2 True (\d+) (\d+)", out)
+            if not m:
                 tail = " | ".join(out.strip().splitlines()[-4:])
-                raise StepFailed("agent in binary mode", f"the agent did not finish: {tail}")
-            st.detail = f"{counts['binary']} binary SmartREST message(s) on bs/{iccid}"
+                raise StepFailed("binary mode", f"the agent did not finish: {tail}")
+            if m.group(1) != "0":
+                raise StepFailed("binary mode", f"the platform answered {m.group(1)} error(s)")
+            st.detail = f"{m.group(2)} rows sent on bs/{iccid}, each acknowledged (QoS 1)"
 
         def alarm(st: Step) -> str | None:
             r = api.get(f"/alarm/alarms?source={mo[0]}&pageSize=10") or {}
