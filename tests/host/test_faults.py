@@ -325,8 +325,10 @@ def test_deleted_credentials_rebootstrap_same_device(tmp_path: Path) -> None:
             board = lambda: "\n".join(log.lines)  # noqa: E731
             mo = wait_for("the device's managed object", lambda: external_mo(emu, iccid))
             wait_for("a measurement", lambda: measurements(emu, mo, "c8y_Temperature"))
+            # (passwords stay out of assertions: pytest would print their values)
             first = stored_password(vb)
-            assert first and emu.api.model.check_credentials(iccid, first)
+            works = bool(first) and emu.api.model.check_credentials(iccid, first)
+            assert works, "the board's first credentials are not the platform's"
 
             st, _ = rest(emu, "DELETE", f"/devicecontrol/deviceCredentials/{iccid}")
             assert st == 204
@@ -336,7 +338,8 @@ def test_deleted_credentials_rebootstrap_same_device(tmp_path: Path) -> None:
                                                      "refused"), timeout=30)
             wait_for("new credentials", lambda: (lambda p: p and p != first)(stored_password(vb)),
                      timeout=30)
-            assert emu.api.model.check_credentials(iccid, stored_password(vb)), board()
+            works = emu.api.model.check_credentials(iccid, stored_password(vb))
+            assert works, "the board's new credentials are not the platform's\n" + board()
             # the same managed object, and new measurements on it
             before = {m["id"] for m in measurements(emu, mo, "c8y_Temperature")}
             wait_for("a measurement after the re-bootstrap", lambda: [
