@@ -30,6 +30,11 @@ demo: setup
 bench: setup
 	$(PY) bench/footprint.py
 	$(PY) bench/xtea.py
+	$(PY) bench/payload.py
+	$(PY) bench/ws.py
+	$(PY) bench/agent.py
+	$(PY) bench/emulator.py
+	$(PY) bench/provision.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
