@@ -81,22 +81,21 @@ DEFAULTS = {
     "keepalive": 60,
     "timeout": 15,  # seconds: connect, and each answer during the setup
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
-    "queue": [32, 500],  # rows in memory, rows on flash (0: none)
+    "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
     "log": True,
 }
 
 # Loading code leaves a small heap in many small pieces, but some allocations need one piece of
-# a few KiB: store.py reads a document with a 4145-byte buffer (also inside save()), the TLS
-# context, the TLS handshake, the template registration. So the agent holds a block, taken while
-# the heap is still in one piece, and lets go of it (_room) right before such an allocation,
-# after the code that makes it is loaded; it takes it again after the step.
-_RESERVE = const(6144)
+# a few KiB: the TLS context, the TLS handshake, the template registration. So the agent holds a
+# block while disconnected, taken while the heap is still in one piece, and lets go of it
+# (_room) right before such an allocation, after the code that makes it is loaded.
+_RESERVE = const(4096)
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
 # stays for a boot, session.identify loads first)
 _DROP = (("session", "store", "create"),  # off
-         ("session", "create"),  # bootstrap
+         ("session", "create", "store"),  # bootstrap
          ("session",),  # up, setting up
          ("session", "store", "create"))  # up and ready
 
@@ -204,6 +203,13 @@ class Agent:
         self._timers = []
         self._rsv = None
         self._hold()
+        for slot in "ab":  # credentials stored: this boot connects and may register templates
+            try:
+                os.stat(st.rstrip("/") + "/cred." + slot)
+                self._s["rsv"] = bytearray(8192)  # their payload and MQTT packet (session.py)
+                break
+            except OSError:
+                pass
 
     def log(self, msg):
         if self.cfg["log"]:
@@ -383,7 +389,8 @@ class Agent:
         # only at the top of a step: a module must not be unloaded while it runs
         for m in _DROP[self._state + (self._state == _UP and self.ready)]:
             unload(m)
-        self._hold()
+        if self._state == _OFF:
+            self._hold()  # for the next connect; connected, the heap needs it more
 
     def _hold(self):
         n = self.cfg.get("reserve", _RESERVE)
@@ -400,11 +407,13 @@ class Agent:
             gc.collect()
 
     def _db(self):
-        # store.py with this agent's root (set again: unloading store forgets it), with room
+        # store.py with this agent's root (set again: unloading store forgets it), reading
+        # through _Fs (store.py reads with a buffer of its largest document, 4145 bytes)
         from . import store
 
         store.root(self.cfg["store"])
-        self._room()
+        if not isinstance(store.fs(), _Fs):
+            store.fs(_Fs(store.fs()))
         return store
 
     def _on_msg(self, topic, msg):
@@ -455,6 +464,36 @@ class Agent:
 
     def _body(self, row):
         return ("15,%s\n%s" % (self.xid, row)).encode()
+
+
+class _Fs:
+    """store.py's filesystem layer, but a file opened for reading reads at most what it holds:
+    MicroPython's read(n) allocates n bytes first, and a fragmented heap may not have 4 KiB."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def open(self, path, mode):
+        f = self._fs.open(path, mode)
+        return _Small(f) if mode == "rb" else f
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+
+class _Small:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n=-1):
+        f = self.f
+        here = f.tell()
+        left = f.seek(0, 2) - here
+        f.seek(here)
+        return f.read(left if n < 0 or n > left else n)
+
+    def close(self):
+        self.f.close()
 
 
 def _t(t):

@@ -23,7 +23,7 @@
 # stored, the agent restarts the board (its session starts in a heap without this code).
 #
 # Neither the secret nor the password is ever printed or put into an exception message.
-from . import hal, store
+from . import hal
 
 DOC = "boot"
 CRED = "cred"
@@ -92,6 +92,8 @@ def password(secret, cipher):
 def pending(dev_id, st=0):
     """The ONGOING secret of dev_id in the "boot" document (st: as already read), or None."""
     if st == 0:
+        from . import store
+
         st = store.load(DOC)
     if isinstance(st, dict) and st.get("state") == "ONGOING" and st.get("id") == dev_id \
             and valid_secret(st.get("secret")):
@@ -101,7 +103,7 @@ def pending(dev_id, st=0):
 
 def step(a, ms):
     """The agent's bootstrap phase, one step at a time."""
-    store.root(a.cfg["store"])
+    a._db()  # store.py set up for the agent (its root, its reading)
     cfg = a.cfg
     s = a._s
     if s["boot"] == 1:  # seed 002: a random delay before connecting
@@ -121,14 +123,13 @@ def step(a, ms):
                                   s.pop("bdoc", 0))
         a._state = 1  # bootstrap
         a._room()  # for the TLS handshake
-        b.connect()
+        b.connect(a._db())
         return
     pw = b.step(ms)
     if pw is not None:
         from .session import restart
 
-        a._room()
-        b.finish(pw)
+        b.finish(a._db(), pw)
         restart(a, "bootstrap done")
 
 
@@ -147,14 +148,14 @@ class Bootstrap:
         self._ans = None
         self._last = 0
 
-    def connect(self):
+    def connect(self, db):
         c = self.c
         c.set_callback(self._cb)
         c.connect(clean_session=False)
         c.subscribe("sr/" + self.id, 1)
         if self.secret is None:
             self.secret = new_secret()
-            store.save(DOC, {"state": "ONGOING", "id": self.id, "secret": self.secret})
+            db.save(DOC, {"state": "ONGOING", "id": self.id, "secret": self.secret})
             self._publish()
         else:
             # resuming: the answer may already wait in the session; publish again only later
@@ -182,10 +183,10 @@ class Bootstrap:
             self._publish()
         return None
 
-    def finish(self, pw):
-        """Store the password (atomically: store.py). The secret is deleted with the first
+    def finish(self, db, pw):
+        """Store the password (atomically: store.py `db`). The secret is deleted with the first
         connect that the broker accepts (session.py): one flash write less in this heap."""
-        store.save(CRED, {"id": self.id, "password": pw, "source": "bootstrap", "ok": False})
+        db.save(CRED, {"id": self.id, "password": pw, "source": "bootstrap", "ok": False})
         self.log("bootstrap: credentials received and stored")
 
     def close(self):

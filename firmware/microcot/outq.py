@@ -114,12 +114,14 @@ class Queue:
             self._compact()
         elif not self._fn:
             self._remove()
-        data = ("\n".join(self._m) + "\n").encode() if self._m else b""
-        if data:
-            with open(self.path, "ab") as f:
-                f.write(data)
+        if self._m:
+            with open(self.path, "ab") as f:  # row by row: no buffer of them all on the heap
+                for item in self._m:
+                    b = item.encode()
+                    f.write(b)
+                    f.write(b"\n")
+                    self._size += len(b) + 1
             self._fn += len(self._m)
-            self._size += len(data)
         self._m = []
 
     def _read_ahead(self):

@@ -66,11 +66,15 @@ def identify(a, fixed=None):
     # what a connected agent needs
     from .mqtt import MQTTClient, tls_context  # noqa: F401
 
-    if cred is s.get("cred"):
-        from .smartrest import check_xid  # a connected agent needs smartrest.py anyway
+    if "cred" in s:
+        from . import link  # noqa: F401 (with smartrest.py and ops.py)
+        from .smartrest import check_xid
 
         check_xid(a.xid)
+        if a.binary:
+            from . import binrest  # noqa: F401
     else:
+        s.pop("rsv", None)  # no template registration in this boot
         from . import bootstrap, xtea  # noqa: F401
     tls(a)
 
@@ -182,7 +186,6 @@ def connect(a):
         c = a._c = client(a, a.id, cred["password"], a.cfg["host"], a.cfg["port"])
         c.set_callback(a._on_msg)
     c.pswd = cred["password"]
-    a._room()  # for the TLS handshake
     try:
         present = c.connect(clean_session=False)
     except MQTTConnectError as e:
@@ -221,14 +224,16 @@ def templates(a):
             return
         if got[0][:2] != b"40":
             raise _err("template check: %s" % got[0][:80])
-        a._room()  # the payload and its MQTT packet, each of its size in one piece
+        a.log("registering the template collection %s" % a.xid)
+        a._s.pop("rsv", None)  # the room kept for this (identify)
+        a._room()
         body = registration(a.cfg["templates"], a.xid)
-        a.log("registering the template collection %s (%d bytes)" % (a.xid, len(body)))
         if _ask(a, c, got, body) != b"20":
             raise _err("template registration refused: %s" % got[0][:200])
         a.stats["templates"] = "registered"
     finally:
         c.set_callback(a._on_msg)
+        a._s.pop("rsv", None)
 
 
 def _ask(a, c, got, body):
@@ -247,6 +252,7 @@ def _ask(a, c, got, body):
 def registration(path, xid):
     """The registration body: the file from its 15 line on (comments may only precede it),
     with that line naming `xid`. One buffer, read straight from the file."""
+    import gc
     import os
 
     size = os.stat(path)[6]
@@ -259,8 +265,11 @@ def registration(path, xid):
             if line.startswith(b"15,"):
                 break
             off += len(line)
+        off += len(line)
+        line = None
+        gc.collect()  # the lines read are garbage: the buffer may take their place
         head = b"15," + xid.encode() + b"\n"
-        body = bytearray(len(head) + size - off - len(line))
+        body = bytearray(len(head) + size - off)
         body[: len(head)] = head
         f.readinto(memoryview(body)[len(head):])
     n = len(body)
