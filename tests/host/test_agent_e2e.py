@@ -31,7 +31,7 @@ import pytest
 import serial
 from emulator_fixtures import new_iccid, wait_for
 
-from microcot_host import boards, deploy, transport
+from microcot_host import deploy, transport
 from microcot_host.emulator import Emulator
 from microcot_host.vboard import VirtualBoard
 
