@@ -83,14 +83,15 @@ DEFAULTS = {
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
+    "reserve": 4096,  # bytes held for the few large allocations (0: none, e.g. in tests)
     "log": True,
 }
+
 
 # Loading code leaves a small heap in many small pieces, but some allocations need one piece of
 # a few KiB: the TLS context, the TLS handshake, the template registration. So the agent holds a
 # block while disconnected, taken while the heap is still in one piece, and lets go of it
 # (_room) right before such an allocation, after the code that makes it is loaded.
-_RESERVE = const(4096)
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
 # stays for a boot, session.identify loads first)
@@ -203,8 +204,8 @@ class Agent:
         self._timers = []
         self._rsv = None
         self._hold()
-        for slot in "ab":  # credentials stored: this boot connects and may register templates
-            try:
+        for slot in "ab" if cfg["reserve"] else "":
+            try:  # credentials stored: this boot connects and may register the templates
                 os.stat(st.rstrip("/") + "/cred." + slot)
                 self._s["rsv"] = bytearray(8192)  # their payload and MQTT packet (session.py)
                 break
@@ -393,7 +394,7 @@ class Agent:
             self._hold()  # for the next connect; connected, the heap needs it more
 
     def _hold(self):
-        n = self.cfg.get("reserve", _RESERVE)
+        n = self.cfg["reserve"]
         if self._rsv is None and n:
             gc.collect()
             try:

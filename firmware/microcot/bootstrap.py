@@ -89,12 +89,8 @@ def password(secret, cipher):
     return pw
 
 
-def pending(dev_id, st=0):
-    """The ONGOING secret of dev_id in the "boot" document (st: as already read), or None."""
-    if st == 0:
-        from . import store
-
-        st = store.load(DOC)
+def pending(dev_id, st):
+    """The ONGOING secret of dev_id in the "boot" document `st` (as read), or None."""
     if isinstance(st, dict) and st.get("state") == "ONGOING" and st.get("id") == dev_id \
             and valid_secret(st.get("secret")):
         return st["secret"]
@@ -102,8 +98,7 @@ def pending(dev_id, st=0):
 
 
 def step(a, ms):
-    """The agent's bootstrap phase, one step at a time."""
-    a._db()  # store.py set up for the agent (its root, its reading)
+    """The agent's bootstrap phase, one step at a time (store.py only when writing: a._db())."""
     cfg = a.cfg
     s = a._s
     if s["boot"] == 1:  # seed 002: a random delay before connecting
@@ -119,8 +114,9 @@ def step(a, ms):
         from .session import client
 
         c = client(a, cfg["bootstrap_user"], cfg["bootstrap_password"], cfg["host"], cfg["port"])
+        doc = s.pop("bdoc", 0)  # read at start-up (session.identify), else now
         b = s["bobj"] = Bootstrap(a.id, c, int(cfg["bootstrap_repeat"] * 1000), a.log,
-                                  s.pop("bdoc", 0))
+                                  a._db().load(DOC) if doc == 0 else doc)
         a._state = 1  # bootstrap
         a._room()  # for the TLS handshake
         b.connect(a._db())
@@ -135,9 +131,10 @@ def step(a, ms):
 
 class Bootstrap:
     """One bootstrap on its own MQTT client (user/password of the bootstrap user, client id =
-    the device ID). connect(), then step(ms) until it returns the password (stored by then)."""
+    the device ID). connect(db), then step(ms) until it returns the password, then
+    finish(db, password); db is store.py. doc: the "boot" document as read (None: none)."""
 
-    def __init__(self, dev_id, client, repeat_ms=300000, log=None, doc=0):
+    def __init__(self, dev_id, client, repeat_ms=300000, log=None, doc=None):
         self.id = dev_id
         self.c = client
         self.repeat = repeat_ms

@@ -239,6 +239,21 @@ def test_bootstrap_answer_decrypts_and_bad_padding_is_clear():
     _free("bootstrap", "store", "xtea")
 
 
+def test_bootstrap_resumes_only_its_own_ongoing_secret():
+    from microcot import bootstrap
+
+    ok = {"state": "ONGOING", "id": "8949", "secret": "ABCDEFGHIJKLMNOP"}
+    assert bootstrap.pending("8949", ok) == "ABCDEFGHIJKLMNOP"
+    assert bootstrap.pending("8950", ok) is None  # another device's (a swapped SIM)
+    assert bootstrap.pending("8949", None) is None
+    assert bootstrap.pending("8949", dict(ok, state="DONE")) is None
+    assert bootstrap.pending("8949", dict(ok, secret="short")) is None
+    b = bootstrap.Bootstrap("8949", None, doc=ok)
+    assert b.resumed and b.secret == "ABCDEFGHIJKLMNOP"
+    assert not bootstrap.Bootstrap("8949", None).resumed
+    _free("bootstrap", "store")
+
+
 def test_bootstrap_delay_bounds():
     from microcot import bootstrap
 
@@ -397,6 +412,31 @@ def test_queued_rows_become_text_and_binary_payloads():
         raises(ValueError, a.measure, "c8y_T", "T", "warm")
         raises(ValueError, a.event, "e", "x", source="nobody")
         raises(ValueError, a.child, "*")
+    finally:
+        rmtree(d)
+
+
+def test_store_reads_through_the_agent_read_only_what_a_file_holds():
+    d = scratch_dir("adb")
+    try:
+        a = _agent(d)
+        db = a._db()
+        db.save("x", {"id": "8949", "n": [1, 2]})
+        assert db.load("x") == {"id": "8949", "n": [1, 2]} and db.status("x") == "ok"
+        db.save("x", {"id": "8949", "n": [3]})
+        assert db.load("x") == {"id": "8949", "n": [3]}
+        db.delete("x")
+        assert db.load("x", "gone") == "gone"
+        f = db.fs().open(d + "/t.csv", "rb")
+        try:
+            head = f.read(3)
+            assert head == b"# a"
+            rest = f.read(100000)  # asks for more than the file holds: gets the rest only
+            assert len(rest) == len(TEMPLATES.encode()) - 3
+        finally:
+            f.close()
+        db.fs(False)
+        db.root("/store")
     finally:
         rmtree(d)
 

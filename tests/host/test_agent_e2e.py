@@ -438,6 +438,29 @@ a.close()
     assert first == sorted(first)  # in order (QoS 1 may repeat one, with the same value)
 
 
+def test_full_queue_drops_the_oldest_and_reports_how_many(emu, board, iccid):
+    mo = device_mo(emu, iccid)
+    res = run_script(board, r"""
+import json
+from microcot.agent import Agent
+a = Agent(queue=[2, 3])  # 2 rows in memory, 3 on flash: room for 5
+for i in range(12):  # before the first connect: offline
+    a.measure('mc_Drop', 'n', i, '')
+dropped = a.q.dropped
+a.run(until=lambda: a.ready and not len(a.q) and not a._c.pending(), seconds=30)
+print('RESULT', json.dumps({'dropped': dropped}))
+a.close()
+""")
+    assert res["dropped"] == 7, res["log"][-2000:]
+    wait_for(lambda: values(emu, mo, "mc_Drop", "n") == [7, 8, 9, 10, 11])  # the newest five
+
+    def overflow():
+        _, ev = api(emu, "GET", f"/event/events?source={mo}&type=mc_QueueOverflow")
+        return [e["text"] for e in ev["events"]]
+
+    assert wait_for(overflow) == ["7 queued messages were dropped while offline"]
+
+
 def test_deleted_credentials_rebootstrap_with_the_same_device(emu, board, iccid):
     mo = device_mo(emu, iccid)
     old = read_doc(board.flash_dir, "cred")["password"]
