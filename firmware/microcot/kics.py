@@ -604,17 +604,7 @@ class Session:
 
 # -- the client over microcot.ws -----------------------------------------------------------------
 
-try:
-    from time import ticks_diff, ticks_ms
-except ImportError:  # CPython
-    from time import monotonic
-
-    def ticks_ms():
-        return int(monotonic() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
-
+from microcot.hal import ticks_diff, ticks_ms  # noqa: E402 - the client part only
 
 # WebSocket states after which a retry would fail the same way (TLS settings, unsupported)
 _WS_PERMANENT = (10, 17, 18, 19, 20, 21, 22, 24, 26, 27, 28, 29, 30)

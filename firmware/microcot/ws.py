@@ -62,17 +62,7 @@ import sys
 from os import urandom
 
 from microcot import wsframe as F
-
-try:
-    from time import ticks_diff, ticks_ms
-except ImportError:  # CPython
-    from time import monotonic
-
-    def ticks_ms():
-        return int(monotonic() * 1000)
-
-    def ticks_diff(a, b):
-        return a - b
+from microcot.hal import ticks_diff, ticks_ms
 
 try:
     import select

@@ -263,7 +263,7 @@ def mp_lib(tmp_path_factory):
     lib = tmp_path_factory.mktemp("mplib")
     (lib / "microcot").mkdir()
     src = firmware_dir() / "microcot"
-    for path in [src / "__init__.py", src / "kics.py", src / "signalr.py", *src.glob("ws*.py")]:
+    for path in [src / "__init__.py", src / "hal.py", src / "kics.py", src / "signalr.py", *src.glob("ws*.py")]:
         compile_module(path, f"microcot/{path.name}", None, lib / "microcot")
     return lib
 
