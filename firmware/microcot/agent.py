@@ -10,29 +10,15 @@
 # Phases, each with its own module, so that a small board's heap holds only what the current
 # phase needs (step() unloads the rest when it returns):
 #   agent.py      always: settings, the application API, the offline queue, the loop
-#   session.py    the device ID (identity.py, atmodem.py), connecting, refused credentials, the
-#                 template collection
+#   session.py    the device ID (identity.py, atmodem.py), connecting, refused credentials
 #   bootstrap.py  without credentials: seed 002's bootstrap (xtea.py)
-#   create.py     after a connect: self-creation, child devices
+#   create.py     after a connect: template collection, self-creation, child devices
 #   link.py       connected: operations, sending the queue in text or binary, c8y_Restart
-# Reading the modem, bootstrapping and registering the template collection happen in boots of
-# their own: the agent restarts the board (soft reset) after reading the modem, after the
-# bootstrap, and before registering (that boot holds room for the 3.4 KiB payload from its
-# start), so that their code and names (which MicroPython never frees) do not crowd the
-# session that follows. A fresh device: boot 1 reads its ID and stores it; boot 2 bootstraps and
-# stores the credentials; boot 3 and every later one connects (the first device of an X-ID:
-# boot 3 finds the collection missing, boot 4 registers it). The ID is read again only when none
-# is stored (the stored credentials belong to it).
-#
-# On the board's flash (store.py documents under `store`, default /store):
-#   dev    {"id", "src": iccid|mac|configured, "imsi", "mo", "info", "kids": {name: [MO id,
-#          linked, operations]}}      the device, its managed object, what was sent about it
-#   cred   {"id", "password", "source": bootstrap|provisioned, "ok"}      (the password is
-#          never printed)
-#   boot   {"state": "ONGOING", "id", "secret"} while a bootstrap is under way
-#   op     {"restart": operation id} while a c8y_Restart is under way
-#   tpl    {"xid"} the template collection is to be registered in the next boot
-#   queue.txt   rows of the offline queue that did not fit in memory (outq.py)
+# Reading the modem and bootstrapping happen in boots of their own: the agent restarts the
+# board (soft reset) after either, so that their code and names (which MicroPython never frees)
+# do not crowd the session that follows. A fresh device: boot 1 reads its ID and stores it; boot
+# 2 bootstraps and stores the credentials; boot 3 and every later one connects. The ID is read
+# again only when none is stored (the stored credentials belong to it).
 #
 #   disconnected  wait for the next attempt (back-off with jitter, outq.Backoff), then connect
 #                 as user = ID, clean_session=False, subscribe mr/ and br/ (QoS 1), then create.
