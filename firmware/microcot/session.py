@@ -225,11 +225,11 @@ def templates(a):
             return
         if got[0][:2] != b"40":
             raise _err("template check: %s" % got[0][:80])
-        if "rsv" not in a._s and a.cfg["reserve"]:
+        if "rsv" not in a._s:
             a._db().save("tpl", {"xid": a.xid})
             restart(a, "template collection %s to register" % a.xid)
         a.log("registering the template collection %s" % a.xid)
-        a._s.pop("rsv", None)
+        a._s.pop("rsv")
         a._room()
         body = registration(a.cfg["templates"], a.xid)
         if _ask(a, c, got, body) != b"20":
