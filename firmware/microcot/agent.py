@@ -83,16 +83,15 @@ DEFAULTS = {
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
-    "reserve": 12288,  # bytes held for the few large allocations (0: none, e.g. in tests)
+    "reserve": 4096,  # bytes held for the few large allocations (0: none, e.g. in tests)
     "log": True,
 }
 
 
 # Loading code leaves a small heap in many small pieces, but some allocations need one piece of
-# a few KiB (the TLS context, the TLS handshake), and a phase's code is better loaded into one
-# free region than into the gaps. So the agent holds a block, taken while the heap is still in
-# one piece, lets go of it (_room) right before such an allocation or import, and takes it again
-# after each step, when it can.
+# a few KiB: the TLS context, the TLS handshake, the template registration. So the agent holds a
+# block while disconnected, taken while the heap is still in one piece, and lets go of it
+# (_room) right before such an allocation, after the code that makes it is loaded.
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
 # stays for a boot, session.identify loads first)
@@ -206,9 +205,9 @@ class Agent:
         self._rsv = None
         self._hold()
         for slot in "ab" if cfg["reserve"] else "":
-            try:  # the template collection is to be registered in this boot (session.templates)
-                os.stat(st.rstrip("/") + "/tpl." + slot)
-                self._s["rsv"] = bytearray(8192)  # its payload and its MQTT packet
+            try:  # credentials stored: this boot connects and may register the templates
+                os.stat(st.rstrip("/") + "/cred." + slot)
+                self._s["rsv"] = bytearray(8192)  # their payload and MQTT packet (session.py)
                 break
             except OSError:
                 pass
@@ -377,10 +376,6 @@ class Agent:
         self._trim()
 
     def _call(self, name, fn, *args):
-        import sys
-
-        if "microcot." + name not in sys.modules:
-            self._room()  # its code goes in one place, not into the gaps
         if name == "link":
             from . import link as m
         elif name == "create":
@@ -395,7 +390,8 @@ class Agent:
         # only at the top of a step: a module must not be unloaded while it runs
         for m in _DROP[self._state + (self._state == _UP and self.ready)]:
             unload(m)
-        self._hold()
+        if self._state == _OFF:
+            self._hold()  # for the next connect; connected, the heap needs it more
 
     def _hold(self):
         n = self.cfg["reserve"]

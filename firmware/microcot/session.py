@@ -74,6 +74,7 @@ def identify(a, fixed=None):
         if a.binary:
             from . import binrest  # noqa: F401
     else:
+        s.pop("rsv", None)  # no template registration in this boot
         from . import bootstrap, xtea  # noqa: F401
     tls(a)
 
@@ -213,9 +214,7 @@ def templates(a):
     """The template collection, first (seed 002: the collection with template 500 must be the
     first one the device uses): `15,<X-ID>` alone is answered 20 (registered) or 40 (not): then
     the whole templates file in one payload, answered 20. The answers are plain enough to be
-    read raw, so nothing else needs to be loaded beside the payload. The payload and its MQTT
-    packet need 3.4 KiB each in one piece: a boot of its own registers, with room held for them
-    from its start (agent.py: document "tpl" asks for it)."""
+    read raw, so nothing else needs to be loaded beside the payload."""
     c = a._c
     got = []
     c.set_callback(lambda t, m: got.append(m))
@@ -225,17 +224,12 @@ def templates(a):
             return
         if got[0][:2] != b"40":
             raise _err("template check: %s" % got[0][:80])
-        if "rsv" not in a._s:
-            a._db().save("tpl", {"xid": a.xid})
-            restart(a, "template collection %s to register" % a.xid)
         a.log("registering the template collection %s" % a.xid)
-        a._s.pop("rsv")
+        a._s.pop("rsv", None)  # the room kept for this (identify)
         a._room()
         body = registration(a.cfg["templates"], a.xid)
         if _ask(a, c, got, body) != b"20":
             raise _err("template registration refused: %s" % got[0][:200])
-        body = None
-        a._db().delete("tpl")
         a.stats["templates"] = "registered"
     finally:
         c.set_callback(a._on_msg)
