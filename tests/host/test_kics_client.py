@@ -329,14 +329,15 @@ def test_micropython_client_every_type_and_resubscription(emu, tmp_path, mp_lib)
 
 
 @pytest.mark.skipif(not MICROPYTHON.exists(), reason="no micropython in the venv")
-def test_micropython_client_plain_ws_in_128k_heap_and_401(data_dir, tmp_path, mp_lib):
-    # 128 KB: the modules kics, signalr, ws and wsframe loaded from .mpy take about 82 KB of it
+def test_micropython_client_plain_ws_in_136k_heap_and_401(data_dir, tmp_path, mp_lib):
+    # 136 KB: the modules kics, signalr, ws, wsframe and hal loaded from .mpy take about 86 KB of
+    # it; 128 KB passed but with too little margin to be stable
     # (frozen into the firmware they take none); the subscribed connection itself about 10 KB
     with KicsEmulator(port=0, token=TOKEN, data_dir=data_dir, tls=False) as emu:
-        lines = _mp_run(emu, tmp_path, mp_lib, token="wrong", seconds=5, heap="128k")
+        lines = _mp_run(emu, tmp_path, mp_lib, token="wrong", seconds=5, heap="136k")
         assert lines[-1][:3] == ["end", "failed", 1]
         assert lines[0][:2] == ["error", "KicsAuthError"] and "401" in lines[0][2]
-        lines = _mp_run(emu, tmp_path, mp_lib, values=12, seconds=10, heap="128k")
+        lines = _mp_run(emu, tmp_path, mp_lib, values=12, seconds=10, heap="136k")
         assert lines[-1][:2] == ["end", "subscribed"]
         assert {x[1] for x in lines if x[0] == "value"} == {102, 103, 104}
         held = lines[-1][3]
