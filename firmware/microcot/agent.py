@@ -20,6 +20,15 @@
 # 2 bootstraps and stores the credentials; boot 3 and every later one connects. The ID is read
 # again only when none is stored (the stored credentials belong to it).
 #
+# On the board's flash (store.py documents under `store`, default /store):
+#   dev    {"id", "src": iccid|mac|configured, "imsi", "mo", "info", "kids": {name: [MO id,
+#          linked, operations]}}      the device, its managed object, what was sent about it
+#   cred   {"id", "password", "source": bootstrap|provisioned, "ok"}      (the password is
+#          never printed)
+#   boot   {"state": "ONGOING", "id", "secret"} while a bootstrap is under way
+#   op     {"restart": operation id} while a c8y_Restart is under way
+#   queue.txt   rows of the offline queue that did not fit in memory (outq.py)
+#
 #   disconnected  wait for the next attempt (back-off with jitter, outq.Backoff), then connect
 #                 as user = ID, clean_session=False, subscribe mr/ and br/ (QoS 1), then create.
 #   bootstrap     after a random delay: bootstrap.py, then restart.
@@ -83,15 +92,17 @@ DEFAULTS = {
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
-    "reserve": 4096,  # bytes held for the few large allocations (0: none, e.g. in tests)
+    "reserve": 12288,  # bytes held for the few large allocations (0: none, e.g. in tests)
     "log": True,
 }
 
 
 # Loading code leaves a small heap in many small pieces, but some allocations need one piece of
-# a few KiB: the TLS context, the TLS handshake, the template registration. So the agent holds a
-# block while disconnected, taken while the heap is still in one piece, and lets go of it
-# (_room) right before such an allocation, after the code that makes it is loaded.
+# a few KiB (the TLS context, the TLS handshake), and a phase's code is better loaded into one
+# free region than into the gaps. So the agent holds a block, taken while the heap is still in
+# one piece, lets go of it (_room) right before such an allocation or import, and takes it again
+# after each step, when it can. With credentials stored, a second block is kept until the
+# template check, for the registration's payload and MQTT packet (3.4 KiB each, in one piece).
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
 # stays for a boot, session.identify loads first)
@@ -376,6 +387,10 @@ class Agent:
         self._trim()
 
     def _call(self, name, fn, *args):
+        import sys
+
+        if "microcot." + name not in sys.modules:
+            self._room()  # its code goes in one place, not into the gaps
         if name == "link":
             from . import link as m
         elif name == "create":
@@ -390,8 +405,7 @@ class Agent:
         # only at the top of a step: a module must not be unloaded while it runs
         for m in _DROP[self._state + (self._state == _UP and self.ready)]:
             unload(m)
-        if self._state == _OFF:
-            self._hold()  # for the next connect; connected, the heap needs it more
+        self._hold()
 
     def _hold(self):
         n = self.cfg["reserve"]

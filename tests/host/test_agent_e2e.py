@@ -12,8 +12,8 @@ after reading the modem, after a bootstrap and for c8y_Restart); otherwise a bou
 The board's heap: MICROCOT_AGENT_HEAP, else AGENT_HEAP. The board file's budget
 (boards/virtual.toml heap_budget, 110 KB) is NOT met yet: on this 64-bit port the virtual
 board's REPL takes ~20 KB, the MQTT client ~28 KB, TLS ~6 KB, and loading code fragments the heap;
-the whole life above passes from 140 KB (the bootstrap boot alone from about 110 KB), so the
-tests run at 150 KB until the agent (or the modules it uses) fits.
+the whole life above passes from about 135 KB, so the tests run at 150 KB until the agent (or
+the modules it uses) fits.
 """
 
 from __future__ import annotations
@@ -167,6 +167,8 @@ def run_script(vb: VirtualBoard, code: str, timeout: float = 60, on_line=None) -
     t = transport.open_board(vb.port)
     try:
         text = transport.run(t, code, timeout=timeout, on_output=out).decode(errors="replace")
+    except transport.ExecError as e:  # the board's output with its traceback
+        raise AssertionError(e.output.decode(errors="replace")[-3000:] + e.error_output) from None
     finally:
         transport.close(t)
     m = re.search(r"^RESULT (.*)$", text, re.M)
