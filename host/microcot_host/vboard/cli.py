@@ -150,3 +150,4 @@ def _deploy(port: str) -> None:
         click.echo(f"  deploy failed: {exc}", err=True)
         return
     click.echo(f"  deployed: {len(result.copied)} files copied, {len(result.unchanged)} unchanged")
+board.add_command(__import__("microcot_host.rp2emu.cli", fromlist=["rp2"]).rp2)  # microcot board rp2
