@@ -1,11 +1,15 @@
 """`microcot flash` on the ESP32 family, with no hardware: the real esptool (in our worker
 processes) talks to an emulated ESP32 ROM loader on a pty, and the image must end up in the
-emulator's flash file byte for byte at MicroPython's offset. Bad images, a wrong chip and a
-missing port must fail with a clear message and write nothing."""
+emulator's flash file byte for byte at MicroPython's offset, both through the ROM loader
+(`--no-stub`) and the way users flash by default, with esptool's flasher stub uploaded into the
+emulator's RAM and answering from then on. Bad images, a wrong chip and a missing port must fail
+with a clear message and write nothing; a write the MD5 check finds corrupted must fail."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -13,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from esprom_emu import EspRomEmulator
@@ -20,6 +25,9 @@ from esprom_emu import EspRomEmulator
 from microcot_host import boards
 from microcot_host.flash import FlashError, resolve_firmware, wait_for_repl
 from microcot_host.flash import esp as esp_flash
+
+if TYPE_CHECKING:
+    from esptool.loader import ESPLoader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,6 +106,7 @@ def flash(*args: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:
 
 
 ROM = ("--no-stub", "--before", "no-reset", "--no-wait")
+STUB = ("--before", "no-reset", "--no-wait")  # what users run: esptool uploads its stub
 
 
 def assert_clean_failure(r: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -194,6 +203,138 @@ def test_flash_rom_loader_uncompressed_erases_first(emulator: EspRomEmulator, fw
     assert emulator.flash()[:0x1000] == bytes(0x1000)  # before the offset: left alone
     assert "FLASH_BEGIN" in emulator.ops and "FLASH_DATA" in emulator.ops
     assert "FLASH_DEFL_DATA" not in emulator.ops
+
+
+def default_stub(chip: str = "esp32") -> tuple[str, dict]:
+    """The stub esptool uploads by default: the first of its stub directories with this chip."""
+    from esptool.loader import StubFlasher
+
+    for version in StubFlasher.STUB_SUBDIRS:
+        path = Path(StubFlasher.STUB_DIR, version, f"{chip}.json")
+        if path.exists():
+            return version, json.loads(path.read_text())
+    raise AssertionError(f"esptool ships no stub for {chip}")
+
+
+def fill(emu: EspRomEmulator, byte: int) -> bytes:
+    """Old contents everywhere, so that what was erased (and what was not) shows."""
+    old = bytes([byte]) * FLASH_SIZE
+    emu.flash_path.write_bytes(old)
+    return old
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["deflated", "uncompressed"])
+def test_flash_with_the_stub(emulator: EspRomEmulator, fw: Path, compress: bool) -> None:
+    fill(emulator, 0x5A)
+    data = fw.read_bytes()
+    args = () if compress else ("--no-compress",)
+    r = flash("-b", "esp32-generic", "-p", emulator.port, "-f", str(fw), *args, *STUB)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the stub was uploaded intact (text and data at their addresses) and started
+    version, stub = default_stub()
+    assert emulator.stub_version == version
+    assert bytes(emulator.ram[stub["text_start"]]) == base64.b64decode(stub["text"])
+    assert bytes(emulator.ram[stub["data_start"]]) == base64.b64decode(stub["data"])
+    first = emulator.ops.index("MEM_END") + 1
+    assert emulator.stub_ops == emulator.ops[first:]  # everything after MEM_END went to the stub
+    # the stub, not the ROM, took the new rate, the write and the verification
+    assert emulator.baud_changes == [(460800, 115200)] and emulator.baud == 460800
+    writes = (("FLASH_DEFL_BEGIN", "FLASH_DEFL_DATA", "FLASH_DEFL_END") if compress
+              else ("FLASH_BEGIN", "FLASH_DATA", "FLASH_END"))
+    for op in ("CHANGE_BAUDRATE", *writes, "SPI_FLASH_MD5"):
+        assert op in emulator.stub_ops, op
+    assert not {"FLASH_DATA", "FLASH_DEFL_DATA", "SPI_FLASH_MD5"} & set(emulator.ops[:first])
+    assert emulator.md5_answers == [{"by": "stub", "addr": 0x1000, "size": len(data),
+                                     "md5": hashlib.md5(data).hexdigest()}]
+    assert not emulator.errors[2:], emulator.errors  # the first two: ESP32 has no security info
+    assert not emulator.exited  # FLASH_END does not end the stub as it ends the ROM loader
+    # the image at the board's offset; the stub erased only the sectors it wrote
+    end = 0x1000 + len(data)
+    sector_end = -(-end // 0x1000) * 0x1000
+    flash_now = emulator.flash()
+    assert flash_now[0x1000:end] == data
+    assert flash_now[end:sector_end] == b"\xff" * (sector_end - end)
+    assert flash_now[:0x1000] == b"\x5a" * 0x1000
+    assert flash_now[sector_end:] == b"\x5a" * (FLASH_SIZE - sector_end)
+    assert f"{emulator.port}: wrote {len(data)} bytes at 0x1000, verified (MD5)" in r.stdout
+
+
+def test_flash_with_the_stub_erases_everything_first(emulator: EspRomEmulator, fw: Path) -> None:
+    fill(emulator, 0x00)  # a write without the erase would leave zeros (NOR only clears bits)
+    data = fw.read_bytes()
+    r = flash("-b", "esp32-generic", "-p", emulator.port, "-f", str(fw), "--erase", *STUB)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ERASE_FLASH" in emulator.stub_ops
+    assert emulator.stub_ops.index("ERASE_FLASH") < emulator.stub_ops.index("FLASH_DEFL_BEGIN")
+    expected = b"\xff" * 0x1000 + data + b"\xff" * (FLASH_SIZE - 0x1000 - len(data))
+    assert emulator.flash() == expected
+    assert "Erasing flash" in r.stdout
+
+
+@pytest.mark.parametrize("loader", ["stub", "ROM"])
+def test_corrupted_write_fails_the_md5_check(tmp_path: Path, fw: Path, loader: str) -> None:
+    bad = 0x1000 + 0x9000  # inside the image, in the partition table's sector
+    data = fw.read_bytes()
+    with EspRomEmulator(tmp_path / "flash.bin", flash_size=FLASH_SIZE, corrupt_at=bad) as emu:
+        r = flash("-b", "esp32-generic", "-p", emu.port, "-f", str(fw),
+                  *(STUB if loader == "stub" else ROM))
+        assert_clean_failure(r, f"{emu.port}: MD5 of file does not match data in flash",
+                             f"failed on 1 board(s): {emu.port}")
+        assert f"{emu.port}: wrote" not in r.stdout
+        assert emu.corrupted == [bad]
+        answer = emu.md5_answers[-1]
+        assert answer["by"] == loader and (answer["addr"], answer["size"]) == (0x1000, len(data))
+        assert answer["md5"] != hashlib.md5(data).hexdigest()
+        assert emu.stub_running == (loader == "stub")
+        flash_now = emu.flash()
+        assert flash_now[bad] == data[bad - 0x1000] ^ 0x01
+        assert flash_now[0x1000:bad] == data[:bad - 0x1000]
+
+
+def _connect(emu: EspRomEmulator) -> ESPLoader:
+    from esptool.cmds import detect_chip
+
+    return detect_chip(emu.port, baud=115200, connect_mode="no-reset", connect_attempts=1)
+
+
+@pytest.mark.parametrize("damage", ["text byte", "entry point"])
+def test_stub_that_is_not_esptools_does_not_run(emulator: EspRomEmulator, damage: str) -> None:
+    from esptool.loader import StubFlasher
+    from esptool.util import FatalError
+
+    with _connect(emulator) as esp:
+        stub = StubFlasher(esp)
+        if damage == "text byte":
+            text = bytearray(stub.text)
+            text[100] ^= 0xFF  # one byte damaged on the way
+            stub.text = bytes(text)
+        else:
+            stub.entry += 4  # intact code, entered at the wrong place
+        esp._port.timeout = 0.5  # no "OHAI" is coming; do not wait esptool's 3 s for it
+        with pytest.raises(FatalError, match="Failed to start stub flasher"):
+            esp.run_stub(stub)
+    assert emulator.stub_version is None and emulator.exited
+    assert "does not start a flasher stub" in emulator.errors[-1]
+    assert emulator.ops[-1] == "MEM_END" and not emulator.wrote
+
+
+def test_stub_reads_erases_and_hashes_regions(emulator: EspRomEmulator) -> None:
+    old = bytes(range(256)) * (FLASH_SIZE // 256)
+    emulator.flash_path.write_bytes(old)
+    with _connect(emulator) as rom:
+        esp = rom.run_stub()
+        assert esp.IS_STUB and emulator.stub_running
+        assert esp.read_flash(0x1F00, 0x2300) == old[0x1F00:0x4200]  # unaligned, 3 packets
+        esp.erase_region(0x2000, 0x1000)
+        assert esp.flash_md5sum(0x1000, 0x3000) == hashlib.md5(
+            old[0x1000:0x2000] + b"\xff" * 0x1000 + old[0x3000:0x4000]).hexdigest()
+        from esptool.util import FatalError
+
+        with pytest.raises(FatalError, match="Bad data length"):  # the stub's own error code
+            esp.erase_region(0x2100, 0x1000)
+    assert [op for op in emulator.stub_ops if op != "READ_REG"] == [
+        "READ_FLASH", "ERASE_REGION", "SPI_FLASH_MD5", "ERASE_REGION"]
+    assert emulator.md5_answers[-1]["by"] == "stub"
 
 
 def test_several_boards_in_parallel(tmp_path: Path, fw: Path) -> None:
