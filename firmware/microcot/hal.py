@@ -13,24 +13,76 @@ _UART_RXBUF = 512
 _cfg = None
 
 # -- clock ---------------------------------------------------------------------------------------
-# MicroPython's ticks wrap (ticks_diff handles that); CPython gets monotonic milliseconds that do
-# not wrap, so the plain difference is right there.
+# ticks_ms() wraps: at 2**30 ms (12.4 days) on a 32-bit board, where ticks_diff is right only for
+# spans under 2**29 ms (6.2 days). Every elapsed time is ticks_diff(now, then), every deadline
+# ticks_add(now, ms), never a subtraction, a comparison or ticks_ms() // 1000. CPython gets the
+# same wrapping clock (period 2**30, like the boards), so that host runs meet the wrap too.
 try:
-    from time import sleep_ms, ticks_add, ticks_diff, ticks_ms
+    from time import sleep_ms, ticks_add, ticks_diff
+    from time import ticks_ms as _clock
+
+    TICKS_PERIOD = ticks_add(0, -1) + 1  # 2**30 on 32-bit boards, 2**62 on the 64-bit unix port
 except ImportError:
     import time as _time
 
-    def ticks_ms():
-        return int(_time.monotonic() * 1000)
+    TICKS_PERIOD = 1 << 30
+    _TMAX = TICKS_PERIOD - 1
+    _THALF = TICKS_PERIOD >> 1
+
+    def _clock():
+        return int(_time.monotonic() * 1000) & _TMAX
 
     def ticks_diff(a, b):
-        return a - b
+        return ((a - b + _THALF) & _TMAX) - _THALF
 
     def ticks_add(a, b):
-        return a + b
+        return (a + b) & _TMAX
 
     def sleep_ms(ms):
         _time.sleep(ms / 1000)
+
+ticks_ms = _clock
+
+
+def ticks_at(t=None):
+    """Tests: from now on hal.ticks_ms() reads `t` now and runs on from there (e.g.
+    TICKS_PERIOD - 2000: the wrap in 2 s); None: the real clock again. Modules that call
+    hal.ticks_ms() see it; a module that imported ticks_ms itself keeps the real clock."""
+    global ticks_ms
+    if t is None:
+        ticks_ms = _clock
+        return
+    off = ticks_diff(t % TICKS_PERIOD, _clock())
+
+    def shifted():
+        return ticks_add(_clock(), off)
+
+    ticks_ms = shifted
+
+
+class Uptime:
+    """Time since start that counts on across ticks_ms wraps (ticks_ms() // 1000 restarts at 0
+    every 12.4 days on a 32-bit board). update() must run at least every few days (ticks_diff
+    is right only within half a period): call it from a timer; seconds() updates too. The count
+    is kept as seconds plus milliseconds so that it stays a small int for 34 years."""
+
+    def __init__(self):
+        self._t = ticks_ms()
+        self._s = 0
+        self._ms = 0
+
+    def update(self):
+        t = ticks_ms()
+        d = ticks_diff(t, self._t)
+        if d > 0:
+            self._t = t
+            ms = self._ms + d
+            self._s += ms // 1000
+            self._ms = ms % 1000
+        return self._s
+
+    def seconds(self):
+        return self.update()
 
 
 def family():
@@ -183,3 +235,86 @@ def random_bytes(n):
     import os
 
     return os.urandom(n)
+
+
+# -- memory in a TLS handshake --------------------------------------------------------------------
+# mbedTLS reports a failed allocation as an error code: MicroPython's ssl makes
+# MBEDTLS_ERR_SSL_ALLOC_FAILED an OSError ENOMEM, MBEDTLS_ERR_MPI_ALLOC_FAILED (-0x10) the OSError
+# 16 (EBUSY: codes above -256 are taken for errnos), the others OSError(code, text). An allocation
+# that fails while a signature of the server's chain is checked (RSA, ECDSA) is worse: mbedTLS
+# marks the certificate untrusted and the error says "The certificate is not correctly signed by
+# the trusted CA"; one while the key is imported says MBEDTLS_ERR_PK_INVALID_PUBKEY. Those two are
+# told apart from a real certificate problem by the heap afterwards (mbedTLS has freed all of its
+# memory by then): the heap must hold what a handshake takes, its 16 KiB input buffer, its 4 KiB
+# output buffer and about 10 KiB in pieces for the chain, the keys and the numbers. Measured on the
+# i386-rp2 build (the emulator's RSA-2048 chain, heaps filled and fragmented by tests/host/
+# test_tls_memory.py), handshakes fail with about 30 KB free in one run and pass from 31 KB. That
+# happens only where mbedTLS allocates from the GC heap (rp2; found out when a CA is loaded: see
+# tls_ca), not where it has a heap of its own (esp32, the unix port).
+TLS_NEED = (16896, 4608, 10)  # after a collection: blocks of these sizes and 10 of 1 KiB
+_tls_heap = None  # True: mbedTLS allocates from the GC heap
+_ALLOC = {0x7F00: "TLS buffers or handshake state", 0x2880: "a certificate of the chain",
+          0x3F80: "a public key", 0x4D80: "elliptic-curve numbers", 0x3400: "DH numbers",
+          0x6180: "a cipher", 0x5180: "a hash", 0x1180: "PEM text",
+          0x10: "big numbers (key exchange or signature check)", 0x6A: "a certificate field"}
+
+
+def tls_ca(ctx, der):
+    """ctx.load_verify_locations(cadata=der) on MicroPython, noting whether mbedTLS took the
+    memory for the CA from the GC heap."""
+    global _tls_heap
+    import gc
+
+    a = gc.mem_alloc()
+    ctx.load_verify_locations(cadata=der)
+    d = gc.mem_alloc() - a
+    if d >= 0 and not _tls_heap:
+        _tls_heap = d >= len(der) // 2 or family() == "rp2"
+
+
+def tls_oom(e, where):
+    """The message of a TLS handshake with `where` (host:port) that failed with `e` because it ran
+    out of memory, or None when memory was not the cause."""
+    a = e.args[0] if e.args else None
+    what = None
+    if isinstance(e, MemoryError):
+        what = "a MicroPython object (%s)" % (a or "MemoryError")
+    elif isinstance(e, OSError) and isinstance(a, int):
+        if a == 12:
+            what = _ALLOC[0x7F00]
+        elif a == 16 and family() != "cpython":
+            what = _ALLOC[0x10]
+        elif a < 0:
+            what = _ALLOC.get(-a & 0xFF80) or _ALLOC.get(-a & 0x7F)
+            if what is None and -a == 0x3B00 and _tls_short():
+                what = "a public key"
+    elif isinstance(e, ValueError) and family() != "cpython" and _tls_short():
+        what = "numbers to check the chain's signatures"
+    if what is None:
+        return None
+    import gc
+
+    gc.collect()
+    m = str(e).strip() or type(e).__name__
+    return ("TLS handshake with %s ran out of memory (%d bytes free); mbedTLS could not allocate "
+            "%s (it said: %s)" % (where, gc.mem_free(), what, m))
+
+
+def _tls_short():
+    # mbedTLS in the GC heap, and what a handshake takes does not fit after a collection
+    if not _tls_heap:
+        return False
+    import gc
+
+    gc.collect()
+    held = []
+    try:
+        held.append(bytearray(TLS_NEED[0]))
+        held.append(bytearray(TLS_NEED[1]))
+        for _ in range(TLS_NEED[2]):
+            held.append(bytearray(1024))
+    except MemoryError:
+        return True
+    finally:
+        held = None
+    return False

@@ -39,7 +39,9 @@
 # - The callback runs inside poll(); if it raises, the exception leaves poll() and the message is
 #   not acknowledged (QoS 1/2: the broker delivers it again after the next reconnect).
 # - All errors are MQTTException subclasses (mqttpkt.py); I/O errors close the connection, and
-#   the in-flight messages stay for the next connect().
+#   the in-flight messages stay for the next connect(). Out of memory is a MemoryError; in the
+#   TLS handshake it is MQTTMemoryError naming the handshake, the free heap and what mbedTLS
+#   could not allocate, also where mbedTLS reports it as an untrusted certificate (hal.tls_oom).
 # - No last will (the Cloud of Things broker does not support it), no QoS 2 publish.
 import select
 import socket
@@ -57,6 +59,7 @@ from .mqttpkt import (
     MQTTConnectError,
     MQTTConnectionError,
     MQTTException,
+    MQTTMemoryError,
     MQTTPacketTooLarge,
     MQTTProtocolError,
     MQTTSubscribeError,
@@ -77,6 +80,7 @@ from .mqttpkt import unsubscribe as _unsubscribe_pkt
 __all__ = (
     "MQTTClient", "tls_context", "MQTTException", "MQTTProtocolError", "MQTTPacketTooLarge",
     "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError", "MQTTTLSError", "MQTTTimeout",
+    "MQTTMemoryError",
 )
 
 try:
@@ -164,7 +168,7 @@ def tls_context(cafile=None, cadata=None, verify=True):
         try:
             if _MP:
                 for der in _der_certs(data):
-                    ctx.load_verify_locations(cadata=der)
+                    hal.tls_ca(ctx, der)
             else:
                 if isinstance(data, (bytes, bytearray)) and data.lstrip()[:5] == b"-----":
                     data = bytes(data).decode()
@@ -236,9 +240,13 @@ class MQTTClient:
                 host = self.ssl_params.get("server_hostname", self.server)
                 try:
                     s = ctx.wrap_socket(s, server_hostname=host)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, MemoryError) as e:
                     if isinstance(e, OSError) and _is_timeout(e):
                         raise
+                    m = hal.tls_oom(e, where)
+                    if m:
+                        raw.close()
+                        raise MQTTMemoryError(m)
                     raise MQTTTLSError("TLS handshake with %s failed: %s" % (where, _text(e)))
             s.setblocking(False)
         except OSError as e:

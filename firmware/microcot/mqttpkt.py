@@ -74,6 +74,13 @@ class MQTTTLSError(MQTTConnectionError):
     """The TLS handshake failed (certificate not trusted, wrong host name, ...)."""
 
 
+class MQTTMemoryError(MemoryError):
+    """The TLS handshake ran out of memory; the message names the handshake, the free heap and
+    what mbedTLS could not allocate. A MemoryError like any other failed allocation, not an
+    MQTTException (MicroPython allows no class with both as bases): the cure is memory, not
+    another CA. The connection is closed."""
+
+
 class MQTTTimeout(MQTTConnectionError):
     """Something did not happen in time: connect, an answer, a send, the rest of a packet, or a
     PINGRESP (dead link). The connection is closed when this is raised from I/O."""

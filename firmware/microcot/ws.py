@@ -54,7 +54,10 @@ versions other than TLS 1.2, and a missing ca (there is no system store); PSK on
 
 Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, and the
 message buffer, which grows with the messages that arrive up to max_recv_msg_size; a frame or
-message over the limits is refused from its header (close 1009), never stored.
+message over the limits is refused from its header (close 1009), never stored. A TLS handshake
+that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg naming the handshake, the
+free heap and what mbedTLS could not allocate, also where mbedTLS calls it an untrusted
+certificate (hal.tls_oom).
 """
 
 import socket
@@ -124,9 +127,12 @@ def _errno(e):
         return 0
 
 
-def _tls_error(e):
-    from microcot import wstls
+def _tls_error(e, c):
+    from microcot import hal, wstls
 
+    m = hal.tls_oom(e, "%s:%d" % (c.host, c.port))  # mbedTLS out of memory, however it says it
+    if m:
+        return F.ConnectError(F.WS_STATUS_SOCK_NOMEM, m, _errno(e) if isinstance(e, OSError) else 0)
     err = wstls.handshake_error(e)
     err.code = _errno(e)
     return err
@@ -374,7 +380,7 @@ class WebSocketClient:
                     self._s = self._ctx.wrap_socket(self._raw, server_hostname=c.host,
                                                     do_handshake_on_connect=False)
                 except Exception as e:
-                    raise _tls_error(e)
+                    raise _tls_error(e, c)
                 self._ph = _REQ if _MP else _TLS
             else:
                 self._ph = _REQ
@@ -386,8 +392,8 @@ class WebSocketClient:
                 if self._timed_out(c.connect_response_timeout):
                     raise F.ConnectError(F.WS_STATUS_TLS_HANDSHAKE_FAIL, "TLS handshake timed out", 110)
                 return
-            except (OSError, ValueError) as e:
-                raise _tls_error(e)
+            except (OSError, ValueError, MemoryError) as e:
+                raise _tls_error(e, c)
             self._ph = _REQ
         if self._ph == _REQ:  # on MicroPython with TLS the first write drives the handshake
             try:
@@ -404,9 +410,11 @@ class WebSocketClient:
                     self._sent += k
             except F.ConnectError:
                 raise
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, MemoryError) as e:
                 if self._ctx and _MP:
-                    raise _tls_error(e)
+                    raise _tls_error(e, c)
+                if isinstance(e, MemoryError):
+                    raise
                 raise F.ConnectError(F.WS_STATUS_CONNECT_REQ_SEND_ERROR, "sending the request: %r" % (e,),
                             _errno(e))
             self._ph = _RESP

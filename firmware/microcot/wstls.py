@@ -143,7 +143,9 @@ def _mp_context(ctx, t, v):
         for der in _ders(_read_file(t.ca, "CA", F.WS_STATUS_TLS_CA_NOTFOUND), "CA",
                          F.WS_STATUS_TLS_CA_INVALID):
             try:
-                ctx.load_verify_locations(cadata=der)
+                from microcot import hal
+
+                hal.tls_ca(ctx, der)  # notes whether mbedTLS allocates from the GC heap
             except Exception as e:
                 raise F.ConnectError(F.WS_STATUS_TLS_CA_INVALID, "CA not loadable: %r" % (e,))
     if t.cert or t.key_file:
