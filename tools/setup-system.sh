@@ -4,11 +4,20 @@ set -euo pipefail
 need=()
 # the platform emulator runs a real Mosquitto broker
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-if [ ${#need[@]} -eq 0 ]; then exit 0; fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "missing system packages: ${need[*]} (install them with apt-get as root)" >&2
-  exit 1
+# the emulated RP2040 (microcot board rp2) runs rp2040js under node
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing system packages: ${need[*]} (install them with apt-get as root)" >&2
+    exit 1
+  fi
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  echo "installed: ${need[*]}"
 fi
-apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-echo "installed: ${need[*]}"
+# rp2040js, pinned by host/microcot_host/rp2emu/js/package-lock.json, installed with `npm ci`
+# into <state dir>/rp2040js/<hash of the lock> (MICROCOT_RP2040JS names another folder)
+PY=${PY:-"$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"}
+if ! "$PY" -c "from microcot_host.rp2emu import ensure_rp2040js; print('rp2040js:', ensure_rp2040js())"; then
+  echo "warning: rp2040js could not be installed; microcot board rp2 and its tests need it" >&2
+fi
