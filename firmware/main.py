@@ -54,7 +54,11 @@ def network(cfg):
 def main():
     a = Agent()
     network(a.cfg)
-    a.command("uptime", lambda args: "%d s" % (hal.ticks_ms() // 1000))
+    # not ticks_ms() // 1000: that restarts at 0 when ticks_ms wraps (12.4 days on a 32-bit
+    # board); Uptime counts on, updated by a timer well within the wrap
+    up = hal.Uptime()
+    a.every(3600, up.update)
+    a.command("uptime", lambda args: "%d s" % up.seconds())
     a.command("echo", lambda args: args)
     a.command("temperature", lambda args: "%.1f C" % temperature())
 

@@ -251,8 +251,13 @@ class Agent:
         self._s["kids"] = 1
 
     def every(self, seconds, fn, at_once=False):
-        """Call fn() every `seconds` from step() (connected or not)."""
+        """Call fn() every `seconds` from step() (connected or not). At most hal.TICKS_PERIOD / 4
+        ms (3.1 days on a 32-bit board, where ticks_ms wraps every 12.4 days and ticks_add
+        refuses spans of half of that): count shorter periods for a longer one."""
         ms = int(seconds * 1000)
+        if not 0 < ms < hal.TICKS_PERIOD >> 2:
+            raise ValueError("every %r s: the period must be over 0 and under %d s on this board"
+                             % (seconds, (hal.TICKS_PERIOD >> 2) // 1000))
         t = hal.ticks_ms()
         self._timers.append([ms, t if at_once else hal.ticks_add(t, ms), fn])
 
@@ -326,13 +331,17 @@ class Agent:
         """Step until until() is true (True) or `seconds` passed (False); forever without both.
         Ctrl-C closes the connection and propagates."""
         t0 = hal.ticks_ms()
+        gone = 0  # ms, summed step by step: one ticks_diff is right only within 6 days on 32 bits
         try:
             while True:
                 if until is not None and until():
                     return True
                 ms = 200
                 if seconds is not None:
-                    ms = min(ms, int(seconds * 1000) - hal.ticks_diff(hal.ticks_ms(), t0))
+                    t = hal.ticks_ms()
+                    gone += hal.ticks_diff(t, t0)
+                    t0 = t
+                    ms = min(ms, int(seconds * 1000) - gone)
                     if ms <= 0:
                         return False
                 self.step(ms)

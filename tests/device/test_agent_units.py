@@ -447,3 +447,38 @@ def test_json_escaping_of_values():
     assert js("plain text") == "plain text"
     assert js('a "b" \\ c') == 'a \\"b\\" \\\\ c'
     assert js("line\nbreak\t") == "line\\u000abreak\\u0009"
+
+
+def test_timers_fire_across_the_tick_wrap_and_too_long_periods_are_refused():
+    from microcot import hal
+
+    d = scratch_dir("atick")
+    P = hal.TICKS_PERIOD
+    try:
+        a = _agent(d)
+        fired = []
+        hal.ticks_at(P - 400)
+        a._next = hal.ticks_add(hal.ticks_ms(), 600000)  # no connect attempt in this test
+        a.every(1, lambda: fired.append(hal.ticks_ms()))
+        a.step(0)
+        assert fired == []
+        hal.ticks_at(P - 100)
+        a.step(0)
+        assert fired == []
+        hal.ticks_at(700)  # 1.1 s later, past the wrap
+        a._next = hal.ticks_add(hal.ticks_ms(), 600000)
+        a.step(0)
+        assert len(fired) == 1 and fired[0] < 1000
+        a.step(0)
+        assert len(fired) == 1  # the next one is due at about 1600
+        hal.ticks_at(1700)
+        a._next = hal.ticks_add(hal.ticks_ms(), 600000)
+        a.step(0)
+        assert len(fired) == 2
+        # a period ticks_add cannot span on this board is refused when it is set, not misfired
+        raises(ValueError, a.every, (P >> 2) // 1000 + 1, lambda: None)
+        raises(ValueError, a.every, 0, lambda: None)
+        a.every(86400, lambda: None)  # a day is fine everywhere
+    finally:
+        hal.ticks_at(None)
+        rmtree(d)

@@ -181,3 +181,26 @@ def test_decode_random_bytes_only_raises_error():
         except br.Error:
             continue
         assert isinstance(out, list) and out
+
+
+def test_date_and_number_hold_on_32_bit_boards():
+    # DATE is u32 Unix seconds: past 2**30 (2004) a 32-bit board's small ints end, past 2**31
+    # (2038) an i32 would; the whole u32 range goes through, as heap ints where need be
+    look = lambda x, t: [DATE, NUMBER]  # noqa: E731
+    for t in (2**30 - 1, 2**30, 1796444166, 2**31 - 1, 2**31, 2**32 - 1):
+        p = br.encode("x", 1, [DATE, NUMBER], [t, 1.5])
+        assert p[4:8] == bytes(((t >> 24) & 255, (t >> 16) & 255, (t >> 8) & 255, t & 255))
+        assert br.decode(p, look) == [("x", 1, [t, 1.5])]
+    raises(ValueError, br.encode, "x", 1, [DATE, NUMBER], [2**32, 1.5])
+    # NUMBER is binary32, which is what a float is on a single-precision board: what comes back
+    # is the same float32 on every runtime (exact ones exactly), and encoding it again gives the
+    # same bytes; the largest finite float32 passes (on a board the double limit is inf)
+    for v, raw in ((16777216, "4b800000"), (16777217, "4b800000"), (395.25, "43c5a000"),
+                   (0.5, "3f000000"), (-2.0, "c0000000"), (3.4028234663852886e38, "7f7fffff"),
+                   (23.45, "41bb999a"), (0.1, "3dcccccd")):
+        p = br.encode("x", 1, [DATE, NUMBER], [0, v])
+        assert p[8:] == bytes.fromhex(raw), (v, p[8:])
+        back = br.decode(p, look)[0][2][1]
+        assert br.encode("x", 1, [DATE, NUMBER], [0, back]) == p, (v, back)
+    assert br.decode(br.encode("x", 1, [DATE, NUMBER], [0, 16777217]), look)[0][2][1] == 16777216
+    raises(ValueError, br.encode, "x", 1, [DATE, NUMBER], [0, 2**128])

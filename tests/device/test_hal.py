@@ -169,3 +169,48 @@ def _no_vboard_uses_config():
         assert hal.mac() is None
 
     _with_config('{"modem": {"path": ""}}', empty)
+
+
+# -- 32-bit truths: ticks_ms wraps at 2**30 ms (12.4 days) on a 32-bit board; CPython's hal clock
+# wraps there too, and hal.ticks_at() puts the wrap a moment ahead on every runtime.
+
+def test_ticks_run_on_across_the_wrap():
+    P = hal.TICKS_PERIOD
+    assert P >= 1 << 30 and P & (P - 1) == 0
+    assert hal.ticks_add(P - 1, 2) == 1
+    assert hal.ticks_diff(1, P - 1) == 2 and hal.ticks_diff(P - 1, 1) == -2
+    try:
+        hal.ticks_at(P - 30)
+        t0 = hal.ticks_ms()
+        assert P - 1000 < t0 < P, t0
+        hal.sleep_ms(60)
+        t1 = hal.ticks_ms()
+        assert t1 < t0, (t0, t1)  # wrapped: a plain t1 - t0 would be about -P
+        assert 55 <= hal.ticks_diff(t1, t0) < 2000
+        assert hal.ticks_diff(hal.ticks_add(t0, 60), t0) == 60
+    finally:
+        hal.ticks_at(None)
+    assert hal.ticks_ms() < P
+
+
+def test_uptime_counts_on_across_wraps():
+    # what main.py's uptime command reports: it used to be ticks_ms() // 1000, which restarts
+    # at 0 at every wrap (after 12.4 days on a 32-bit board)
+    P = hal.TICKS_PERIOD
+    step = 1 << 28  # under half the smallest period: the update timer runs far more often
+    try:
+        t = P - 1500
+        hal.ticks_at(t)
+        u = hal.Uptime()
+        for _ in range(10):  # 31 days in 10 jumps, over at least two wraps of a 32-bit clock
+            t = (t + step) % P
+            hal.ticks_at(t)
+            u.update()
+        hal.ticks_at((t + 2500) % P)
+        want = (10 * step + 2500) // 1000
+        s = u.seconds()
+        assert want <= s <= want + 2, (s, want)
+        assert isinstance(s, int) and s < 1 << 29  # a small int on every board
+        assert u.seconds() >= s  # never backwards
+    finally:
+        hal.ticks_at(None)
