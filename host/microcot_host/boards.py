@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fidelity import RUNTIMES
 from .paths import boards_dir
 
 FAMILIES = ("esp32", "rp2", "unix")
@@ -35,7 +36,14 @@ class Board:
 
     @property
     def heap_budget(self) -> int | None:
+        """Free heap after boot (`gc.mem_free()` at the REPL) that the real board leaves user
+        code, less the margin stated in the board file; virtual boards are given exactly this."""
         return self.raw.get("heap_budget")
+
+    @property
+    def runtime(self) -> str:
+        """The board model a virtual board of this kind runs (see microcot_host.fidelity)."""
+        return str(self.raw.get("runtime", "unix64"))
 
     def device_config(self, **overrides: Any) -> dict[str, Any]:
         """What the firmware reads from /board.json (hal.py): no host-only details."""
@@ -62,6 +70,8 @@ def load(name_or_path: str | Path) -> Board:
     for key in ("name", "family", "chip"):
         if key not in raw:
             raise BoardError(f"{path}: missing key {key!r}")
+    if raw.get("runtime", "unix64") not in RUNTIMES:
+        raise BoardError(f"{path}: runtime {raw['runtime']!r} is not one of {RUNTIMES}")
     if raw["family"] not in FAMILIES:
         raise BoardError(f"{path}: family {raw['family']!r} is not one of {FAMILIES}")
     return Board(raw["name"], raw["family"], raw["chip"], raw)

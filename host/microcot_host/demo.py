@@ -272,7 +272,7 @@ def settings(conn: dict[str, Any], ca_pem: str) -> dict[str, Any]:
     }
 
 
-def run(demo: Demo, workdir: Path, keep: bool = False) -> None:
+def run(demo: Demo, workdir: Path, keep: bool = False, board: str = "virtual") -> None:
     """The whole demo; raises StepFailed. Everything started is stopped before it returns."""
     from .emulator import Emulator
 
@@ -299,30 +299,33 @@ def run(demo: Demo, workdir: Path, keep: bool = False) -> None:
 
             setattr(emu.engine, attr, counting)
         api = Platform(conn)
-        _run_board(demo, workdir, emu, api, iccid, counts, history, keep)
+        _run_board(demo, workdir, emu, api, iccid, counts, history, keep, board)
     finally:
         with con.status("stopping the emulator"):
             emu.stop()
 
 
 def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
-               counts: collections.Counter[str], history: History, keep: bool) -> None:
+               counts: collections.Counter[str], history: History, keep: bool,
+               board: str) -> None:
     from . import boards, deploy, transport
-    from .vboard import VirtualBoard
+    from .vboard.models import make_board
 
     con = demo.console
     conn = emu.connection
-    vb = VirtualBoard("demo-" + iccid[-6:], iccid=iccid, flash_dir=workdir / "flash")
+    bdef = boards.load(board)
+    vb = make_board(bdef, name="demo-" + iccid[-6:], iccid=iccid, flash_dir=workdir / "flash")
     log: BoardLog | None = None
     try:
         with demo.step("start a virtual board") as st:
             vb.start()
-            st.detail = f"serial {vb.port}, modem with SIM ICCID {iccid}"
+            st.detail = (f"{board} on {bdef.runtime}, {bdef.heap_budget:,} B free heap, "
+                         f"serial {vb.port}, modem with SIM ICCID {iccid}")
         with demo.step("deploy firmware, app and settings") as st:
             t = transport.open_board(vb.port)
             try:
                 ca = Path(conn["ca_cert"]).read_text()
-                r = deploy.deploy_transport(t, boards.load("virtual"), app=True,
+                r = deploy.deploy_transport(t, bdef, app=True,
                                             config=settings(conn, ca))
             finally:
                 transport.close(t)  # back in the friendly REPL
@@ -558,7 +561,11 @@ def timings(con: Console, steps: list[Step], total: float) -> None:
 @click.option("--keep", is_flag=True, help="Leave the emulator and the board running at the "
               "end, until Ctrl-C.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the board's log lines as they come.")
-def demo(step_timeout: float, keep: bool, verbose: bool) -> None:
+@click.option("--board", "board", default=None, metavar="NAME",
+              help="board file of the virtual board (default: esp32-generic on its faithful "
+                   "32-bit model when MICROCOT_FIDELITY_DIR has it, else the 64-bit developer "
+                   "board 'virtual')")
+def demo(step_timeout: float, keep: bool, verbose: bool, board: str | None) -> None:
     """Run the whole job on this machine: a virtual board with a SIM bootstraps against the
     local Cloud of Things emulator, creates itself, measures (text and binary SmartREST), raises
     an alarm and executes an operation. Exits 0 when every step passed."""
@@ -568,12 +575,13 @@ def demo(step_timeout: float, keep: bool, verbose: bool) -> None:
     d = Demo(console, step_timeout=step_timeout, verbose=verbose)
     console.print("[bold]microcot demo[/]: a virtual board bootstraps against the local "
                   "Cloud of Things emulator")
+    board = _demo_board(console, board)
     # SIGTERM stops everything like Ctrl-C (the finally blocks run)
     old = signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="microcot-demo-"))
     code = 0
     try:
-        run(d, workdir, keep)
+        run(d, workdir, keep, board)
         timings(console, d.steps, d.elapsed())
         console.print(f"\n[green bold]demo passed[/] in {d.elapsed():.1f} s")
     except StepFailed as e:
@@ -587,6 +595,26 @@ def demo(step_timeout: float, keep: bool, verbose: bool) -> None:
         signal.signal(signal.SIGTERM, old)
         shutil.rmtree(workdir, ignore_errors=True)
     raise SystemExit(code)
+
+
+def _demo_board(console: Console, board: str | None) -> str:
+    """The board the demo runs: the one asked for (its model must be there), else an ESP32 on its
+    faithful model, else, saying why, the 64-bit developer board."""
+    from . import boards, fidelity
+
+    try:
+        name = board or "esp32-generic"
+        missing = fidelity.missing(boards.load(name).runtime)
+    except boards.BoardError as exc:
+        raise click.UsageError(str(exc)) from None
+    if missing is None:
+        return name
+    if board is not None:
+        raise click.ClickException(missing)
+    console.print(f"[yellow]note[/]: the ESP32's 32-bit board model is not here ({missing}); "
+                  "running the 64-bit developer board instead, whose heap figures do not hold "
+                  "for a real board")
+    return "virtual"
 
 
 def _interrupt(signum: int, frame: Any) -> None:

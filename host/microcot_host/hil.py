@@ -391,8 +391,8 @@ def _summary(results: list[Result]):
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=None,
               help="boards tested at once (default: all of them)")
 @click.option("--heap", default=None, metavar="SIZE",
-              help="heap of the virtual boards started here, e.g. 100k (default: the board "
-                   "file's heap_budget, as pytest --board virtual does)")
+              help="the whole heap of the virtual boards started here, e.g. 100k (default: the "
+                   "size leaving the board file's heap_budget free, as pytest --board virtual)")
 @click.option("--probe-timeout", default=5.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each real board's raw REPL before the run")
 @click.option("--live", is_flag=True, help="also print every board's output (redacted), "
@@ -459,22 +459,19 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
 
 def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None) -> list:
     from . import boards
-    from .vboard import BoardStartError, VirtualBoard
+    from .fidelity import FidelityMissing
+    from .vboard import BoardStartError
+    from .vboard.models import make_board
 
-    if heap is None:
-        # like `pytest --board virtual`: the RAM the board file budgets, not the host's plenty
-        try:
-            heap = boards.load(board or "virtual").heap_budget
-        except boards.BoardError as exc:
-            raise click.ClickException(str(exc)) from None
     started = []
     try:
         for i in range(1, n + 1):
             name = f"virtual-{i}"
-            vb = VirtualBoard(name=name, heap=heap, iccid=_iccid(i),
-                              flash_dir=flash_root / name)
+            # like `pytest --board virtual`: the board file's model and the RAM it budgets
+            vb = make_board(board or "virtual", name=name, heap=heap, iccid=_iccid(i),
+                            flash_dir=flash_root / name)
             started.append(vb.start())
-    except (BoardStartError, ValueError, OSError) as exc:
+    except (BoardStartError, FidelityMissing, boards.BoardError, ValueError, OSError) as exc:
         for vb in started:
             vb.stop()
         raise click.ClickException(f"cannot start virtual boards: {exc}") from None

@@ -99,8 +99,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--board", metavar="PORT|virtual", default=None,
                     help="run device tests on the board at PORT, or on a fresh virtual board")
     group.addoption("--board-heap", metavar="SIZE", default=None,
-                    help="heap of the virtual board (e.g. 100k); default: the board file's "
-                         "heap_budget")
+                    help="the virtual board interpreter's whole heap (e.g. 100k); default: the "
+                         "size that leaves the board file's heap_budget free after boot")
+    group.addoption("--board-runtime", metavar="RUNTIME", default=None,
+                    help="board model of the virtual board: unix64, i386-esp32, i386-rp2 or "
+                         "rp2040 (default: the board file's runtime)")
     group.addoption("--board-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                     help="time limit of one device test on the board (default %(default)s)")
     group.addoption("--board-no-deploy", action="store_true",
@@ -144,6 +147,7 @@ class BoardSession:
         self.port: str | None = None
         self.uploaded: dict[str, str] = {}
         self._failed: str | None = None
+        self._skipped: str | None = None
         self.board_name: str | None = None
         self._caps: tuple[list[str], list[str]] | None = None
 
@@ -234,11 +238,21 @@ class BoardSession:
 
     # -- the board ----------------------------------------------------------------------------
     def board(self):
+        if self._skipped:
+            pytest.skip(self._skipped)
         if self._failed:
             raise DeviceTestFailure(f"board unavailable: {self._failed}")
         if self.t is None:
+            from .fidelity import FidelityMissing, required
+
             try:
                 self._open()
+            except FidelityMissing as exc:
+                if required():
+                    self._failed = f"MICROCOT_REQUIRE_FIDELITY is set and {exc}"
+                    raise DeviceTestFailure(f"board unavailable: {self._failed}") from None
+                self._skipped = f"board model unavailable: {exc}"
+                pytest.skip(self._skipped)
             except Exception as exc:
                 self._failed = f"{type(exc).__name__}: {exc}"
                 raise DeviceTestFailure(f"board unavailable: {self._failed}") from None
@@ -249,20 +263,21 @@ class BoardSession:
 
         board_name = self.config.getoption("--board-name")
         if self.spec == "virtual":
-            from .vboard import VirtualBoard
+            from .vboard.models import make_board
 
             self._tmp = tempfile.TemporaryDirectory(prefix="microcot-hil-")
-            # a virtual board gets the RAM its board file budgets, so CI holds the firmware to it
-            heap = self.config.getoption("--board-heap") or \
-                boards.load(board_name or "virtual").heap_budget
-            self._vb = VirtualBoard(
-                name=f"pytest-{os.getpid()}",
-                heap=heap,
+            board_name = board_name or "virtual"
+            # the board file's model at the RAM it budgets, so CI holds the firmware to it
+            self._vb = make_board(
+                board_name, name=f"pytest-{os.getpid()}",
+                runtime=self.config.getoption("--board-runtime"),
+                heap=self.config.getoption("--board-heap"),
                 flash_dir=Path(self._tmp.name) / "flash",
                 iccid="89490200001234567892",
             ).start()
             self.port = self._vb.port
-            board_name = board_name or "virtual"
+            self._record("microcot.runtime", self.config.getoption("--board-runtime")
+                         or boards.load(board_name).runtime)
         else:
             self.port = self.spec
         self.t = transport.open_board(self.port)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fidelity_fixtures import need_runtime
 
 from microcot_host import demo as demo_mod
 
@@ -59,8 +60,9 @@ def marked(marker: str) -> list[str]:
     return found
 
 
-def start_demo(marker: str, *args: str, tmpdir: Path | None = None) -> subprocess.Popen:
-    env = dict(os.environ, MICROCOT_DEMO_TEST=marker)
+def start_demo(marker: str, *args: str, tmpdir: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ if env is None else env, MICROCOT_DEMO_TEST=marker)
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)
     return subprocess.Popen([sys.executable, "-m", "microcot_host", "demo", *args],
@@ -85,10 +87,24 @@ def passwords(tmp: Path) -> list[str]:
     return found
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("board", [None, "rp2-pico-w", "no-models"])
+def test_demo_runs_end_to_end(tmp_path: Path, board: str | None) -> None:
+    """The README's main command (an ESP32 on its 32-bit model at its budget), the same job on
+    the Pico W's model (mbedTLS in the GC heap), and on a machine without the faithful builds
+    (the 64-bit developer board, saying so)."""
+    from microcot_host import boards
+
+    env = None
+    if board == "no-models":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MICROCOT_FIDELITY")}
+        expect = "virtual"
+    else:
+        need_runtime(boards.load(board or "esp32-generic").runtime)
+        expect = board or "esp32-generic"
     marker = uuid.uuid4().hex
     t0 = time.monotonic()
-    proc = start_demo(marker, tmpdir=tmp_path)
+    args = ("--board", board) if board and board != "no-models" else ()
+    proc = start_demo(marker, *args, tmpdir=tmp_path, env=env)
     out = ""
     secrets: list[str] = []
     try:
@@ -117,6 +133,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "WAITING_FOR_CONNECTION → PENDING_ACCEPTANCE → ACCEPTED" in out
     assert "PENDING → EXECUTING → SUCCESSFUL" in out
     assert "demo passed" in out and "the platform's view" in out and "timings" in out
+    assert f"{expect} on {boards.load(expect).runtime}" in out
+    assert ("64-bit developer board" in out) == (expect == "virtual"), out
     # the platform's view names the device, its external ID, measurements and the operation
     for label in ("device", "external ID", "measurements", "operation", "alarms"):
         assert any(f"│ {label} " in line for line in lines), (label, out)
@@ -150,7 +168,7 @@ def test_demo_ctrl_c_stops_everything() -> None:
 
 
 def test_a_failing_step_is_named_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing(d: demo_mod.Demo, workdir: Path, keep: bool) -> None:
+    def failing(d: demo_mod.Demo, workdir: Path, keep: bool, board: str) -> None:
         d.wait("self-creation: managed object", lambda st: None, timeout=0.2)
 
     monkeypatch.setattr(demo_mod, "run", failing)

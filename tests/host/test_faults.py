@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import random
 import re
 import threading
@@ -25,10 +26,22 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fidelity_fixtures import need_runtime
 
 from microcot import store as host_store
 from microcot_host import boards, deploy, transport
 from microcot_host.vboard import VirtualBoard
+from microcot_host.vboard.models import make_board
+
+# the agent's faults run on each faithful board at its budget (as test_agent_e2e.py's life)
+AGENT_BOARDS = pytest.mark.parametrize("board_file", [
+    pytest.param(b, id=b) for b in
+    os.environ.get("MICROCOT_AGENT_BOARDS", "esp32-generic,rp2-pico-w").split(",")])
+
+
+def agent_board(board_file: str, name: str, flash: Path, iccid: str | None = None):
+    need_runtime(boards.load(board_file).runtime)
+    return make_board(board_file, name=name, iccid=iccid, flash_dir=flash).start()
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -205,20 +218,24 @@ def measurements(emu, mo: str, mtype: str) -> list[dict]:
         page += 1
 
 
-def test_broker_restarts_lose_nothing(tmp_path: Path) -> None:
+@AGENT_BOARDS
+def test_broker_restarts_lose_nothing(tmp_path: Path, board_file: str) -> None:
     from microcot_host.emulator import Emulator
 
     device_id = "89490200001234567801"
     with Emulator(tmp_path / "emu") as emu:
         conn = emu.connection
         password = emu.add_device(device_id)
-        vb = VirtualBoard("t-faults-broker", flash_dir=tmp_path / "flash").start()
+        vb = agent_board(board_file, "t-faults-broker", tmp_path / "flash")
         t = None
         try:
             t = transport.open_board(vb.port)
-            deploy.deploy_transport(t, boards.load("virtual"), app=True,
+            deploy.deploy_transport(t, boards.load(board_file), app=True,
                                     config=agent_settings(conn))
             provision(vb, device_id, password)
+            # the agent starts on a freshly booted board, as on a device: deploy's import check
+            # leaves names and fragments behind that a real boot does not have
+            transport.soft_reset(t)
             out: list[bytes] = []
             done = threading.Event()
             result: dict = {}
@@ -234,8 +251,13 @@ def test_broker_restarts_lose_nothing(tmp_path: Path) -> None:
 
             runner = threading.Thread(target=board, daemon=True)
             runner.start()
-            mo = wait_for("the device's managed object", lambda: external_mo(emu, device_id))
-            wait_for("the first measurement", lambda: measurements(emu, mo, "mc_Seq"))
+            try:
+                mo = wait_for("the device's managed object",
+                              lambda: external_mo(emu, device_id))
+                wait_for("the first measurement", lambda: measurements(emu, mo, "mc_Seq"))
+            except AssertionError as exc:
+                board_said = b"".join(out).decode(errors="replace")[-3000:]
+                raise AssertionError(f"{exc}; the board said:\n{board_said}") from None
             rng = random.Random()
             ops: dict[str, str] = {}  # operation id -> k
             t0 = time.monotonic()
@@ -304,19 +326,20 @@ def test_broker_restarts_lose_nothing(tmp_path: Path) -> None:
 # ---- deleted credentials -----------------------------------------------------------------------
 
 
-def test_deleted_credentials_rebootstrap_same_device(tmp_path: Path) -> None:
+@AGENT_BOARDS
+def test_deleted_credentials_rebootstrap_same_device(tmp_path: Path, board_file: str) -> None:
     from microcot_host.demo import BoardLog
     from microcot_host.emulator import Emulator
 
     iccid = "89490200001234567819"
     with Emulator(tmp_path / "emu", auto_accept=True) as emu:
         conn = emu.connection
-        vb = VirtualBoard("t-faults-cred", iccid=iccid, flash_dir=tmp_path / "flash").start()
+        vb = agent_board(board_file, "t-faults-cred", tmp_path / "flash", iccid)
         log = None
         try:
             t = transport.open_board(vb.port)
             try:
-                deploy.deploy_transport(t, boards.load("virtual"), app=True,
+                deploy.deploy_transport(t, boards.load(board_file), app=True,
                                         config=agent_settings(conn))
             finally:
                 transport.close(t)

@@ -39,8 +39,15 @@ def _mac(_ctx: click.Context, _param: click.Parameter, value: str | None) -> byt
 @board.command("virtual")
 @click.option("--name", "-n", default="vboard", show_default=True,
               help="board name: selects its flash directory and default MAC")
+@click.option("--board", "board_name", default="virtual", show_default=True, metavar="NAME",
+              help="board file: its runtime (unix64, i386-esp32, i386-rp2) and heap budget, "
+                   "e.g. esp32-generic or rp2-pico-w")
+@click.option("--runtime", default=None, metavar="RUNTIME",
+              help="override the board file's runtime: unix64 (64-bit developer board), "
+                   "i386-esp32, i386-rp2")
 @click.option("--heap", callback=_heap, metavar="SIZE",
-              help="heap size like a board's RAM, e.g. 100k or 2m (default: the unix port's 2m)")
+              help="the interpreter's whole heap, e.g. 100k or 2m (default: the size that "
+                   "leaves the board file's heap_budget free after boot)")
 @click.option("--iccid", metavar="ICCID",
               help="attach an emulated AT modem with a SIM of this ICCID")
 @click.option("--imsi", metavar="IMSI", help="IMSI of the emulated SIM (with --iccid)")
@@ -55,7 +62,7 @@ def _mac(_ctx: click.Context, _param: click.Parameter, value: str | None) -> byt
               help="write the pty path to this file once the board is up (for scripts)")
 @click.option("--deploy", "do_deploy", is_flag=True,
               help="deploy the firmware onto the board after it starts")
-def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
+def virtual(name: str, board_name: str, runtime: str | None, heap: int | None, iccid: str | None, imsi: str | None,
             mac: bytes | None, flash_dir: Path | None, link: Path | None,
             port_file: Path | None, do_deploy: bool) -> None:
     """Serve a virtual MicroPython board on a pseudo-terminal until Ctrl-C or SIGTERM.
@@ -66,11 +73,20 @@ def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
     """
     if imsi and not iccid:
         raise click.BadParameter("--imsi needs --iccid", param_hint="--imsi")
+    from .. import boards
+    from ..fidelity import FidelityMissing
+    from .models import make_board
+
+    if runtime == "rp2040":
+        raise click.UsageError("the rp2040 runtime is `microcot board rp2`")
     try:
-        vb = VirtualBoard(name, heap=heap, iccid=iccid, imsi=imsi, mac=mac, flash_dir=flash_dir,
-                          link=link)
-    except ValueError as exc:
+        vb = make_board(board_name, name=name, runtime=runtime, heap=heap, iccid=iccid,
+                        imsi=imsi, mac=mac, flash_dir=flash_dir, link=link)
+    except (ValueError, boards.BoardError) as exc:
         raise click.UsageError(str(exc)) from None
+    except (FidelityMissing, BoardStartError) as exc:
+        raise click.ClickException(str(exc)) from None
+    assert isinstance(vb, VirtualBoard)
     stop = threading.Event()
     registry: Path | None = None
 
@@ -85,6 +101,11 @@ def virtual(name: str, heap: int | None, iccid: str | None, imsi: str | None,
             raise click.ClickException(str(exc)) from None
         port = str(link) if link else vb.port
         click.echo(f"virtual board {name!r} on {vb.port}" + (f" ({link})" if link else ""))
+        model = runtime or boards.load(board_name).runtime
+        heap_note = f"-X heapsize={vb.heap}" if vb.heap else "the unix port's default heap"
+        click.echo(f"  model: {board_name} on {model}, {heap_note}"
+                   + ("  (64-bit developer board: no heap figure holds for a real MCU)"
+                      if model == "unix64" else ""))
         click.echo(f"  flash: {vb.flash_dir}")
         click.echo(f"  MAC:   {vb.mac.hex(':').upper()}")
         if vb.modem_path:
