@@ -4,6 +4,12 @@ set -euo pipefail
 need=()
 # the platform emulator runs a real Mosquitto broker
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# the faithful 32-bit boards (i386 builds of the unix port) need the 32-bit C library; Debian has it
+# for amd64 hosts only (elsewhere those boards are skipped, saying why)
+if [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] && [ ! -e /lib/ld-linux.so.2 ] \
+    && [ ! -e /lib32/ld-linux.so.2 ]; then
+  need+=(libc6-i386)
+fi
 # the emulated RP2040 (microcot board rp2) runs rp2040js under node
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
