@@ -266,16 +266,6 @@ class EmulatedRP2040:
                    "--firmware", str(firmware), "--flash", str(self.flash),
                    "--uid", self.uid.hex(), "--drive-dir", str(self.drive_dir),
                    "--uart-fd", str(theirs.fileno())]
-            parent = os.getpid()
-            with open(self.log_path, "ab") as log:
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                    pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
-                    preexec_fn=lambda: _child_setup(parent))
-            theirs.close()
-            theirs = None
-            os.set_blocking(self._proc.stdin.fileno(), False)
-            os.set_blocking(self._proc.stdout.fileno(), False)
         except BaseException:
             if theirs is not None:
                 theirs.close()
@@ -283,9 +273,19 @@ class EmulatedRP2040:
             raise
         self._probe = bytearray()
         self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name=f"rp2emu {self.name}",
-                                        daemon=True)
+        # node is started by the bridge thread: PR_SET_PDEATHSIG fires when the thread that
+        # forked ends, and this one lives as long as the board (the caller's may not)
+        spawned = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(cmd, theirs, spawned),
+                                        name=f"rp2emu {self.name}", daemon=True)
         self._thread.start()
+        spawned.wait()
+        theirs.close()
+        if self._proc is None:
+            err = self.error
+            self.stop()
+            raise BoardStartError(f"emulated RP2040 {self.name}: node did not start: {err}") \
+                from err
         try:
             self._await_prompt(t0 + timeout)
         except BaseException:
@@ -378,9 +378,27 @@ class EmulatedRP2040:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def _serve(self) -> None:
+    def _spawn(self, cmd: list[str], theirs: socket.socket) -> subprocess.Popen:
+        parent = os.getpid()
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
+                preexec_fn=lambda: _child_setup(parent))
+        os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
+        return proc
+
+    def _serve(self, cmd: list[str], theirs: socket.socket, spawned: threading.Event) -> None:
+        try:
+            self._proc = self._spawn(cmd, theirs)
+        except BaseException as exc:
+            self.error = exc
+            return
+        finally:
+            spawned.set()
         proc = self._proc
-        assert proc is not None and self._uart is not None
+        assert self._uart is not None
         board_in, board_out = proc.stdin.fileno(), proc.stdout.fileno()
         uart = self._uart.fileno()
         sel = selectors.DefaultSelector()
