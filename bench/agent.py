@@ -9,16 +9,18 @@
    firmware's own encoders, with its own managed object id) with QoS 1 and the same window of 8
    messages in flight as the agent, timed from the first publish() to the last PUBACK. Both over
    TLS 1.2+ verified against the emulator's CA. The platform must store all N of each run.
-2. Peak heap. A full session of the example application (main.py) on a fresh virtual board with a
-   SIM: boot 1 reads the ICCID, boot 2 bootstraps (XTEA), boot 3 registers the templates, creates
-   the device, measures every second and executes a c8y_Command. A boot.py registers
-   sys.atexit(print micropython.mem_peak()), so each boot reports its own peak (every boot is a
-   fresh interpreter, as after a reset on a board).
-3. Smallest heap. The same full session with `--heap` bisected (VirtualBoard(heap=...)): the
-   smallest heap with which the session completes (device created, 2 measurements, the operation
-   SUCCESSFUL) with no MemoryError and no crash.
+2. Heap, per board model (--boards: board files; each runs its runtime, e.g. esp32-generic on
+   the i386-esp32 build, rp2-pico-w on i386-rp2). A full session of the example application
+   (main.py) on a fresh board with a SIM: the ICCID is read, the bootstrap runs (XTEA), the
+   templates are registered, the device creates itself, measures every second and executes the
+   c8y_Commands `uptime` and `mem` (the free heap after a collection, while connected). Done at
+   the board file's budget 3 times, and with the heapsize bisected to 4 KiB and the result
+   confirmed 3 times. On the faithful models the same again with each of the agent's heap
+   measures switched off (microcot.json `reserve`, `unload`, `restarts`) and with all of them
+   off: which of them a board still needs. A boot.py registers sys.atexit(print
+   micropython.mem_peak()), so the last boot of the first session reports its peak.
 
-    python bench/agent.py [--n 1000] [--no-heap] [--json]
+    python bench/agent.py [--n 1000] [--no-heap] [--no-rate] [--boards B1,B2] [--json]
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ import paho.mqtt.client as mqtt  # noqa: E402
 
 from microcot import binrest, smartrest  # noqa: E402
 from microcot import store as host_store  # noqa: E402
-from microcot_host import boards, deploy, transport  # noqa: E402
+from microcot_host import boards, deploy, fidelity, transport  # noqa: E402
 from microcot_host.demo import BoardLog, new_iccid  # noqa: E402
 from microcot_host.emulator import Emulator  # noqa: E402
 from microcot_host.emulator.certs import client_ssl_context  # noqa: E402
 from microcot_host.vboard import VirtualBoard  # noqa: E402
+from microcot_host.vboard.heapcal import free_for_heapsize  # noqa: E402
+from microcot_host.vboard.models import heap_for, make_board, micropython_for  # noqa: E402
 
 XID = "microcot1"
 INFLIGHT = 8  # the agent's MQTT client (mqtt.py max_inflight); paho gets the same window
@@ -250,33 +254,48 @@ def paho_rates(emu: Emulator, n: int, inflight: int = INFLIGHT) -> dict:
         c.loop_stop()
 
 
-# ---- 2./3. a full session: peak heap per boot, smallest heap --------------------------------
+# ---- 2./3. a full session: peak heap per boot, smallest heap, per board model ----------------
+
+# The agent's heap measures, switched off one at a time and all together (microcot.json keys)
+VARIANTS = {
+    "all measures": {},
+    "no reserve block": {"reserve": 0},
+    "no unloading": {"unload": False},
+    "no boots of their own": {"restarts": False},
+    "none of them": {"reserve": 0, "unload": False, "restarts": False},
+}
 
 
-def template_flash(emu: Emulator, work: Path) -> Path:
-    """Firmware, app and settings deployed once (at the default heap); main.py kept aside as
+def template_flash(emu: Emulator, work: Path, board: str) -> Path:
+    """Firmware, app and settings deployed once (at a roomy heap); main.py kept aside as
     main.bench so that a board started on a copy does not run it before we listen."""
-    flash = work / "template-flash"
-    vb = VirtualBoard("bench-agent-deploy", flash_dir=flash).start()
+    flash = work / f"template-{board}"
+    vb = make_board(board, name="bench-agent-deploy", heap="1m", flash_dir=flash).start()
     try:
-        deploy.deploy(vb.port, board="virtual", app=True, config=settings(emu.connection))
+        deploy.deploy(vb.port, board=board, app=True, config=settings(emu.connection))
     finally:
         vb.stop()
     (flash / "main.py").rename(flash / "main.bench")
     return flash
 
 
-def session(emu: Emulator, work: Path, template: Path, heap: int | None, peaks: bool,
-            timeout: float = 40) -> dict:
-    """One full session on a fresh board: {"ok", "why", "seconds", "peaks"}."""
+def session(emu: Emulator, work: Path, template: Path, board: str, heap: int | None,
+            peaks: bool, over: dict | None = None, timeout: float = 40) -> dict:
+    """One full session on a fresh board: {"ok", "why", "seconds", "peaks", "free"}; heap None:
+    the board file's budget."""
     iccid = new_iccid()
     flash = work / f"flash-{iccid[-6:]}"
     shutil.copytree(template, flash)
+    if over:
+        cfg = json.loads((flash / "microcot.json").read_text())
+        cfg.update(over)
+        (flash / "microcot.json").write_text(json.dumps(cfg))
     if peaks:
         (flash / "boot.py").write_text(PEAK_BOOT)
-    vb = VirtualBoard("bench-agent-heap", heap=heap, iccid=iccid, flash_dir=flash).start()
+    vb = make_board(board, name="bench-agent-heap", heap=heap, iccid=iccid,
+                    flash_dir=flash).start()
     log = None
-    res: dict = {"ok": False, "why": "", "peaks": []}
+    res: dict = {"ok": False, "why": "", "peaks": [], "free": None}
     t0 = time.monotonic()
     try:
         log = BoardLog(vb.port)
@@ -284,9 +303,9 @@ def session(emu: Emulator, work: Path, template: Path, heap: int | None, peaks: 
         log.write(b"\x04")  # soft reset: main.py runs
 
         def failed() -> str | None:
-            if vb.crashes:
+            if getattr(vb, "crashes", 0):
                 return "crashed"
-            line = log.find("MemoryError")
+            line = log.find("MemoryError") or log.find("ran out of memory")
             return line if line else None
 
         def wait(what: str, fn) -> bool:
@@ -305,21 +324,34 @@ def session(emu: Emulator, work: Path, template: Path, heap: int | None, peaks: 
             r = emu.api.handle("GET", f"/identity/externalIds/c8y_Serial/{iccid}")
             return r.body["managedObject"]["id"] if r.status == 200 else None
 
+        def command(text: str) -> dict | None:
+            op = emu.create_operation(mo(), {"c8y_Command": {"text": text}})
+            done: dict = {}
+
+            def finished() -> bool:
+                body = emu.api.handle("GET", f"/devicecontrol/operations/{op['id']}").body
+                done.update(body)
+                return body["status"] == "SUCCESSFUL"
+            return done if wait(f"c8y_Command {text}", finished) else None
+
         if not wait("self-creation", mo) or not wait(
                 "2 measurements", lambda: stored(emu, mo(), "c8y_Temperature") >= 2):
             return res
-        op = emu.create_operation(mo(), {"c8y_Command": {"text": "uptime"}})
-        if not wait("c8y_Command", lambda: emu.api.handle(
-                "GET", f"/devicecontrol/operations/{op['id']}").body["status"] == "SUCCESSFUL"):
+        if command("uptime") is None:
             return res
+        # the free heap (after a collection) while connected, from the device itself
+        got = command("mem")
+        if got is None:
+            return res
+        res["free"] = int(got["c8y_Command"]["result"].split()[0])
         res["ok"] = True
         res["seconds"] = time.monotonic() - t0
-        if peaks:  # Ctrl-C ends main.py, Ctrl-D soft-resets: atexit prints boot 3's peak
+        if peaks:  # Ctrl-C ends main.py, Ctrl-D soft-resets: atexit prints the last boot's peak
             log.write(b"\x03")
             time.sleep(0.5)
             log.write(b"\x04")
             end = time.monotonic() + 10
-            while time.monotonic() < end and sum(1 for x in log.lines if x.startswith("PEAK")) < 3:
+            while time.monotonic() < end and not any(x.startswith("PEAK") for x in log.lines):
                 time.sleep(0.1)
         res["peaks"] = [[int(v) for v in x.split()[1:3]] for x in log.lines
                         if x.startswith("PEAK ")]
@@ -331,66 +363,116 @@ def session(emu: Emulator, work: Path, template: Path, heap: int | None, peaks: 
         shutil.rmtree(flash, ignore_errors=True)
 
 
-def smallest_heap(emu: Emulator, work: Path, template: Path, lo: int, hi: int,
-                  step: int = 4096) -> tuple[int, list[tuple[int, str]]]:
-    """Bisect the heap between lo (fails) and hi (works) to `step`; (smallest, trials)."""
+def smallest_heap(run, lo: int, hi: int, step: int = 4096) -> tuple[int, list[tuple[int, str]]]:
+    """Bisect the heap between lo (fails) and hi (works) to `step`, then confirm the result 3
+    more times (fragmentation varies from run to run); (smallest, trials)."""
     trials = []
     while hi - lo > step:
         mid = (lo + hi) // 2 // 1024 * 1024
-        r = session(emu, work, template, mid, peaks=False)
+        r = run(mid)
         trials.append((mid, "ok" if r["ok"] else r["why"]))
-        print(f"  --heap {mid // 1024}k: {'ok' if r['ok'] else 'fails (' + r['why'] + ')'}",
+        print(f"    heapsize {mid // 1024}k: {'ok' if r['ok'] else 'fails (' + r['why'] + ')'}",
               flush=True)
         if r["ok"]:
             hi = mid
         else:
             lo = mid
-    return hi, trials
+    while True:
+        bad = [r for r in (run(hi) for _ in range(3)) if not r["ok"]]
+        trials.append((hi, "ok" if not bad else bad[0]["why"]))
+        if not bad:
+            return hi, trials
+        print(f"    heapsize {hi // 1024}k fails on a repeat: {bad[0]['why']}", flush=True)
+        hi += step
+
+
+def heap_report(emu: Emulator, work: Path, board: str, variants: list[str]) -> dict:
+    """Per heap-measure variant on one board model: passes at the budget (3 of 3), the free heap
+    while connected there, the smallest heapsize (and the free heap after boot it means)."""
+    bdef = boards.load(board)
+    mp = micropython_for(bdef.runtime)
+    template = template_flash(emu, work, board)
+    out: dict = {"runtime": bdef.runtime, "budget": bdef.heap_budget,
+                 "budget_heapsize": heap_for(bdef, bdef.runtime), "variants": {}}
+    first = session(emu, work, template, board, None, peaks=True)
+    out["peaks"] = first["peaks"]
+    for name in variants:
+        over = VARIANTS[name]
+        print(f"  {board} ({bdef.runtime}), {name} ...", flush=True)
+        at_budget = [session(emu, work, template, board, None, peaks=False, over=over)
+                     for _ in range(3)]
+        row: dict = {"at_budget": sum(r["ok"] for r in at_budget),
+                     "why": next((r["why"] for r in at_budget if not r["ok"]), ""),
+                     "free_connected": [r["free"] for r in at_budget if r["ok"]]}
+
+        def run(h: int, over: dict = over) -> dict:
+            return session(emu, work, template, board, h, peaks=False, over=over)
+        if run(1024 * 1024)["ok"]:
+            low, trials = smallest_heap(run, 32 * 1024, 1024 * 1024)
+            row.update(smallest=low, smallest_free=free_for_heapsize(mp, low), trials=trials)
+        out["variants"][name] = row
+    return out
+
+
+def print_heap(report: dict) -> None:
+    for board, r in report.items():
+        print(f"\n{board}: runtime {r['runtime']}, budget {r['budget']:,} B free after boot "
+              f"(heapsize {r['budget_heapsize']:,})")
+        for peak, live in r.get("peaks", []):
+            print(f"  last boot's bytes allocated {peak:,}, live at the end {live:,}")
+        print(f"  {'heap measures':<24} {'at budget':>9} {'free while connected':>21} "
+              f"{'smallest heapsize':>18} {'= free after boot':>18}")
+        for name, v in r["variants"].items():
+            free = v["free_connected"]
+            fc = f"{min(free):,}-{max(free):,}" if free else "-"
+            sm = f"{v['smallest']:,}" if "smallest" in v else "fails at 1 MiB"
+            sf = f"{v['smallest_free']:,}" if "smallest_free" in v else "-"
+            print(f"  {name:<24} {v['at_budget']:>7}/3 {fc:>21} {sm:>18} {sf:>18}"
+                  + (f"   ({v['why'][:90]})" if v["why"] else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="measurements per throughput run")
     ap.add_argument("--no-heap", action="store_true", help="skip peak heap and bisection")
+    ap.add_argument("--no-rate", action="store_true", help="skip the throughput runs")
+    ap.add_argument("--boards", default="esp32-generic,rp2-pico-w,virtual",
+                    help="board files whose models the heap part runs on (comma-separated)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report: dict = {}
     work = Path(tempfile.mkdtemp(prefix="microcot-bench-agent-"))
     try:
         with Emulator(work / "emu", auto_accept=True) as emu:
-            print(f"throughput: {args.n} QoS 1 measurements per run, TLS, "
-                  f"{INFLIGHT} in flight ...", flush=True)
-            report["agent"] = agent_rates(emu, work, args.n)
-            report["paho"] = paho_rates(emu, args.n)
-            report["paho20"] = paho_rates(emu, args.n, PAHO_DEFAULT_INFLIGHT)
+            if not args.no_rate:
+                print(f"throughput: {args.n} QoS 1 measurements per run, TLS, "
+                      f"{INFLIGHT} in flight ...", flush=True)
+                report["agent"] = agent_rates(emu, work, args.n)
+                report["paho"] = paho_rates(emu, args.n)
+                report["paho20"] = paho_rates(emu, args.n, PAHO_DEFAULT_INFLIGHT)
             if not args.no_heap:
-                template = template_flash(emu, work)
-                print("peak heap of a full session (default heap) ...", flush=True)
-                report["session"] = session(emu, work, template, None, peaks=True)
-                if not report["session"]["ok"]:
-                    raise RuntimeError(f"the session failed: {report['session']['why']}")
-                print("smallest heap (bisection) ...", flush=True)
-                hi = 512 * 1024
-                if not session(emu, work, template, hi, peaks=False)["ok"]:
-                    raise RuntimeError("the session fails even with a 512 KiB heap")
-                low, trials = smallest_heap(emu, work, template, 32 * 1024, hi)
-                # fragmentation varies from run to run: the result must pass 3 more times
-                while True:
-                    bad = [r for r in (session(emu, work, template, low, peaks=False)
-                                       for _ in range(3)) if not r["ok"]]
-                    trials.append((low, "ok" if not bad else bad[0]["why"]))
-                    if not bad:
-                        break
-                    print(f"  --heap {low // 1024}k fails on a repeat: {bad[0]['why']}")
-                    low += 4096
-                report["smallest_heap"] = low
-                report["trials"] = trials
+                report["heap"] = {}
+                for board in args.boards.split(","):
+                    bdef = boards.load(board)
+                    variants = list(VARIANTS) if bdef.runtime in fidelity.FAITHFUL \
+                        else ["all measures"]
+                    report["heap"][board] = heap_report(emu, work, board, variants)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     print()
+    if "agent" in report:
+        print_rates(report, args.n)
+    if "heap" in report:
+        print("\nthe example application's full session (ICCID, bootstrap with XTEA, templates, "
+              "self-creation, 2 measurements, c8y_Command uptime and mem) per board model")
+        print_heap(report["heap"])
+
+
+def print_rates(report: dict, n: int) -> None:
+    args = argparse.Namespace(n=n)
     med = {who: {k: statistics.median(r["n"] / r["seconds"] for r in report[who][k])
                  for k in ("text", "binary")} for who in ("agent", "paho", "paho20")}
     print(f"QoS 1 measurements/s, median of {REPS} runs of {args.n}")
@@ -407,19 +489,6 @@ def main() -> None:
                 for r in report[who][k])
     print(f"  all {args.n} of every run stored by the platform, at most {worst:.2f} s after "
           "the last PUBACK")
-    if "session" in report:
-        s = report["session"]
-        names = ("boot 1: read the ICCID", "boot 2: bootstrap (XTEA)",
-                 "boot 3: templates, creation, data, operation")
-        print(f"\n{'a full session, default heap':<46} {'allocated (mem_peak)':>21} "
-              f"{'live at the end':>16}")
-        for name, (peak, live) in zip(names, s["peaks"], strict=False):
-            print(f"{name:<46} {peak:>13} ({peak / 1024:>5.1f} KiB) {live:>7} "
-                  f"({live / 1024:.1f} KiB)")
-        print(f"\nsmallest --heap for the full session: {report['smallest_heap']} bytes "
-              f"({report['smallest_heap'] // 1024} KiB; bisected to 4 KiB: "
-              + ", ".join(f"{h // 1024}k {'ok' if w == 'ok' else 'fails'}"
-                          for h, w in report["trials"]) + ")")
 
 
 if __name__ == "__main__":

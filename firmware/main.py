@@ -60,6 +60,7 @@ def main():
     a.every(3600, up.update)
     a.command("uptime", lambda args: "%d s" % up.seconds())
     a.command("echo", lambda args: args)
+    a.command("mem", lambda args: "%d bytes free" % hal.mem_free())
     a.command("temperature", lambda args: "%.1f C" % temperature())
 
     def measure():

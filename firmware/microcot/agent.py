@@ -93,6 +93,9 @@ DEFAULTS = {
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
     "reserve": 12288,  # bytes held for the few large allocations (0: none, e.g. in tests)
+    # the other heap measures, switchable so that bench/agent.py can tell which a board needs:
+    "restarts": True,  # boots of their own after reading the ID and after a bootstrap
+    "unload": True,  # drop the phase modules a state does not use (_DROP)
     "log": True,
 }
 
@@ -412,8 +415,9 @@ class Agent:
 
     def _trim(self):
         # only at the top of a step: a module must not be unloaded while it runs
-        for m in _DROP[self._state + (self._state == _UP and self.ready)]:
-            unload(m)
+        if self.cfg["unload"]:
+            for m in _DROP[self._state + (self._state == _UP and self.ready)]:
+                unload(m)
         self._hold()
 
     def _hold(self):

@@ -259,6 +259,15 @@ _ALLOC = {0x7F00: "TLS buffers or handshake state", 0x2880: "a certificate of th
           0x10: "big numbers (key exchange or signature check)", 0x6A: "a certificate field"}
 
 
+def mem_free():
+    """The free GC heap after a collection (-1 on CPython, whose heap has no fixed size)."""
+    import gc
+
+    gc.collect()
+    f = getattr(gc, "mem_free", None)
+    return f() if f is not None else -1
+
+
 def tls_ca(ctx, der):
     """ctx.load_verify_locations(cadata=der) on MicroPython, noting whether mbedTLS took the
     memory for the CA from the GC heap."""

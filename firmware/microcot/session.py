@@ -49,7 +49,7 @@ def identify(a, fixed=None):
         a.xid = file_xid(a.cfg["templates"])
     a.log("device %s (%s), X-ID %s, %s" % (a.id, dev.get("src"), a.xid,
                                            "binary" if a.binary else "text"))
-    if read:
+    if read and a.cfg["restarts"]:
         restart(a, "device ID read")
     cred = store.load("cred")
     if isinstance(cred, dict) and cred.get("id") == a.id and cred.get("password"):
@@ -175,7 +175,8 @@ def connect(a):
     """Connect with the stored credentials; none: the bootstrap comes first."""
     cred = a._s.get("cred")
     if cred is None:
-        if a._c is not None:  # this boot connected before: bootstrap in a boot of its own
+        if a._c is not None and a.cfg["restarts"]:
+            # this boot connected before: bootstrap in a boot of its own
             restart(a, "credentials deleted")
         a._s["boot"] = 1
         return

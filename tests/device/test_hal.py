@@ -214,3 +214,23 @@ def test_uptime_counts_on_across_wraps():
         assert u.seconds() >= s  # never backwards
     finally:
         hal.ticks_at(None)
+
+
+def test_mem_free_after_a_collection():
+    n = hal.mem_free()
+    if sys.implementation.name != "micropython":
+        assert n == -1
+        return
+    import gc
+
+    gc.disable()  # garbage stays until hal.mem_free collects it
+    try:
+        junk = [bytearray(256) for _ in range(16)]
+        junk = None
+        before = gc.mem_free()
+        after = hal.mem_free()
+    finally:
+        gc.enable()
+    assert junk is None and after >= before + 16 * 256, (before, after)
+    b = bytearray(4096)
+    assert hal.mem_free() <= after - 4096, b[:0]

@@ -84,8 +84,17 @@ def mpremote(port: str, *args: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def run_on(port: str, code: str, timeout: float = 30.0) -> str:
-    t = transport.open_board(port, soft_reset=False, timeout=10)
+def run_on(port: str, code: str, timeout: float = 30.0, boot: float = 0.0) -> str:
+    """Run code on the board; `boot` seconds more for a board that is still rebooting (its
+    USB comes back up like a real Pico's, later on a loaded machine)."""
+    deadline = time.monotonic() + boot
+    while True:
+        try:
+            t = transport.open_board(port, soft_reset=False, timeout=10)
+            break
+        except transport.BoardError:
+            if time.monotonic() > deadline:
+                raise
     try:
         return transport.run(t, code, timeout=timeout).decode()
     finally:
@@ -173,7 +182,8 @@ def test_files_survive_reset_and_restart(env: dict[str, str], tmp_path: Path) ->
         finally:
             transport.close(t)
         # the pty stays; the chip rebooted (uptime restarted) and still has the file
-        out = run_on(port, "import time; print(open('keep.txt').read(), time.ticks_ms())")
+        out = run_on(port, "import time; print(open('keep.txt').read(), time.ticks_ms())",
+                     boot=60)
         text, ticks = out.split()[:2], int(out.split()[2])
         assert " ".join(text) == "kept 1" and ticks < 60_000
         assert board.port == port and board.running
