@@ -58,6 +58,7 @@ class DeployResult:
     bytes_sent: int = 0
     seconds: float = 0.0
     version: str = ""
+    unavailable: dict[str, str] = field(default_factory=dict)  # module -> what the board lacks
 
 
 def mpy_cross_binary() -> str:
@@ -192,14 +193,23 @@ def remove_stale(t, files: Iterable[FileSpec]) -> list[str]:
 
 _VERIFY_CODE = (
     "import sys, gc\nimport microcot\nprint('V', microcot.__version__)\nfor _m in %r:\n"
-    " __import__('microcot.' + _m)\n print('OK', _m)\n del sys.modules['microcot.' + _m]\n"
+    " try:\n  __import__('microcot.' + _m)\n  print('OK', _m)\n"
+    # a module that needs what this firmware lacks (socket on a Pico without radio): not a
+    # broken deploy, the board just cannot use it
+    " except ImportError as _e:\n"
+    "  if 'microcot' in str(_e) or not str(_e).startswith('no module named'):\n   raise\n"
+    "  print('NA', _m, _e)\n  continue\n"
+    " del sys.modules['microcot.' + _m]\n"
     # the package holds each submodule as an attribute too: drop it, or nothing is freed
     " try:\n  delattr(microcot, _m)\n except AttributeError:\n  pass\n gc.collect()\n"
 )
 
 
-def verify(t, modules: list[str]) -> str:
+def verify(t, modules: list[str], unavailable: dict[str, str] | None = None) -> str:
     """Import microcot and each module on the board; return microcot.__version__.
+
+    A module whose import needs a module the firmware lacks (socket, ssl on a board without a
+    network stack) goes into `unavailable` with the reason instead of failing the deploy.
 
     Modules are imported one after another in a fresh interpreter. The names a module interns
     are never freed, so on a small heap a later module can fail only because of those before it:
@@ -216,7 +226,11 @@ def verify(t, modules: list[str]) -> str:
             out, err = exc.output, exc.error_output
         lines = out.decode(errors="replace").splitlines()
         version = next((ln[2:].strip() for ln in lines if ln.startswith("V ")), version)
-        done = [ln[3:].strip() for ln in lines if ln.startswith("OK ")]
+        done = [ln[3:].split(" ", 1)[0].strip() for ln in lines if ln[:3] in ("OK ", "NA ")]
+        for ln in lines:
+            if ln.startswith("NA ") and unavailable is not None:
+                name, _, why = ln[3:].strip().partition(" ")
+                unavailable[name] = why
         if not err:
             return version
         if not version:
@@ -264,7 +278,7 @@ def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True
         result.copied.append(spec.dest)
     result.removed = remove_stale(t, files)
     modules = sorted({Path(f.dest).stem for f in files if f.dest.startswith(LIB + "/")} - {"__init__"})
-    result.version = verify(t, modules)
+    result.version = verify(t, modules, result.unavailable)
     result.seconds = time.monotonic() - start
     return result
 
@@ -341,6 +355,7 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
         "bytes_sent": result.bytes_sent,
         "seconds": round(result.seconds, 2),
         "microcot": result.version,
+        "unavailable": result.unavailable,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -353,4 +368,6 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
                f"{len(result.removed)} removed, {result.bytes_sent} bytes as {kind}, "
                f"{result.seconds:.1f} s")
     click.echo(f"  import microcot OK (version {result.version})")
+    for name, why in sorted(result.unavailable.items()):
+        click.echo(f"  microcot.{name} cannot run on this firmware: {why}")
 

@@ -393,6 +393,9 @@ def _summary(results: list[Result]):
 @click.option("--heap", default=None, metavar="SIZE",
               help="the whole heap of the virtual boards started here, e.g. 100k (default: the "
                    "size leaving the board file's heap_budget free, as pytest --board virtual)")
+@click.option("--runtime", default=None, metavar="RUNTIME",
+              help="model of the virtual boards started here: unix64, i386-esp32, i386-rp2 or "
+                   "rp2040 (the real rp2 firmware, emulated); default: the board file's")
 @click.option("--probe-timeout", default=5.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each real board's raw REPL before the run")
 @click.option("--live", is_flag=True, help="also print every board's output (redacted), "
@@ -401,7 +404,7 @@ def _summary(results: list[Result]):
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | None, out: Path,
                  device_dir: Path | None, jobs: int | None, heap: str | None,
-                 probe_timeout: float, live: bool, as_json: bool,
+                 runtime: str | None, probe_timeout: float, live: bool, as_json: bool,
                  pytest_args: tuple[str, ...]) -> None:
     """Run the device tests on every given board in parallel (real or virtual).
 
@@ -428,7 +431,7 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
     runner = Runner(out.resolve(), ddir, list(pytest_args), live)
     try:
         if n_virtual:
-            vboards = _start_virtual(n_virtual, heap, Path(tmp.name), board_name)
+            vboards = _start_virtual(n_virtual, heap, Path(tmp.name), board_name, runtime)
             targets += [Target(vb.name, vb.port, board_name or "virtual", virtual=True)
                         for vb in vboards]
         unique_labels(targets)
@@ -457,7 +460,8 @@ def test_command(port_specs: tuple[str, ...], n_virtual: int, board_name: str | 
         sys.exit(1)
 
 
-def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None) -> list:
+def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None,
+                   runtime: str | None = None) -> list:
     from . import boards
     from .fidelity import FidelityMissing
     from .vboard import BoardStartError
@@ -469,7 +473,7 @@ def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None
             name = f"virtual-{i}"
             # like `pytest --board virtual`: the board file's model and the RAM it budgets
             vb = make_board(board or "virtual", name=name, heap=heap, iccid=_iccid(i),
-                            flash_dir=flash_root / name)
+                            flash_dir=flash_root / name, runtime=runtime)
             started.append(vb.start())
     except (BoardStartError, FidelityMissing, boards.BoardError, ValueError, OSError) as exc:
         for vb in started:

@@ -145,6 +145,20 @@ def test_mip_package_json_lists_every_module(board):
     assert names == sorted(Path(p).name for p in present)
 
 
+def test_a_module_needing_what_the_firmware_lacks_is_reported_not_failed(board, tmp_path):
+    """A Pico without radio has no socket: the network modules cannot run there, the rest can."""
+    src = tmp_path / "fw"
+    shutil.copytree(firmware_dir(), src)
+    (src / "microcot" / "znet.py").write_text("import nosuchportmodule\n")
+    t = transport.open_board(board.port)
+    try:
+        r = deploy.deploy_transport(t, boards.load("virtual"), source=src)
+        assert r.unavailable == {"znet": "no module named 'nosuchportmodule'"}
+        transport.run(t, "import os\nos.remove('/lib/microcot/znet.mpy')")
+    finally:
+        transport.close(t)
+
+
 def test_a_module_that_cannot_import_fails_the_deploy_naming_it(board, tmp_path):
     src = tmp_path / "fw"
     shutil.copytree(firmware_dir(), src)

@@ -306,3 +306,45 @@ def test_cli_board_registry_and_microcot_test(env: dict[str, str], tmp_path: Pat
         cli.wait(timeout=30)
     assert cli.returncode == 0
     assert not entry_path.exists()
+
+
+def test_plain_pico_skips_exactly_the_tests_that_need_a_network_stack(
+        env: dict[str, str], tmp_path: Path) -> None:
+    """The RPI_PICO firmware has no socket: deploy reports the modules that cannot run there,
+    the device tests that need them are skipped with the reason, the others pass."""
+    need(lambda: fidelity.rp2_firmware("RPI_PICO"))
+    root = Path(__file__).resolve().parents[2]
+    junit = tmp_path / "pico.xml"
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "--board", "virtual", "--board-name", "rp2-pico",
+         "--board-runtime", "rp2040", f"--junitxml={junit}", "-p", "no:cacheprovider", "-q",
+         "-rs", str(root / "tests" / "device" / "test_mqtt.py"),
+         str(root / "tests" / "device" / "test_mqttclient.py")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:]
+    import xml.etree.ElementTree as ET
+
+    cases = {c.get("name"): next((x.tag for x in c if x.tag in ("skipped", "failure", "error")),
+                                 "passed") for c in ET.parse(junit).iter("testcase")}
+    skipped = {n for n, k in cases.items() if k == "skipped"}
+    assert skipped == {"test_client_without_io", "test_pem_to_der",
+                       "test_tls_context_refuses_a_bad_ca_and_verifies_by_default"}, cases
+    assert all(k == "passed" for n, k in cases.items() if n not in skipped), cases
+    assert "board lacks socket, ssl" in r.stdout
+    props = {p.get("name"): p.get("value") for p in ET.parse(junit).iter("property")}
+    assert props["microcot.platform"] == "rp2" and "socket" not in props["microcot.capabilities"]
+
+
+def test_deploy_on_a_plain_pico_names_the_modules_it_cannot_run(env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    firmware = need(lambda: fidelity.rp2_firmware("RPI_PICO"))
+    board = EmulatedRP2040("pico-plain", firmware=firmware, flash=tmp_path / "flash.bin").start()
+    try:
+        r = microcot("deploy", "--port", board.port, "--board", "rp2-pico", "--json", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        na = json.loads(r.stdout)["unavailable"]
+        # the MQTT and WebSocket clients need socket/ssl; the protocol cores do not
+        assert {"mqtt", "ws"} <= set(na) and "no module named" in na["mqtt"]
+        assert not {"mqttpkt", "wsframe", "smartrest", "binrest", "xtea", "agent"} & set(na)
+    finally:
+        board.stop()

@@ -74,7 +74,8 @@ def make_board(board: str | boards.Board | None = None, *, name: str,
         flash = Path(flash_dir) / "rp2-flash.bin" if flash_dir is not None else None
         if flash is not None:
             flash.parent.mkdir(parents=True, exist_ok=True)
-        return EmulatedRP2040(name=name, flash=flash, iccid=iccid, link=link)
+        firmware = fidelity.rp2_firmware(str(bdef.raw.get("firmware", "RPI_PICO_W")))
+        return EmulatedRP2040(name=name, firmware=firmware, flash=flash, iccid=iccid, link=link)
     mp = micropython_for(rt)
     return VirtualBoard(name, heap=heap_for(bdef, rt, heap), iccid=iccid, imsi=imsi, mac=mac,
                         flash_dir=flash_dir, link=link, micropython=mp)
