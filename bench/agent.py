@@ -418,8 +418,9 @@ def print_heap(report: dict) -> None:
     for board, r in report.items():
         print(f"\n{board}: runtime {r['runtime']}, budget {r['budget']:,} B free after boot "
               f"(heapsize {r['budget_heapsize']:,})")
-        for peak, live in r.get("peaks", []):
-            print(f"  last boot's bytes allocated {peak:,}, live at the end {live:,}")
+        names = ("boot 1, read the ICCID", "boot 2, bootstrap", "boot 3, connected")
+        for name, (peak, live) in zip(names, r.get("peaks", []), strict=False):
+            print(f"  {name}: {peak:,} B allocated in all, {live:,} B live at the end")
         print(f"  {'heap measures':<24} {'at budget':>9} {'free while connected':>21} "
               f"{'smallest heapsize':>18} {'= free after boot':>18}")
         for name, v in r["variants"].items():

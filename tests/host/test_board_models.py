@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from fidelity_fixtures import need_runtime
+from fidelity_fixtures import need, need_runtime
 from mpremote.transport_serial import SerialTransport
 
 from microcot_host import boards, fidelity
@@ -123,3 +123,50 @@ def test_microcot_test_and_pytest_board_virtual_make_the_same_board(tmp_path):
     assert set(a.values()) == {"passed"}
     props = {p.get("name"): p.get("value") for p in ET.parse(junit).iter("property")}
     assert props.get("microcot.runtime") == "i386-esp32"
+
+
+def _serve(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """`microcot board virtual ARGS` until it prints its port; the port, and its output after
+    SIGTERM stopped it."""
+    import signal
+    import time
+
+    pf = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "microcot_host", "board", "virtual",
+                             "--port-file", str(pf), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not pf.exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "no port"
+            time.sleep(0.05)
+        port = pf.read_text().strip()
+        out = _exec(port, "import sys\nprint(sys.platform, sys.maxsize)")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, text
+    return out, text
+
+
+def test_board_virtual_cli_runs_the_board_files_model(tmp_path):
+    need_runtime("i386-esp32")
+    out, text = _serve(["--board", "esp32-generic", "--name", "cli-esp32",
+                        "--flash", str(tmp_path / "flash")], tmp_path)
+    assert out == f"linux {2**31 - 1}"
+    assert "model: esp32-generic on i386-esp32" in text and "developer board" not in text
+
+
+def test_board_virtual_cli_emulated_runs_the_real_rp2_firmware(tmp_path):
+    from microcot_host.rp2emu.board import ensure_rp2040js
+
+    need_runtime("rp2040")
+    lib = need(lambda: ensure_rp2040js(install=False))
+    env = dict(os.environ, MICROCOT_HOME=str(tmp_path / "home"), MICROCOT_RP2040JS=str(lib))
+    out, text = _serve(["--board", "rp2-pico-w", "--emulated", "--name", "cli-rp2"], tmp_path,
+                       env)
+    assert out == f"rp2 {2**31 - 1}", text
+    r = subprocess.run([sys.executable, "-m", "microcot_host", "board", "virtual", "--board",
+                        "esp32-generic", "--emulated"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not an rp2 board" in r.stderr

@@ -44,7 +44,9 @@ def _mac(_ctx: click.Context, _param: click.Parameter, value: str | None) -> byt
                    "e.g. esp32-generic or rp2-pico-w")
 @click.option("--runtime", default=None, metavar="RUNTIME",
               help="override the board file's runtime: unix64 (64-bit developer board), "
-                   "i386-esp32, i386-rp2")
+                   "i386-esp32, i386-rp2, rp2040 (= --emulated)")
+@click.option("--emulated", is_flag=True,
+              help="an rp2 board file's real firmware in an emulated RP2040 (microcot board rp2)")
 @click.option("--heap", callback=_heap, metavar="SIZE",
               help="the interpreter's whole heap, e.g. 100k or 2m (default: the size that "
                    "leaves the board file's heap_budget free after boot)")
@@ -62,7 +64,9 @@ def _mac(_ctx: click.Context, _param: click.Parameter, value: str | None) -> byt
               help="write the pty path to this file once the board is up (for scripts)")
 @click.option("--deploy", "do_deploy", is_flag=True,
               help="deploy the firmware onto the board after it starts")
-def virtual(name: str, board_name: str, runtime: str | None, heap: int | None, iccid: str | None, imsi: str | None,
+@click.pass_context
+def virtual(ctx: click.Context, name: str, board_name: str, runtime: str | None, emulated: bool,
+            heap: int | None, iccid: str | None, imsi: str | None,
             mac: bytes | None, flash_dir: Path | None, link: Path | None,
             port_file: Path | None, do_deploy: bool) -> None:
     """Serve a virtual MicroPython board on a pseudo-terminal until Ctrl-C or SIGTERM.
@@ -77,8 +81,9 @@ def virtual(name: str, board_name: str, runtime: str | None, heap: int | None, i
     from ..fidelity import FidelityMissing
     from .models import make_board
 
-    if runtime == "rp2040":
-        raise click.UsageError("the rp2040 runtime is `microcot board rp2`")
+    if emulated or runtime == "rp2040":
+        _emulated(ctx, board_name, name, iccid, flash_dir, link, port_file, heap, mac, do_deploy)
+        return
     try:
         vb = make_board(board_name, name=name, runtime=runtime, heap=heap, iccid=iccid,
                         imsi=imsi, mac=mac, flash_dir=flash_dir, link=link)
@@ -131,6 +136,29 @@ def virtual(name: str, board_name: str, runtime: str | None, heap: int | None, i
         if port_file is not None:
             with contextlib.suppress(OSError):
                 port_file.unlink()
+
+
+def _emulated(ctx: click.Context, board_name: str, name: str, iccid: str | None,
+              flash_dir: Path | None, link: Path | None, port_file: Path | None,
+              heap: int | None, mac: bytes | None, do_deploy: bool) -> None:
+    """`--emulated`: what `microcot board rp2` does, with the board file's firmware."""
+    from .. import boards, fidelity
+    from ..rp2emu.cli import rp2
+
+    bdef = boards.load(board_name)
+    if bdef.family != "rp2":
+        raise click.UsageError(f"--emulated: {board_name} is not an rp2 board (an RP2040 is "
+                               "emulated; try --board rp2-pico-w)")
+    if heap is not None or mac is not None or do_deploy:
+        raise click.UsageError("--heap, --mac and --deploy do not apply to the emulated RP2040 "
+                               "(its RAM and ID are the chip's; deploy with microcot deploy)")
+    try:
+        firmware = fidelity.rp2_firmware(str(bdef.raw.get("firmware", "RPI_PICO_W")))
+    except fidelity.FidelityMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    flash = flash_dir / "rp2-flash.bin" if flash_dir is not None else None
+    ctx.invoke(rp2, firmware=firmware, name=name, flash=flash, uid=None, iccid=iccid, link=link,
+               port_file=port_file)
 
 
 def _register(vb: VirtualBoard, name: str, link: Path | None, iccid: str | None) -> Path:
