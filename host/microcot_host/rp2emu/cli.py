@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import click
 
 from ..fidelity import FidelityMissing
+from ..vboard.serve import serve
 from .board import BoardStartError, EmulatedRP2040, parse_uid
 
 
@@ -54,18 +49,8 @@ def rp2(firmware: Path | None, name: str, flash: Path | None, uid: bytes | None,
                                link=link)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    stop = threading.Event()
-    registry: Path | None = None
 
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        try:
-            board.start()
-        except (FidelityMissing, BoardStartError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
+    def announce() -> dict:
         port = str(link) if link else board.port
         click.echo(f"emulated RP2040 {name!r} on {board.port}" + (f" ({link})" if link else ""))
         click.echo(f"  flash: {board.flash}")
@@ -75,43 +60,9 @@ def rp2(firmware: Path | None, name: str, flash: Path | None, uid: bytes | None,
         if board.modem_path:
             click.echo(f"  modem: UART0 -> {board.modem_path} (ICCID {iccid})")
         click.echo(f"  up in {board.boot_s:.1f} s; try: mpremote connect {port} repl")
-        if port_file is not None:
-            tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(board.port + "\n")
-            os.replace(tmp, port_file)
-        registry = _register(board, link)
-        click.echo("Ctrl-C stops the board.")
-        while not stop.wait(0.5):
-            if not board.running:
-                raise click.ClickException(f"the emulator stopped; see {board.log_path}")
-    finally:
-        if registry is not None:
-            _unregister(registry)
-        board.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-        if port_file is not None:
-            with contextlib.suppress(OSError):
-                port_file.unlink()
+        return {"link": str(link) if link else None, "modem": board.modem_path,
+                "flash": str(board.flash), "iccid": board.iccid, "uid": board.uid.hex().upper(),
+                "drive": str(board.drive_dir), "kind": "rp2040", "runtime": "rp2040"}
 
-
-def _register(board: EmulatedRP2040, link: Path | None) -> Path:
-    """The same registry entry as `microcot board virtual` (ports.list_virtual reads it)."""
-    from ..files import write_private
-    from ..ports import run_dir
-
-    path = run_dir() / f"{board.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"name": board.name, "pid": os.getpid(), "port": board.port,
-             "link": str(link) if link else None, "modem": board.modem_path,
-             "flash": str(board.flash), "iccid": board.iccid, "uid": board.uid.hex().upper(),
-             "drive": str(board.drive_dir), "kind": "rp2040", "runtime": "rp2040",
-             "started": time.time()}
-    write_private(path, json.dumps(entry, indent=1) + "\n")
-    return path
-
-
-def _unregister(path: Path) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
+    serve(board, port_file=port_file, start_errors=(FidelityMissing, BoardStartError, OSError),
+          announce=announce, why_stopped=lambda: f"the emulator stopped; see {board.log_path}")

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import click
 
 from .board import BoardStartError, VirtualBoard, parse_heap, parse_mac
+from .serve import serve
 
 
 @click.group("board")
@@ -92,21 +87,11 @@ def virtual(ctx: click.Context, name: str, board_name: str, runtime: str | None,
     except (FidelityMissing, BoardStartError) as exc:
         raise click.ClickException(str(exc)) from None
     assert isinstance(vb, VirtualBoard)
-    stop = threading.Event()
-    registry: Path | None = None
+    model = runtime or boards.load(board_name).runtime
 
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        try:
-            vb.start()
-        except (BoardStartError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
+    def announce() -> dict:
         port = str(link) if link else vb.port
         click.echo(f"virtual board {name!r} on {vb.port}" + (f" ({link})" if link else ""))
-        model = runtime or boards.load(board_name).runtime
         heap_note = f"-X heapsize={vb.heap}" if vb.heap else "the unix port's default heap"
         click.echo(f"  model: {board_name} on {model}, {heap_note}"
                    + ("  (64-bit developer board: no heap figure holds for a real MCU)"
@@ -118,24 +103,12 @@ def virtual(ctx: click.Context, name: str, board_name: str, runtime: str | None,
         click.echo(f"  try:   mpremote connect {port} repl")
         if do_deploy:
             _deploy(vb.port)
-        if port_file is not None:
-            tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(vb.port + "\n")
-            os.replace(tmp, port_file)  # a watcher never reads half a path
-        registry = _register(vb, name, link, iccid)
-        click.echo("Ctrl-C stops the board.")
-        while not stop.wait(0.5):
-            if not vb.running:
-                raise click.ClickException(f"the board's supervisor stopped: {vb.error}")
-    finally:
-        if registry is not None:
-            _unregister(registry)
-        vb.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-        if port_file is not None:
-            with contextlib.suppress(OSError):
-                port_file.unlink()
+        return {"link": str(link) if link else None, "modem": vb.modem_path,
+                "flash": str(vb.flash_dir), "mac": vb.mac.hex(":").upper(), "iccid": iccid,
+                "runtime": model}
+
+    serve(vb, port_file=port_file, start_errors=(BoardStartError, OSError), announce=announce,
+          why_stopped=lambda: f"the board's supervisor stopped: {vb.error}")
 
 
 def _emulated(ctx: click.Context, board_name: str, name: str, iccid: str | None,
@@ -159,32 +132,6 @@ def _emulated(ctx: click.Context, board_name: str, name: str, iccid: str | None,
     flash = flash_dir / "rp2-flash.bin" if flash_dir is not None else None
     ctx.invoke(rp2, firmware=firmware, name=name, flash=flash, uid=None, iccid=iccid, link=link,
                port_file=port_file)
-
-
-def _register(vb: VirtualBoard, name: str, link: Path | None, iccid: str | None) -> Path:
-    """Announce the board where `microcot boards` and `--port auto` look (ports.list_virtual).
-
-    Only boards started from this command register: boards of tests and `microcot test` would
-    make `auto` ambiguous for a developer with one board on the desk.
-    """
-    from ..files import write_private
-    from ..ports import run_dir
-
-    path = run_dir() / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"name": name, "pid": os.getpid(), "port": vb.port,
-             "link": str(link) if link else None, "modem": vb.modem_path,
-             "flash": str(vb.flash_dir), "mac": vb.mac.hex(":").upper(), "iccid": iccid,
-             "started": time.time()}
-    write_private(path, json.dumps(entry, indent=1) + "\n")
-    return path
-
-
-def _unregister(path: Path) -> None:
-    # a second board of the same name may have taken the entry over: leave its file alone
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
 
 
 def _deploy(port: str) -> None:
