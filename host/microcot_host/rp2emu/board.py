@@ -19,7 +19,6 @@ node_modules/rp2040js.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -39,14 +38,13 @@ from types import TracebackType
 from .. import fidelity
 from ..fidelity import FidelityMissing
 from ..paths import state_dir
+from ..vboard.ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
 
 __all__ = ["EmulatedRP2040", "BoardStartError", "RP2040jsMissing", "ensure_rp2040js",
            "find_node", "parse_uid", "default_uid", "runner_script"]
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 ENV_RP2040JS = "MICROCOT_RP2040JS"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PR_SET_PDEATHSIG = 1
 # board output the pty has not taken is kept up to this much (oldest dropped), as bytes sent to a
 # closed port are lost
 OUTPUT_LIMIT = 1 << 20
@@ -139,12 +137,6 @@ def default_uid(name: str) -> bytes:
     return hashlib.sha256(b"microcot-rp2emu:" + name.encode()).digest()[:8]
 
 
-def _child_setup(parent: int) -> None:
-    # between fork and exec: node gets SIGTERM (it saves flash and exits) when the host dies
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class EmulatedRP2040:
@@ -161,9 +153,7 @@ class EmulatedRP2040:
     def __init__(self, name: str = "rp2", firmware: str | os.PathLike | None = None,
                  flash: str | os.PathLike | None = None, uid: str | bytes | None = None,
                  iccid: str | None = None, link: str | os.PathLike | None = None) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"board name {name!r}: use letters, digits, '.', '_' or '-'")
-        self.name = name
+        self.name = check_name(name)
         self.firmware = Path(firmware) if firmware is not None else None
         board_dir = state_dir() / "boards" / name
         self.flash = Path(flash).resolve() if flash is not None else board_dir / "rp2-flash.bin"
@@ -250,18 +240,9 @@ class EmulatedRP2040:
                 os.set_blocking(self._modem_fd, False)
             self._uart, theirs = socket.socketpair()
             self._uart.setblocking(False)
-            self._master, self._slave = os.openpty()
-            tty.setraw(self._slave)
-            os.set_blocking(self._master, False)
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
-            self._port = os.ttyname(self._slave)
-            if self.link is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if self.link.is_symlink():
-                        self.link.unlink()
-                self.link.symlink_to(self._port)
+            self._master, self._slave, self._port = open_pty()
+            self._wake_r, self._wake_w = wake_pipe()
+            link_to(self.link, self._port)
             cmd = [node, str(runner_script()), "--rp2040js", str(lib), "--bootrom", str(bootrom),
                    "--firmware", str(firmware), "--flash", str(self.flash),
                    "--uid", self.uid.hex(), "--drive-dir", str(self.drive_dir),
@@ -384,7 +365,7 @@ class EmulatedRP2040:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
-                preexec_fn=lambda: _child_setup(parent))
+                preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM))
         os.set_blocking(proc.stdin.fileno(), False)
         os.set_blocking(proc.stdout.fileno(), False)
         return proc
@@ -518,10 +499,7 @@ class EmulatedRP2040:
         if self._modem is not None:
             self._modem.stop()
             self._modem = None
-        if self.link is not None and self.link.is_symlink():
-            with contextlib.suppress(OSError):
-                if os.readlink(self.link) == self._port:
-                    self.link.unlink()
+        unlink_if_ours(self.link, self._port)
         self._to_board.clear()
         self._to_host.clear()
         self._to_uart.clear()

@@ -23,7 +23,6 @@ What the supervisor adds, where a pipe is not a UART:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -38,12 +37,12 @@ import sys
 import termios
 import threading
 import time
-import tty
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from ..paths import state_dir
+from .ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
 
 __all__ = ["VirtualBoard", "BoardStartError", "parse_heap", "parse_mac", "default_mac",
            "find_micropython", "board_flash_dir"]
@@ -55,7 +54,6 @@ EXIT_SOFT_RAW = 101
 # machine.reset_cause() values (esp32 numbering)
 PWRON_RESET, HARD_RESET, WDT_RESET, SOFT_RESET = 1, 2, 3, 5
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LF = re.compile(rb"(?<!\r)\n")
 
 # A second Ctrl-C is sent as SIGINT only when the first was not seen handled within this time
@@ -70,7 +68,6 @@ INPUT_LIMIT = 1 << 20
 # Output buffered towards the pty before the interpreter's output is left in its pipe (flow control)
 OUTPUT_LIMIT = 1 << 16
 
-_PR_SET_PDEATHSIG = 1
 
 
 class BoardStartError(RuntimeError):
@@ -185,12 +182,6 @@ def _compile_repl(micropython: str) -> list[str] | None:
     return ["-c", f"import sys;sys.path[:]=[{str(cache)!r}];import {_REPL_MODULE}"]
 
 
-def _child_setup(parent: int) -> None:
-    # Runs in the child between fork and exec: die with the supervisor thread's process.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
 
 
 class _Child:
@@ -228,9 +219,7 @@ class VirtualBoard:
                  iccid: str | None = None, mac: str | bytes | None = None,
                  flash_dir: str | os.PathLike | None = None, *, imsi: str | None = None,
                  link: str | os.PathLike | None = None, micropython: str | None = None) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"board name {name!r}: use letters, digits, '.', '_' or '-'")
-        self.name = name
+        self.name = check_name(name)
         self.heap = parse_heap(heap)
         self.iccid = iccid
         self.imsi = imsi
@@ -322,19 +311,9 @@ class VirtualBoard:
                 from .modem import PtyModem
 
                 self._modem = PtyModem(iccid=self.iccid, imsi=self.imsi).start()
-            self._master, self._slave = os.openpty()
-            # raw: no echo, no CR/LF translation, no signals from the line discipline
-            tty.setraw(self._slave)
-            os.set_blocking(self._master, False)
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
-            self._port = os.ttyname(self._slave)
-            if self.link is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    if self.link.is_symlink():
-                        self.link.unlink()
-                self.link.symlink_to(self._port)
+            self._master, self._slave, self._port = open_pty()
+            self._wake_r, self._wake_w = wake_pipe()
+            link_to(self.link, self._port)
         except BaseException:
             self._close_fds()
             if self._modem is not None:
@@ -395,9 +374,7 @@ class VirtualBoard:
         if self._modem is not None:
             self._modem.stop()
             self._modem = None
-        if self.link is not None and self.link.is_symlink():
-            with contextlib.suppress(OSError):
-                self.link.unlink()
+        unlink_if_ours(self.link, None)
 
     def __enter__(self) -> VirtualBoard:
         return self.start()
@@ -602,7 +579,7 @@ class VirtualBoard:
             proc = subprocess.Popen(
                 cmd, stdin=stdin_r, stdout=out_w, stderr=out_w, pass_fds=(ctl_child.fileno(),),
                 cwd=self.flash_dir, start_new_session=True, close_fds=True,
-                preexec_fn=lambda: _child_setup(parent),
+                preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL),
             )
         except BaseException:
             for fd in (stdin_r, stdin_w, out_r):
