@@ -1,14 +1,16 @@
 """The device agent on MicroPython: QoS 1 throughput against paho-mqtt, peak heap, smallest heap.
 
-1. Throughput. One platform emulator (Mosquitto with TLS + SmartREST engine). A virtual board
-   (the MicroPython unix port, default heap) runs microcot's agent with pre-provisioned
-   credentials; once it is set up, it measures N values as fast as its queue drains (topped up
-   to 32 rows, so the flash spill stays out of it), in text SmartREST (ms/) and then in binary
-   (bs/). Rate = N / (first measure() -> the last PUBACK), timed on the board. Then paho-mqtt on
-   CPython, as a second device of the same emulator, publishes the same rows (built with the
-   firmware's own encoders, with its own managed object id) with QoS 1 and the same window of 8
-   messages in flight as the agent, timed from the first publish() to the last PUBACK. Both over
-   TLS 1.2+ verified against the emulator's CA. The platform must store all N of each run.
+1. Throughput. One platform emulator (Mosquitto with TLS + SmartREST engine). A board (the
+   ESP32's 32-bit model at its budget, else the developer board) runs microcot's agent with
+   pre-provisioned credentials; once it is set up, it measures N values as fast as its queue
+   drains (topped up to 32 rows, so the flash spill stays out of it), in text SmartREST (ms/) and
+   then in binary (bs/). Rate = N / (first measure() -> the last PUBACK), timed on the board. The
+   peer: paho-mqtt on CPython in a process of its own (bench/_paho_rate.py), a second device of
+   the same emulator publishing the same rows (built with the firmware's own encoders) with QoS 1
+   and the same window of 8 messages in flight, timed from the first publish() to the last
+   PUBACK. Runs alternate agent, paho, agent, ... (5 of each kind), medians are compared. Both
+   over TLS 1.2+ verified against the emulator's CA; the platform must store all N of each run.
+   `--old` also runs the earlier peer (paho inside this process, sharing the emulator's GIL).
 2. Heap, per board model (--boards: board files; each runs its runtime, e.g. esp32-generic on
    the i386-esp32 build, rp2-pico-w on i386-rp2). A full session of the example application
    (main.py) on a fresh board with a SIM: the ICCID is read, the bootstrap runs (XTEA), the
@@ -49,14 +51,12 @@ from microcot_host import boards, deploy, fidelity, transport  # noqa: E402
 from microcot_host.demo import BoardLog, new_iccid  # noqa: E402
 from microcot_host.emulator import Emulator  # noqa: E402
 from microcot_host.emulator.certs import client_ssl_context  # noqa: E402
-from microcot_host.vboard import VirtualBoard  # noqa: E402
 from microcot_host.vboard.heapcal import free_for_heapsize  # noqa: E402
 from microcot_host.vboard.models import heap_for, make_board, micropython_for  # noqa: E402
 
 XID = "microcot1"
 INFLIGHT = 8  # the agent's MQTT client (mqtt.py max_inflight); paho gets the same window
-PAHO_DEFAULT_INFLIGHT = 20
-REPS = 3  # runs of each kind; the median is reported
+REPS = 5  # runs of each kind, agent and paho interleaved; the median is reported
 T0 = 1767225600  # 2026-01-01T00:00:00Z: the measurements' times, k seconds on
 TYPES_110 = ["UNSIGNED", "STRING", "STRING", "NUMBER", "STRING", "DATE", "STRING"]
 
@@ -142,18 +142,76 @@ def wait_stored(emu: Emulator, mo: str, mtype: str, n: int, timeout: float = 60)
 # ---- 1. throughput ------------------------------------------------------------------------
 
 
-def agent_rates(emu: Emulator, work: Path, n: int) -> dict:
+class PahoPeer:
+    """paho-mqtt in a process of its own (bench/_paho_rate.py), as a second device of the same
+    emulator with its own managed object; runs on request, between the agent's runs."""
+
+    def __init__(self, emu: Emulator, inflight: int = INFLIGHT) -> None:
+        import subprocess
+
+        conn = emu.connection
+        self.emu = emu
+        self.device = new_iccid()
+        password = emu.add_device(self.device)
+        r = emu.api.handle("POST", "/inventory/managedObjects",
+                           {"name": f"paho {self.device}", "c8y_IsDevice": {}})
+        self.mo = r.body["id"]
+        emu.api.handle("POST", f"/identity/globalIds/{self.mo}/externalIds",
+                       {"type": "c8y_Serial", "externalId": self.device})
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name(
+            "_paho_rate.py"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._ask({"host": conn["mqtt_host"], "port": conn["mqtt_port"], "ca": conn["ca_cert"],
+                   "device": self.device, "password": password, "mo": self.mo,
+                   "inflight": inflight, "xid": XID, "t0": T0})
+        self.res: dict = {"mo": self.mo, "text": [], "binary": []}
+
+    def _ask(self, req: dict) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the paho peer process ended")
+        return json.loads(line)
+
+    def run(self, kind: str, n: int) -> None:
+        r = self._ask({"kind": kind, "n": n})
+        if not r["ok"] or r["errors"]:
+            raise RuntimeError(f"paho {kind}: {r['acked']} of {n} acknowledged, errors "
+                               f"{r['errors']}")
+        after = wait_stored(self.emu, self.mo, "mc_Bench" + kind, n)
+        self.res[kind.rstrip("0123456789").lower()].append(
+            {"n": n, "seconds": r["seconds"], "stored_after": after})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self._ask_quit()
+        self.proc.wait(10)
+
+    def _ask_quit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+        self.proc.stdin.flush()
+
+
+def agent_rates(emu: Emulator, work: Path, n: int, between=None) -> dict:
+    """The agent's runs; `between(kind)` runs after each one is stored, before the next starts
+    (the peer's run of the same kind: runs interleaved)."""
     device = new_iccid()
     password = emu.add_device(device)
-    vb = VirtualBoard("bench-agent-rate", flash_dir=work / "rate-flash").start()
+    # the ESP32's model at its budget where the builds are here, else the developer board
+    board = "esp32-generic" if fidelity.missing("i386-esp32") is None else "virtual"
+    print(f"  the agent on {board} ({boards.load(board).runtime})", flush=True)
+    vb = make_board(board, name="bench-agent-rate", flash_dir=work / "rate-flash").start()
     try:
         t = transport.open_board(vb.port)
         try:
-            deploy.deploy_transport(t, boards.load("virtual"), app=True,
+            deploy.deploy_transport(t, boards.load(board), app=True,
                                     config=settings(emu.connection))
-            host_store.root(str(vb.flash_dir / "store"))
+            host_store.root(str(work / "rate-flash" / "store"))
             host_store.save("cred", {"id": device, "password": password,
                                      "source": "provisioned", "ok": False})
+            transport.soft_reset(t)  # the agent runs in a freshly booted board's heap
             res: dict = {"text": [], "binary": []}
             lines: list[str] = []
 
@@ -172,7 +230,9 @@ def agent_rates(emu: Emulator, work: Path, n: int) -> dict:
                     after = wait_stored(emu, m.group(1), "mc_Bench" + kind, n)
                     res[kind.rstrip("0123456789").lower()].append(
                         {"n": int(cnt), "seconds": int(ms) / 1000, "stored_after": after})
-                    (vb.flash_dir / f"go-{kind}").write_text("")
+                    if between is not None:
+                        between(kind)
+                    (work / "rate-flash" / f"go-{kind}").write_text("")
 
             done: set[str] = set()
             out = transport.run(t, RATE_SCRIPT % {"id": device, "n": n, "t0": T0,
@@ -188,7 +248,9 @@ def agent_rates(emu: Emulator, work: Path, n: int) -> dict:
     return res
 
 
-def paho_rates(emu: Emulator, n: int, inflight: int = INFLIGHT) -> dict:
+def paho_rates(emu: Emulator, n: int, inflight: int = INFLIGHT, reps: int = 3) -> dict:
+    """The old peer: paho inside this process, which also runs the emulator (they share a GIL),
+    after the agent's runs rather than between them. Kept to show the difference once."""
     conn = emu.connection
     device = new_iccid()
     password = emu.add_device(device)
@@ -224,7 +286,7 @@ def paho_rates(emu: Emulator, n: int, inflight: int = INFLIGHT) -> dict:
             raise RuntimeError("paho: no CONNACK")
         c.subscribe([("mr/" + device, 1), ("br/" + device, 1)])
         res: dict = {"mo": mo, "text": [], "binary": []}
-        for kind in [f"{k}{r}" for k in ("Text", "Binary") for r in range(REPS)]:
+        for kind in [f"{k}{r}" for k in ("Text", "Binary") for r in range(reps)]:
             rows = []
             for k in range(1, n + 1):
                 v = [int(mo), "c8y_Temperature", "T", 20 + (k % 50) / 10, "C", T0 + k,
@@ -437,6 +499,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="measurements per throughput run")
     ap.add_argument("--no-heap", action="store_true", help="skip peak heap and bisection")
     ap.add_argument("--no-rate", action="store_true", help="skip the throughput runs")
+    ap.add_argument("--old", action="store_true",
+                    help="also run the old peer (paho inside this process, after the agent)")
     ap.add_argument("--boards", default="esp32-generic,rp2-pico-w,virtual",
                     help="board files whose models the heap part runs on (comma-separated)")
     ap.add_argument("--json", action="store_true")
@@ -447,10 +511,17 @@ def main() -> None:
         with Emulator(work / "emu", auto_accept=True) as emu:
             if not args.no_rate:
                 print(f"throughput: {args.n} QoS 1 measurements per run, TLS, "
-                      f"{INFLIGHT} in flight ...", flush=True)
-                report["agent"] = agent_rates(emu, work, args.n)
-                report["paho"] = paho_rates(emu, args.n)
-                report["paho20"] = paho_rates(emu, args.n, PAHO_DEFAULT_INFLIGHT)
+                      f"{INFLIGHT} in flight, agent and paho (own process) interleaved ...",
+                      flush=True)
+                peer = PahoPeer(emu)
+                try:
+                    report["agent"] = agent_rates(emu, work, args.n,
+                                                  lambda kind: peer.run(kind, args.n))
+                finally:
+                    peer.close()
+                report["paho"] = peer.res
+                if args.old:
+                    report["paho_inproc"] = paho_rates(emu, args.n)
             if not args.no_heap:
                 report["heap"] = {}
                 for board in args.boards.split(","):
@@ -473,22 +544,32 @@ def main() -> None:
 
 
 def print_rates(report: dict, n: int) -> None:
-    args = argparse.Namespace(n=n)
+    peers = [w for w in ("paho", "paho_inproc") if w in report]
     med = {who: {k: statistics.median(r["n"] / r["seconds"] for r in report[who][k])
-                 for k in ("text", "binary")} for who in ("agent", "paho", "paho20")}
-    print(f"QoS 1 measurements/s, median of {REPS} runs of {args.n}")
-    print(f"{'':<18} {'agent (MicroPython)':>20} {'paho (CPython)':>15} {'agent/paho':>11} "
-          f"{'paho, 20 in flight':>19}")
+                 for k in ("text", "binary")} for who in ("agent", *peers)}
+    print(f"QoS 1 measurements/s over TLS, {INFLIGHT} in flight, median of the runs of {n} "
+          "(agent and paho interleaved, paho in its own process)")
+    head = f"{'':<18} {'agent (MicroPython)':>20} {'paho (CPython)':>15} {'agent/paho':>11}"
+    if "paho_inproc" in report:
+        head += f" {'old peer':>9} {'old ratio':>10}"
+    print(head)
     for kind in ("text", "binary"):
-        ra, rp, r20 = med["agent"][kind], med["paho"][kind], med["paho20"][kind]
-        print(f"{kind + ' SmartREST':<18} {ra:>20.0f} {rp:>15.0f} {ra / rp:>10.2f}x {r20:>19.0f}")
-    for who in ("agent", "paho"):
+        ra, rp = med["agent"][kind], med["paho"][kind]
+        line = f"{kind + ' SmartREST':<18} {ra:>20.0f} {rp:>15.0f} {ra / rp:>10.2f}x"
+        if "paho_inproc" in report:
+            ro = med["paho_inproc"][kind]
+            line += f" {ro:>9.0f} {ra / ro:>9.2f}x"
+        print(line)
+    if "paho_inproc" in report:
+        print("  old peer: paho inside the bench's process (sharing the emulator's GIL), run "
+              "after the agent's runs, median of 3")
+    for who in ("agent", *peers):
         runs = ", ".join(f"{r['n'] / r['seconds']:.0f}" for k in ("text", "binary")
                          for r in report[who][k])
         print(f"  {who} runs (text..., binary...): {runs}")
-    worst = max(r["stored_after"] for who in ("agent", "paho") for k in ("text", "binary")
+    worst = max(r["stored_after"] for who in ("agent", *peers) for k in ("text", "binary")
                 for r in report[who][k])
-    print(f"  all {args.n} of every run stored by the platform, at most {worst:.2f} s after "
+    print(f"  all {n} of every run stored by the platform, at most {worst:.2f} s after "
           "the last PUBACK")
 
 
