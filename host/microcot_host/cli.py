@@ -37,7 +37,7 @@ class _LazyGroup(click.Group):
             return None
 
 
-@click.group(cls=_LazyGroup)
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="microcot")
 def main() -> None:
     """microcot: firmware and host tools for Cloud of Things devices on MicroPython."""

@@ -1,0 +1,71 @@
+"""The CLI answers -h on every command, and the freezing manifest follows MicroPython's rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import tarfile
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+from fidelity_fixtures import unavailable
+
+from microcot_host import cli, fidelity
+from microcot_host.paths import firmware_dir
+
+
+def _commands(group: click.Group, ctx: click.Context, path: list[str]):
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, f"microcot {' '.join(path + [name])} does not load"
+        yield path + [name]
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, click.Context(cmd, parent=ctx), path + [name])
+
+
+def test_every_command_answers_dash_h():
+    ctx = click.Context(cli.main)
+    paths = list(_commands(cli.main, ctx, []))
+    assert ["deploy"] in paths and ["board", "rp2"] in paths and ["provision", "csv", "validate"] \
+        in paths
+    runner = CliRunner()
+    for path in [[], *paths]:
+        r = runner.invoke(cli.main, [*path, "-h"])
+        assert r.exit_code == 0 and "Usage: " in r.output, (path, r.output)
+        assert r.output == runner.invoke(cli.main, [*path, "--help"]).output
+
+
+def _manifestfile(tmp: Path):
+    """MicroPython's own manifest reader (tools/manifestfile.py) from the fidelity sources."""
+    base = fidelity.fidelity_dir()
+    src = sorted((base / "src").glob("micropython-*.tar.xz")) if base else []
+    if not src:
+        unavailable("MicroPython's tools/manifestfile.py comes from the fidelity sources "
+                    "(MICROCOT_FIDELITY_DIR/src/micropython-*.tar.xz): " + fidelity.HOW_TO_GET)
+    with tarfile.open(src[-1]) as tar:
+        member = tar.getmember("micropython/tools/manifestfile.py")
+        (tmp / "manifestfile.py").write_bytes(tar.extractfile(member).read())
+    spec = importlib.util.spec_from_file_location("manifestfile", tmp / "manifestfile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_manifest_freezes_microcot_and_keeps_the_boards_own_modules(tmp_path):
+    mf = _manifestfile(tmp_path)
+    port = tmp_path / "ports" / "rp2"
+    board = port / "boards" / "RPI_PICO_W"
+    board.mkdir(parents=True)
+    # like RPI_PICO_W's: the port's modules, then the board's networking bundle
+    (port / "boards" / "manifest.py").write_text('module("portmod.py")\n')
+    (port / "boards" / "portmod.py").write_text("")
+    (board / "manifest.py").write_text('include("$(PORT_DIR)/boards/manifest.py")\n'
+                                       'module("ntptime.py")\n')
+    (board / "ntptime.py").write_text("")
+    m = mf.ManifestFile(mf.MODE_FREEZE, {"MPY_DIR": str(tmp_path), "MPY_LIB_DIR": str(tmp_path),
+                                         "PORT_DIR": str(port), "BOARD_DIR": str(board)})
+    m.execute(str(firmware_dir() / "manifest.py"))
+    frozen = {f.target_path for f in m.files()}
+    assert {"ntptime.py", "portmod.py"} <= frozen
+    ours = {p.name for p in (firmware_dir() / "microcot").glob("*.py")}
+    assert {f"microcot/{n}" for n in ours} <= frozen
