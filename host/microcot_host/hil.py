@@ -353,9 +353,9 @@ def _device_dir(given: Path | None) -> Path:
     elif Path("tests/device").is_dir():
         path = Path("tests/device")
     else:
-        from .paths import repo_root
+        from .paths import device_tests_dir
 
-        path = repo_root() / "tests" / "device"
+        path = device_tests_dir()
     if not path.is_dir():
         raise click.ClickException(f"no device tests at {path} (use --device-dir)")
     return path.resolve()

@@ -1,27 +1,50 @@
-"""Where the project's files are, for an editable install or a source checkout."""
+"""Where the project's files are: a source checkout (also an editable install), or the data an
+installed wheel carries (`microcot_host/_data/`, read through importlib.resources)."""
 
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
+_CHECKOUT = _HERE.parents[1]
 
 
-def repo_root() -> Path:
-    """The source tree that holds firmware/ and boards/ (override with MICROCOT_ROOT)."""
+def _is_checkout(root: Path) -> bool:
+    return (root / "boards").is_dir() and (root / "firmware" / "microcot").is_dir()
+
+
+def _data(name: str) -> Path:
+    # an installed wheel unpacks its data as files, so the traversable is a real directory
+    return Path(str(resources.files("microcot_host").joinpath("_data", name)))
+
+
+def repo_root() -> Path | None:
+    """The source tree that holds firmware/ and boards/ (MICROCOT_ROOT names one), or None when
+    running from an installed package."""
     env = os.environ.get("MICROCOT_ROOT")
     if env:
         return Path(env).resolve()
-    return _HERE.parents[1]
+    return _CHECKOUT if _is_checkout(_CHECKOUT) else None
 
 
 def firmware_dir() -> Path:
-    return repo_root() / "firmware"
+    """firmware/: the device package (microcot/), the example app (main.py, templates.csv), the
+    mip and freeze manifests."""
+    root = repo_root()
+    return root / "firmware" if root is not None else _data("firmware")
 
 
 def boards_dir() -> Path:
-    return repo_root() / "boards"
+    root = repo_root()
+    return root / "boards" if root is not None else _data("boards")
+
+
+def device_tests_dir() -> Path:
+    """The device test modules (`microcot test`, `pytest --board`)."""
+    root = repo_root()
+    return root / "tests" / "device" if root is not None else _data("device_tests")
 
 
 def state_dir() -> Path:

