@@ -13,6 +13,7 @@ Resources
 | /inventory/managedObjects/{id}                             | GET, PUT, DELETE         |
 | /inventory/managedObjects/{id}/childDevices                | GET, POST                |
 | /inventory/managedObjects/{id}/childDevices/{childId}      | GET, DELETE              |
+| /inventory/binaries, /inventory/binaries/{id}              | GET, POST / GET, PUT, DELETE |
 | /identity/externalIds/{type}/{value}                       | GET, DELETE              |
 | /identity/globalIds/{id}/externalIds                       | GET, POST                |
 | /measurement/measurements, /measurement/measurements/{id}  | GET, POST / GET, DELETE  |
@@ -38,7 +39,8 @@ operations in creation order (`revert=true` turns each around). Unknown paramete
 
 Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unreadable JSON or a
 field of the wrong JSON type or a malformed query parameter (the message names it), 404 unknown
-resource or object, 405 method (with `Allow`), 409 duplicate, 413 (http.py), 415 a body that is
+resource or object, 403 a device writing a binary, 405 method (with `Allow`), 409 duplicate,
+413 a body (http.py) or a binary too large, 415 a body that is
 not JSON, 422 valid JSON with unacceptable data (missing mandatory field, unknown source, bad
 status transition; message "Following mandatory fields should be included: ..." as Cumulocity),
 500 an internal failure (logged; `handle` itself never raises).
@@ -73,6 +75,22 @@ Emulator behaviour worth knowing
   from the broker (its next connect fails with CONNACK 5), the record, and an ACCEPTED new device
   request of that id, so a re-bootstrap must be accepted again (seed 002, "Löschen eines
   Gerätes").
+- Binaries (`/inventory/binaries`, Cumulocity's): POST takes multipart/form-data with the parts
+  `object` (JSON: `name`, `type`, further fragments) and `file` (the content; its Content-Type
+  becomes `contentType`, default application/octet-stream) and answers 201 with a managed object
+  holding `c8y_IsBinary`, `name`, `type`, `length`, `contentType` and `c8y_Checksum: {"sha256":
+  <hex>}` (its `self` is the binary's URL); the bytes go to binaries.py's store (a file under the
+  data directory). GET /{id} answers with `content` set (ApiResult): http.py streams the file
+  with `ETag` (the SHA-256), `Accept-Ranges: bytes` and Range/If-Range support. PUT /{id}
+  replaces the content (the raw body with its Content-Type, or a multipart `file` part) and
+  answers 201 as Cumulocity; DELETE removes object and file (as does DELETE of the managed
+  object). GET lists them (filters `type`, `owner`, `text`). A file over the store's `max_size`
+  is a 413. Reading is open to every authenticated user (devices download firmware with their own
+  credentials); creating, replacing and deleting is refused to device users (403). A body may be
+  given as bytes or as the Path of a spooled file (http.py streams uploads to disk).
+- Availability (availability.py): every managed object with `c8y_RequiredAvailability` is
+  returned with a computed `c8y_Availability`; `record_message(mo_id)` notes a device's message,
+  `check_availability()` raises `c8y_UnavailabilityAlarm` for devices that became unavailable.
 - `/tenant/currentTenant`: `name` is the tenant given to Api, `domainName` the host:port of
   `base_url` (where a device reaches this platform over HTTP).
 - `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). http.py hands it
@@ -102,13 +120,16 @@ import email.policy
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from .. import fleetcsv
+from . import availability as avail
+from .binaries import BinaryStore, Buffer, MultipartError, Part, mapped, multipart_parts
 from .model import (
     BadField,
     Conflict,
@@ -127,6 +148,9 @@ SMARTREST_XID_TYPE = "c8y_SmartRestDeviceIdentifier"
 SMARTREST_FRAGMENT = "com_cumulocity_model_smartrest_SmartRestTemplate"
 SMARTREST_MO_TYPE = SMARTREST_FRAGMENT
 BULK_FRAGMENT = "microcot_BulkRegistration"
+BINARY_FRAGMENT = "c8y_IsBinary"
+CHECKSUM_FRAGMENT = "c8y_Checksum"
+MAX_OBJECT_PART = 64 << 10
 
 DEFAULT_PAGE_SIZE = 5
 MAX_PAGE_SIZE = 2000
@@ -135,11 +159,26 @@ ERROR_INFO = "https://cumulocity.com/guides/reference/rest-implementation/#error
 JSON = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class BinaryContent:
+    """The content of a binary, for the HTTP layer to stream (GET /inventory/binaries/{id})."""
+
+    path: Path
+    length: int
+    content_type: str
+    etag: str
+    name: str | None
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
 class ApiResult(NamedTuple):
     status: int
     body: dict[str, Any] | list[Any] | None
     reason: str
     headers: dict[str, str] = {}  # never mutated: every result builds its own
+    content: BinaryContent | None = None
 
 
 class CredentialSink(Protocol):
@@ -193,8 +232,14 @@ class Api:
     """Cumulocity's REST resources over a Model; see the module docstring for the list."""
 
     def __init__(self, model: Model, credentials: CredentialSink | None = None,
-                 tenant: str = "t-emulator", base_url: str = "http://127.0.0.1") -> None:
+                 tenant: str = "t-emulator", base_url: str = "http://127.0.0.1",
+                 binaries: BinaryStore | None = None) -> None:
         self.model = model
+        if binaries is None:
+            binaries = BinaryStore(None if model.path == ":memory:"
+                                   else Path(model.path).parent / "binaries")
+        self.binaries = binaries
+        self.availability = avail.Availability(model)
         self.credentials = credentials
         self.tenant = tenant
         self.base_url = base_url.rstrip("/")
@@ -222,7 +267,7 @@ class Api:
     # -- entry point --------------------------------------------------------------------------
 
     def handle(self, method: str, target: str, body: bytes | str | dict[str, Any] | list[Any]
-               | None = None, content_type: str | None = None,
+               | Path | None = None, content_type: str | None = None,
                user: str | None = None) -> ApiResult:
         """Answer one request; never raises for bad input (errors are results)."""
         method = method.upper()
@@ -292,6 +337,9 @@ class Api:
         b = req.body
         if isinstance(b, dict | list):
             return b
+        if isinstance(b, Path):
+            raise ApiError(415, f"{req.domain}/Unsupported Media Type",
+                           "this resource takes a JSON body")
         if b is None or b in (b"", ""):
             raise ApiError(400, f"{req.domain}/badRequest", f"{req.method} {req.path} needs a "
                                                               "JSON body")
@@ -378,6 +426,9 @@ class Api:
     def _link_mo(self, mo: JSON) -> JSON:
         mo = dict(mo)
         mo["self"] = self._url("inventory", "managedObjects", mo["id"])
+        frag = self.availability.fragment(mo)
+        if frag is not None:
+            mo[avail.FRAGMENT] = frag
         for key in ("childDevices", "deviceParents"):
             refs = mo.get(key)
             if isinstance(refs, dict):
@@ -453,7 +504,11 @@ class Api:
                                                                            self._json(req))))
 
     def _mo_delete(self, req: _Req) -> ApiResult:
-        self.model.delete_managed_object(self._existing_mo(req.args[0]))
+        mo_id = self._existing_mo(req.args[0])
+        binary = BINARY_FRAGMENT in self.model.get_managed_object(mo_id)
+        self.model.delete_managed_object(mo_id)
+        if binary:
+            self.binaries.remove(str(mo_id))
         return _result(204)
 
     def _existing_mo(self, ident: str) -> int:
@@ -498,6 +553,153 @@ class Api:
     def _child_delete(self, req: _Req) -> ApiResult:
         self.model.remove_child_device(self._existing_mo(req.args[0]),
                                        self._existing_mo(req.args[1]))
+        return _result(204)
+
+    # -- binaries -----------------------------------------------------------------------------
+
+    def _need_writer(self, req: _Req) -> None:
+        if req.user is not None and self.model.has_credentials(req.user):
+            raise ApiError(403, "security/Forbidden",
+                           "Access is denied: devices may download binaries; only the admin "
+                           "creates, replaces or deletes them")
+
+    def _link_binary(self, mo: JSON) -> JSON:
+        return {**self._link_mo(mo), "self": self._url("inventory", "binaries", mo["id"])}
+
+    def _binary_mo(self, ident: str) -> JSON:
+        mo_id = self._existing_mo(ident)
+        mo = self.model.get_managed_object(mo_id)
+        if BINARY_FRAGMENT not in mo:
+            raise NotFound(f"Binary {mo_id} not found: managed object {mo_id} is no binary")
+        return mo
+
+    @contextlib.contextmanager
+    def _upload(self, req: _Req) -> Iterator[Buffer]:
+        b = req.body
+        if isinstance(b, Path):
+            with mapped(b) as m:
+                yield m
+            return
+        if isinstance(b, dict | list):
+            raise ApiError(415, "inventory/Unsupported Media Type",
+                           "a binary is uploaded as multipart/form-data or as the raw content, "
+                           "not as JSON")
+        yield b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
+
+    def _too_large(self, n: int) -> None:
+        if n > self.binaries.max_size:
+            raise ApiError(413, "inventory/Request Entity Too Large",
+                           f"the file has {n} bytes; this emulator accepts binaries of at most "
+                           f"{self.binaries.max_size} bytes (its max_binary setting)")
+
+    @staticmethod
+    def _is_multipart(req: _Req) -> bool:
+        return (req.content_type or "").split(";")[0].strip().lower().startswith("multipart/")
+
+    def _parts(self, buf: Buffer, req: _Req) -> list[Part]:
+        try:
+            return multipart_parts(buf, req.content_type or "")
+        except MultipartError as e:
+            raise ApiError(400, "inventory/badRequest", str(e)) from None
+
+    @staticmethod
+    def _file_part(parts: list[Part]) -> Part | None:
+        for p in parts:
+            if p.name == "file":
+                return p
+        named = [p for p in parts if p.filename]
+        return named[0] if named else None
+
+    def _binaries_get(self, req: _Req) -> ApiResult:
+        page, current, size = self._paging(req)
+        items, total = self.model.query_managed_objects(
+            page, type=req.params.get("type") or None, fragment_type=BINARY_FRAGMENT,
+            text=req.params.get("text") or None, owner=req.params.get("owner") or None)
+        return self._collection(req, "managedObjects", [self._link_binary(m) for m in items],
+                                total, current, size)
+
+    def _binaries_post(self, req: _Req) -> ApiResult:
+        self._need_writer(req)
+        if not self._is_multipart(req):
+            raise ApiError(400, "inventory/badRequest",
+                           "POST /inventory/binaries takes multipart/form-data with the parts "
+                           "object (JSON with name and type) and file (the content)")
+        with self._upload(req) as buf:
+            parts = self._parts(buf, req)
+            obj_part = next((p for p in parts if p.name == "object"), None)
+            file_part = self._file_part(parts)
+            missing = [n for n, p in (("object", obj_part), ("file", file_part)) if p is None]
+            if missing or obj_part is None or file_part is None:
+                raise Invalid("Following mandatory fields should be included: "
+                              + ",".join(missing), missing[0])
+            if obj_part.length > MAX_OBJECT_PART:
+                raise ApiError(400, "inventory/badRequest",
+                               f"the object part has {obj_part.length} bytes; at most "
+                               f"{MAX_OBJECT_PART}")
+            obj = self._json(_Req(req.method, req.path, {}, [], bytes(
+                buf[obj_part.start:obj_part.end]), "application/json", req.user, "inventory"))
+            if not isinstance(obj, dict):
+                raise BadField("the object part must be a JSON object with name and type")
+            if obj.get("name") in (None, ""):
+                raise Invalid("Following mandatory fields should be included: name", "name")
+            self._too_large(file_part.length)
+            stored = self.binaries.write(buf, file_part.start, file_part.end)
+        ctype = file_part.content_type or "application/octet-stream"
+        data = {**obj, "type": obj.get("type") or ctype, BINARY_FRAGMENT: "",
+                "length": stored.length, "contentType": ctype,
+                CHECKSUM_FRAGMENT: {"sha256": stored.sha256}}
+        try:
+            mo = self.model.create_managed_object(data, owner=req.user)
+            self.binaries.commit(stored, mo["id"])
+        except BaseException:
+            self.binaries.discard(stored)
+            raise
+        return self._created(self._link_binary(mo))
+
+    def _binary_get(self, req: _Req) -> ApiResult:
+        mo = self._binary_mo(req.args[0])
+        path = self.binaries.path(mo["id"])
+        if not path.is_file():
+            raise NotFound(f"Binary {mo['id']} has no content (its file is missing)")
+        checksum = mo.get(CHECKSUM_FRAGMENT)
+        sha = checksum.get("sha256") if isinstance(checksum, dict) else None
+        etag = f'"{sha}"' if isinstance(sha, str) else f'"{mo["id"]}-{mo["lastUpdated"]}"'
+        ctype = mo.get("contentType")
+        content = BinaryContent(path, path.stat().st_size,
+                                ctype if isinstance(ctype, str) and ctype else
+                                "application/octet-stream", etag, mo.get("name"))
+        return ApiResult(200, None, _reason(200), {}, content)
+
+    def _binary_put(self, req: _Req) -> ApiResult:
+        self._need_writer(req)
+        mo = self._binary_mo(req.args[0])
+        with self._upload(req) as buf:
+            if self._is_multipart(req):
+                part = self._file_part(self._parts(buf, req))
+                if part is None:
+                    raise Invalid("Following mandatory fields should be included: file", "file")
+                ctype = part.content_type or "application/octet-stream"
+                start, end = part.start, part.end
+            else:
+                ctype = (req.content_type or "").strip() or "application/octet-stream"
+                start, end = 0, len(buf)
+            self._too_large(end - start)
+            stored = self.binaries.write(buf, start, end)
+        try:
+            self.binaries.commit(stored, mo["id"])
+        except BaseException:
+            self.binaries.discard(stored)
+            raise
+        mo = self.model.update_managed_object(mo["id"], {
+            "length": stored.length, "contentType": ctype,
+            CHECKSUM_FRAGMENT: {"sha256": stored.sha256}})
+        return _result(201, self._link_binary(mo))
+
+    def _binary_delete(self, req: _Req) -> ApiResult:
+        self._need_writer(req)
+        mo = self._binary_mo(req.args[0])
+        self.model.delete_managed_object(mo["id"])
+        self.binaries.remove(mo["id"])
         return _result(204)
 
     # -- identity -----------------------------------------------------------------------------
@@ -779,6 +981,14 @@ class Api:
             return self._link_request(r)
         return self._link_request(self.model.get_device_request(device_id))
 
+    def record_message(self, mo_id: str) -> None:
+        """The device `mo_id` sent a message now (availability.py)."""
+        self.availability.record(mo_id)
+
+    def check_availability(self) -> list[str]:
+        """Raise the unavailability alarms that are due; the ids of the devices alarmed now."""
+        return self.availability.check()
+
     def issue_credentials(self, device_id: str, password: str, source: str = "bootstrap"
                           ) -> None:
         """Give `device_id` this broker password (CredentialSink) and record its hash."""
@@ -916,6 +1126,9 @@ _ROUTES: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
      {"GET": Api._children_get, "POST": Api._children_post}),
     (("inventory", "managedObjects", "*", "childDevices", "*"),
      {"GET": Api._child_get, "DELETE": Api._child_delete}),
+    (("inventory", "binaries"), {"GET": Api._binaries_get, "POST": Api._binaries_post}),
+    (("inventory", "binaries", "*"),
+     {"GET": Api._binary_get, "PUT": Api._binary_put, "DELETE": Api._binary_delete}),
     (("identity", "externalIds", "*", "*"), {"GET": Api._xid_get, "DELETE": Api._xid_delete}),
     (("identity", "globalIds", "*", "externalIds"),
      {"GET": Api._global_xids_get, "POST": Api._global_xids_post}),

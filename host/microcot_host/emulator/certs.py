@@ -89,6 +89,14 @@ def client_ssl_context(ca_cert: Path | str) -> ssl.SSLContext:
     return ctx
 
 
+def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """A server context presenting the server certificate (TLS 1.2+), e.g. for the REST API."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(files.server_cert), str(files.server_key))
+    return ctx
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

@@ -1,6 +1,7 @@
 """`microcot emulator`: run the platform emulator, or talk to a running one through its REST API.
 
-    microcot emulator [--data DIR] [--mqtt-port P] [--http-port P] [--auto-accept]
+    microcot emulator [--data DIR] [--mqtt-port P] [--http-port P] [--https-port P]
+                      [--max-binary MIB] [--auto-accept]
     microcot emulator accept ID             accept a device's bootstrap request
     microcot emulator register fleet.csv    bulk registration (seed 002's CSV)
     microcot emulator devices               devices and new device requests
@@ -60,21 +61,27 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
               help="MQTT/TLS port (0: the last run's if free, else a free one).")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=0,
               help="REST API port (0: the last run's if free, else a free one).")
+@click.option("--https-port", type=click.IntRange(0, 65535), default=0,
+              help="REST API port over TLS (0: the last run's if free, else a free one).")
+@click.option("--max-binary", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Largest file /inventory/binaries accepts, in MiB.")
 @click.option("--auto-accept", is_flag=True,
               help="Accept every bootstrap request at once.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.pass_context
 def emulator(ctx: click.Context, data: Path | None, mqtt_port: int, http_port: int,
-             auto_accept: bool, verbose: bool) -> None:
+             https_port: int, max_binary: int, auto_accept: bool, verbose: bool) -> None:
     """The Cloud of Things platform emulator: Mosquitto with TLS, the SmartREST connector and
     the REST API. Without a subcommand it runs until Ctrl-C or SIGTERM."""
     ctx.obj = {"data": data}
     if ctx.invoked_subcommand is not None:
         return
-    _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose)
+    _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose, https_port,
+         max_binary)
 
 
-def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool) -> None:
+def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool,
+         https_port: int = 0, max_binary: int = 64) -> None:
     from .broker import BrokerError
     from .connector import ConnectorError
     from .service import Emulator, EmulatorError
@@ -89,7 +96,8 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
-                   auto_accept=auto_accept)
+                   auto_accept=auto_accept, https_port=https_port,
+                   max_binary=max_binary << 20)
     try:
         emu.start()
     except (BrokerError, ConnectorError, EmulatorError, OSError) as e:
@@ -102,6 +110,7 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
             f"  MQTT        {c['mqtt_host']}:{c['mqtt_port']} (TLS; devices trust the CA "
             f"{c['ca_cert']})",
             f"  REST API    {c['http_url']} (admin user {c['admin_user']!r}, password {MASK})",
+            f"  REST HTTPS  {c['https_url']} (the same CA as MQTT)",
             f"  bootstrap   user {c['bootstrap_user']!r}, password {MASK}",
             f"  passwords   in {emu.connection_file} (owner-only)",
             f"  acceptance  {'automatic' if auto_accept else 'microcot emulator accept ID'}",

@@ -273,6 +273,8 @@ class Connector:
         self._synced: dict[str, float] = {}        # user -> time of its last synchronisation
         self._orphans: dict[str, float] = {}       # undelivered operation id -> creation time
         self._started = False
+        # called with the device ID after each of its ms/ and bs/ messages (availability)
+        self.on_device_message: Callable[[str], None] | None = None
         api.on_operation_created(self._operation_created)
 
     @property
@@ -429,6 +431,12 @@ class Connector:
             out = self.engine.process(payload, user=device)
         if out:
             self._publish(("br/" if binary else "mr/") + device, self._bounded(device, out))
+        hook = self.on_device_message
+        if hook is not None:
+            try:
+                hook(device)
+            except Exception:
+                log.exception("the device message hook failed for %s", device)
         self._maybe_sync(device)
 
     def _refuse_size(self, device: str, binary: bool, n: int) -> None:

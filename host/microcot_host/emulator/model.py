@@ -17,7 +17,11 @@ naming the field at fault.
 Entities: managed objects (fragments as JSON, `childDevices`/`deviceParents` references),
 external IDs, measurements, events, alarms (de-duplicated by source and type while not CLEARED),
 operations (status transitions checked), new device requests, device credentials (a salted
-PBKDF2 hash, never the password) and a key-value table for settings.
+PBKDF2 hash, never the password), the time of each device's last message (availability.py) and a
+key-value table for settings.
+
+Time comes from `clock` (Unix seconds, `time.time` by default): every creationTime, lastUpdated
+and the availability computation use it, so tests can move time instead of sleeping.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +117,10 @@ CREATE TABLE device_credentials (
     id TEXT PRIMARY KEY, created TEXT NOT NULL, source TEXT NOT NULL, salt BLOB NOT NULL,
     iterations INTEGER NOT NULL, hash BLOB NOT NULL);
 """
-_MIGRATIONS = (_SCHEMA_V1,)
+_SCHEMA_V2 = """
+CREATE TABLE last_messages (mo INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL);
+"""
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 class ModelError(Exception):
@@ -143,10 +151,15 @@ class Invalid(ModelError):
 
 # -- time -------------------------------------------------------------------------------------
 
-def now() -> tuple[str, int]:
-    """(ISO text in UTC with milliseconds, epoch milliseconds)."""
-    t = dt.datetime.now(dt.UTC)
+def now(clock: Callable[[], float] = time.time) -> tuple[str, int]:
+    """(ISO text in UTC with milliseconds, epoch milliseconds) of `clock()`, Unix seconds."""
+    t = dt.datetime.fromtimestamp(clock(), dt.UTC)
     return _fmt(t), _ms(t)
+
+
+def iso_ms(ms: int) -> str:
+    """ISO text in UTC with milliseconds of epoch milliseconds."""
+    return _fmt(_EPOCH + dt.timedelta(milliseconds=ms))
 
 
 def parse_time(value: Any, field: str = "time") -> tuple[str, int]:
@@ -288,8 +301,10 @@ class Page:
 class Model:
     """The platform's data in SQLite (`path` a file, or ":memory:" for tests)."""
 
-    def __init__(self, path: str | os.PathLike[str] = ":memory:") -> None:
+    def __init__(self, path: str | os.PathLike[str] = ":memory:",
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = str(path)
+        self.clock = clock
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -312,6 +327,10 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def now(self) -> tuple[str, int]:
+        """(ISO text in UTC with milliseconds, epoch milliseconds) of the model's clock."""
+        return now(self.clock)
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -367,7 +386,7 @@ class Model:
         owner = _opt_str(data, "owner") or owner
         frags = _fragments(data, MO_READ_ONLY + ("name", "type", "owner"))
         frags = {k: v for k, v in frags.items() if v is not None}
-        text, ms = now()
+        text, ms = self.now()
         with self._tx() as db:
             mo_id = self._next_id(db)
             db.execute("INSERT INTO managed_objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -418,7 +437,7 @@ class Model:
         data = _need_object(data, "a managed object")
         for key in ("name", "type", "owner"):
             _opt_str(data, key)
-        text, _ = now()
+        text, _ = self.now()
         with self._tx() as db:
             row = db.execute("SELECT * FROM managed_objects WHERE id = ?", (i,)).fetchone()
             if row is None:
@@ -442,6 +461,7 @@ class Model:
                                f"for id '{i}'!", "id")
             db.execute("DELETE FROM external_ids WHERE mo = ?", (i,))
             db.execute("DELETE FROM child_devices WHERE parent = ? OR child = ?", (i, i))
+            db.execute("DELETE FROM last_messages WHERE mo = ?", (i,))
 
     def query_managed_objects(self, page: Page, type: str | None = None,
                               fragment_type: str | None = None, text: str | None = None,
@@ -490,7 +510,8 @@ class Model:
             if self._is_ancestor(db, c, p):
                 raise Invalid(f"managed object {c} is a parent of {p}: child devices cannot "
                               "form a cycle", "managedObject.id")
-            db.execute("INSERT OR IGNORE INTO child_devices VALUES (?, ?, ?)", (p, c, now()[1]))
+            db.execute("INSERT OR IGNORE INTO child_devices VALUES (?, ?, ?)",
+                       (p, c, self.now()[1]))
 
     def _is_ancestor(self, db: Any, candidate: int, of: int) -> bool:
         seen, todo = set(), [of]
@@ -671,7 +692,7 @@ class Model:
         time_text, time_ms = parse_time(data["time"])
         frags = _fragments(data, ("id", "self", "source", "type", "text", "time",
                                   "creationTime"))
-        created, _ = now()
+        created, _ = self.now()
         with self._tx() as db:
             self._need_source(db, src)
             i = self._next_id(db)
@@ -740,7 +761,7 @@ class Model:
         time_text, time_ms = parse_time(data["time"])
         frags = _fragments(data, ("id", "self", "source", "type", "text", "time", "status",
                                   "severity", "count", "firstOccurrenceTime", "creationTime"))
-        created, _ = now()
+        created, _ = self.now()
         with self._tx() as db:
             self._need_source(db, src)
             open_row = db.execute("SELECT * FROM alarms WHERE source = ? AND type = ? AND "
@@ -832,7 +853,7 @@ class Model:
         frags = _fragments(data, ("id", "self", "deviceId", "deviceName", "status",
                                   "failureReason", "creationTime"))
         frags = {k: v for k, v in frags.items() if v is not None}
-        created, ms = now()
+        created, ms = self.now()
         with self._tx() as db:
             if not db.execute("SELECT 1 FROM managed_objects WHERE id = ?", (device,)).fetchone():
                 raise Invalid(f"deviceId: there is no managed object {device}", "deviceId")
@@ -911,7 +932,7 @@ class Model:
                               extra: JSON | None = None) -> JSON:
         _check_request_id(request_id)
         _check_enum(status, REQUEST_STATUSES, "status")
-        created, ms = now()
+        created, ms = self.now()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM device_requests WHERE id = ?",
                           (request_id,)).fetchone():
@@ -970,6 +991,20 @@ class Model:
         return self._page("device_requests", where, args, "creation_ms, id", page,
                           self._request_dict)
 
+    # -- last messages (availability.py) ------------------------------------------------------
+
+    def set_last_message(self, mo_id: Any, time_ms: int) -> None:
+        """Record that the device `mo_id` sent a message at `time_ms` (never moves back)."""
+        i = parse_id(mo_id)
+        with self._tx() as db:
+            db.execute("INSERT INTO last_messages VALUES (?, ?) ON CONFLICT(mo) DO UPDATE SET "
+                       "time_ms = max(time_ms, excluded.time_ms)", (i, time_ms))
+
+    def last_message(self, mo_id: Any) -> int | None:
+        """Epoch milliseconds of the device's last recorded message, or None."""
+        rows = self._read("SELECT time_ms FROM last_messages WHERE mo = ?", (parse_id(mo_id),))
+        return int(rows[0][0]) if rows else None
+
     # -- device credentials -------------------------------------------------------------------
 
     def record_credentials(self, device_id: str, password: str, source: str) -> tuple[JSON, bool]:
@@ -980,7 +1015,7 @@ class Model:
             raise Invalid("a device password must be a non-empty string", "password")
         salt = os.urandom(16)
         digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, PBKDF2_ITERATIONS)
-        created, _ = now()
+        created, _ = self.now()
         with self._tx() as db:
             new = db.execute("SELECT 1 FROM device_credentials WHERE id = ?",
                              (device_id,)).fetchone() is None

@@ -7,12 +7,19 @@ connector; stop() goes the other way. Everything that must survive a restart liv
     connection.json        where to connect, with the passwords (0600, rewritten on every start)
     emulator-secrets.json  the admin's and the bootstrap user's passwords (0600, made once)
     platform.sqlite        the platform's data (model.py), engine and connector state included
+    binaries/              the content of /inventory/binaries, one file per managed object id
     connector.key          the key that encrypts stored bootstrap secrets (0600, bootstrap.py)
     broker/                Mosquitto's files: TLS CA and server certificate, users, sessions, log
 
 `data_dir=None` uses a new temporary directory, removed when the `with` block ends. Ports given
 as 0 are chosen free on the first start and reused on later starts when they are still free, so
 devices configured with them keep working after a restart.
+
+The REST API is served twice over the same Api: plain HTTP (`http_url`) and, unless `https=False`,
+HTTPS (`https_url`) with the broker's server certificate, so a device verifies it with the same CA
+file (`ca_cert`) as the broker. A thread runs the availability check (availability.py) every
+`availability_interval` seconds; `clock` (Unix seconds) drives the model, the SmartREST engine's
+NOW and availability, so tests can move time.
 
 The broker is a child process that gets SIGTERM when the thread that started it ends (broker.py):
 start the emulator from a thread that lives as long as it should, normally the main thread.
@@ -24,14 +31,21 @@ import json
 import logging
 import secrets
 import shutil
+import ssl
 import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from ..files import secrets_file, write_private
 from .api import Api
+from .binaries import DEFAULT_MAX_SIZE, BinaryStore
 from .broker import Broker, BrokerError
+from .certs import ensure_ca_and_server, server_ssl_context
 from .connector import Connector
 from .engine import Engine
 from .http import RestServer
@@ -39,7 +53,7 @@ from .model import Model
 
 log = logging.getLogger(__name__)
 
-CONNECTION_KEYS = ("mqtt_host", "mqtt_port", "ca_cert", "http_url", "admin_user",
+CONNECTION_KEYS = ("mqtt_host", "mqtt_port", "ca_cert", "http_url", "https_url", "admin_user",
                    "admin_password", "bootstrap_user", "bootstrap_password")
 
 
@@ -59,7 +73,9 @@ class Emulator:
                  http_port: int = 0, auto_accept: bool = False,
                  bootstrap_user: str = "devicebootstrap", admin_user: str = "admin",
                  host: str = "127.0.0.1", tenant: str = "t-emulator", workers: int = 4,
-                 max_message: int = 64 * 1024) -> None:
+                 max_message: int = 64 * 1024, https: bool = True, https_port: int = 0,
+                 max_binary: int = DEFAULT_MAX_SIZE, clock: Callable[[], float] = time.time,
+                 availability_interval: float = 10.0) -> None:
         self._temp = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="microcot-emulator-") if data_dir is None
                              else data_dir).resolve()
@@ -72,11 +88,19 @@ class Emulator:
         self.tenant = tenant
         self.workers = workers
         self.max_message = max_message
+        self.https = https
+        self.https_port = https_port
+        self.max_binary = max_binary
+        self.clock = clock
+        self.availability_interval = availability_interval
         self.broker: Broker | None = None
         self.model: Model | None = None
         self.api: Api | None = None
         self.engine: Engine | None = None
         self.rest: RestServer | None = None
+        self.rest_tls: RestServer | None = None
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
         self.connector: Connector | None = None
         self.connection: dict[str, Any] = {}
 
@@ -119,16 +143,25 @@ class Emulator:
         try:
             self.broker = self._start_broker(previous.get("mqtt_port"))
             self.broker.set_bootstrap(self.bootstrap_user, passwords["bootstrap_password"])
-            self.model = Model(self.data_dir / "platform.sqlite")
-            self.api = Api(self.model, credentials=self.broker, tenant=self.tenant)
-            self.engine = Engine(self.api, max_body=self.max_message)
-            self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"))
+            self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock)
+            self.api = Api(self.model, credentials=self.broker, tenant=self.tenant,
+                           binaries=BinaryStore(self.data_dir / "binaries", self.max_binary))
+            self.engine = Engine(self.api, max_body=self.max_message, clock=self.clock)
+            self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"),
+                                         self.http_port)
+            if self.https:
+                files = ensure_ca_and_server(self.broker.data_dir, self.broker.hostnames)
+                self.rest_tls = self._start_rest(passwords["admin_password"],
+                                                 previous.get("https_port"), self.https_port,
+                                                 server_ssl_context(files))
             connector = Connector(self.broker, self.api, self.engine,
                                   auto_accept=self.auto_accept,
                                   key_file=self.data_dir / "connector.key",
                                   max_message=self.max_message, workers=self.workers)
+            connector.on_device_message = self._device_active
             connector.start()
             self.connector = connector
+            self._start_monitor()
         except BaseException:
             self._stop_parts()
             raise
@@ -137,6 +170,7 @@ class Emulator:
             "mqtt_port": self.broker.port,
             "ca_cert": str(self.broker.ca_cert),
             "http_url": self.rest.url,
+            **({"https_url": self.rest_tls.url} if self.rest_tls is not None else {}),
             "admin_user": self.admin_user,
             "admin_password": passwords["admin_password"],
             "bootstrap_user": self.bootstrap_user,
@@ -155,15 +189,20 @@ class Emulator:
         self.start()
 
     def _stop_parts(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            self._monitor_stop.set()
+            monitor.join(5)
         connector, self.connector = self.connector, None
         if connector is not None:
             try:
                 connector.stop()
             except Exception:
                 log.exception("stopping the connector failed")
-        rest, self.rest = self.rest, None
-        if rest is not None:
-            rest.stop()
+        for rest in (self.rest, self.rest_tls):
+            if rest is not None:
+                rest.stop()
+        self.rest = self.rest_tls = None
         model, self.model = self.model, None
         if model is not None:
             model.close()
@@ -186,20 +225,57 @@ class Emulator:
             broker.start()
         return broker
 
-    def _start_rest(self, admin_password: str, previous: int | None) -> RestServer:
+    def _start_rest(self, admin_password: str, previous: int | None, fixed: int,
+                    tls: ssl.SSLContext | None = None) -> RestServer:
         assert self.api is not None and self.engine is not None
-        port = self.http_port or previous or 0
+        port = fixed or previous or 0
         for attempt in (port, 0):
             rest = RestServer(self.api, self.admin_user, admin_password, port=attempt,
-                              host=self.host, smartrest=self.engine.serve_http)
+                              host=self.host, smartrest=self.engine.serve_http,
+                              tls=tls, set_base_url=tls is None, on_device=self._device_active)
             try:
                 rest.start()
                 return rest
             except OSError:
-                if attempt == 0 or self.http_port:
+                if attempt == 0 or fixed:
                     raise
-                log.info("HTTP port %s of the last run is taken: choosing another", attempt)
+                log.info("%s port %s of the last run is taken: choosing another",
+                         "HTTPS" if tls else "HTTP", attempt)
         raise AssertionError("unreachable")
+
+    # -- availability ---------------------------------------------------------------------------
+
+    def _device_active(self, user: str) -> None:
+        """A device user sent something (MQTT message or REST request): note it for
+        availability, once its managed object is known."""
+        if self.engine is None or self.api is None:
+            return
+        mo = self.engine.device_mo_id(user)
+        if mo is not None:
+            self.api.record_message(mo)
+
+    def _start_monitor(self) -> None:
+        if self.availability_interval <= 0:
+            return
+        self._monitor_stop.clear()
+        t = threading.Thread(target=self._monitor_loop, name="emulator-availability",
+                             daemon=True)
+        self._monitor = t
+        t.start()
+
+    def _monitor_loop(self) -> None:
+        while not self._monitor_stop.wait(self.availability_interval):
+            api = self.api
+            if api is None:
+                return
+            try:
+                api.check_availability()
+            except Exception:
+                log.exception("the availability check failed")
+
+    def check_availability(self) -> list[str]:
+        """Run the availability check now (tests that move the clock); the ids alarmed now."""
+        return self._need_api().check_availability()
 
     # -- persisted settings -------------------------------------------------------------------
 
@@ -210,9 +286,11 @@ class Emulator:
     def _previous_ports(self) -> dict[str, int]:
         try:
             old = json.loads(self.connection_file.read_text())
-            url = str(old.get("http_url", ""))
-            return {"mqtt_port": int(old["mqtt_port"]),
-                    "http_port": int(url.rsplit(":", 1)[1]) if ":" in url[7:] else 0}
+            out = {"mqtt_port": int(old["mqtt_port"])}
+            for key in ("http", "https"):
+                url = str(old.get(key + "_url", "")).split("//", 1)[-1]
+                out[key + "_port"] = int(url.rsplit(":", 1)[1]) if ":" in url else 0
+            return out
         except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
             return {}
 
@@ -239,6 +317,25 @@ class Emulator:
         if r.status != 201 or not isinstance(r.body, dict):
             message = r.body.get("message") if isinstance(r.body, dict) else r.reason
             raise EmulatorError(f"creating the operation failed: {r.status} {message}")
+        return r.body
+
+    def upload_binary(self, name: str, data: bytes, type: str = "application/octet-stream",
+                      content_type: str | None = None, **fragments: Any) -> dict[str, Any]:
+        """Store a binary as the admin would (POST /inventory/binaries, multipart with `object`
+        and `file`); returns its managed object. `content_type` defaults to `type`."""
+        boundary = "microcot-" + uuid.uuid4().hex
+        obj = json.dumps({"name": name, "type": type, **fragments}).encode()
+        body = b"".join([
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"object\"\r\n"
+            "Content-Type: application/json\r\n\r\n".encode(), obj,
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{quote(name)}\"\r\nContent-Type: {content_type or type}\r\n\r\n"
+            .encode(), data, f"\r\n--{boundary}--\r\n".encode()])
+        r = self._need_api().handle("POST", "/inventory/binaries", body,
+                                    f"multipart/form-data; boundary={boundary}")
+        if r.status != 201 or not isinstance(r.body, dict):
+            message = r.body.get("message") if isinstance(r.body, dict) else r.reason
+            raise EmulatorError(f"uploading {name} failed: {r.status} {message}")
         return r.body
 
     def add_device(self, device_id: str, password: str | None = None) -> str:
