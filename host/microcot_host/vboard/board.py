@@ -677,7 +677,8 @@ class VirtualBoard:
         cmd = [self._mp]
         if self.heap is not None:
             cmd += ["-X", f"heapsize={self.heap}"]
-        cmd += [*repl_launch(self._mp), json.dumps(cfg)]
+        # compact: this unix port aborts on an argument of 256 characters or more
+        cmd += [*repl_launch(self._mp), json.dumps(cfg, separators=(",", ":"))]
         parent = os.getpid()
         try:
             proc = subprocess.Popen(
@@ -719,7 +720,7 @@ class VirtualBoard:
             return False
         return isinstance(cfg, dict) and cfg.get("family") == "esp32"
 
-    def _ota_cfg(self, cause: int) -> dict[str, str] | None:
+    def _ota_cfg(self, cause: int) -> str | None:
         if not self._ota_enabled():
             self.ota_running = None
             return None
@@ -728,7 +729,7 @@ class VirtualBoard:
             for n in notes:
                 self.ota_rollbacks += "rollback" in n
                 self._to_serial(f"{n}\r\n".encode())
-        return {"dir": str(self.ota_dir), "running": self.ota_running}
+        return self.ota_running  # the board finds the files in <flash>.ota
 
     def _on_child_in(self, _events: int) -> None:
         c = self._child

@@ -653,6 +653,131 @@ class _Proxy:
         return getattr(self._mod, n)
 
 
+# ---- emulated OTA partitions (the "esp32" module; see board.py's _ota_boot) ----
+# ota_0/ota_1 are host files <ota dir>/ota_N.bin (bytes never written read as 0xFF), the
+# otadata a JSON file there: {"boot": label, "state": undefined|new|pending|valid|aborted}.
+# board.py's bootloader picks the running partition at every hard reset; a soft reset keeps it.
+_OTA_SIZE = 0x180000  # MicroPython's partitions-4MiB-ota.csv
+
+
+def _otaf(name):
+    return _C["flash"] + ".ota/" + name
+
+
+def _otad(d=None):
+    if d is None:
+        with _host.open(_otaf("otadata.json"), "r") as f:
+            return json.loads(f.read())
+    with _host.open(_otaf("otadata.json"), "w") as f:
+        f.write(json.dumps(d))
+
+
+def _oerr(code, name):
+    return OSError(-code, name)
+
+
+class _Part:
+    BOOT = 0
+    RUNNING = 1
+    TYPE_APP = 0
+    TYPE_DATA = 1
+
+    def __init__(self, id, block_size=4096):
+        if id == 0:
+            id = _otad()["boot"]
+        elif id == 1:
+            id = _C["ota"]
+        if id not in ("ota_0", "ota_1"):
+            raise OSError(2)
+        self.l = id
+        self.bs = block_size
+
+    def info(self):
+        n = int(self.l[4])
+        return (0, 0x10 + n, 0x10000 + n * _OTA_SIZE, _OTA_SIZE, self.l, False)
+
+    def __repr__(self):
+        i = self.info()
+        return "<Partition type=0, subtype=%d, address=%d, size=%d, label=%s, encrypted=0>" % i[1:5]
+
+    def _io(self, a, n):
+        if a < 0 or a + n > _OTA_SIZE:
+            raise _oerr(0x102, "ESP_ERR_INVALID_ARG")
+        return _host.open(_otaf(self.l + ".bin"), "r+b")
+
+    def readblocks(self, b, buf, off=0):
+        a = b * self.bs + off
+        with self._io(a, len(buf)) as f:
+            f.seek(a)
+            n = f.readinto(buf) or 0
+        for i in range(n, len(buf)):
+            buf[i] = 0xFF
+
+    def _put(self, a, data):
+        with self._io(a, len(data)) as f:
+            end = f.seek(0, 2)
+            if end < a:
+                f.write(b"\xff" * (a - end))
+            f.seek(a)
+            f.write(data)
+
+    def _erase(self, a, n):
+        if a % 4096 or n % 4096:
+            raise _oerr(0x102, "ESP_ERR_INVALID_ARG")
+        self._put(a, b"\xff" * n)
+
+    def writeblocks(self, b, buf, off=None):
+        a = b * self.bs
+        if off is None:
+            self._erase(a, len(buf))  # the simple form erases first, as esp32_partition.c does
+            self._put(a, buf)
+        else:
+            # NOR flash: a write only clears bits
+            a += off
+            old = bytearray(len(buf))
+            self.readblocks(0, old, a)
+            for i in range(len(buf)):
+                old[i] &= buf[i]
+            self._put(a, old)
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return _OTA_SIZE // self.bs
+        if op == 5:
+            return self.bs
+        if op == 6:
+            self._erase(arg * self.bs, self.bs)
+        return 0
+
+    def set_boot(self):
+        h = bytearray(64)
+        self.readblocks(0, h)
+        if h[0] != 0xE9 or h[32:36] != b"\x32\x54\xcd\xab":
+            raise _oerr(0x1503, "ESP_ERR_OTA_VALIDATE_FAILED")
+        _otad({"boot": self.l, "state": "new"})
+
+    def get_next_update(self):
+        return _Part("ota_1" if _C["ota"] == "ota_0" else "ota_0")
+
+    @staticmethod
+    def find(type=0, subtype=255, label=None, block_size=4096):
+        if type != 0:
+            return []
+        return [_Part(l, block_size) for l in ("ota_0", "ota_1")
+                if (label is None or label == l) and subtype in (255, 0x10 + int(l[4]))]
+
+    @staticmethod
+    def mark_app_valid_cancel_rollback():
+        d = _otad()
+        if d["boot"] == _C["ota"] and d["state"] == "pending":
+            d["state"] = "valid"
+            _otad(d)
+
+
+class _Esp32:
+    Partition = _Part
+
+
 def _setup():
     global _host
     _host = vfs.VfsPosix()
@@ -676,6 +801,8 @@ def _setup():
         SOFT_RESET=5,
     )
     sys.modules["micropython"] = _Proxy(_umpy, kbd_intr=_kbd)
+    if _C.get("ota"):
+        sys.modules["esp32"] = _Esp32
 
 
 _mode = _C["mode"]  # 0 friendly, 1 raw
