@@ -22,9 +22,9 @@ from pathlib import Path
 
 import click
 
-from . import boards, transport
+from . import boards, ports, transport
 from .paths import firmware_dir
-from .transport import BoardError, BoardInfo, TransportExecError
+from .transport import BoardError, BoardInfo, TransportError, TransportExecError
 
 LIB = "/lib/microcot"
 APP_FILES = ("main.py", "templates.csv")  # the example application, deployed with app=True
@@ -300,35 +300,54 @@ def _guess_board(info: BoardInfo) -> str | None:
 
 
 @click.command("deploy")
-@click.option("--port", "-p", envvar="MICROCOT_PORT", required=True,
-              help="serial port of the board (or MICROCOT_PORT)")
+@ports.port_option()
 @click.option("--board", "-b", "board_name", default=None,
               help=f"board definition from boards/ ({', '.join(boards.names())})")
 @click.option("--no-compile", is_flag=True, help="copy .py sources instead of .mpy")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (a list with "
+              "one object per board)")
 @click.option("--timeout", default=10.0, show_default=True,
               help="seconds to wait for the board's raw REPL")
-def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json: bool,
-                   timeout: float) -> None:
-    """Install the microcot firmware and the board's configuration onto a board."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+def deploy_command(port_specs: tuple[str, ...], board_name: str | None, no_compile: bool,
+                   as_json: bool, timeout: float) -> None:
+    """Install the microcot firmware and the board's configuration onto boards.
 
+    --port takes what every command takes (a path, auto, a glob, a list, virtual:NAME, or
+    $MICROCOT_PORT); the boards are deployed one after another and a failed one does not stop
+    the others (exit code 1 names it)."""
     try:
         bdef = boards.load(board_name) if board_name else None
     except boards.BoardError as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
-                                 timeout=timeout)
-    except BoardError as exc:
-        raise click.ClickException(str(exc)) from None
+    targets = ports.resolve_for_click(port_specs or None)
+    done, failed = [], []
+    for port in targets:
+        try:
+            done.append(_deploy_one(port, bdef, not no_compile, timeout, as_json))
+        except (BoardError, DeployError, TransportError, OSError) as exc:
+            msg = exc.error_output.strip() if isinstance(exc, TransportExecError) else str(exc)
+            # a message names its port once
+            failed.append(msg if msg.startswith(port) else f"{port}: {msg}")
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+    for summary in [] if as_json else done:
+        _print_summary(summary)
+    if failed:
+        raise click.ClickException("deploy failed: " + "; ".join(failed))
+
+
+def _deploy_one(port: str, bdef: boards.Board | None, compile_: bool, timeout: float,
+                quiet: bool) -> dict:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
+                             timeout=timeout)
     try:
         if bdef is None:
             guess = _guess_board(transport.board_info(t))
             bdef = boards.load(guess) if guess else None
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                      disable=as_json or not sys.stderr.isatty(),
-                      console=None) as bar:
+                      disable=quiet or not sys.stderr.isatty(), console=None) as bar:
             tasks: dict[str, int] = {}
 
             def progress(what: str, done: int, total: int) -> None:
@@ -336,16 +355,14 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
                     tasks[what] = bar.add_task(what, total=total or 1)
                 bar.update(tasks[what], completed=done if total else 1)
 
-            result = deploy_transport(t, bdef, not no_compile, progress)
-    except (BoardError, DeployError, TransportExecError, OSError) as exc:
-        msg = exc.error_output.strip() if isinstance(exc, TransportExecError) else str(exc)
-        raise click.ClickException(f"deploy failed: {msg}") from None
+            result = deploy_transport(t, bdef, compile_, progress)
     finally:
         transport.close(t)
-    summary = {
+    return {
         "port": port,
         "board": bdef.name if bdef else None,
         "micropython": result.info.version,
+        "platform": result.info.platform,
         "mpy": result.info.mpy_tag,
         "arch": result.info.arch,
         "compiled": result.compiled,
@@ -357,17 +374,17 @@ def deploy_command(port: str, board_name: str | None, no_compile: bool, as_json:
         "microcot": result.version,
         "unavailable": result.unavailable,
     }
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    kind = f".mpy v{result.info.mpy_tag} ({result.info.arch or 'no native code'})" \
-        if result.compiled else ".py sources"
-    click.echo(f"{port}: MicroPython {result.info.version} on {result.info.platform}, "
-               f"board {summary['board'] or 'unknown'}")
-    click.echo(f"  {len(result.copied)} copied, {len(result.unchanged)} unchanged, "
-               f"{len(result.removed)} removed, {result.bytes_sent} bytes as {kind}, "
-               f"{result.seconds:.1f} s")
-    click.echo(f"  import microcot OK (version {result.version})")
-    for name, why in sorted(result.unavailable.items()):
+
+
+def _print_summary(summary: dict) -> None:
+    kind = f".mpy v{summary['mpy']} ({summary['arch'] or 'no native code'})" \
+        if summary["compiled"] else ".py sources"
+    click.echo(f"{summary['port']}: MicroPython {summary['micropython']} on "
+               f"{summary['platform']}, board {summary['board'] or 'unknown'}")
+    click.echo(f"  {len(summary['copied'])} copied, {summary['unchanged']} unchanged, "
+               f"{len(summary['removed'])} removed, {summary['bytes_sent']} bytes as {kind}, "
+               f"{summary['seconds']:.1f} s")
+    click.echo(f"  import microcot OK (version {summary['microcot']})")
+    for name, why in sorted(summary["unavailable"].items()):
         click.echo(f"  microcot.{name} cannot run on this firmware: {why}")
 

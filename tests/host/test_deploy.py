@@ -92,19 +92,36 @@ def test_stale_files_removed_and_no_compile(board):
 def test_cli_deploy_reports_and_skips(board):
     r = cli("deploy", "--port", board.port, "--board", "virtual", "--json")
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["micropython"].startswith("1.")
+    [out] = json.loads(r.stdout)
+    assert out["port"] == board.port and out["micropython"].startswith("1.")
     assert out["compiled"] is True and out["microcot"] == "0.1.0"
     r2 = cli("deploy", "--port", board.port, "--json")
     assert r2.returncode == 0, r2.stderr
-    assert json.loads(r2.stdout)["copied"] == []
+    assert json.loads(r2.stdout)[0]["copied"] == []
     assert on_board(board.port, "__import__('microcot').__version__") == "0.1.0"
+
+
+def test_cli_deploy_takes_every_port_form_and_names_a_failed_port_once(board, tmp_path):
+    """--port as every command takes it: a list with a glob; a missing board fails alone."""
+    link = tmp_path / "ttyVB0"
+    link.symlink_to(board.port)
+    r = cli("deploy", "--port", f"{tmp_path}/ttyVB*,/dev/does-not-exist-42", "--json")
+    assert r.returncode != 0
+    assert r.stderr.count("/dev/does-not-exist-42") == 1, r.stderr
+    r = cli("deploy", "--port", f"{tmp_path}/ttyVB*", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [d["copied"] for d in json.loads(r.stdout)] == [[]]
+    r = subprocess.run([sys.executable, "-m", "microcot_host", "deploy", "--json"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MICROCOT_PORT": f"{tmp_path}/ttyVB*"})
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1, r.stderr
 
 
 def test_cli_missing_port():
     r = cli("deploy", "--port", "/dev/does-not-exist-42")
     assert r.returncode != 0
-    assert "no such serial port" in r.stderr
+    # the resolver's message, as every command with --port gives it
+    assert "/dev/does-not-exist-42: no such port" in r.stderr
     assert "Traceback" not in r.stderr
 
 

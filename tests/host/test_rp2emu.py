@@ -205,11 +205,11 @@ def test_deploy_then_identity_from_the_modem(pair: list[EmulatedRP2040],
     a = pair[0]
     first = microcot("deploy", "--port", a.port, "--json", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    r1 = json.loads(first.stdout)
+    [r1] = json.loads(first.stdout)
     assert r1["board"] == "rp2-pico-w" and r1["compiled"] and r1["copied"]
     again = microcot("deploy", "--port", a.port, "--json", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    r2 = json.loads(again.stdout)
+    [r2] = json.loads(again.stdout)
     assert r2["copied"] == [] and r2["removed"] == [] and r2["unchanged"] == \
         len(r1["copied"]) + r1["unchanged"]
     # the firmware's identity reads the SIM over machine.UART(0) (the board file's modem pins)
@@ -342,7 +342,7 @@ def test_deploy_on_a_plain_pico_names_the_modules_it_cannot_run(env: dict[str, s
     try:
         r = microcot("deploy", "--port", board.port, "--board", "rp2-pico", "--json", env=env)
         assert r.returncode == 0, r.stdout + r.stderr
-        na = json.loads(r.stdout)["unavailable"]
+        na = json.loads(r.stdout)[0]["unavailable"]
         # the MQTT and WebSocket clients need socket/ssl; the protocol cores do not
         assert {"mqtt", "ws"} <= set(na) and "no module named" in na["mqtt"]
         assert not {"mqttpkt", "wsframe", "smartrest", "binrest", "xtea", "agent"} & set(na)

@@ -115,7 +115,7 @@ def test_without_the_unix_port(venv: Path, tmp_path: Path) -> None:
     finally:
         vb.stop()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["copied"]
+    assert json.loads(r.stdout)[0]["copied"]
     assert (tmp_path / "flash" / "lib" / "microcot" / "agent.mpy").exists()
 
 
