@@ -19,6 +19,7 @@ import pytest
 import serial
 from mpremote.transport_serial import SerialTransport
 
+from microcot_host import transport
 from microcot_host.vboard import VirtualBoard
 from microcot_host.vboard.board import default_mac, parse_heap, parse_mac
 
@@ -404,3 +405,24 @@ def test_cli_serves_until_sigterm(tmp_path):
     assert f"mpremote connect {link} repl" in out
     assert pids_of(flash) == []
     assert not port_file.exists() and not link.is_symlink()
+
+
+def test_a_long_flash_path_still_boots(tmp_path):
+    """The board's settings reach the interpreter whatever their length (the unix port aborts
+    on a command-line argument of 256 characters or more)."""
+    deep = tmp_path / ("d" * 100) / ("e" * 100) / ("f" * 100)
+    vb = VirtualBoard("long-path-board", flash_dir=deep, iccid="89490200001234567892").start()
+    try:
+        t = transport.open_board(vb.port)
+        try:
+            transport.run(t, "f = open('/here.txt', 'w'); f.write('x'); f.close()")
+        finally:
+            transport.close(t)
+        assert (deep / "here.txt").read_text() == "x"  # the flash is that folder
+        t = transport.open_board(vb.port)
+        try:
+            assert transport.evaluate(t, "1 + 1") == 2
+        finally:
+            transport.close(t)
+    finally:
+        vb.stop()

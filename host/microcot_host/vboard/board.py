@@ -677,12 +677,15 @@ class VirtualBoard:
         cmd = [self._mp]
         if self.heap is not None:
             cmd += ["-X", f"heapsize={self.heap}"]
-        # compact: this unix port aborts on an argument of 256 characters or more
-        cmd += [*repl_launch(self._mp), json.dumps(cfg, separators=(",", ":"))]
+        cmd += repl_launch(self._mp)
+        # in the environment, not an argument: the unix port aborts on an argument of 256
+        # characters or more, which a long flash path alone can reach
+        env = {**os.environ, "MICROCOT_VBOARD": json.dumps(cfg, separators=(",", ":"))}
         parent = os.getpid()
         try:
             proc = subprocess.Popen(
                 cmd, stdin=stdin_r, stdout=out_w, stderr=out_w, pass_fds=(ctl_child.fileno(),),
+                env=env,
                 cwd=self.flash_dir, start_new_session=True, close_fds=True,
                 preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL),
             )

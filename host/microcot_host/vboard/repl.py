@@ -29,7 +29,7 @@ import sys, os, vfs, json, io, gc
 import micropython as _umpy
 import machine as _umachine
 
-_C = json.loads(sys.argv[1])
+_C = json.loads(os.getenv("MICROCOT_VBOARD"))
 
 
 def _where():
