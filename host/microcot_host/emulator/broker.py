@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import secrets_file, write_private
-from .certs import TlsFiles, client_ssl_context, ensure_ca_and_server
+from .certs import DEFAULT_IPS, TlsFiles, client_ssl_context, ensure_ca_and_server
 
 ADMIN_USER = "microcot-admin"
 CONNECTOR_USER = "microcot-connector"
@@ -151,7 +151,7 @@ class Broker:
     def __init__(self, data_dir: Path | str, port: int = 0, tls: bool = True,
                  host: str = "127.0.0.1", hostnames: tuple[str, ...] = ("localhost",),
                  max_packet_size: int = DEFAULT_MAX_PACKET, start_timeout: float = 10.0,
-                 command_timeout: float = 5.0) -> None:
+                 command_timeout: float = 5.0, ips: tuple[str, ...] = DEFAULT_IPS) -> None:
         self.data_dir = Path(data_dir).resolve()
         if re.search(r"\s", str(self.data_dir)):
             # mosquitto.conf has no quoting: a path with a blank would be cut at the blank
@@ -160,6 +160,7 @@ class Broker:
         self.host = host
         self.tls = tls
         self.hostnames = tuple(hostnames)
+        self.ips = tuple(ips)
         self.max_packet_size = max_packet_size
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
@@ -175,6 +176,12 @@ class Broker:
         self.start_seconds: float | None = None
 
     # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine's own clients (the connector, the checks) reach the broker: the
+        listener's address, or loopback when it listens on every address."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
 
     @property
     def port(self) -> int:
@@ -238,7 +245,7 @@ class Broker:
         self._take_lock()
         try:
             if self.tls:
-                self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames)
+                self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames, self.ips)
             self._load_secrets()
             self._prepare_dynsec()
             self._write_file(self.data_dir / "bootstrap.acl",
@@ -355,7 +362,7 @@ class Broker:
     def _tls(self) -> TlsFiles:
         if self._tls_files is None:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames)
+            self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames, self.ips)
         return self._tls_files
 
     def _take_lock(self) -> None:
@@ -501,10 +508,10 @@ class Broker:
 
     def _accepts(self) -> bool:
         try:
-            with socket.create_connection((self.host, self._port), timeout=1.0) as sock:
+            with socket.create_connection((self.local_host, self._port), timeout=1.0) as sock:
                 if self.tls:
                     ctx = client_ssl_context(self._tls().ca_cert)
-                    with ctx.wrap_socket(sock, server_hostname=self.host):
+                    with ctx.wrap_socket(sock, server_hostname=self.local_host):
                         pass
             return True
         except (OSError, ssl.SSLError):
@@ -559,7 +566,7 @@ class Broker:
         client.on_subscribe = on_subscribe
         client.on_message = self._on_admin_message
         try:
-            client.connect(self.host, self._port, keepalive=30)
+            client.connect(self.local_host, self._port, keepalive=30)
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(f"the admin client could not connect: {exc}") from None
         client.loop_start()

@@ -1,7 +1,8 @@
 """`microcot emulator`: run the platform emulator, or talk to a running one through its REST API.
 
     microcot emulator [--data DIR] [--mqtt-port P] [--http-port P] [--https-port P]
-                      [--max-binary MIB] [--auto-accept]
+                      [--max-binary MIB] [--auto-accept] [--bind ADDR] [--host NAME ...]
+    microcot emulator board-config [--out F] what a real board needs (host, port, CA, user)
     microcot emulator accept ID             accept a device's bootstrap request
     microcot emulator register fleet.csv    bulk registration (seed 002's CSV)
     microcot emulator devices               devices and new device requests
@@ -67,21 +68,29 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
               help="Largest file /inventory/binaries accepts, in MiB.")
 @click.option("--auto-accept", is_flag=True,
               help="Accept every bootstrap request at once.")
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address the broker and the REST API listen on (0.0.0.0: every IPv4 "
+                   "address, for real boards on the network).")
+@click.option("--host", "names", multiple=True, metavar="NAME",
+              help="Host name or address boards use to reach this machine (repeatable): the "
+                   "server certificate carries each, and the first goes to connection.json.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.pass_context
 def emulator(ctx: click.Context, data: Path | None, mqtt_port: int, http_port: int,
-             https_port: int, max_binary: int, auto_accept: bool, verbose: bool) -> None:
+             https_port: int, max_binary: int, auto_accept: bool, bind: str,
+             names: tuple[str, ...], verbose: bool) -> None:
     """The Cloud of Things platform emulator: Mosquitto with TLS, the SmartREST connector and
     the REST API. Without a subcommand it runs until Ctrl-C or SIGTERM."""
     ctx.obj = {"data": data}
     if ctx.invoked_subcommand is not None:
         return
     _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose, https_port,
-         max_binary)
+         max_binary, bind, names)
 
 
 def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool,
-         https_port: int = 0, max_binary: int = 64) -> None:
+         https_port: int = 0, max_binary: int = 64, bind: str = "127.0.0.1",
+         names: tuple[str, ...] = ()) -> None:
     from .broker import BrokerError
     from .connector import ConnectorError
     from .service import Emulator, EmulatorError
@@ -95,10 +104,10 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
-                   auto_accept=auto_accept, https_port=https_port,
-                   max_binary=max_binary << 20)
     try:
+        emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
+                       auto_accept=auto_accept, https_port=https_port,
+                       max_binary=max_binary << 20, host=bind, names=names)
         emu.start()
     except (BrokerError, ConnectorError, EmulatorError, OSError) as e:
         raise click.ClickException(f"the emulator could not start: {e}") from None
@@ -114,6 +123,8 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
             f"  bootstrap   user {c['bootstrap_user']!r}, password {MASK}",
             f"  passwords   in {emu.connection_file} (owner-only)",
             f"  acceptance  {'automatic' if auto_accept else 'microcot emulator accept ID'}",
+            f"  listening   on {bind}; the certificate names {', '.join(emu.cert_names())}",
+            "  a board     microcot emulator board-config (what to put into /microcot.json)",
             "Running; stop with Ctrl-C.",
         ]), nl=True)
         while not stop.wait(0.5):
@@ -168,6 +179,47 @@ class _Rest:
 def _fail(what: str, status: int, body: Any) -> click.ClickException:
     message = body.get("message") if isinstance(body, dict) else None
     return click.ClickException(f"{what}: {status} {message or ''}".rstrip())
+
+
+@emulator.command("board-config")
+@_data_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the settings with the bootstrap password and the CA's PEM into this "
+                   "file (owner-only), ready for /microcot.json; nothing secret is printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON (masked).")
+@click.pass_context
+def board_config(ctx: click.Context, data: Path | None, out: Path | None, as_json: bool) -> None:
+    """What a real board needs to reach this emulator: broker host and port, the CA to trust,
+    the bootstrap user (its password masked here; with --out, written owner-only)."""
+    from ..files import write_private
+
+    folder = _resolve_data(ctx, data)
+    path = folder / "connection.json"
+    try:
+        conn = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.ClickException(f"no emulator in {folder} ({path.name} is missing): start "
+                                   f"one with `microcot emulator --data {folder}`") from None
+    except ValueError as e:
+        raise click.ClickException(f"{path} is unreadable: {e}") from None
+    settings = {"host": conn["mqtt_host"], "port": conn["mqtt_port"], "tls": True,
+                "ca": conn["ca_cert"], "bootstrap_user": conn["bootstrap_user"],
+                "bootstrap_password": MASK}
+    if out is not None:
+        full = dict(settings, bootstrap_password=conn["bootstrap_password"],
+                    ca=Path(conn["ca_cert"]).read_text())
+        write_private(out, json.dumps(full, indent=1) + "\n")
+    if as_json:
+        click.echo(json.dumps(settings, indent=2))
+        return
+    click.echo("\n".join([
+        f"  host                {settings['host']} (the server certificate names it)",
+        f"  port                {settings['port']} (MQTT over TLS)",
+        f"  ca                  {settings['ca']} (copy it to the board, or its PEM into "
+        "/microcot.json)",
+        f"  bootstrap_user      {settings['bootstrap_user']}",
+        f"  bootstrap_password  {MASK} (in {path}, owner-only)",
+    ] + ([f"written to {out} (owner-only), with the password and the CA's PEM"] if out else [])))
 
 
 @emulator.command()

@@ -315,7 +315,7 @@ class Connector:
         # possibly before the SUBACK, and those answers must go out
         self._client = c
         try:
-            c.connect(self.broker.host, self.broker.port, keepalive=30)
+            c.connect(self.broker.local_host, self.broker.port, keepalive=30)
         except (OSError, ssl.SSLError) as e:
             self._client = None
             self.lanes.stop(0)
@@ -330,7 +330,7 @@ class Connector:
             raise ConnectorError(f"the connector could not subscribe: "
                                  f"{self._failure or 'no answer from the broker'}")
         self._started = True
-        log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.host,
+        log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.local_host,
                  self.broker.port)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -103,7 +103,8 @@ class RestServer:
                  max_body: int = MAX_BODY, device_users: bool = True,
                  idle_timeout: float = 30.0, set_base_url: bool = True,
                  tls: ssl.SSLContext | None = None,
-                 on_device: Callable[[str], None] | None = None) -> None:
+                 on_device: Callable[[str], None] | None = None,
+                 public_host: str | None = None) -> None:
         if not admin_user or not admin_password:
             raise ValueError("the REST API needs an admin user and password")
         self.api = api
@@ -113,6 +114,7 @@ class RestServer:
         self.max_body = max_body
         self.device_users = device_users
         self._host = host
+        self._public_host = public_host or host  # the name clients use (the certificate's)
         self._port = port
         self._idle_timeout = idle_timeout
         self._set_base_url = set_base_url
@@ -129,7 +131,8 @@ class RestServer:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self._host}:{self.port}"
+        host = f"[{self._public_host}]" if ":" in self._public_host else self._public_host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> None:
         if self._server is not None:

@@ -27,6 +27,7 @@ start the emulator from a thread that lives as long as it should, normally the m
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import secrets
@@ -75,7 +76,11 @@ class Emulator:
                  host: str = "127.0.0.1", tenant: str = "t-emulator", workers: int = 4,
                  max_message: int = 64 * 1024, https: bool = True, https_port: int = 0,
                  max_binary: int = DEFAULT_MAX_SIZE, clock: Callable[[], float] = time.time,
-                 availability_interval: float = 10.0) -> None:
+                 availability_interval: float = 10.0, names: tuple[str, ...] = ()) -> None:
+        """host: the address to listen on (0.0.0.0 for every IPv4 address); names: the host
+        names and addresses real boards use to reach this machine. The server certificate
+        carries them all (with localhost, 127.0.0.1 and ::1); the first is what connection.json
+        tells devices."""
         self._temp = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="microcot-emulator-") if data_dir is None
                              else data_dir).resolve()
@@ -85,6 +90,10 @@ class Emulator:
         self.bootstrap_user = bootstrap_user
         self.admin_user = admin_user
         self.host = host
+        self.names = tuple(names)
+        if not names and host in ("0.0.0.0", "::", ""):
+            raise EmulatorError(f"listening on every address ({host}): name the host boards use "
+                                "to reach this machine (--host NAME), for the certificate")
         self.tenant = tenant
         self.workers = workers
         self.max_message = max_message
@@ -105,6 +114,30 @@ class Emulator:
         self.connection: dict[str, Any] = {}
 
     # -- paths --------------------------------------------------------------------------------
+
+    @property
+    def public_host(self) -> str:
+        """The name devices are told to connect to: the first of `names`, else the listener's."""
+        return self.names[0] if self.names else self.host
+
+    def _cert_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(DNS names, IP addresses) for the server certificate."""
+        dns, ips = ["localhost"], ["127.0.0.1", "::1"]
+        for name in (*self.names, self.host):
+            try:
+                ip = str(ipaddress.ip_address(name))
+            except ValueError:
+                if name and name not in dns:
+                    dns.append(name)
+                continue
+            if not ipaddress.ip_address(ip).is_unspecified and ip not in ips:
+                ips.append(ip)
+        return tuple(dns), tuple(ips)
+
+    def cert_names(self) -> list[str]:
+        """The names and addresses the server certificate carries."""
+        dns, ips = self._cert_names()
+        return [*dns, *ips]
 
     @property
     def connection_file(self) -> Path:
@@ -150,7 +183,8 @@ class Emulator:
             self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"),
                                          self.http_port)
             if self.https:
-                files = ensure_ca_and_server(self.broker.data_dir, self.broker.hostnames)
+                files = ensure_ca_and_server(self.broker.data_dir, self.broker.hostnames,
+                                             self.broker.ips)
                 self.rest_tls = self._start_rest(passwords["admin_password"],
                                                  previous.get("https_port"), self.https_port,
                                                  server_ssl_context(files))
@@ -166,7 +200,7 @@ class Emulator:
             self._stop_parts()
             raise
         self.connection = {
-            "mqtt_host": self.host,
+            "mqtt_host": self.public_host,
             "mqtt_port": self.broker.port,
             "ca_cert": str(self.broker.ca_cert),
             "http_url": self.rest.url,
@@ -177,7 +211,8 @@ class Emulator:
             "bootstrap_password": passwords["bootstrap_password"],
         }
         write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
-        log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.host, self.broker.port,
+        log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.public_host,
+                 self.broker.port,
                  self.rest.url, self.data_dir)
 
     def stop(self) -> None:
@@ -212,8 +247,9 @@ class Emulator:
 
     def _start_broker(self, previous: int | None) -> Broker:
         tried_previous = not self.mqtt_port and previous
+        dns, ips = self._cert_names()
         broker = Broker(self.data_dir / "broker", port=self.mqtt_port or previous or 0,
-                        host=self.host, hostnames=("localhost",))
+                        host=self.host, hostnames=dns, ips=ips)
         try:
             broker.start()
         except BrokerError as e:
@@ -221,7 +257,7 @@ class Emulator:
                 raise
             log.info("MQTT port %s of the last run is taken: choosing another", previous)
             broker = Broker(self.data_dir / "broker", port=0, host=self.host,
-                            hostnames=("localhost",))
+                            hostnames=dns, ips=ips)
             broker.start()
         return broker
 
@@ -232,7 +268,8 @@ class Emulator:
         for attempt in (port, 0):
             rest = RestServer(self.api, self.admin_user, admin_password, port=attempt,
                               host=self.host, smartrest=self.engine.serve_http,
-                              tls=tls, set_base_url=tls is None, on_device=self._device_active)
+                              tls=tls, set_base_url=tls is None, on_device=self._device_active,
+                              public_host=self.public_host)
             try:
                 rest.start()
                 return rest
