@@ -9,6 +9,7 @@ import click
 # name -> "module:attribute" of a click command or group
 _COMMANDS = {
     "board": "microcot_host.vboard.cli:board",
+    "config": "microcot_host.config:config",
     "boards": "microcot_host.boards_cli:boards",
     "demo": "microcot_host.demo:demo",
     "deploy": "microcot_host.deploy:deploy_command",

@@ -243,15 +243,19 @@ def verify(t, modules: list[str], unavailable: dict[str, str] | None = None) -> 
 
 
 def app_files(app: bool = True, config: dict | None = None,
-              source: Path | None = None) -> list[FileSpec]:
+              source: Path | None = None, extra: list[FileSpec] | None = None) -> list[FileSpec]:
     """The example application and the agent's settings, beside the package: `/main.py` and
-    `/templates.csv` (app=True) and `/microcot.json` (config, a dict; it holds passwords, so
-    nobody prints it)."""
+    `/templates.csv` (app=True), `extra` files (a CA, the user's own templates, which replace
+    the example's), and `/microcot.json` (config, a dict; it holds passwords, so nobody prints
+    it) last, after the files it names."""
     files: list[FileSpec] = []
+    mine = {f.dest for f in extra or ()}
     if app:
         src = source or firmware_dir()
         for name in APP_FILES:
-            files.append(FileSpec("/" + name, (src / name).read_bytes()))
+            if "/" + name not in mine:
+                files.append(FileSpec("/" + name, (src / name).read_bytes()))
+    files += extra or []
     if config is not None:
         files.append(FileSpec(APP_CONFIG, json.dumps(config, indent=1, sort_keys=True).encode()))
     return files
@@ -259,13 +263,14 @@ def app_files(app: bool = True, config: dict | None = None,
 
 def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True,
                      progress: Progress | None = None, source: Path | None = None,
-                     app: bool = False, config: dict | None = None) -> DeployResult:
+                     app: bool = False, config: dict | None = None,
+                     extra: list[FileSpec] | None = None) -> DeployResult:
     """Deploy the package (and the board file); app=True adds the example application
     (/main.py, /templates.csv), config the agent's settings (/microcot.json)."""
     start = time.monotonic()
     info = transport.board_info(t)
     files, compiled = firmware_files(info, compile_, board, source)
-    files += app_files(app, config, source)
+    files += app_files(app, config, source, extra)
     result = DeployResult(info=info, compiled=compiled)
     hashes = remote_hashes(t, [f.dest for f in files])
     for spec in files:
@@ -308,22 +313,45 @@ def _guess_board(info: BoardInfo) -> str | None:
               "one object per board)")
 @click.option("--timeout", default=10.0, show_default=True,
               help="seconds to wait for the board's raw REPL")
+@click.option("--app", is_flag=True, help="also the example application (/main.py, "
+              "/templates.csv)")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), help="the agent's settings (microcot config new), checked, as "
+              "/microcot.json")
+@click.option("--templates", "templates_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), help="your template collection as /templates.csv")
+@click.option("--ca", "ca_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="the broker's CA (PEM) as /ca.pem; the settings then name it")
 def deploy_command(port_specs: tuple[str, ...], board_name: str | None, no_compile: bool,
-                   as_json: bool, timeout: float) -> None:
+                   as_json: bool, timeout: float, app: bool, config_file: Path | None,
+                   templates_file: Path | None, ca_file: Path | None) -> None:
     """Install the microcot firmware and the board's configuration onto boards.
 
     --port takes what every command takes (a path, auto, a glob, a list, virtual:NAME, or
     $MICROCOT_PORT); the boards are deployed one after another and a failed one does not stop
     the others (exit code 1 names it)."""
+    from . import config as cfgmod
+
     try:
         bdef = boards.load(board_name) if board_name else None
-    except boards.BoardError as exc:
+        cfg = cfgmod.load(config_file) if config_file else None
+    except (boards.BoardError, cfgmod.ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
+    extra = []
+    if templates_file is not None:
+        extra.append(FileSpec("/templates.csv", templates_file.read_bytes()))
+    if ca_file is not None:
+        if b"-----BEGIN CERTIFICATE-----" not in ca_file.read_bytes():
+            raise click.ClickException(f"--ca {ca_file}: not a PEM certificate")
+        extra.append(FileSpec("/ca.pem", ca_file.read_bytes()))
+        if cfg is not None:
+            cfg["ca"] = "/ca.pem"
     targets = ports.resolve_for_click(port_specs or None)
     done, failed = [], []
     for port in targets:
         try:
-            done.append(_deploy_one(port, bdef, not no_compile, timeout, as_json))
+            done.append(_deploy_one(port, bdef, not no_compile, timeout, as_json, app, cfg,
+                                    extra))
         except (BoardError, DeployError, TransportError, OSError) as exc:
             msg = exc.error_output.strip() if isinstance(exc, TransportExecError) else str(exc)
             # a message names its port once
@@ -337,7 +365,8 @@ def deploy_command(port_specs: tuple[str, ...], board_name: str | None, no_compi
 
 
 def _deploy_one(port: str, bdef: boards.Board | None, compile_: bool, timeout: float,
-                quiet: bool) -> dict:
+                quiet: bool, app: bool = False, cfg: dict | None = None,
+                extra: list[FileSpec] | None = None) -> dict:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     t = transport.open_board(port, baudrate=bdef.repl_baud if bdef else 115200,
@@ -355,7 +384,8 @@ def _deploy_one(port: str, bdef: boards.Board | None, compile_: bool, timeout: f
                     tasks[what] = bar.add_task(what, total=total or 1)
                 bar.update(tasks[what], completed=done if total else 1)
 
-            result = deploy_transport(t, bdef, compile_, progress)
+            result = deploy_transport(t, bdef, compile_, progress, app=app, config=cfg,
+                                      extra=extra)
     finally:
         transport.close(t)
     return {
