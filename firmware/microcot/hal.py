@@ -259,6 +259,25 @@ _ALLOC = {0x7F00: "TLS buffers or handshake state", 0x2880: "a certificate of th
           0x10: "big numbers (key exchange or signature check)", 0x6A: "a certificate field"}
 
 
+# certificates in use were issued after this (2025-01-01): a board whose clock is earlier has not
+# set it yet (no NTP), and every certificate check fails as "not yet valid"
+_CLOCK_SANE = 1735689600
+
+
+def clock_hint(t=None):
+    """"" when the wall clock looks set, else a sentence saying it is not (for TLS errors)."""
+    import time
+
+    if t is None:
+        t = int(time.time()) + (946684800 if time.gmtime(0)[0] == 2000 else 0)
+    if t >= _CLOCK_SANE:
+        return ""
+    off = 946684800 if time.gmtime(0)[0] == 2000 else 0
+    y, mo, d = time.gmtime(max(0, t - off))[:3]
+    return ("; the board's clock says %04d-%02d-%02d, before any certificate in use was issued: "
+            "set it first (NTP: ntptime.settime())" % (y, mo, d))
+
+
 def mem_free():
     """The free GC heap after a collection (-1 on CPython, whose heap has no fixed size)."""
     import gc

@@ -247,7 +247,8 @@ class MQTTClient:
                     if m:
                         raw.close()
                         raise MQTTMemoryError(m)
-                    raise MQTTTLSError("TLS handshake with %s failed: %s" % (where, _text(e)))
+                    raise MQTTTLSError("TLS handshake with %s failed: %s%s"
+                                       % (where, _text(e), hal.clock_hint()))
             s.setblocking(False)
         except OSError as e:
             s.close()

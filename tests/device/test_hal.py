@@ -234,3 +234,17 @@ def test_mem_free_after_a_collection():
     assert junk is None and after >= before + 16 * 256, (before, after)
     b = bytearray(4096)
     assert hal.mem_free() <= after - 4096, b[:0]
+
+
+def test_clock_hint_says_when_the_clock_is_not_set():
+    # a board before NTP: 2000-01-01 (esp32 epoch) or 1970; TLS errors then say so
+    for t in (0, 946684800 + 3600):
+        hint = hal.clock_hint(t)
+        assert "clock says 19" in hint or "clock says 2000" in hint, hint
+        assert "NTP" in hint
+    assert hal.clock_hint(1767225600) == ""  # 2026-01-01
+    import time
+
+    # the board's own clock: set on a virtual board (the host's), maybe not on a fresh Pico
+    now = int(time.time()) + (946684800 if time.gmtime(0)[0] == 2000 else 0)
+    assert (hal.clock_hint() == "") == (now >= hal._CLOCK_SANE)
