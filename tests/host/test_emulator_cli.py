@@ -112,6 +112,8 @@ def test_run_accept_register_and_stop(tmp_path):
             boot.publish("ss/" + iccid, secret)
             wait_for(lambda: "PENDING_ACCEPTANCE" in cli("emulator", "devices", "--data",
                                                           str(data)).stdout)
+            listed = json.loads(cli("emulator", "devices", "--data", str(data), "--json").stdout)
+            assert {"id": iccid, "status": "PENDING_ACCEPTANCE"} in listed["requests"]
             r = cli("emulator", "accept", iccid, "--data", str(data))
             assert r.returncode == 0, r.stderr
             assert f"accepted {iccid}" in r.stdout

@@ -267,8 +267,9 @@ def register(ctx: click.Context, csv_file: Path, data: Path | None) -> None:
 
 @emulator.command()
 @_data_option
+@click.option("--json", "as_json", is_flag=True, help="print the lists as JSON")
 @click.pass_context
-def devices(ctx: click.Context, data: Path | None) -> None:
+def devices(ctx: click.Context, data: Path | None, as_json: bool) -> None:
     """List the devices (managed objects with c8y_IsDevice) and the new device requests."""
     api = _Rest(_resolve_data(ctx, data))
     status, mos = api.json("GET", "/inventory/managedObjects?fragmentType=c8y_IsDevice"
@@ -278,6 +279,13 @@ def devices(ctx: click.Context, data: Path | None) -> None:
     status, reqs = api.json("GET", "/devicecontrol/newDeviceRequests?pageSize=2000")
     if status != 200:
         raise _fail("listing requests failed", status, reqs)
+    if as_json:
+        click.echo(json.dumps({"devices": [
+            {k: m.get(k) for k in ("id", "name", "type", "owner", "c8y_Availability")}
+            for m in mos["managedObjects"]],
+            "requests": [{"id": r["id"], "status": r["status"]}
+                         for r in reqs["newDeviceRequests"]]}, indent=2))
+        return
     click.echo("devices (managed object id, name, type, owner):")
     for m in mos["managedObjects"]:
         click.echo(f"  {m['id']:>8}  {m.get('name', '')}  {m.get('type', '')}  "
