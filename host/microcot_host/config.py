@@ -116,7 +116,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             shown = SECRET_MASK if key.secret or name == "wlan" else json.dumps(value)[:60]
             raise ConfigError(f"{name}: expected {why}, got {shown}")
     if cfg.get("tls", True) is True and cfg.get("ca") == "":
-        raise ConfigError("ca: TLS is verified: give the broker's CA (microcot ca fetch, or "
+        raise ConfigError("ca: TLS is verified: give the broker's CA (for the emulator: "
                           "microcot emulator board-config)")
     return cfg
 

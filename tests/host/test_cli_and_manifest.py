@@ -69,3 +69,21 @@ def test_manifest_freezes_microcot_and_keeps_the_boards_own_modules(tmp_path):
     assert {"ntptime.py", "portmod.py"} <= frozen
     ours = {p.name for p in (firmware_dir() / "microcot").glob("*.py")}
     assert {f"microcot/{n}" for n in ours} <= frozen
+
+
+def test_every_environment_variable_is_documented_once():
+    """Each MICROCOT_* that the code reads is in the README's table of environment variables."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    used = set()
+    for sub in ("host", "firmware", "Makefile", ".ci"):
+        base = root / sub
+        files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()
+                                               and p.suffix in (".py", ".mjs", "", ".sh")]
+        for f in files:
+            used |= set(re.findall(r"MICROCOT_[A-Z0-9_]*[A-Z0-9]", f.read_text(errors="replace")))
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"MICROCOT_[A-Z0-9_]*[A-Z0-9]", table))
+    assert used - documented == set(), used - documented
