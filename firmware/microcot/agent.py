@@ -7,18 +7,47 @@
 #   a.every(60, lambda: a.measure("c8y_Temperature", "T", 21.5, "C"))
 #   a.run()                                      # forever; run(seconds=..)/run(until=..) bounded
 #
-# Phases, each with its own module, so that a small board's heap holds only what the current
-# phase needs (step() unloads the rest when it returns):
-#   agent.py      always: settings, the application API, the offline queue, the loop
-#   session.py    the device ID (identity.py, atmodem.py), connecting, refused credentials
+# The orchestrator and its phases, each with its own module, so that a small board's heap holds
+# only what the current phase needs (step() unloads the rest when it returns):
+#   agent.py      always: settings, the application API, the loop; it alone imports the phases
+#   state.py      always: the State object the phases take (named fields, no string keys), the
+#                 shared helpers, Restart (a phase asks for a restart by raising it)
+#   tpl.py        always: the template ids, one table (checked against templates.csv)
+#   outq.py       always: the offline queue and the back-off
+#   ident.py      at start: the device ID (identity.py, atmodem.py), the stored documents
+#   session.py    connecting: TLS, the MQTT client, the template collection, refused credentials
 #   bootstrap.py  without credentials: seed 002's bootstrap (xtea.py)
-#   create.py     after a connect: template collection, self-creation, child devices
-#   link.py       connected: operations, sending the queue in text or binary, c8y_Restart
-# Reading the modem and bootstrapping happen in boots of their own: the agent restarts the
-# board (soft reset) after either, so that their code and names (which MicroPython never frees)
-# do not crowd the session that follows. A fresh device: boot 1 reads its ID and stores it; boot
-# 2 bootstraps and stores the credentials; boot 3 and every later one connects. The ID is read
-# again only when none is stored (the stored credentials belong to it).
+#   create.py     after a connect: self-creation, child devices, an operation a reboot
+#                 interrupted (sans-I/O conversations: generators of requests fed with answers)
+#   link.py       connected: operations, sending the queue in text or binary, status rows
+#   ops.py        operation rows, c8y_Command's table, the operation-in-progress record
+# Imports go one way: agent -> ident, session, bootstrap, create, link -> state, tpl, ops, smartrest,
+# hal (tests/host/test_firmware_imports.py fails on any circle).
+#
+# Adding an operation: one handler and one response template row (templates.csv, named in
+# tpl.py), e.g. `11,207,$.operations,$.c8y_Firmware,$.id,$.deviceId,$.c8y_Firmware.url` and
+#   a.operation(207, "c8y_Firmware", update, resume=lambda rec: rec["stage"] == "flashed")
+# The built-ins c8y_Command (202) and c8y_Restart (203) are registered the same way. A handler
+# gets an ops.Op (id, values, child), returns its result (None: SUCCESSFUL; a tuple (template
+# id, values...): that row reports it), raises to fail it, or returns a generator for long work
+# (link.py: advanced a chunk per step, so MQTT keeps alive). op.stage("x") notes progress in the
+# operation's record; `resume(record)` decides after a reboot in the middle (True: SUCCESSFUL).
+#
+# Heap measures, each switchable in /microcot.json because a faithful board showed it is needed
+# (bench/agent.py, a full session of firmware/main.py at the board budgets):
+#   reserve   ESP32 model (i386-esp32, 86,000 B free after boot): needed; without it the life
+#             needs 100 KB free, more than the real board's 91 KB.
+#   unload    ESP32 model: does not lower the smallest heap, but leaves 11 KB more free while
+#             connected (27.0 vs 15.6 KB).
+#   restarts  boots of their own after reading the ID and after a bootstrap: do not lower the
+#             smallest heap on the ESP32 model (81 vs 84 KB), but a one-boot life failed 1 in 3
+#             there at the template registration (3.4 KB payload in one piece), so they stay on.
+#   Pico W model (i386-rp2, 169,000 B): none of them needed.
+# Reading the modem and bootstrapping happen in boots of their own (`restarts`): the agent
+# restarts the board (soft reset) after either, so that their code and names (which MicroPython
+# never frees) do not crowd the session that follows. A fresh device: boot 1 reads its ID and
+# stores it; boot 2 bootstraps and stores the credentials; boot 3 and every later one connects.
+# The ID is read again only when none is stored (the stored credentials belong to it).
 #
 # On the board's flash (store.py documents under `store`, default /store):
 #   dev    {"id", "src": iccid|mac|configured, "imsi", "mo", "info", "kids": {name: [MO id,
@@ -26,7 +55,8 @@
 #   cred   {"id", "password", "source": bootstrap|provisioned, "ok"}      (the password is
 #          never printed)
 #   boot   {"state": "ONGOING", "id", "secret"} while a bootstrap is under way
-#   op     {"restart": operation id} while a c8y_Restart is under way
+#   op     {"id", "kind", "rtid", "stage", "started", "child"} while an operation is under way
+#          (ops.py): found at boot, it is reported (SUCCESSFUL or FAILED) and deleted
 #   queue.txt   rows of the offline queue that did not fit in memory (outq.py)
 #
 #   disconnected  wait for the next attempt (back-off with jitter, outq.Backoff), then connect
@@ -34,7 +64,7 @@
 #   bootstrap     after a random delay: bootstrap.py, then restart.
 #   up            handle incoming messages, operations, send what is queued.
 # One step() never blocks longer than asked, except inside a connect or one request of the
-# setup (bounded by `timeout`) and a c8y_Restart.
+# setup (bounded by `timeout`), a handler's run (or one chunk of a stepped one) and a c8y_Restart.
 #
 # Data (measure, event, location, alarm, alarm_status, send) always goes through the offline queue
 # (outq.Queue) as JSON rows [template id, source, values...]: sent in order as soon as connected,
@@ -43,30 +73,11 @@
 # self-creation gets the right MO id. Times are Unix seconds. Errors the platform answers on mr/
 # or br/ (40-50) are counted (`errors`), logged, kept in `last_error` and passed to
 # `on_error(code, line, text)`.
-import gc
 import os
-import time
 
-from . import hal
+from . import hal, tpl
 from .outq import Backoff, Queue
-
-try:
-    from micropython import const
-except ImportError:  # CPython
-
-    def const(x):
-        return x
-
-
-_T_MEASURE = const(110)
-_T_EVENT = const(111)
-_T_ALARM = const(113)
-_T_ALARM_STATUS = const(114)
-_R_TENANT = const(205)
-_R_ALARM = const(206)
-_OFF = const(0)
-_BOOT = const(1)
-_UP = const(2)
+from .state import OFF, UP, AgentError, Restart, State, iso, js, now, unload  # noqa: F401
 
 CONFIG = "/microcot.json"
 SEVERITIES = ("CRITICAL", "MAJOR", "MINOR", "WARNING")
@@ -100,23 +111,12 @@ DEFAULTS = {
 }
 
 
-# Loading code leaves a small heap in many small pieces, but some allocations need one piece of
-# a few KiB (the TLS context, the TLS handshake), and a phase's code is better loaded into one
-# free region than into the gaps. So the agent holds a block, taken while the heap is still in
-# one piece, lets go of it (_room) right before such an allocation or import, and takes it again
-# after each step, when it can. With credentials stored, a second block is kept until the
-# template check, for the registration's payload and MQTT packet (3.4 KiB each, in one piece).
-
 # what a step unloads, by state: the transient phases that state does not use (the code that
-# stays for a boot, session.identify loads first)
-_DROP = (("session", "store", "create"),  # off
-         ("session", "create", "store"),  # bootstrap
-         ("session",),  # up, setting up
-         ("session", "store", "create"))  # up and ready
-
-
-class AgentError(Exception):
-    pass
+# stays for a boot, start() loads first)
+_DROP = (("ident", "session", "store", "create"),  # off
+         ("ident", "session", "create", "store"),  # bootstrap
+         ("ident", "session"),  # up, setting up
+         ("ident", "session", "store", "create"))  # up and ready
 
 
 def load_config(path=CONFIG, **over):
@@ -139,39 +139,9 @@ def load_config(path=CONFIG, **over):
     return cfg
 
 
-def now():
-    """Unix seconds (whatever the port's epoch)."""
-    return int(time.time()) + (946684800 if time.gmtime(0)[0] == 2000 else 0)
-
-
-def iso(t):
-    """Unix seconds -> ISO 8601 UTC, as SmartREST DATE text."""
-    off = 946684800 if time.gmtime(0)[0] == 2000 else 0
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % time.gmtime(int(t) - off)[:6]
-
-
-def js(s):
-    """Text escaped for a JSON string: the platform puts values into templates as raw text."""
-    s = str(s)
-    for c in s:
-        if c == '"' or c == "\\" or c < " ":
-            break
-    else:
-        return s
-    out = []
-    for c in s:
-        out.append("\\" + c if c == '"' or c == "\\" else "\\u%04x" % ord(c) if c < " " else c)
-    return "".join(out)
-
-
-def unload(name):
-    """Drop a microcot module from the heap (it is imported again when needed)."""
-    import sys
-
-    sys.modules.pop("microcot." + name, None)
-    pkg = sys.modules.get("microcot")
-    if pkg is not None and name in pkg.__dict__:
-        delattr(pkg, name)
+def _restarted(rec):
+    """c8y_Restart's resume rule: it succeeded when the board got to its reset."""
+    return rec.get("stage") == "reset"
 
 
 class Agent:
@@ -183,14 +153,10 @@ class Agent:
         else:
             cfg = load_config(path, **over)
         self.cfg = cfg
-        self.binary = bool(cfg["binary"])
-        self.id = self.mo = self.tenant = self.last_error = None
-        self.xid = cfg["xid"]
-        self.ready = False
+        self.tenant = self.last_error = None
         self.errors = 0
         self.on_error = None  # fn(code, line, text)
         self.alarms = {}  # (source MO id, type) -> [alarm id, status], from the answers
-        self.stats = {"connects": 0, "sent": 0, "ops": 0, "templates": None, "created": False}
         st = cfg["store"]
         cur = ""
         for part in st.split("/"):  # the store's directory (and the queue file's)
@@ -201,30 +167,33 @@ class Agent:
                 except OSError:
                     pass
         n = cfg["queue"]
-        self.q = Queue(n[0], st.rstrip("/") + "/queue.txt", n[1])
+        q = Queue(n[0], st.rstrip("/") + "/queue.txt", n[1])
         n = cfg["backoff"]
-        self.bo = Backoff(int(n[0] * 1000), int(n[1] * 1000))
-        self._state = _OFF
-        self._next = hal.ticks_ms()
-        self._c = None  # the device's MQTT client
-        self._s = {}  # state of the phase modules
+        s = self.s = State(cfg, self.log, q, Backoff(int(n[0] * 1000), int(n[1] * 1000)))
+        self.q = q
+        self.bo = s.bo
+        self.stats = s.stats
+        s.on_msg = self._on_msg
         self._cmds = {}  # c8y_Command table: name -> fn(args)
-        self._kids = {}  # name -> [handler, operations, MO id]
-        self._handlers = {202: ["c8y_Command", 1], 203: ["c8y_Restart", 1]}  # 1: built in
-        self._ops = []  # operation rows (id, values) waiting to be handled
-        self._recent = []  # ids of operations handled lately
-        self._st = []  # payloads waiting for a connection (status rows, the tenant query)
-        self._ans = None  # create.ask: [] waiting, then the rows of the answer
         self._timers = []
-        self._rsv = None
-        self._hold()
+        # the built-in operations, registered like any other
+        self.operation(tpl.R_COMMAND, "c8y_Command", self._command)
+        self.operation(tpl.R_RESTART, "c8y_Restart", self._reset, _restarted)
+        s.hold()
         for slot in "ab" if cfg["reserve"] else "":
             try:  # credentials stored: this boot connects and may register the templates
                 os.stat(st.rstrip("/") + "/cred." + slot)
-                self._s["rsv"] = bytearray(8192)  # their payload and MQTT packet (session.py)
+                s.rsv2 = bytearray(8192)  # their payload and MQTT packet (session.py)
                 break
             except OSError:
                 pass
+
+    def __getattr__(self, name):
+        # the state's fields that applications read as the agent's: id, mo, ready, binary,
+        # xid; _c the device's MQTT client (bench/agent.py, demo.py: a._c.pending())
+        if name == "s":
+            raise AttributeError(name)
+        return getattr(self.s, "c" if name == "_c" else name)
 
     def log(self, msg):
         if self.cfg["log"]:
@@ -239,19 +208,21 @@ class Agent:
             raise ValueError("command name %r: one word" % (name,))
         self._cmds[name] = fn
 
-    def operation(self, rtid, fragment, fn=None):
+    def operation(self, rtid, fragment, fn=None, resume=None):
         """Handle operations arriving as rows of response template rtid (its first two values
         $.id, $.deviceId) for this device with fn(op) -> result; fragment (e.g. c8y_Firmware)
-        goes into the supported operations. fn None: rows for child devices only."""
-        self._handlers[rtid] = [fragment, fn]
+        goes into the supported operations. fn None: rows for child devices only. fn may
+        return a generator (long work, advanced a chunk per step). resume(record): after a
+        reboot in the middle of one, True reports it SUCCESSFUL, else FAILED (ops.py)."""
+        self.s.handlers[rtid] = [fragment, fn, resume]
 
     def child(self, name, handler=None, operations=()):
         """A child device (created and linked once, then remembered): handler(op) gets its
         operations; `operations` are its supported operations."""
         if not isinstance(name, str) or not 0 < len(name) < 65 or name == "*" or "\n" in name:
             raise ValueError("child name %r: 1 to 64 characters, not '*'" % (name,))
-        self._kids[name] = [handler, list(operations), None]
-        self._s["kids"] = 1
+        self.s.kids[name] = [handler, list(operations), None]
+        self.s.kids_due = True
 
     def every(self, seconds, fn, at_once=False):
         """Call fn() every `seconds` from step() (connected or not). At most hal.TICKS_PERIOD / 4
@@ -267,26 +238,26 @@ class Agent:
     def measure(self, fragment, series, value, unit="", type=None, t=None, source=None):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value - value:
             raise ValueError("measurement value %r is not a finite number" % (value,))
-        self._put(_T_MEASURE, source, [js(fragment), js(series), value, js(unit), _t(t),
+        self._put(tpl.MEASURE, source, [js(fragment), js(series), value, js(unit), _t(t),
                                        js(type or fragment)])
 
     def event(self, type, text, t=None, source=None):
-        self._put(_T_EVENT, source, [js(type), js(text), _t(t)])
+        self._put(tpl.EVENT, source, [js(type), js(text), _t(t)])
 
     def alarm(self, type, text, severity="MAJOR", status="ACTIVE", t=None, source=None):
         """severity: CRITICAL MAJOR MINOR WARNING; status: ACTIVE ACKNOWLEDGED CLEARED."""
         if severity not in SEVERITIES or status not in STATUSES:
             raise ValueError("alarm %r %r: bad severity or status" % (severity, status))
-        self._put(_T_ALARM, source, [js(type), _t(t), js(text), status, severity])
+        self._put(tpl.ALARM, source, [js(type), _t(t), js(text), status, severity])
 
     def alarm_status(self, type, status, source=None):
         """Set the status of the open alarm of this type (its id learnt from the answer to the
         alarm). One not known yet can only be CLEARED (posting a CLEARED alarm clears it)."""
         if status not in STATUSES:
             raise ValueError("alarm status %r" % (status,))
-        known = self.alarms.get((self.mo if source is None else self._kids[source][2], type))
+        known = self.alarms.get((self.mo if source is None else self.s.kids[source][2], type))
         if known:
-            self._put(_T_ALARM_STATUS, "*", [int(known[0]), status])
+            self._put(tpl.ALARM_STATUS, "*", [int(known[0]), status])
         elif status == "CLEARED":
             self.alarm(type, type, "WARNING", "CLEARED", source=source)
         else:
@@ -301,27 +272,50 @@ class Agent:
     def query_tenant(self):
         """Ask for the own tenant (seed 002 "Eigenen Tenant abfragen"), when connected; the
         answer sets `tenant`."""
-        self._st.append(self._body("140"))
+        self.s.st.append(self.s.body(str(tpl.TENANT)))
 
     def start(self, device_id=None):
         """The device ID (step() calls it): the stored one, else read from the modem or the
         MAC (session.py), then a restart. device_id: use this ID (tests, fixed IDs)."""
-        if self.id is None:
+        s = self.s
+        if s.id is None:
             try:
-                self._call("session", "identify", device_id)
+                self._call("ident", "identify", device_id)
+                unload("ident")
+                unload("store")
+                s.hold()  # the block again, before code fills the gaps
+                # the code that stays for this boot, in one go: the MQTT client, and then the
+                # bootstrap or what a connected agent needs
+                from .mqtt import MQTTClient, tls_context  # noqa: F401
+
+                if s.cred is not None:
+                    from . import link  # noqa: F401 (with smartrest.py and ops.py)
+                    from .smartrest import check_xid
+
+                    check_xid(s.xid)
+                    if s.binary:
+                        from . import binrest  # noqa: F401
+                else:
+                    s.rsv2 = None  # no template registration in this boot
+                    from . import bootstrap, xtea  # noqa: F401
+                self._call("session", "tls")
+            except Restart as e:
+                self._restart(str(e))
             finally:
                 self._trim()
 
     def close(self):
         """Disconnect (the broker keeps the session) and move the queue to flash."""
-        self.ready = False
-        self._state = _OFF
-        b = self._s.pop("bobj", None)
+        s = self.s
+        s.ready = False
+        s.state = OFF
+        b = s.bobj
+        s.bobj = None
         if b is not None:
             b.close()
-        if self._c is not None:
+        if s.c is not None:
             try:
-                self._c.disconnect()
+                s.c.disconnect()
             except Exception:
                 pass
         try:
@@ -368,33 +362,41 @@ class Agent:
                     self.log("timer: %r" % e)
                 t = hal.ticks_ms()
             ms = min(ms, max(0, hal.ticks_diff(tm[1], t)))
-        st = self._state
+        s = self.s
+        st = s.state
         try:
-            if self.id is None:
+            if s.id is None:
                 self.start()
-            elif st == _UP:
-                self._call("link" if self.ready else "create", "serve" if self.ready else "step",
-                           ms)
-            elif st == _OFF and hal.ticks_diff(self._next, t) > 0:
-                hal.sleep_ms(min(ms, hal.ticks_diff(self._next, t)))
-            elif "boot" in self._s:
+            elif st == UP:
+                if s.ready:
+                    if s.kids_due:
+                        self._call("create", "children")
+                    self._call("link", "serve", ms)
+                else:
+                    self._call("create", "step", ms)
+            elif st == OFF and hal.ticks_diff(s.next, t) > 0:
+                hal.sleep_ms(min(ms, hal.ticks_diff(s.next, t)))
+            elif s.boot:
                 self._call("bootstrap", "step", ms)
             else:
                 self._call("session", "connect")
+        except Restart as e:
+            self._restart(str(e))
         except Exception as e:  # KeyboardInterrupt and SystemExit are not Exceptions
             # close the connection (unacknowledged messages stay in the client and are sent
             # again; a bootstrap's state stays stored), schedule the next attempt
-            self.ready = False
-            self._ans = None
-            b = self._s.pop("bobj", None)
+            s.ready = False
+            s.ans = None
+            b = s.bobj
+            s.bobj = None
             if b is not None:
                 b.close()
-            if self._c is not None:
-                self._c.close()
-            self._state = _OFF
-            d = self.bo.next()
-            self._next = hal.ticks_add(hal.ticks_ms(), d)
-            self.log("%s: %r; next attempt in %d ms" % ("bootstrap" if st == _BOOT
+            if s.c is not None:
+                s.c.close()
+            s.state = OFF
+            d = s.bo.next()
+            s.next = hal.ticks_add(hal.ticks_ms(), d)
+            self.log("%s: %r; next attempt in %d ms" % ("bootstrap" if st == 1
                                                           else "connection", e, d))
         self._trim()
 
@@ -402,47 +404,46 @@ class Agent:
         import sys
 
         if "microcot." + name not in sys.modules:
-            self._room()  # its code goes in one place, not into the gaps
+            self.s.room()  # its code goes in one place, not into the gaps
         if name == "link":
             from . import link as m
         elif name == "create":
             from . import create as m
         elif name == "session":
             from . import session as m
+        elif name == "ident":
+            from . import ident as m
         else:
             from . import bootstrap as m
-        return getattr(m, fn)(self, *args)
+        return getattr(m, fn)(self.s, *args)
+
+    def _restart(self, why):
+        """Restart the board: a soft reset where the port has one (main.py runs again)."""
+        self.log("restarting: " + why)
+        self.close()
+        try:
+            import machine
+
+            fn = getattr(machine, "soft_reset", None)
+        except ImportError:
+            fn = None
+        if fn is not None:
+            fn()
+        raise SystemExit("microcot: restart (%s)" % why)
 
     def _trim(self):
         # only at the top of a step: a module must not be unloaded while it runs
+        s = self.s
         if self.cfg["unload"]:
-            for m in _DROP[self._state + (self._state == _UP and self.ready)]:
+            for m in _DROP[s.state + (s.state == UP and s.ready)]:
                 unload(m)
-        self._hold()
+        s.hold()
 
-    def _hold(self):
-        n = self.cfg["reserve"]
-        if self._rsv is None and n:
-            gc.collect()
-            try:
-                self._rsv = bytearray(n)
-            except MemoryError:
-                pass
+    def _command(self, op):
+        return self._call("link", "command", self._cmds, op)
 
-    def _room(self):
-        if self._rsv is not None:
-            self._rsv = None
-            gc.collect()
-
-    def _db(self):
-        # store.py with this agent's root (set again: unloading store forgets it), reading
-        # through _Fs (store.py reads with a buffer of its largest document, 4145 bytes)
-        from . import store
-
-        store.root(self.cfg["store"])
-        if not isinstance(store.fs(), _Fs):
-            store.fs(_Fs(store.fs()))
-        return store
+    def _reset(self, op):
+        return self._call("link", "reset", op)
 
     def _on_msg(self, topic, msg):
         """The device client's callback (mr/ and br/): operation rows wait for link.py; errors
@@ -455,14 +456,15 @@ class Agent:
         except ValueError as e:
             self.log("unreadable on %s: %s" % (topic, e))
             return
-        asking = self._ans is not None
+        s = self.s
+        asking = s.ans is not None
         ans = []
         for r in recs:
             code = r.code
             v = r.values
-            if code in self._handlers:
-                if len(self._ops) < 64:
-                    self._ops.append((code, v))
+            if code in s.handlers:
+                if len(s.ops) < 64:
+                    s.ops.append((code, v))
             elif code != 87:
                 ans.append(r)
                 if 40 <= code <= 50 and not asking:
@@ -474,54 +476,21 @@ class Agent:
                             self.on_error(*e)
                         except Exception as x:
                             self.log("on_error: %r" % x)
-                elif code == _R_TENANT and v:
+                elif code == tpl.R_TENANT and v:
                     self.tenant = v[0]
-                elif code == _R_ALARM and len(v) > 3:
+                elif code == tpl.R_ALARM and len(v) > 3:
                     self.alarms[(v[3], v[1])] = [v[0], v[2]]
         if ans and asking:
-            self._ans = ans
+            s.ans = ans
 
     def _put(self, tid, source, values):
         import json
 
         if source is None:
             source = ""
-        elif source != "*" and source not in self._kids:
+        elif source != "*" and source not in self.s.kids:
             raise ValueError("unknown child device %r" % (source,))
         self.q.put(json.dumps([tid, source] + values))
-
-    def _body(self, row):
-        return ("15,%s\n%s" % (self.xid, row)).encode()
-
-
-class _Fs:
-    """store.py's filesystem layer, but a file opened for reading reads at most what it holds:
-    MicroPython's read(n) allocates n bytes first, and a fragmented heap may not have 4 KiB."""
-
-    def __init__(self, fs):
-        self._fs = fs
-
-    def open(self, path, mode):
-        f = self._fs.open(path, mode)
-        return _Small(f) if mode == "rb" else f
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
-
-
-class _Small:
-    def __init__(self, f):
-        self.f = f
-
-    def read(self, n=-1):
-        f = self.f
-        here = f.tell()
-        left = f.seek(0, 2) - here
-        f.seek(here)
-        return f.read(left if n < 0 or n > left else n)
-
-    def close(self):
-        self.f.close()
 
 
 def _t(t):

@@ -18,9 +18,9 @@
 #      "bootstrap", "ok": false}); with the first CONNACK that accepts it "ok" turns true and the
 #      "boot" document is deleted. From then on the device connects with user = its ID.
 #
-# step(agent, ms) drives it for the agent (agent.py): `agent._s["boot"]` 1 = needed, 2 = the
-# delay is running or over; `agent._s["bobj"]` the Bootstrap under way. With the credentials
-# stored, the agent restarts the board (its session starts in a heap without this code).
+# step(s, ms) drives it for the agent (agent.py) with its State `s`: `s.boot` 1 = needed, 2 = the
+# delay is running or over; `s.bobj` the Bootstrap under way. With the credentials stored, the
+# agent restarts the board (its session starts in a heap without this code).
 #
 # Neither the secret nor the password is ever printed or put into an exception message.
 from . import hal
@@ -97,53 +97,56 @@ def pending(dev_id, st):
     return None
 
 
-def step(a, ms):
-    """The agent's bootstrap phase, one step at a time (store.py only when writing: a._db())."""
-    cfg = a.cfg
-    s = a._s
-    if s["boot"] == 1:  # seed 002: a random delay before connecting
+def step(s, ms):
+    """The agent's bootstrap phase, one step at a time (s: the agent's State; store.py only when
+    writing: s.db()). Returns once the credentials are stored: then Restart, or in place (cfg
+    "restarts" false) the agent connects with them at its next step."""
+    cfg = s.cfg
+    if s.boot == 1:  # seed 002: a random delay before connecting
         d = delay_ms(*cfg["bootstrap_delay"])
-        s["boot"] = 2
-        a._next = hal.ticks_add(hal.ticks_ms(), d)
-        a.log("no credentials: bootstrap in %d ms" % d)
+        s.boot = 2
+        s.next = hal.ticks_add(hal.ticks_ms(), d)
+        s.log("no credentials: bootstrap in %d ms" % d)
         return
-    b = s.get("bobj")
+    b = s.bobj
     if b is None:
         if not cfg["bootstrap_user"] or not cfg["bootstrap_password"]:
             raise BootstrapError("no credentials and no bootstrap user configured")
         from .session import client
 
-        c = client(a, cfg["bootstrap_user"], cfg["bootstrap_password"], cfg["host"], cfg["port"])
-        doc = s.pop("bdoc", 0)  # read at start-up (session.identify), else now
-        b = s["bobj"] = Bootstrap(a.id, c, int(cfg["bootstrap_repeat"] * 1000), a.log,
-                                  a._db().load(DOC) if doc == 0 else doc)
-        a._state = 1  # bootstrap
-        a._room()  # for the TLS handshake
-        b.connect(a._db())
+        c = client(s, cfg["bootstrap_user"], cfg["bootstrap_password"], cfg["host"], cfg["port"])
+        doc = s.bdoc  # read at start-up (session.identify), else now
+        s.bdoc = 0
+        b = s.bobj = Bootstrap(s.id, c, int(cfg["bootstrap_repeat"] * 1000), s.log,
+                               s.db().load(DOC) if doc == 0 else doc)
+        s.state = 1  # bootstrap (state.BOOT)
+        s.room()  # for the TLS handshake
+        b.connect(s.db())
         return
     pw = b.step(ms)
     if pw is not None:
-        from .session import restart
+        b.finish(s.db(), pw)
+        if cfg["restarts"]:
+            from .state import Restart
 
-        b.finish(a._db(), pw)
-        if a.cfg["restarts"]:
-            restart(a, "bootstrap done")
+            raise Restart("bootstrap done")
         # in place: connect with the new credentials at the next step, with the room for the
         # template registration that a boot with stored credentials keeps (agent.py)
         b.close()
-        del s["bobj"], s["boot"]
-        s["cred"] = a._db().load("cred")
-        if a.cfg["reserve"]:
+        s.bobj = None
+        s.boot = 0
+        s.cred = s.db().load("cred")
+        if cfg["reserve"]:
             import gc
 
             b = None
             gc.collect()
             try:
-                s["rsv"] = bytearray(8192)
+                s.rsv2 = bytearray(8192)
             except MemoryError:
                 pass
-        a._state = 0
-        a._next = hal.ticks_ms()
+        s.state = 0
+        s.next = hal.ticks_ms()
 
 
 class Bootstrap:

@@ -1,121 +1,160 @@
 # The agent while connected (agent.py): incoming operations, sending the offline queue in text
 # or binary SmartREST, operation status rows. On the heap only while the agent is connected.
-# Every function takes the Agent as `a`.
+# Every function takes the agent's State (state.py) as `s`.
 #
-# Operations (ops.py) are dispatched by response template id and device MO id: the device's own
-# handler (built in: 202 c8y_Command runs a command of the table, 203 c8y_Restart restarts the
-# board) or the handler of the child device with that MO id. Status: EXECUTING, then SUCCESSFUL
-# (c8y_Command: with its result) or FAILED with the reason. An operation delivered again (QoS 1)
-# while its id is among the last 16 is not run again.
+# Operations (ops.py) are dispatched by response template id and device MO id: the handler
+# registered for that template (agent.operation; the built-ins c8y_Command and c8y_Restart are
+# registered the same way) or the handler of the child device with that MO id. Each one: its
+# record is stored (document "op", ops.py), EXECUTING is sent, the handler runs, then SUCCESSFUL
+# (a handler returning (template id, values...) reports with that row instead, e.g. c8y_Command's
+# 133 with its result) or FAILED with the reason, and the record is deleted. An operation
+# delivered again (QoS 1) while its id is among the last 16 is not run again.
 #
-# c8y_Restart: EXECUTING is sent and acknowledged, the operation id stored (document "op"), the
-# queue moved to flash, the connection closed, the board reset (hal.reset: machine.reset(), a
-# process restart on the virtual board); after the restart the setup (create.py) reports it
-# SUCCESSFUL.
-from . import hal, smartrest
-from .ops import clip, parse, reason, run
-
-try:
-    from micropython import const
-except ImportError:  # CPython
-
-    def const(x):
-        return x
-
-
-_T_EXECUTING = const(130)
-_T_SUCCESSFUL = const(131)
-_T_FAILED = const(132)
-_T_RESULT = const(133)
-_R_COMMAND = const(202)
-
+# Long work: a handler may return a generator; serve() then advances it by one next() per turn
+# (between turns the client keeps the connection alive: keep each chunk of work well below the
+# keep-alive), its return value being the handler's result. Other operations wait meanwhile.
+#   def update(op):
+#       for chunk in range(100):
+#           write(chunk)          # a bounded piece of work
+#           yield
+#       return None               # -> SUCCESSFUL
+from . import hal, smartrest, tpl
+from .ops import clip, parse, reason, record
+from .state import iso, js, now
 
 _types = {}  # template id -> binary value types, from the templates file
 
 
-def serve(a, ms):
-    """One turn while connected: receive (at most ms waiting), children, operations, send."""
-    c = a._c
+def serve(s, ms):
+    """One turn while connected: receive (at most ms waiting), operations, send."""
+    c = s.c
     c.poll(ms)
     n = 0
     while n < 32 and c.poll(0) is not None:
         n += 1
-    if a._s.get("kids"):
-        a._call("create", "children")
-    handle_ops(a)
-    flush(a)
+    if s.job is not None:
+        advance(s)
+    else:
+        handle_ops(s)
+    flush(s)
 
 
-def handle_ops(a):
-    from .agent import js
-
-    while a._ops and a.ready:
+def handle_ops(s):
+    """Start the waiting operations, one after the other (a stepped one stops the line)."""
+    while s.ops and s.ready and s.job is None:
         try:
-            op = parse(a._ops.pop(0))
+            op = parse(s.ops.pop(0))
         except ValueError as e:
-            a.log(str(e))
+            s.log(str(e))
             continue
-        if op.id in a._recent:
+        if op.id in s.recent:
             continue  # delivered again (QoS 1): done already
-        a._recent.append(op.id)
-        if len(a._recent) > 16:
-            a._recent.pop(0)
-        a.stats["ops"] += 1
-        oid = int(op.id)
-        h = a._handlers[op.rtid]
-        fn = h[1] if op.device == a.mo else None
-        for name in a._kids:
-            k = a._kids[name]
+        s.recent.append(op.id)
+        if len(s.recent) > 16:
+            s.recent.pop(0)
+        s.stats["ops"] += 1
+        h = s.handlers[op.rtid]
+        fn = h[1] if op.device == s.mo else None
+        for name in s.kids:
+            k = s.kids[name]
             if k[2] == op.device:
                 op.child = name
                 fn = k[0]
         if fn is None:
-            status(a, _T_FAILED, oid, "no handler for %s on device %s" % (h[0], op.device))
+            status(s, tpl.FAILED, int(op.id), "no handler for %s on device %s" % (h[0], op.device))
             continue
-        a.log("operation %s %s %s" % (op.id, h[0], op.child or ""))
-        status(a, _T_EXECUTING, oid)
+        s.log("operation %s %s %s" % (op.id, h[0], op.child or ""))
+        begin(s, op, h[0])
+        status(s, tpl.EXECUTING, int(op.id))
         try:
-            if fn != 1:
-                res = fn(op)
-            elif op.rtid == _R_COMMAND:
-                res = run(a._cmds, op.text)
-            else:
-                res = restart(a, op)
+            res = fn(op)
         except Exception as e:
-            status(a, _T_FAILED, oid, js(reason(e)))
+            end(s, op, e)
             continue
-        if op.rtid == _R_COMMAND:
-            status(a, _T_RESULT, oid, js(op.text), js(clip(res)))
+        if hasattr(res, "send"):  # a generator: advanced by serve(), a chunk per turn
+            s.job = [op, res]
         else:
-            status(a, _T_SUCCESSFUL, oid)
+            end(s, op, res)
 
 
-def restart(a, op):
-    a._db().save("op", {"restart": op.id})
-    c = a._c
+def advance(s):
+    """One chunk of the stepped operation under way."""
+    op, g = s.job
+    try:
+        next(g)
+        return
+    except StopIteration as e:
+        res = e.args[0] if e.args else None
+    except Exception as e:
+        res = e
+    s.job = None
+    end(s, op, res)
+
+
+def begin(s, op, kind):
+    """Store the operation's record (ops.py) before anything of it happens."""
+    rec = record(op, kind, now())
+    db = s.db()
+    db.save("op", rec)
+
+    def save(stage):
+        rec["stage"] = stage
+        s.db().save("op", rec)
+
+    op.save = save
+
+
+def end(s, op, res):
+    """The final status of an operation (res: its result, or the exception that failed it),
+    then its record goes."""
+    oid = int(op.id)
+    if isinstance(res, Exception):
+        status(s, tpl.FAILED, oid, js(reason(res)))
+    elif isinstance(res, tuple) and res and isinstance(res[0], int):
+        status(s, res[0], oid, *res[1:])
+    else:
+        status(s, tpl.SUCCESSFUL, oid)
+    op.save = None
+    s.db().delete("op")
+
+
+def command(s, table, op):
+    """c8y_Command: the command of the table that the text names (ops.run), reported with its
+    result (template 133)."""
+    from .ops import run
+
+    return (tpl.RESULT, js(op.text), js(clip(run(table, op.text))))
+
+
+def reset(s, op):
+    """c8y_Restart: EXECUTING acknowledged, the record at stage "reset", the queue on flash,
+    the connection closed, the board reset (hal.reset: machine.reset(), a process restart on the
+    virtual board); after the restart create.finish reports it (resume: SUCCESSFUL)."""
+    c = s.c
     t0 = hal.ticks_ms()
     while c.pending() and hal.ticks_diff(hal.ticks_ms(), t0) < 5000:
         c.poll(100)  # EXECUTING acknowledged
-    a.q.flush()
-    a.log("c8y_Restart %s: resetting the board" % op.id)
+    op.stage("reset")
+    s.q.flush()
+    s.log("c8y_Restart %s: resetting the board" % op.id)
     c.disconnect()
     hal.reset()
     while True:  # the virtual board's host may take a moment to restart the interpreter
         hal.sleep_ms(100)
 
 
-def status(a, *values):
+def status(s, *values):
     """Send a text row now (QoS 1) or, offline, as soon as connected; returns the packet id."""
-    p = a._body(smartrest.row(values))
-    if a.ready:
+    p = s.body(smartrest.row(values))
+    if s.ready and s.c is not None:
         try:
-            return a._c.publish("ms/" + a.id, p, qos=1)
+            return s.c.publish("ms/" + s.id, p, qos=1)
         except Exception as e:
             if getattr(e, "pid", None) is not None:
                 return e.pid  # taken: the client sends it again after reconnecting
-    if len(a._st) >= 32:
-        a._st.pop(0)
-    a._st.append(p)
+    if len(s.st) >= 32:
+        s.st.pop(0)
+    s.st.append(p)
     return None
 
 
@@ -129,7 +168,7 @@ def types_of(path, tid):
     raise ValueError("no template %d in %s" % (tid, path))
 
 
-def encode(a, item):
+def encode(s, item):
     """(topic, payload) of a queued row, or None while its source MO is not known yet."""
     import json
 
@@ -137,46 +176,44 @@ def encode(a, item):
     tid = v.pop(0)
     src = v.pop(0)
     if src != "*":
-        if src and src not in a._kids:
+        if src and src not in s.kids:
             raise ValueError("unknown child %r" % src)
-        mo = a._kids[src][2] if src else a.mo
+        mo = s.kids[src][2] if src else s.mo
         if mo is None:
             return None
         v.insert(0, int(mo))
     types = _types.get(tid)
     if types is None:
-        types = _types[tid] = types_of(a.cfg["templates"], tid)
+        types = _types[tid] = types_of(s.cfg["templates"], tid)
     if len(types) != len(v):
         raise ValueError("template %d: %d values, not %d" % (tid, len(types), len(v)))
     for i in range(len(v)):
         t = types[i]
-        if a.binary:
+        if s.binary:
             if t == "NUMBER":
                 v[i] = float(v[i])
         elif t == "DATE":
-            from .agent import iso
-
             v[i] = iso(v[i])
-    if a.binary:
+    if s.binary:
         from .binrest import encode
 
-        return "bs/" + a.id, encode(a.xid, tid, types, v)
-    return "ms/" + a.id, a._body(smartrest.row([tid] + v))
+        return "bs/" + s.id, encode(s.xid, tid, types, v)
+    return "ms/" + s.id, s.body(smartrest.row([tid] + v))
 
 
-def flush(a):
+def flush(s):
     """Send waiting status rows, then queued rows, while the client has room in flight."""
-    c = a._c
+    c = s.c
     room = c.max_inflight
-    while a._st and c.pending() < room:
-        c.publish("ms/" + a.id, a._st[0], qos=1)
-        a._st.pop(0)
-    q = a.q
+    while s.st and c.pending() < room:
+        c.publish("ms/" + s.id, s.st[0], qos=1)
+        s.st.pop(0)
+    q = s.q
     while len(q) and c.pending() < room:
         try:
-            enc = encode(a, q.peek())
+            enc = encode(s, q.peek())
         except ValueError as e:
-            a.log("queue: bad row dropped: %s" % e)
+            s.log("queue: bad row dropped: %s" % e)
             q.pop()
             continue
         if enc is None:
@@ -187,6 +224,6 @@ def flush(a):
             if getattr(e, "pid", None) is None:  # not taken by the client
                 if type(e).__name__ != "MQTTPacketTooLarge":
                     raise
-                a.log("queue: row too large, dropped")
+                s.log("queue: row too large, dropped")
         q.pop()
-        a.stats["sent"] += 1
+        s.stats["sent"] += 1

@@ -10,6 +10,14 @@
 # c8y_Command runs one of the commands the application registered (a dict name -> fn(args)):
 # the first word of the text names it, the rest is its argument string. Nothing else is
 # executed: an unknown name fails the operation with "unknown command: <name>".
+#
+# The operation in progress (store.py document "op", link.py writes it): before EXECUTING is
+# sent, {"id", "kind": fragment, "rtid", "stage", "started": Unix seconds, "child"} is stored;
+# a handler may move `stage` on (Op.stage, e.g. c8y_Restart: "reset" right before the reset);
+# the record is deleted once the final status is sent. A record found at boot means a reboot
+# came in the middle of that operation: create.outcome() says how it is reported (SUCCESSFUL when the
+# resume hook of its kind returns True, else FAILED with the hook's text or "interrupted ..."),
+# the record is deleted, and the operation id counts as handled (a redelivery is not run).
 
 MAX_RESULT = 2000  # characters of a result or failure reason sent back
 
@@ -19,7 +27,7 @@ class Failed(Exception):
 
 
 class Op:
-    __slots__ = ("id", "rtid", "device", "values", "child")
+    __slots__ = ("id", "rtid", "device", "values", "child", "save")
 
     def __init__(self, oid, rtid, device, values, child=None):
         self.id = oid
@@ -27,6 +35,12 @@ class Op:
         self.device = device
         self.values = values
         self.child = child  # the child device's name, or None for the device itself
+        self.save = None  # fn(stage): stores the operation's record with that stage (link.py)
+
+    def stage(self, name):
+        """Note how far the operation got, in its stored record (read by resume() at boot)."""
+        if self.save is not None:
+            self.save(name)
 
     @property
     def text(self):
@@ -81,3 +95,9 @@ def run(table, text):
     if fn is None:
         raise Failed("unknown command: %s" % (name or "(empty)"))
     return clip(fn(text[i:].strip()))
+
+
+def record(op, kind, t, stage="run"):
+    """The stored record of an operation in progress."""
+    return {"id": op.id, "kind": kind, "rtid": op.rtid, "stage": stage, "started": t,
+            "child": op.child}

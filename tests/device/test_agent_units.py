@@ -303,7 +303,7 @@ def _agent(d, **kw):
            "reserve": 0}
     cfg.update(kw)
     a = Agent(cfg)
-    a.id = "TESTDEV1"  # as start() would find it, without the modem
+    a.s.id = "TESTDEV1"  # as start() would find it, without the modem
     return a
 
 
@@ -313,11 +313,11 @@ def test_agent_dispatches_answers_by_message_id():
         a = _agent(d)
         seen = []
         a.on_error = lambda code, line, text: seen.append((code, line, text))
-        a._ans = []  # as create.ask waits for an answer
+        a.s.ans = []  # as create.ask waits for an answer
         a._on_msg(b"mr/TESTDEV1", b"87,1," + XID.encode() + b"\n205,1,t-emu,emu.example.com")
         assert a.tenant == "t-emu"
-        assert [r.code for r in a._ans] == [205]
-        a._ans = None
+        assert [r.code for r in a.s.ans] == [205]
+        a.s.ans = None
         a._on_msg(b"mr/TESTDEV1", b"87,1," + XID.encode() + b"\n206,1,77,overheat,ACTIVE,10")
         assert a.alarms[("10", "overheat")] == ["77", "ACTIVE"]
         a._on_msg(b"br/TESTDEV1", b"45,1,Invalid parameter at position '1'")
@@ -327,9 +327,9 @@ def test_agent_dispatches_answers_by_message_id():
         a._on_msg(b"mr/TESTDEV1", b'"unterminated')  # unreadable: logged, nothing else
         assert a.errors == 2
         # operation rows are not answers: they wait for the operation handling
-        a._ans = None
+        a.s.ans = None
         a._on_msg(b"mr/TESTDEV1", b"87,1," + XID.encode() + b"\n202,1,5,10,echo x")
-        assert a._ans is None and a._ops == [(202, ["5", "10", "echo x"])]
+        assert a.s.ans is None and a.s.ops == [(202, ["5", "10", "echo x"])]
     finally:
         rmtree(d)
 
@@ -340,32 +340,32 @@ def test_operations_reach_their_handlers_with_statuses():
     d = scratch_dir("aops")
     try:
         a = _agent(d)
-        a.mo = "10"
-        a.ready = True  # but without a client: status rows wait in a._st
+        a.s.mo = "10"
+        a.s.ready = True  # but without a client: status rows wait in a.s.st
         a.command("echo", lambda args: 'said "%s"' % args)
         got = []
         a.child("kid", handler=lambda op: got.append((op.child, op.rtid, op.id)))
-        a._kids["kid"][2] = "11"
+        a.s.kids["kid"][2] = "11"
         a.operation(203, "c8y_Restart", lambda op: None)  # not the real restart here
         x = XID.encode()
         a._on_msg(b"mr/TESTDEV1", b"87,5," + x + b"\n202,1,7,10,echo hi\n202,1,8,10,format c:"
                   b"\n203,1,9,11\n202,1,10,99,echo lost\n202,1,7,10,echo hi")
-        link.handle_ops(a)
+        link.handle_ops(a.s)
         assert got == [("kid", 203, "9")]
         p = b"15," + x + b"\n"
-        assert a._st == [
+        assert a.s.st == [
             p + b"130,7", p + b'133,7,echo hi,"said \\""hi\\"""',
             p + b"130,8", p + b"132,8,unknown command: format",
             p + b"130,9", p + b"131,9",
             p + b"132,10,no handler for c8y_Command on device 99",
         ]  # operation 7 came twice (QoS 1): executed once
         assert a.stats["ops"] == 4
-        a._st = []
+        a.s.st = []
         a.child("mute")  # a child without a handler: its operations fail
-        a._kids["mute"][2] = "12"
+        a.s.kids["mute"][2] = "12"
         a._on_msg(b"mr/TESTDEV1", b"203,1,11,12")
-        link.handle_ops(a)
-        assert a._st == [p + b"132,11,no handler for c8y_Restart on device 12"]
+        link.handle_ops(a.s)
+        assert a.s.st == [p + b"132,11,no handler for c8y_Restart on device 12"]
     finally:
         rmtree(d)
 
@@ -384,27 +384,27 @@ def test_queued_rows_become_text_and_binary_payloads():
         a.child("kid")
         a.event("door", 'opened, "left"', t=t, source="kid")
         assert len(a.q) == 2
-        assert link.encode(a, a.q.peek()) is None  # the MO id is not known yet: it waits
-        a.mo = "10"
-        topic, body = link.encode(a, a.q.peek())
+        assert link.encode(a.s, a.q.peek()) is None  # the MO id is not known yet: it waits
+        a.s.mo = "10"
+        topic, body = link.encode(a.s, a.q.peek())
         assert topic == "ms/TESTDEV1"
         assert body == (b"15," + XID.encode() + b"\n110,10,c8y_Temperature,T,21.5,C,"
                         + iso(t).encode() + b",c8y_Temperature")
         assert iso(t) == "2017-09-14T12:37:00Z"
         a.q.pop()
-        assert link.encode(a, a.q.peek()) is None  # the child's MO is not known yet either
-        a._kids["kid"][2] = "11"
-        assert link.encode(a, a.q.peek())[1].endswith(b'111,11,door,"opened, \\""left\\""",'
+        assert link.encode(a.s, a.q.peek()) is None  # the child's MO is not known yet either
+        a.s.kids["kid"][2] = "11"
+        assert link.encode(a.s, a.q.peek())[1].endswith(b'111,11,door,"opened, \\""left\\""",'
                                                  + iso(t).encode())
-        a.binary = True
-        topic, body = link.encode(a, a.q.peek())
+        a.s.binary = True
+        topic, body = link.encode(a.s, a.q.peek())
         assert topic == "bs/TESTDEV1"
         assert body == binrest.encode(XID, 111, ["UNSIGNED", "STRING", "STRING", "DATE"],
                                       [11, "door", 'opened, \\"left\\"', t])
         a.q.pop()
         a.alarms[("10", "hot")] = ["77", "ACTIVE"]
         a.alarm_status("hot", "ACKNOWLEDGED")
-        assert link.encode(a, a.q.peek())[1] == binrest.encode(XID, 114, ["UNSIGNED", "STRING"],
+        assert link.encode(a.s, a.q.peek())[1] == binrest.encode(XID, 114, ["UNSIGNED", "STRING"],
                                                          [77, "ACKNOWLEDGED"])
         raises(ValueError, a.alarm_status, "cold", "ACKNOWLEDGED")
         raises(ValueError, a.alarm, "hot", "x", "SEVERE")
@@ -420,7 +420,7 @@ def test_store_reads_through_the_agent_read_only_what_a_file_holds():
     d = scratch_dir("adb")
     try:
         a = _agent(d)
-        db = a._db()
+        db = a.s.db()
         db.save("x", {"id": "8949", "n": [1, 2]})
         assert db.load("x") == {"id": "8949", "n": [1, 2]} and db.status("x") == "ok"
         db.save("x", {"id": "8949", "n": [3]})
@@ -481,4 +481,194 @@ def test_timers_fire_across_the_tick_wrap_and_too_long_periods_are_refused():
         a.every(86400, lambda: None)  # a day is fine everywhere
     finally:
         hal.ticks_at(None)
+        rmtree(d)
+
+
+# -- the operation in progress, resumed after a reboot (ops.py, create.finish) -------------------
+
+def test_resume_rules_of_an_operation_found_at_boot():
+    from microcot.create import found, outcome
+
+    rec = {"id": "41", "kind": "c8y_Restart", "rtid": 203, "stage": "reset", "started": 1}
+    assert found(rec) is rec
+    assert found({"restart": "9"}) == {"id": "9", "kind": "c8y_Restart", "rtid": 203,
+                                       "stage": "reset"}  # the record before it was general
+    assert found(None) is None and found({"id": "x1"}) is None and found([1]) is None
+    assert outcome(rec, lambda r: r["stage"] == "reset") == (True, None)
+    assert outcome(dict(rec, stage="run"), lambda r: r["stage"] == "reset") == (
+        False, "interrupted by a reboot (stage run)")
+    assert outcome(rec, None) == (False, "interrupted by a reboot (stage reset)")
+    assert outcome(rec, lambda r: "flash image corrupt") == (False, "flash image corrupt")
+    assert outcome(rec, lambda r: 1 // 0)[1].startswith("ZeroDivisionError")
+    # a child's operation has no resume hook of the device's
+    assert outcome(dict(rec, child="kid"), lambda r: True)[0] is False
+
+
+def test_an_interrupted_operation_is_reported_once_and_not_run_again():
+    from microcot import create, link
+
+    d = scratch_dir("aresume")
+    try:
+        a = _agent(d)
+        a.s.mo = "10"
+        s = a.s
+        ran = []
+        a.operation(207, "c8y_Thing", lambda op: ran.append(op.id),
+                    resume=lambda rec: rec["stage"] == "written")
+        s.oprec = {"id": "55", "kind": "c8y_Thing", "rtid": 207, "stage": "written",
+                   "started": 1}
+        s.db().save("op", s.oprec)
+        assert create.resumed(s, s.oprec) == (131, 55)
+        assert create.resumed(s, dict(s.oprec, stage="run")) == (
+            132, 55, "interrupted by a reboot (stage run)")
+        assert create.resumed(s, dict(s.oprec, rtid=202)) == (
+            132, 55, "interrupted by a reboot (stage written)")  # c8y_Command: no resume
+
+        class Client:  # what finish() needs of the MQTT client
+            def __init__(self):
+                self.sent = []
+
+            def publish(self, topic, body, qos=0):
+                self.sent.append(bytes(body))
+                return len(self.sent)
+
+            def wait_puback(self, pid):
+                pass
+
+        s.c = Client()
+        create.finish(s)
+        p = b"15," + XID.encode() + b"\n"
+        assert s.c.sent == [p + b"131,55"] and a.ready
+        assert s.db().load("op") is None  # reported once: the record is gone
+        # the broker delivers the operation again: it is not run again
+        a._on_msg(b"mr/TESTDEV1", b"207,1,55,10")
+        link.handle_ops(s)
+        assert ran == [] and len(s.c.sent) == 1
+        a._on_msg(b"mr/TESTDEV1", b"207,1,56,10")
+        link.handle_ops(s)
+        assert ran == ["56"] and s.c.sent[1:] == [p + b"130,56", p + b"131,56"]
+    finally:
+        rmtree(d)
+
+
+def test_an_operation_keeps_a_record_while_it_runs():
+    from microcot import link
+
+    d = scratch_dir("arec")
+    try:
+        a = _agent(d)
+        a.s.mo = "10"
+        a.s.ready = True
+        seen = []
+
+        def thing(op):
+            seen.append(a.s.db().load("op"))
+            op.stage("half")
+            seen.append(a.s.db().load("op")["stage"])
+
+        a.operation(207, "c8y_Thing", thing)
+        a._on_msg(b"mr/TESTDEV1", b"207,1,60,10")
+        link.handle_ops(a.s)
+        assert seen[0]["id"] == "60" and seen[0]["kind"] == "c8y_Thing"
+        assert seen[0]["rtid"] == 207 and seen[0]["stage"] == "run"
+        assert seen[1] == "half"
+        assert a.s.db().load("op") is None  # done: the record is gone
+    finally:
+        rmtree(d)
+
+
+def test_a_stepped_operation_advances_a_chunk_per_turn():
+    from microcot import link
+
+    d = scratch_dir("astep")
+    try:
+        a = _agent(d)
+        a.s.mo = "10"
+        a.s.ready = True
+        s = a.s
+        done = []
+
+        def update(op):
+            for i in range(3):
+                done.append(i)
+                yield
+            return (133, "update", "3 chunks")  # a success row of its own
+
+        a.operation(207, "c8y_Thing", update)
+        a.command("echo", lambda args: args)
+        a._on_msg(b"mr/TESTDEV1", b"207,1,70,10\n202,1,71,10,echo hi")
+        link.handle_ops(s)
+        p = b"15," + XID.encode() + b"\n"
+        assert done == [] and s.st == [p + b"130,70"] and s.job is not None
+        link.handle_ops(s)  # the other operation waits for the stepped one
+        assert len(s.ops) == 1
+        for n in range(3):
+            link.advance(s)
+            assert done == list(range(n + 1))
+        assert s.job is not None and s.db().load("op")["id"] == "70"
+        link.advance(s)  # its return value reports it
+        assert s.job is None and s.st[-1] == p + b"133,70,update,3 chunks"
+        assert s.db().load("op") is None
+        link.handle_ops(s)
+        assert s.st[-2:] == [p + b"130,71", p + b"133,71,echo hi,hi"]
+
+        def broken(op):
+            yield
+            raise ValueError("chunk 2 failed")
+
+        a.operation(208, "c8y_Other", broken)
+        a._on_msg(b"mr/TESTDEV1", b"208,1,72,10")
+        link.handle_ops(s)
+        link.advance(s)
+        link.advance(s)
+        assert s.st[-1] == p + b"132,72,ValueError: chunk 2 failed" and s.job is None
+    finally:
+        rmtree(d)
+
+
+# -- the self-creation conversation without a broker (create.py, sans-I/O) ---------------------
+
+def _rows(text):
+    from microcot.smartrest import parse
+
+    return parse(text.encode())
+
+
+def test_self_creation_conversation_for_a_new_device():
+    from microcot import create
+
+    d = scratch_dir("aconv")
+    try:
+        a = _agent(d)
+        s = a.s
+        s.dev = {"id": "TESTDEV1", "src": "iccid", "imsi": "262011234567890"}
+        db = s.db()
+        conv = create.self_create(s, db)
+        p = "15," + XID + "\n"
+        body, what = next(conv)
+        assert body == (p + "100,TESTDEV1").encode() and "lookup" in what
+        body, what = conv.send(_rows("50,1,404,Not Found"))
+        assert body == (p + '101,TESTDEV1,microcot TESTDEV1').encode()
+        body, what = conv.send(_rows("201,1,4711"))
+        assert db.load("dev")["mo"] == "4711"  # stored before anything else
+        assert body == (p + "102,4711,TESTDEV1").encode()
+        body, what = conv.send(_rows("200,1,TESTDEV1,4711"))
+        lines = body.decode().split("\n")
+        assert lines[1].startswith("103,4711,TESTDEV1,")
+        assert lines[2] == "104,4711,TESTDEV1,262011234567890"
+        assert lines[3] == '106,4711,"""c8y_Command"",""c8y_Restart"""'
+        raises(StopIteration, conv.send, _rows("201,1,4711\n201,2,4711\n201,3,4711"))
+        assert s.mo == "4711" and s.stats["created"] and db.load("dev")["info"]
+        # the next boot: found by its external ID, nothing changed, nothing more is sent
+        s.mo = None
+        conv = create.self_create(s, db)
+        next(conv)
+        raises(StopIteration, conv.send, _rows("200,1,TESTDEV1,4711"))
+        assert s.mo == "4711"
+        # an answer it cannot use ends it with the answer named
+        conv = create.self_create(s, db)
+        next(conv)
+        e = raises(Exception, conv.send, _rows("50,1,500,Server Error"))
+        assert "external ID lookup: 50 500,Server Error" in str(e)
+    finally:
         rmtree(d)

@@ -18,6 +18,7 @@ heap instead (bench/agent.py bisects with it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -332,11 +333,11 @@ a.run(until=lambda: len(a.alarms) >= 2 and a.tenant and not len(a.q), seconds=20
 a.alarm_status('mc_Hot', 'ACKNOWLEDGED')
 a.alarm_status('mc_Cold', 'CLEARED')
 a.run(until=lambda: not len(a.q), seconds=10)
-print('READY', a._kids['kid'][2])
-a.run(until=lambda: a.stats['ops'] >= 3 and not a._st and not a._c.pending(), seconds=30)
+print('READY', a.s.kids['kid'][2])
+a.run(until=lambda: a.stats['ops'] >= 3 and not a.s.st and not a._c.pending(), seconds=30)
 a.run(seconds=1)
 print('RESULT', json.dumps({'tenant': a.tenant, 'got': got, 'errors': errors,
-                            'stats': a.stats, 'kid': a._kids['kid'][2]}))
+                            'stats': a.stats, 'kid': a.s.kids['kid'][2]}))
 a.close()
 """, timeout=90, on_line=on_line)
     log = res["log"]
@@ -404,6 +405,70 @@ def test_restart_operation_restarts_the_board_and_reports_after(emu, board, icci
                  == "SUCCESSFUL", WAIT)
     finally:
         con.stop()
+
+
+def test_power_cut_during_an_operation_reports_it_once_and_never_runs_it_again(emu, board, iccid,
+                                                                              puts):
+    """A c8y_Command whose command never ends: the power is cut while it runs (its record,
+    store.py "op", on flash). main.py boots, finds the record: FAILED (c8y_Command has no resume
+    rule), exactly once, and the command is not run again."""
+    mo = device_mo(emu, iccid)
+    hanging = threading.Event()
+    result: dict = {}
+    t = transport.open_board(board.port)
+
+    ready = threading.Event()
+
+    def out(b: bytes) -> None:
+        result["out"] = result.get("out", b"") + b
+        if b"READY" in result["out"]:
+            ready.set()
+        if b"HANGING" in result["out"]:
+            hanging.set()
+
+    def board_side() -> None:
+        try:
+            transport.run(t, AGENT + r"""
+import time
+def hang(args):
+    print('HANGING')
+    while True:
+        time.sleep(1)
+a.command('hang', hang)
+a.run(until=lambda: a.ready, seconds=30)
+print('READY')
+a.run(seconds=60)
+""", timeout=90, on_output=out)
+        except BaseException as e:  # noqa: BLE001 - the power cut ends it
+            result["error"] = e
+
+    worker = threading.Thread(target=board_side, daemon=True)
+    worker.start()
+    con = Console(board.port)
+    try:
+        assert ready.wait(WAIT), result
+        op = emu.create_operation(mo, {"c8y_Command": {"text": "hang"}})
+        assert hanging.wait(WAIT), result.get("out", b"")[-2000:]
+        rec = read_doc(board.flash_dir, "op")
+        assert rec["id"] == op["id"] and rec["kind"] == "c8y_Command", rec
+        with contextlib.suppress(Exception):
+            t.close()  # the script's transport lets go of the port (the script runs on)
+        con.start()
+        board.power_cut()  # main.py boots
+        worker.join(30)
+        con.wait(r"c8y_Command %s: back after the restart, FAILED" % op["id"], 0, WAIT)
+        con.wait(r"ready: managed object", 0, WAIT)
+        done = api(emu, "GET", "/devicecontrol/operations/" + op["id"])[1]
+        assert done["status"] == "FAILED"
+        assert done["failureReason"] == "interrupted by a reboot (stage run)"
+        time.sleep(2.0)  # a redelivery, if any, would have run by now
+        assert [s for i, s in puts if i == op["id"]] == ["EXECUTING", "FAILED"]
+        assert read_doc(board.flash_dir, "op") is None
+        assert "HANGING" not in con.text
+    finally:
+        con.stop()
+        with contextlib.suppress(Exception):
+            t.close()
 
 
 def test_offline_queue_across_a_broker_outage(emu, board, iccid):
