@@ -43,6 +43,11 @@
 #             smallest heap on the ESP32 model (81 vs 84 KB), but a one-boot life failed 1 in 3
 #             there at the template registration (3.4 KB payload in one piece), so they stay on.
 #   Pico W model (i386-rp2, 169,000 B): none of them needed.
+# Measured again after the State/ident/tpl split (bench/agent.py --no-rate, 4 KB bisection
+# steps): ESP32 model, all measures 3/3 at the budget, smallest heap 107,520 B (88,671 B free
+# after boot; 103,424 fails at the link.py import in start), 19.9 KB free while connected; no
+# reserve 0/3 at the budget; no unloading 13.1 KB free while connected; no boots of their own
+# 3/3 (smallest 80,664 B free after boot). Pico W model: all 3/3, 65.8 KB free while connected.
 # Reading the modem and bootstrapping happen in boots of their own (`restarts`): the agent
 # restarts the board (soft reset) after either, so that their code and names (which MicroPython
 # never frees) do not crowd the session that follows. A fresh device: boot 1 reads its ID and
