@@ -74,6 +74,7 @@ from .mqttpkt import (
 )
 from .mqttpkt import connect as _connect_pkt
 from .mqttpkt import publish as _publish_pkt
+from .mqttpkt import publish_head as _publish_head
 from .mqttpkt import subscribe as _subscribe_pkt
 from .mqttpkt import unsubscribe as _unsubscribe_pkt
 
@@ -92,6 +93,9 @@ _MP = hal.family() != "cpython"
 _PINGREQ = bytes((PINGREQ, 0))
 _DISCONNECT = bytes((DISCONNECT, 0))
 _Q2_MAX = 32
+# QoS 1 payloads larger than this go out after their header instead of copied into one packet
+# (two writes, two TLS records: for small messages one is cheaper)
+_SPLIT = 512
 _NAMES = {0x40: "PUBACK", 0x50: "PUBREC", 0x60: "PUBREL", 0x70: "PUBCOMP", 0xB0: "UNSUBACK"}
 
 
@@ -202,7 +206,9 @@ class MQTTClient:
         self._rx = Reader(max_packet)
         self._ab = bytearray(4)  # PUBACK/PUBREC/PUBCOMP are written from here
         self._pid = 0
-        self._out = []  # [pid, packet] of unacknowledged QoS 1 publishes, oldest first
+        # [pid, packet, None] or [pid, header, payload] of unacknowledged QoS 1 publishes, oldest
+        # first
+        self._out = []
         self._q2 = []  # QoS 2 ids received, PUBREC sent, PUBREL not yet
         self._wait = None  # [pid, return code or None] of a SUBSCRIBE/UNSUBSCRIBE under way
         self._t_tx = self._t_rx = 0
@@ -284,6 +290,8 @@ class MQTTClient:
         for item in self._out:
             item[1][0] |= 0x08  # DUP
             self._send(item[1])
+            if item[2] is not None:
+                self._send(item[2])
         return present
 
     def disconnect(self):
@@ -307,7 +315,7 @@ class MQTTClient:
             raise ValueError("publish: qos %r not supported (0 or 1)" % (qos,))
         if not qos:
             pkt = _publish_pkt(topic, msg, 0, retain)
-            self._check_size(pkt)
+            self._check_size(len(pkt))
             self._send(pkt)
             return None
         self._connected()
@@ -320,11 +328,19 @@ class MQTTClient:
                                       % (len(self._out), int(self.timeout * 1000)))
                 self.poll(left)
         pid = self._newpid()
-        pkt = _publish_pkt(topic, msg, 1, retain, False, pid)
-        self._check_size(pkt)
-        self._out.append([pid, pkt])
+        m = msg.encode() if isinstance(msg, str) else msg
+        if len(m) > _SPLIT:
+            # header and payload go out one after the other, and the payload is kept as given
+            # until its PUBACK: a few KiB (the template registration) are never copied
+            item = [pid, _publish_head(topic, len(m), 1, retain, False, pid), m]
+        else:
+            item = [pid, _publish_pkt(topic, m, 1, retain, False, pid), None]
+        self._check_size(len(item[1]) + (len(m) if item[2] is not None else 0))
+        self._out.append(item)
         try:
-            self._send(pkt)
+            self._send(item[1])
+            if item[2] is not None:
+                self._send(item[2])
         except MQTTConnectionError as e:
             e.pid = pid
             raise
@@ -437,9 +453,9 @@ class MQTTClient:
         if self.sock is None:
             raise MQTTConnectionError("not connected")
 
-    def _check_size(self, pkt):
-        if len(pkt) > self._rx.limit:
-            raise MQTTPacketTooLarge(len(pkt), self._rx.limit, "PUBLISH")
+    def _check_size(self, n):
+        if n > self._rx.limit:
+            raise MQTTPacketTooLarge(n, self._rx.limit, "PUBLISH")
 
     def _left(self, deadline):
         return hal.ticks_diff(deadline, hal.ticks_ms())

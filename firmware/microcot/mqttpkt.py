@@ -178,20 +178,28 @@ def _check_pid(pid):
 
 
 def publish(topic, msg, qos=0, retain=False, dup=False, pid=0):
-    t = _topic(topic, False)
     m = _b(msg)
+    buf = publish_head(topic, len(m), qos, retain, dup, pid)
+    buf.extend(m)
+    return buf
+
+
+def publish_head(topic, size, qos=0, retain=False, dup=False, pid=0):
+    """A PUBLISH packet up to its payload (fixed header, topic, packet id) for a payload of
+    `size` bytes sent after it: a large payload goes out as it is, never copied into a packet."""
+    t = _topic(topic, False)
     if qos not in (0, 1, 2):
         raise ValueError("qos %r: expected 0, 1 or 2" % (qos,))
     if qos:
         _check_pid(pid)
-    n = 2 + len(t) + (2 if qos else 0) + len(m)
-    buf, o = _new(PUBLISH | (0x08 if dup else 0) | qos << 1 | (1 if retain else 0), n)
-    o = _put_str(buf, o, t)
+    head = 2 + len(t) + (2 if qos else 0)
+    n = head + size  # the remaining length counts the payload
+    buf = bytearray(1 + rl_size(n) + head)
+    buf[0] = PUBLISH | (0x08 if dup else 0) | qos << 1 | (1 if retain else 0)
+    o = _put_str(buf, put_rl(buf, 1, n), t)
     if qos:
         buf[o] = pid >> 8
         buf[o + 1] = pid & 0xFF
-        o += 2
-    buf[o:] = m
     return buf
 
 

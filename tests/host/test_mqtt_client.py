@@ -742,6 +742,41 @@ def test_qos1_publish_pipelined_then_resent_with_dup_on_reconnect():
     assert fa == 0x3A and ba == b2, "re-sent with DUP, same packet id and payload"
 
 
+def test_a_large_qos1_payload_goes_out_uncopied_and_is_resent_whole():
+    """Above the split size the header and the payload are written one after the other (the
+    payload never copied into a packet); on the wire it is one PUBLISH, resent whole with DUP."""
+    big = bytes(range(256)) * 16 + b"end"  # 4099 bytes, like the template registration
+    got = {}
+
+    def script(accept):
+        link = accept()
+        link.connack()
+        got["first"] = link.expect(P.PUBLISH)
+        time.sleep(0.3)
+        link.sock.close()
+        link = accept()
+        link.connack(sp=True)
+        got["again"] = link.expect(P.PUBLISH)
+        link.send(P.ack(P.PUBACK, 1))
+        link.expect(P.DISCONNECT)
+
+    fake = Fake(script)
+    c = fake.client()
+    c.connect(clean_session=False)
+    assert c.publish("ms/X", big, qos=1) == 1
+    assert c._out[0][2] is big  # kept as given, not copied
+    e, _ = until_error(c)
+    assert isinstance(e, mqtt.MQTTConnectionError)
+    assert c.connect(clean_session=False) is True
+    assert c.wait_puback(1, 3000) and c.pending() == 0
+    c.disconnect()
+    fake.finish()
+    f1, b1 = got["first"]
+    fa, ba = got["again"]
+    assert f1 == 0x32 and bytes(P.publish("ms/X", big, 1, pid=1)).endswith(b1)
+    assert b1.endswith(big) and fa == 0x3A and ba == b1
+
+
 def test_inflight_window_is_bounded():
     def script(accept):
         link = accept()
