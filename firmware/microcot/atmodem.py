@@ -264,7 +264,7 @@ class AtModem:
         """The SIM's ICCID, validated: AT+CCID, then AT+QCCID, AT+ICCID, then reading EF_ICCID
         with AT+CRSM. A modem that does not answer at all (ModemTimeout) or reports no SIM
         (+CME ERROR: 10) ends the search at once; otherwise ModemError lists every attempt."""
-        from .identity import normalize_iccid
+        from .iccid import normalize_iccid
 
         why = []
         for cmd in ("AT+CCID", "AT+QCCID", "AT+ICCID", "AT+CRSM=176,12258,0,0,10"):
