@@ -33,21 +33,20 @@
 # (link.py: advanced a chunk per step, so MQTT keeps alive). op.stage("x") notes progress in the
 # operation's record; `resume(record)` decides after a reboot in the middle (True: SUCCESSFUL).
 #
-# Heap measures, each switchable in /microcot.json because a faithful board showed it is needed
-# (bench/agent.py, a full session of firmware/main.py at the board budgets):
-#   reserve   ESP32 model (i386-esp32, 86,000 B free after boot): needed; without it the life
-#             needs 100 KB free, more than the real board's 91 KB.
-#   unload    ESP32 model: does not lower the smallest heap, but leaves 11 KB more free while
-#             connected (27.0 vs 15.6 KB).
-#   restarts  boots of their own after reading the ID and after a bootstrap: do not lower the
-#             smallest heap on the ESP32 model (81 vs 84 KB), but a one-boot life failed 1 in 3
-#             there at the template registration (3.4 KB payload in one piece), so they stay on.
-#   Pico W model (i386-rp2, 169,000 B): none of them needed.
-# Measured again after the State/ident/tpl split (bench/agent.py --no-rate, 4 KB bisection
-# steps): ESP32 model, all measures 3/3 at the budget, smallest heap 107,520 B (88,671 B free
-# after boot; 103,424 fails at the link.py import in start), 19.9 KB free while connected; no
-# reserve 0/3 at the budget; no unloading 13.1 KB free while connected; no boots of their own
-# 3/3 (smallest 80,664 B free after boot). Pico W model: all 3/3, 65.8 KB free while connected.
+# Heap measures, each switchable in /microcot.json, kept where a faithful board showed it is
+# needed (bench/agent.py --no-rate: a full session of firmware/main.py at the board budgets,
+# smallest heap bisected to 4 KiB and confirmed 3 times; free heap after boot):
+#   reserve   on (12 KiB): a block held for the few large allocations, let go of right before
+#             them. Since mqtt.py sends a large QoS 1 payload without copying it, the bench's
+#             sessions on the ESP32 model (i386-esp32, 86,000 B) passed 3/3 without it (smallest
+#             heap 80,664 B vs 88,671 with it), but the demo and the e2e tests at that budget
+#             then failed at the template registration (3,367 B in one piece): keep it. On the
+#             Pico W model it costs 12 KB while connected (65.3 vs 77.6 KB free).
+#   unload    on: the ESP32 model keeps 19.5 KB free while connected with it, 12.6 KB without.
+#   restarts  on: a one-boot life on the ESP32 model failed now and then at the template
+#             registration; with them off it needs 84,668 B (vs 80,664).
+#   Pico W model (i386-rp2, 169,000 B): none of them needed (all off: 3/3, 61.6 KB free while
+#   connected, smallest 162,730 B).
 # Reading the modem and bootstrapping happen in boots of their own (`restarts`): the agent
 # restarts the board (soft reset) after either, so that their code and names (which MicroPython
 # never frees) do not crowd the session that follows. A fresh device: boot 1 reads its ID and
@@ -108,7 +107,7 @@ DEFAULTS = {
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
     "store": "/store",
-    "reserve": 12288,  # bytes held for the few large allocations (0: none, e.g. in tests)
+    "reserve": 12288,  # bytes held for the few large allocations (0: none; see above)
     # the other heap measures, switchable so that bench/agent.py can tell which a board needs:
     "restarts": True,  # boots of their own after reading the ID and after a bootstrap
     "unload": True,  # drop the phase modules a state does not use (_DROP)
