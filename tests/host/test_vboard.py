@@ -349,7 +349,8 @@ def test_vboard_module_and_modem(virtual_board):
     assert "+CCID: 89490200001234567892" in got and got.endswith("OK\\r\\n'")
 
 
-@pytest.mark.virtual_board(iccid="89490200001234567892", heap="100k")
+# sources, compiled on the board (not .mpy): the 64-bit developer board needs room for that
+@pytest.mark.virtual_board(iccid="89490200001234567892", heap="160k")
 def test_firmware_identity_and_reset_through_vboard(virtual_board):
     # the contract with firmware/microcot/hal.py: identity from the modem, hal.reset() resets
     firmware = Path(__file__).resolve().parents[2] / "firmware" / "microcot"
