@@ -47,11 +47,13 @@ def serve(board: Served, *, port_file: Path | None, start_errors: tuple[type[Exc
         except start_errors as exc:
             raise click.ClickException(str(exc)) from None
         entry = announce()
+        # registered before the port file appears: a script that waits for the file finds the
+        # board in `microcot boards` too
+        registry = register(board.name, board.port, entry)
         if port_file is not None:
             tmp = port_file.with_name(port_file.name + ".tmp")
             tmp.write_text(board.port + "\n")
             os.replace(tmp, port_file)  # a watcher never reads half a path
-        registry = register(board.name, board.port, entry)
         click.echo("Ctrl-C stops the board.")
         while not stop.wait(0.5):
             if not board.running:
