@@ -91,8 +91,9 @@ def _check(key: Key, value: Any) -> str | None:
     if k == "pair":
         ok = isinstance(value, list) and len(value) == 2 and all(
             isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value)
-        return None if ok and value[0] <= value[1] or (ok and key.name == "queue") \
-            else "[a, b], two numbers >= 0 with a <= b"
+        # a range [min, max], except queue: [rows in memory, rows on flash]
+        ordered = key.name == "queue" or (ok and value[0] <= value[1])
+        return None if ok and ordered else "[a, b], two numbers >= 0 with a <= b"
     if k == "object":
         ok = isinstance(value, dict) and set(value) <= {"ssid", "password"} and all(
             isinstance(v, str) for v in value.values()) and value.get("ssid")

@@ -9,27 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 from .. import boards, fidelity
 from .board import VirtualBoard, find_micropython, parse_heap
 from .heapcal import heapsize_for_free
-
-
-class StartableBoard(Protocol):
-    """What VirtualBoard and the emulated RP2040 both offer."""
-
-    name: str
-
-    @property
-    def port(self) -> str: ...
-
-    @property
-    def modem_path(self) -> str | None: ...
-
-    def start(self) -> StartableBoard: ...
-
-    def stop(self) -> None: ...
+from .serve import Served
 
 
 def micropython_for(runtime: str) -> str:
@@ -62,7 +46,7 @@ def make_board(board: str | boards.Board | None = None, *, name: str,
                flash_dir: str | os.PathLike | None = None, runtime: str | None = None,
                heap: str | int | None = None, iccid: str | None = None,
                mac: str | bytes | None = None, link: str | os.PathLike | None = None,
-               imsi: str | None = None) -> StartableBoard:
+               imsi: str | None = None) -> Served:
     """The (not yet started) board model for a board file: a unix-port VirtualBoard at the board's
     heap budget, or the real rp2 firmware in an emulated RP2040 when the runtime is `rp2040`."""
     bdef, rt = resolve(board, runtime)

@@ -17,10 +17,15 @@ import click
 
 
 class Served(Protocol):
+    """What VirtualBoard and the emulated RP2040 both offer (models.make_board returns one)."""
+
     name: str
 
     @property
     def port(self) -> str: ...
+
+    @property
+    def modem_path(self) -> str | None: ...
 
     @property
     def running(self) -> bool: ...
