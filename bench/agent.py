@@ -54,7 +54,7 @@ from microcot_host.emulator.certs import client_ssl_context  # noqa: E402
 from microcot_host.vboard.heapcal import free_for_heapsize  # noqa: E402
 from microcot_host.vboard.models import heap_for, make_board, micropython_for  # noqa: E402
 
-XID = "microcot1"
+XID = "microcot2"
 INFLIGHT = 8  # the agent's MQTT client (mqtt.py max_inflight); paho gets the same window
 REPS = 5  # runs of each kind, agent and paho interleaved; the median is reported
 T0 = 1767225600  # 2026-01-01T00:00:00Z: the measurements' times, k seconds on

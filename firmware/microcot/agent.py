@@ -112,7 +112,25 @@ DEFAULTS = {
     "restarts": True,  # boots of their own after reading the ID and after a bootstrap
     "unload": True,  # drop the phase modules a state does not use (_DROP)
     "log": True,
+    # device management (_MANAGED): which of the built-in operations this device supports
+    "manage": ["firmware", "software", "configuration", "logs"],
+    "availability": 10,  # minutes without a message before the platform says unavailable (0: -)
+    "log_ring": 2048,  # characters of log lines kept for c8y_LogfileRequest (0: none)
+    "rest_url": None,  # the platform's HTTPS REST API (uploads); None: https://<host>
+    "http_user": "{id}",  # the device's user for HTTPS downloads and uploads ({tenant}, {id})
+    "app_trial": 300,  # seconds a new application gets to connect before it is rolled back
 }
+
+# The built-in device-management operations: (cfg "manage" name, response template, fragment,
+# module). A module's code is loaded only while one of its operations runs (_Mod): it has
+# handle(s, op) and may have resume(s, record), the operation's resume hook.
+_MANAGED = (("firmware", tpl.R_FIRMWARE, "c8y_Firmware", "opfw"),
+            ("software", tpl.R_SOFTWARE, "c8y_SoftwareUpdate", "opapp"),
+            ("configuration", tpl.R_CONFIG, "c8y_Configuration", "opconf"),
+            ("configuration", tpl.R_SEND_CONFIG, "c8y_SendConfiguration", "opconf"),
+            ("logs", tpl.R_LOGFILE, "c8y_LogfileRequest", "oplog"))
+# what they load, unloaded once no operation runs
+_OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch")
 
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
@@ -146,6 +164,30 @@ def load_config(path=CONFIG, **over):
 def _restarted(rec):
     """c8y_Restart's resume rule: it succeeded when the board got to its reset."""
     return rec.get("stage") == "reset"
+
+
+class _Mod:
+    """A built-in operation whose code is a module of its own, imported when it is needed."""
+
+    def __init__(self, s, name):
+        self.s = s
+        self.name = name
+
+    def _m(self):
+        import sys
+
+        n = "microcot." + self.name
+        if n not in sys.modules:
+            self.s.room()  # its code goes in one place, not into the gaps
+            __import__(n)
+        return sys.modules[n]
+
+    def __call__(self, op):
+        return self._m().handle(self.s, op)
+
+    def resume(self, rec):
+        fn = getattr(self._m(), "resume", None)
+        return None if fn is None else fn(self.s, rec)
 
 
 class Agent:
@@ -183,6 +225,18 @@ class Agent:
         # the built-in operations, registered like any other
         self.operation(tpl.R_COMMAND, "c8y_Command", self._command)
         self.operation(tpl.R_RESTART, "c8y_Restart", self._reset, _restarted)
+        for m in _MANAGED:
+            if m[0] in cfg["manage"]:
+                h = _Mod(s, m[3])
+                self.operation(m[1], m[2], h, h.resume)
+        if cfg["log_ring"] and "logs" in cfg["manage"]:
+            from .logring import Ring
+
+            s.ring = Ring(cfg["log_ring"])
+            s.secret(cfg["bootstrap_password"])
+            w = cfg.get("wlan")
+            if isinstance(w, dict):
+                s.secret(w.get("password"))
         s.hold()
         for slot in "ab" if cfg["reserve"] else "":
             try:  # credentials stored: this boot connects and may register the templates
@@ -200,6 +254,9 @@ class Agent:
         return getattr(self.s, "c" if name == "_c" else name)
 
     def log(self, msg):
+        r = self.s.ring
+        if r is not None:
+            r.add(msg)
         if self.cfg["log"]:
             print("agent:", msg)
 
@@ -441,6 +498,9 @@ class Agent:
         if self.cfg["unload"]:
             for m in _DROP[s.state + (s.state == UP and s.ready)]:
                 unload(m)
+            if s.job is None:
+                for m in _OPMODS:
+                    unload(m)
         s.hold()
 
     def _command(self, op):

@@ -125,6 +125,7 @@ def step(s, ms):
         return
     pw = b.step(ms)
     if pw is not None:
+        s.secret(pw)
         b.finish(s.db(), pw)
         if cfg["restarts"]:
             from .state import Restart

@@ -2,8 +2,9 @@
 # holds one phase at a time. Every function takes the agent's State (state.py) as `s`.
 #   0  seed 002's self-creation (once per boot): 100 look up the ID as external ID (200 -> the MO
 #      id; 50,404 -> 101 create the MO, 102 register the ID as external ID), then 103 hardware +
-#      firmware, 104/105 mobile (ICCID, IMSI when the modem gave it), 106 supported operations,
-#      these three only when they changed. The MO id is stored first (document "dev"), so a
+#      firmware (document "dev" "fw" after a c8y_Firmware update, else microcot's version),
+#      104/105 mobile (ICCID, IMSI when the modem gave it), 106 supported operations and logs,
+#      107 the required availability (cfg "availability", minutes), only when they changed. The MO id is stored first (document "dev"), so a
 #      reboot in between does not create a second device.
 #   1  child devices: 120 create (template A), 121 link (template B), 106 their operations, each
 #      step remembered in "dev" (a reboot creates no second child)
@@ -127,17 +128,26 @@ def self_create(s, store):
 
     model = hal.config().get("name") or hal.family()
     ops = op_list([h[0] for h in s.handlers.values() if h[1] is not None])
+    logs = '"agent"' if s.ring is not None else ""
     imsi = dev.get("imsi")
-    fp = "|".join((microcot.__version__, model, str(imsi), ops))
+    fw = dev.get("fw")
+    if not isinstance(fw, dict):
+        fw = {"name": "microcot", "version": microcot.__version__, "url": ""}
+    avail = int(s.cfg["availability"] or 0)
+    fp = "|".join((fw["name"], fw["version"], fw.get("url", ""), model, str(imsi), ops, logs,
+                   str(avail)))
     if dev.get("info") != fp:
         m = int(mo)
-        rows = [smartrest.row((tpl.HARDWARE, m, js(did), js(model), microcot.__version__))]
+        rows = [smartrest.row((tpl.HARDWARE, m, js(did), js(model), js(fw["name"]),
+                               js(fw["version"]), js(fw.get("url", ""))))]
         if dev.get("src") == "iccid":
             if imsi:
                 rows.append(smartrest.row((tpl.MOBILE_IMSI, m, did, imsi)))
             else:
                 rows.append(smartrest.row((tpl.MOBILE, m, did)))
-        rows.append(smartrest.row((tpl.OPERATIONS, m, ops)))
+        rows.append(smartrest.row((tpl.OPERATIONS, m, ops, logs)))
+        if avail > 0:
+            rows.append(smartrest.row((tpl.AVAILABILITY, m, avail)))
         for r in (yield s.body("\n".join(rows)), "the device information"):
             if r.code != tpl.R_DEVICE:
                 raise AgentError("device information: %s" % _row(r))
@@ -172,7 +182,8 @@ def kids(s, store):
         ops = op_list(k[1])
         if ops and st[2] != ops:
             what = "operations of child %s" % name
-            expect((yield _req(s, tpl.OPERATIONS, int(st[0]), ops), what), what, tpl.R_CHILD)
+            expect((yield _req(s, tpl.OPERATIONS, int(st[0]), ops, ""), what), what,
+                   tpl.R_CHILD)
             st[2] = ops
             store.save("dev", dev)
         k[2] = st[0]

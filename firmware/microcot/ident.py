@@ -38,6 +38,7 @@ def identify(s, fixed=None):
     cred = store.load("cred")
     if isinstance(cred, dict) and cred.get("id") == s.id and cred.get("password"):
         s.cred = cred
+        s.secret(cred["password"])
         s.oprec = store.load("op")  # an operation under way (create.finish)
     else:
         s.bdoc = store.load("boot")  # a bootstrap under way (bootstrap.py)

@@ -97,8 +97,10 @@ def begin(s, op, kind):
     db = s.db()
     db.save("op", rec)
 
-    def save(stage):
+    def save(stage, data=None):
         rec["stage"] = stage
+        if data is not None:
+            rec["data"] = data
         s.db().save("op", rec)
 
     op.save = save

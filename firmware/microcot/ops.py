@@ -13,7 +13,8 @@
 #
 # The operation in progress (store.py document "op", link.py writes it): before EXECUTING is
 # sent, {"id", "kind": fragment, "rtid", "stage", "started": Unix seconds, "child"} is stored;
-# a handler may move `stage` on (Op.stage, e.g. c8y_Restart: "reset" right before the reset);
+# a handler may move `stage` on (Op.stage, e.g. c8y_Restart: "reset" right before the reset),
+# with "data" for its resume hook (c8y_Firmware: the partition and version it activated);
 # the record is deleted once the final status is sent. A record found at boot means a reboot
 # came in the middle of that operation: create.outcome() says how it is reported (SUCCESSFUL when the
 # resume hook of its kind returns True, else FAILED with the hook's text or "interrupted ..."),
@@ -37,10 +38,11 @@ class Op:
         self.child = child  # the child device's name, or None for the device itself
         self.save = None  # fn(stage): stores the operation's record with that stage (link.py)
 
-    def stage(self, name):
-        """Note how far the operation got, in its stored record (read by resume() at boot)."""
+    def stage(self, name, data=None):
+        """Note how far the operation got, in its stored record (read by resume() at boot);
+        data (small, JSON): what resume() needs to know, kept in the record as "data"."""
         if self.save is not None:
-            self.save(name)
+            self.save(name, data)
 
     @property
     def text(self):

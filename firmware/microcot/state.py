@@ -68,6 +68,12 @@ class State:
         self.stats = {"connects": 0, "sent": 0, "ops": 0, "templates": None, "created": False}
         self.rsv = None  # the reserve block (cfg "reserve")
         self.rsv2 = None  # the room kept for the template registration
+        self.ring = None  # the log's ring buffer (logring.Ring, c8y_LogfileRequest)
+
+    def secret(self, text):
+        """A secret (a password) that the log ring must never keep: masked wherever it occurs."""
+        if self.ring is not None and text:
+            self.ring.mask(text)
 
     def body(self, row):
         """A SmartREST text payload: the X-ID line, then the row(s)."""

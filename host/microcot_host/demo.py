@@ -46,7 +46,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-XID = "microcot1"  # the 15 line of firmware/templates.csv
+XID = "microcot2"  # the 15 line of firmware/templates.csv
 XID_TYPE = "c8y_SmartRestDeviceIdentifier"  # how the platform files template collections
 INTERVAL_S = 2  # main.py's measurement interval in the demo
 TEXT_MEASUREMENTS = 2  # wait for this many before the operation

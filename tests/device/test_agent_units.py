@@ -656,8 +656,12 @@ def test_self_creation_conversation_for_a_new_device():
         lines = body.decode().split("\n")
         assert lines[1].startswith("103,4711,TESTDEV1,")
         assert lines[2] == "104,4711,TESTDEV1,262011234567890"
-        assert lines[3] == '106,4711,"""c8y_Command"",""c8y_Restart"""'
-        raises(StopIteration, conv.send, _rows("201,1,4711\n201,2,4711\n201,3,4711"))
+        ops = ("c8y_Command", "c8y_Configuration", "c8y_Firmware", "c8y_LogfileRequest",
+               "c8y_Restart", "c8y_SendConfiguration", "c8y_SoftwareUpdate")
+        assert lines[3] == '106,4711,"%s","""agent"""' % ",".join('""%s""' % o for o in ops)
+        assert lines[4] == "107,4711,10"  # c8y_RequiredAvailability: cfg "availability"
+        raises(StopIteration, conv.send, _rows("201,1,4711\n201,2,4711\n201,3,4711\n"
+                                               "201,4,4711"))
         assert s.mo == "4711" and s.stats["created"] and db.load("dev")["info"]
         # the next boot: found by its external ID, nothing changed, nothing more is sent
         s.mo = None
