@@ -22,21 +22,27 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import serial
+from agent_fixtures import (
+    Console,
+    _free_port,
+    api,
+    device_mo,
+    power_cycle,
+    read_doc,
+    run_script,
+    values,
+)
 from emulator_fixtures import new_iccid, wait_for
 from fidelity_fixtures import need_runtime
 
 from microcot_host import boards as board_files
 from microcot_host import deploy, transport
 from microcot_host.emulator import Emulator
-from microcot_host.vboard import VirtualBoard
 from microcot_host.vboard.models import make_board
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,70 +52,6 @@ HEAP = os.environ.get("MICROCOT_AGENT_HEAP") or None
 XID = "mcAgentE2E1"
 IMSI = "262019876543210"
 WAIT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_doc(flash: Path, name: str):
-    """A store.py document as the board has it (the valid slot with the highest seq), or None."""
-    best = None
-    for slot in ("a", "b"):
-        p = flash / "store" / f"{name}.{slot}"
-        if not p.exists():
-            continue
-        data = p.read_bytes()
-        head, _, body = data.partition(b"\n")
-        parts = head.split(b" ")
-        if len(parts) != 4 or parts[0] != b"MCS1" or int(parts[3]) != len(body):
-            continue
-        seq = int(parts[2])
-        if best is None or seq > best[0]:
-            best = (seq, json.loads(body))
-    return None if best is None else best[1]
-
-
-class Console:
-    """The board's serial output while main.py runs (a thread reads it)."""
-
-    def __init__(self, port: str) -> None:
-        self.port = port
-        self.text = ""
-        self._ser: serial.Serial | None = None
-        self._stop = threading.Event()
-        self._t: threading.Thread | None = None
-
-    def start(self) -> Console:
-        self._ser = serial.Serial(self.port, timeout=0.1)
-        self._stop.clear()
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-        return self
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                b = self._ser.read(4096)
-            except (serial.SerialException, OSError, TypeError):
-                return
-            if b:
-                self.text += b.decode(errors="replace").replace("\r", "")
-
-    def wait(self, pattern: str, after: int = 0, timeout: float = WAIT) -> re.Match:
-        rx = re.compile(pattern)
-        m = wait_for(lambda: rx.search(self.text, after), timeout)
-        return m
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._t is not None:
-            self._t.join(2)
-        if self._ser is not None:
-            self._ser.close()
-            self._ser = None
 
 
 @pytest.fixture(scope="module")
@@ -155,56 +97,6 @@ def board(emu, iccid, board_file, tmp_path_factory):
     vb.main = main
     yield vb
     vb.stop()
-
-
-def power_cycle(vb: VirtualBoard) -> None:
-    """A power cut: the interpreter is killed, the board starts again (and runs main.py)."""
-    pid = vb.child_pid
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: vb.child_pid not in (None, pid), 10)
-
-
-def run_script(vb: VirtualBoard, code: str, timeout: float = 60, on_line=None) -> dict:
-    """Run code on the board (raw REPL, interrupting main.py); its RESULT line as a dict."""
-    buf = [b""]
-
-    def out(b: bytes) -> None:
-        buf[0] += b
-        while b"\n" in buf[0]:
-            line, buf[0] = buf[0].split(b"\n", 1)
-            if on_line is not None:
-                on_line(line.decode(errors="replace").strip())
-
-    t = transport.open_board(vb.port)
-    try:
-        text = transport.run(t, code, timeout=timeout, on_output=out).decode(errors="replace")
-    except transport.ExecError as e:  # the board's output with its traceback
-        raise AssertionError(e.output.decode(errors="replace")[-3000:] + e.error_output) from None
-    finally:
-        transport.close(t)
-    m = re.search(r"^RESULT (.*)$", text, re.M)
-    assert m, text[-3000:]
-    res = json.loads(m.group(1))
-    res["log"] = text
-    return res
-
-
-def api(emu, method: str, target: str, body=None):
-    r = emu.api.handle(method, target, body)
-    return r.status, r.body
-
-
-def device_mo(emu, iccid: str) -> str | None:
-    status, body = api(emu, "GET", "/identity/externalIds/c8y_Serial/" + iccid)
-    return body["managedObject"]["id"] if status == 200 else None
-
-
-def values(emu, mo: str, fragment: str, series: str) -> list[float]:
-    """A measurement series of the device, in the order the platform received them (id)."""
-    _, body = api(emu, "GET", f"/measurement/measurements?source={mo}&pageSize=2000"
-                              f"&valueFragmentType={fragment}")
-    ms = sorted(body["measurements"], key=lambda m: int(m["id"]))
-    return [m[fragment][series]["value"] for m in ms if series in m[fragment]]
 
 
 @pytest.fixture(scope="module")
