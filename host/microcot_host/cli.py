@@ -11,6 +11,7 @@ _COMMANDS = {
     "board": "microcot_host.vboard.cli:board",
     "config": "microcot_host.config:config",
     "boards": "microcot_host.boards_cli:boards",
+    "ca": "microcot_host.cafetch:ca",
     "demo": "microcot_host.demo:demo",
     "deploy": "microcot_host.deploy:deploy_command",
     "emulator": "microcot_host.emulator.cli:emulator",
