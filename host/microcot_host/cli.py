@@ -8,6 +8,7 @@ import click
 
 # name -> "module:attribute" of a click command or group
 _COMMANDS = {
+    "app": "microcot_host.appbundle:app",
     "board": "microcot_host.vboard.cli:board",
     "config": "microcot_host.config:config",
     "boards": "microcot_host.boards_cli:boards",
