@@ -25,11 +25,16 @@ class Ring:
                 self._secrets.pop(0)
             self._secrets.append(secret)
 
-    def add(self, text, t=None):
-        text = str(text)
+    def clean(self, text):
+        """text with every registered secret replaced by "***" (also applied when lines are
+        read: a secret registered after a line was kept is masked all the same)."""
         for sec in self._secrets:
             if sec in text:
                 text = text.replace(sec, "***")
+        return text
+
+    def add(self, text, t=None):
+        text = self.clean(str(text))
         if len(text) > MAX_LINE:
             text = text[:MAX_LINE - 3] + "..."
         self.items.append((now() if t is None else t, text))

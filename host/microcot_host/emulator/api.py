@@ -18,6 +18,7 @@ Resources
 | /identity/globalIds/{id}/externalIds                       | GET, POST                |
 | /measurement/measurements, /measurement/measurements/{id}  | GET, POST / GET, DELETE  |
 | /event/events, /event/events/{id}                          | GET, POST / GET, PUT, DELETE |
+| /event/events/{id}/binaries                                | GET, POST, PUT, DELETE   |
 | /alarm/alarms, /alarm/alarms/{id}                          | GET, POST / GET, PUT     |
 | /devicecontrol/operations, /devicecontrol/operations/{id}  | GET, POST / GET, PUT     |
 | /devicecontrol/newDeviceRequests, .../{id}                 | GET, POST / GET, PUT, DELETE |
@@ -88,6 +89,14 @@ Emulator behaviour worth knowing
   is a 413. Reading is open to every authenticated user (devices download firmware with their own
   credentials); creating, replacing and deleting is refused to device users (403). A body may be
   given as bytes or as the Path of a spooled file (http.py streams uploads to disk).
+- Event binaries (`/event/events/{id}/binaries`, Cumulocity's attachments, one per event): POST
+  takes multipart/form-data (a `file` part, optionally an `object` part with `name` and `type`)
+  or the raw content with its Content-Type; the event gets `c8y_IsBinary: {"name", "length",
+  "type"}` and the answer is 201 `{"self", "id", "source", "name", "type", "length"}`; a second
+  POST is 409 (PUT replaces). GET streams the bytes with that type (as a binary's GET, ETag from
+  the file's version), DELETE removes file and fragment, deleting the event removes both too.
+  The bytes live in the binaries' store under the event's id. Admin: every event; a device user:
+  only events whose source it serves (`device_user`), else 403, for reading too.
 - Availability (availability.py): every managed object with `c8y_RequiredAvailability` is
   returned with a computed `c8y_Availability`; `record_message(mo_id)` notes a device's message,
   `check_availability()` raises `c8y_UnavailabilityAlarm` for devices that became unavailable.
@@ -150,6 +159,7 @@ SMARTREST_MO_TYPE = SMARTREST_FRAGMENT
 BULK_FRAGMENT = "microcot_BulkRegistration"
 BINARY_FRAGMENT = "c8y_IsBinary"
 CHECKSUM_FRAGMENT = "c8y_Checksum"
+EVENT_BINARY_FRAGMENT = "c8y_IsBinary"  # on an event: its attachment's name, length, type
 MAX_OBJECT_PART = 64 << 10
 
 DEFAULT_PAGE_SIZE = 5
@@ -581,14 +591,14 @@ class Api:
                 yield m
             return
         if isinstance(b, dict | list):
-            raise ApiError(415, "inventory/Unsupported Media Type",
+            raise ApiError(415, f"{req.domain}/Unsupported Media Type",
                            "a binary is uploaded as multipart/form-data or as the raw content, "
                            "not as JSON")
         yield b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
 
-    def _too_large(self, n: int) -> None:
+    def _too_large(self, n: int, domain: str = "inventory") -> None:
         if n > self.binaries.max_size:
-            raise ApiError(413, "inventory/Request Entity Too Large",
+            raise ApiError(413, f"{domain}/Request Entity Too Large",
                            f"the file has {n} bytes; this emulator accepts binaries of at most "
                            f"{self.binaries.max_size} bytes (its max_binary setting)")
 
@@ -600,7 +610,7 @@ class Api:
         try:
             return multipart_parts(buf, req.content_type or "")
         except MultipartError as e:
-            raise ApiError(400, "inventory/badRequest", str(e)) from None
+            raise ApiError(400, f"{req.domain}/badRequest", str(e)) from None
 
     @staticmethod
     def _file_part(parts: list[Part]) -> Part | None:
@@ -778,7 +788,99 @@ class Api:
         return _result(200, self._link_sourced(e, "event", "events"))
 
     def _event_delete(self, req: _Req) -> ApiResult:
-        self.model.delete_event(self._existing(req, "event"))
+        eid = self._existing(req, "event")
+        self.model.delete_event(eid)
+        self.binaries.remove(str(eid))  # its attachment (ids are unique across all objects)
+        return _result(204)
+
+    # -- event binaries (attachments) ---------------------------------------------------------
+
+    def _attachable(self, req: _Req) -> JSON:
+        """The event of /event/events/{id}/binaries, if this user may use its attachment."""
+        e = self.model.get_event(self._existing(req, "event"))
+        if req.user is not None and self.model.has_credentials(req.user) \
+                and self.device_user(e["source"]["id"]) != req.user:
+            raise ApiError(403, "security/Forbidden",
+                           f"Access is denied: event {e['id']} belongs to managed object "
+                           f"{e['source']['id']}, which is not this device's")
+        return e
+
+    def _event_binary_url(self, eid: str) -> str:
+        return self._url("event", "events", eid, "binaries")
+
+    def _event_binary_post(self, req: _Req) -> ApiResult:
+        e = self._attachable(req)
+        if EVENT_BINARY_FRAGMENT in e:
+            raise ApiError(409, "event/Duplicate",
+                           f"event {e['id']} has an attachment already (PUT replaces it)")
+        return self._event_binary_store(req, e)
+
+    def _event_binary_put(self, req: _Req) -> ApiResult:
+        return self._event_binary_store(req, self._attachable(req))
+
+    def _event_binary_store(self, req: _Req, e: JSON) -> ApiResult:
+        name: str | None = None
+        with self._upload(req) as buf:
+            if self._is_multipart(req):
+                parts = self._parts(buf, req)
+                part = self._file_part(parts)
+                if part is None:
+                    raise Invalid("Following mandatory fields should be included: file", "file")
+                ctype = part.content_type
+                obj_part = next((p for p in parts if p.name == "object"), None)
+                if obj_part is not None:
+                    if obj_part.length > MAX_OBJECT_PART:
+                        raise ApiError(400, "event/badRequest",
+                                       f"the object part has {obj_part.length} bytes; at most "
+                                       f"{MAX_OBJECT_PART}")
+                    obj = self._json(_Req(req.method, req.path, {}, [], bytes(
+                        buf[obj_part.start:obj_part.end]), "application/json", req.user,
+                        "event"))
+                    if not isinstance(obj, dict):
+                        raise BadField("the object part must be a JSON object (name, type)")
+                    if isinstance(obj.get("name"), str) and obj["name"]:
+                        name = obj["name"]
+                    if isinstance(obj.get("type"), str) and obj["type"]:
+                        ctype = obj["type"]
+                name = name or part.filename
+                start, end = part.start, part.end
+            else:
+                ctype = (req.content_type or "").strip()
+                start, end = 0, len(buf)
+            self._too_large(end - start, "event")
+            stored = self.binaries.write(buf, start, end)
+        info = {"name": name or f"event-{e['id']}", "length": stored.length,
+                "type": ctype or "application/octet-stream"}
+        try:
+            self.binaries.commit(stored, e["id"])
+        except BaseException:
+            self.binaries.discard(stored)
+            raise
+        self.model.update_event(e["id"], {EVENT_BINARY_FRAGMENT: info})
+        return _result(201, {"self": self._event_binary_url(e["id"]), "id": e["id"],
+                             "source": e["id"], **info})
+
+    def _event_binary_get(self, req: _Req) -> ApiResult:
+        e = self._attachable(req)
+        info = e.get(EVENT_BINARY_FRAGMENT)
+        path = self.binaries.path(e["id"])
+        if not isinstance(info, dict) or not path.is_file():
+            raise NotFound(f"event {e['id']} has no attachment")
+        st = path.stat()
+        # the file is replaced as a whole (rename): its mtime and size tell versions apart
+        etag = f'"{e["id"]}-{st.st_mtime_ns}-{st.st_size}"'
+        ctype = info.get("type")
+        name = info.get("name")
+        return ApiResult(200, None, _reason(200), {}, BinaryContent(
+            path, st.st_size, ctype if isinstance(ctype, str) and ctype else
+            "application/octet-stream", etag, name if isinstance(name, str) else None))
+
+    def _event_binary_delete(self, req: _Req) -> ApiResult:
+        e = self._attachable(req)
+        if EVENT_BINARY_FRAGMENT not in e and not self.binaries.path(e["id"]).is_file():
+            raise NotFound(f"event {e['id']} has no attachment")
+        self.binaries.remove(e["id"])
+        self.model.update_event(e["id"], {EVENT_BINARY_FRAGMENT: None})
         return _result(204)
 
     def _alarms_get(self, req: _Req) -> ApiResult:
@@ -1139,6 +1241,9 @@ _ROUTES: list[tuple[tuple[str, ...], dict[str, Handler]]] = [
     (("event", "events"), {"GET": Api._events_get, "POST": Api._events_post}),
     (("event", "events", "*"),
      {"GET": Api._event_get, "PUT": Api._event_put, "DELETE": Api._event_delete}),
+    (("event", "events", "*", "binaries"),
+     {"GET": Api._event_binary_get, "POST": Api._event_binary_post,
+      "PUT": Api._event_binary_put, "DELETE": Api._event_binary_delete}),
     (("alarm", "alarms"), {"GET": Api._alarms_get, "POST": Api._alarms_post}),
     (("alarm", "alarms", "*"), {"GET": Api._alarm_get, "PUT": Api._alarm_put}),
     (("devicecontrol", "operations"),

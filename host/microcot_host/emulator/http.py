@@ -14,11 +14,11 @@ before it sends). `POST /s` goes to the
 SmartREST engine's callable `smartrest(body, x_id, user) -> (status, body)` with the `X-Id`
 header (None if absent); without one it is 501.
 
-Binaries: the body of `POST /inventory/binaries` and `PUT /inventory/binaries/{id}` is not held
-in memory but streamed to a file in the API's binary store (binaries.py) and handed to Api as its
+Binaries: the body of `POST /inventory/binaries`, `PUT /inventory/binaries/{id}` and of POST/PUT
+`/event/events/{id}/binaries` (an event's attachment) is not held in memory but streamed to a file in the API's binary store (binaries.py) and handed to Api as its
 Path; its limit is the store's `max_size` plus 64 KiB for the multipart framing (413 otherwise,
 with the same draining and `Expect: 100-continue` handling). `GET /inventory/binaries/{id}`
-streams the file with `Content-Length`, `Content-Type`, `ETag`, `Accept-Ranges: bytes` and
+(and an event's attachment) streams the file with `Content-Length`, `Content-Type`, `ETag`, `Accept-Ranges: bytes` and
 `Content-Disposition`; a single `Range: bytes=a-b`, `bytes=a-` or `bytes=-n` gets 206 with
 `Content-Range`, a range that starts at or after the end 416 with `Content-Range: bytes */<size>`,
 several ranges or a malformed header the whole file (200, as RFC 9110 allows); `If-Range` with
@@ -66,7 +66,7 @@ DRAIN_LIMIT = 64 << 20  # larger refused bodies are not read: the connection is 
 MULTIPART_SLACK = 64 << 10  # room for the object part and the framing of a binary upload
 CHUNK = 1 << 16
 SmartRestHandler = Callable[[bytes, str | None, str], tuple[int, bytes]]
-_BINARY_UPLOAD = re.compile(r"^/inventory/binaries(/[^/]+)?$")
+_BINARY_UPLOAD = re.compile(r"^/(inventory/binaries(/[^/]+)?|event/events/[^/]+/binaries)$")
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
 
