@@ -307,6 +307,9 @@ def switch(db, j):
     """Move the staged files in place, the current ones to /app.old (see the top)."""
     files = j["files"]
     if j["state"] == "staged":
+        for f in files:
+            if not _exists(_p(f, NEW)):
+                raise OSError("staged file %s missing" % f)
         _mkdir(OLD)
         j["added"] = [f for f in files if not _exists(_p(f))]
         j["state"] = "switching"
@@ -319,8 +322,8 @@ def switch(db, j):
         if _exists(new):
             _os.rename(new, _p(f))
     for f in files:
-        if not _exists(_p(f)):
-            raise OSError("%s missing after the switch" % f)
+        if not _exists(_p(f)) or _exists(_p(f, NEW)) or not (f in added or _exists(_p(f, OLD))):
+            raise OSError("%s not switched" % f)
     rmtree(NEW)
     j["state"] = "trial"
     db.save(DOC, j)
