@@ -27,7 +27,9 @@ from .paths import firmware_dir
 from .transport import BoardError, BoardInfo, TransportError, TransportExecError
 
 LIB = "/lib/microcot"
-APP_FILES = ("main.py", "templates.csv")  # the example application, deployed with app=True
+# the example application, deployed with app=True; boot.py finishes or rolls back an
+# application update (c8y_SoftwareUpdate, microcot/appswitch.py) before main.py runs
+APP_FILES = ("boot.py", "main.py", "templates.csv")
 APP_CONFIG = "/microcot.json"  # the agent's settings (microcot/agent.py)
 CHUNK = 1024  # raw bytes one write exec carries: its code string must fit a fragmented heap
 
@@ -244,9 +246,9 @@ def verify(t, modules: list[str], unavailable: dict[str, str] | None = None) -> 
 
 def app_files(app: bool = True, config: dict | None = None,
               source: Path | None = None, extra: list[FileSpec] | None = None) -> list[FileSpec]:
-    """The example application and the agent's settings, beside the package: `/main.py` and
-    `/templates.csv` (app=True), `extra` files (a CA, the user's own templates, which replace
-    the example's), and `/microcot.json` (config, a dict; it holds passwords, so nobody prints
+    """The example application and the agent's settings, beside the package: `/boot.py`,
+    `/main.py` and `/templates.csv` (app=True), `extra` files (a CA, the user's own templates,
+    which replace the example's), and `/microcot.json` (config, a dict; it holds passwords, so nobody prints
     it) last, after the files it names."""
     files: list[FileSpec] = []
     mine = {f.dest for f in extra or ()}
@@ -266,7 +268,7 @@ def deploy_transport(t, board: boards.Board | None = None, compile_: bool = True
                      app: bool = False, config: dict | None = None,
                      extra: list[FileSpec] | None = None) -> DeployResult:
     """Deploy the package (and the board file); app=True adds the example application
-    (/main.py, /templates.csv), config the agent's settings (/microcot.json)."""
+    (/boot.py, /main.py, /templates.csv), config the agent's settings (/microcot.json)."""
     start = time.monotonic()
     info = transport.board_info(t)
     files, compiled = firmware_files(info, compile_, board, source)
@@ -314,7 +316,7 @@ def _guess_board(info: BoardInfo) -> str | None:
 @click.option("--timeout", default=10.0, show_default=True,
               help="seconds to wait for the board's raw REPL")
 @click.option("--app", is_flag=True, help="also the example application (/main.py, "
-              "/templates.csv)")
+              "/templates.csv) and /boot.py (application updates)")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), help="the agent's settings (microcot config new), checked, as "
               "/microcot.json")
