@@ -147,16 +147,27 @@ def load_config(path=CONFIG, **over):
     if path:
         import json
 
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except OSError:
-            data = {}
-        except ValueError as e:
-            raise ValueError("%s: not valid JSON (%s)" % (path, e))
+        data = {}
+        for p in (path, path + ".new", path + ".old"):
+            try:
+                with open(p) as f:
+                    data = json.load(f)
+            except OSError:
+                continue
+            except ValueError as e:
+                if p == path:
+                    raise ValueError("%s: not valid JSON (%s)" % (path, e))
+                continue  # a .new cut short: the old file had not moved yet
+            if p != path:  # c8y_Configuration's switch (opconf.write) was cut short: finish it
+                try:
+                    os.rename(p, path)
+                except OSError:
+                    pass
+            break
         if not isinstance(data, dict):
             raise ValueError("%s: not a JSON object" % path)
         cfg.update(data)
+        cfg["file"] = [path, data]  # its own keys, for c8y_Configuration (opconf.py)
     cfg.update(over)
     return cfg
 

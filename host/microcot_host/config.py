@@ -1,6 +1,10 @@
 """`/microcot.json`, the agent's settings on a board: the reference of its keys, validation, and
-`microcot config` to write one. Defaults are the firmware's own (microcot.agent.DEFAULTS): the
-host imports them rather than repeating them; a test checks this table covers every key.
+`microcot config` to write one. Defaults are the firmware's own (microcot.agent.DEFAULTS), and so
+are the rules: what each key takes and which values are secrets come from microcot.settings, the
+module the device checks a c8y_Configuration with, so a file the host accepts is one the device
+accepts. This module adds the documentation and what only a person at a terminal needs (a
+suggestion for a typo, the value shown unless it is a secret). A test checks this table covers
+every key.
 
 Secrets (bootstrap_password, wlan.password) never come from a plain command-line argument and
 are never printed: they are prompted for, or read from a file or an environment variable, and
@@ -18,48 +22,66 @@ from typing import Any
 
 import click
 
-SECRET_MASK = "********"
+from microcot import settings
+
+SECRET_MASK = settings.MASK
+
+# settings.KINDS' codes as the reference names them
+_LABELS = {"s": "str", "n": "str-or-null", "b": "bool", "t": "tls", "i": "int", "p": "int",
+           "F": "number", "r": "pair", "q": "pair", "m": "list", "w": "object"}
 
 
 @dataclass(frozen=True)
 class Key:
     name: str
-    kind: str  # str, int, number, bool, pair, list, object, str-or-false
     doc: str
-    restart: bool = True  # the agent reads it at start-up
-    secret: bool = False
+
+    @property
+    def kind(self) -> str:
+        return _LABELS[settings.KINDS[self.name]]
+
+    @property
+    def secret(self) -> bool:
+        return settings.secret(self.name)
 
 
 KEYS: tuple[Key, ...] = (
-    Key("host", "str", "the broker (seed 002: nb-iot.ram.m2m.telekom.com), also for the bootstrap"),
-    Key("port", "int", "the broker's port (8883: MQTT over TLS)"),
-    Key("tls", "tls", "true: TLS verified against `ca`; false: plain MQTT; \"noverify\": TLS "
-                      "without checking the broker (a warning on every connect)"),
-    Key("ca", "str-or-null", "the broker's CA: a path on the board (PEM or DER) or the PEM text"),
-    Key("bootstrap_user", "str-or-null", "the tenant's bootstrap user (seed 002)"),
-    Key("bootstrap_password", "str-or-null", "its password", secret=True),
-    Key("bootstrap_delay", "pair", "seconds [min, max]: the random wait before a bootstrap"),
-    Key("bootstrap_repeat", "number", "seconds without an answer before the secret is sent again"),
-    Key("device_id", "str-or-null", "the ID when neither the modem (ICCID) nor the MAC give one"),
-    Key("xid", "str-or-null", "the template collection's X-ID (default: the 15 line of the "
-                              "templates file)"),
-    Key("templates", "str", "path of the template collection on the board"),
-    Key("name", "str", "the device's name in the platform; {id} is replaced by the device ID"),
-    Key("interval", "number", "seconds between measurements (the example application)"),
-    Key("binary", "bool", "send data as binary SmartREST (bs/) instead of text (ms/)"),
-    Key("keepalive", "int", "MQTT keep-alive in seconds"),
-    Key("timeout", "number", "seconds: connect, and each answer during the setup"),
-    Key("backoff", "pair", "seconds [first, largest] between reconnect attempts"),
-    Key("queue", "pair", "offline queue: [rows in memory, rows on flash (0: none)]"),
-    Key("store", "str", "folder of the agent's documents on the board"),
-    Key("reserve", "int", "bytes held for the few large allocations (0: none)"),
-    Key("restarts", "bool", "boots of their own after reading the ID and after a bootstrap"),
-    Key("unload", "bool", "drop the phase modules a state does not use"),
-    Key("log", "bool", "print the agent's log lines"),
-    Key("wlan", "object", "{\"ssid\", \"password\"}: the WLAN the example application joins on "
-                          "boards with one"),
+    Key("host", "the broker (seed 002: nb-iot.ram.m2m.telekom.com), also for the bootstrap"),
+    Key("port", "the broker's port (8883: MQTT over TLS)"),
+    Key("tls", "true: TLS verified against `ca`; false: plain MQTT; \"noverify\": TLS without "
+               "checking the broker (a warning on every connect)"),
+    Key("ca", "the broker's CA: a path on the board (PEM or DER) or the PEM text"),
+    Key("bootstrap_user", "the tenant's bootstrap user (seed 002)"),
+    Key("bootstrap_password", "its password"),
+    Key("bootstrap_delay", "seconds [min, max]: the random wait before a bootstrap"),
+    Key("bootstrap_repeat", "seconds without an answer before the secret is sent again"),
+    Key("device_id", "the ID when neither the modem (ICCID) nor the MAC give one"),
+    Key("xid", "the template collection's X-ID (default: the 15 line of the templates file)"),
+    Key("templates", "path of the template collection on the board"),
+    Key("name", "the device's name in the platform; {id} is replaced by the device ID"),
+    Key("interval", "seconds between measurements (the example application)"),
+    Key("binary", "send data as binary SmartREST (bs/) instead of text (ms/)"),
+    Key("keepalive", "MQTT keep-alive in seconds"),
+    Key("timeout", "seconds: connect, and each answer during the setup"),
+    Key("backoff", "seconds [first, largest] between reconnect attempts"),
+    Key("queue", "offline queue: [rows in memory, rows on flash (0: none)]"),
+    Key("store", "folder of the agent's documents on the board"),
+    Key("reserve", "bytes held for the few large allocations (0: none)"),
+    Key("restarts", "boots of their own after reading the ID and after a bootstrap"),
+    Key("unload", "drop the phase modules a state does not use"),
+    Key("log", "print the agent's log lines (the one key a c8y_Configuration changes without "
+               "restarting the board)"),
+    Key("manage", "the built-in device-management operations the device supports: firmware, "
+                  "software, configuration, logs"),
+    Key("availability", "minutes without a message before the platform marks the device "
+                        "unavailable (0: not monitored)"),
+    Key("log_ring", "characters of log lines kept for c8y_LogfileRequest (0: none)"),
+    Key("rest_url", "the platform's HTTPS REST API for uploads (null: https://<host>)"),
+    Key("http_user", "the device's user for HTTPS downloads and uploads ({tenant}, {id})"),
+    Key("app_trial", "seconds a new application gets to connect before it is rolled back"),
+    Key("wlan", "{\"ssid\", \"password\"}: the WLAN the example application joins on boards "
+                "with one"),
 )
-_BY_NAME = {k.name: k for k in KEYS}
 
 
 class ConfigError(ValueError):
@@ -72,53 +94,27 @@ def defaults() -> dict[str, Any]:
     return dict(DEFAULTS)
 
 
-def _check(key: Key, value: Any) -> str | None:
-    k = key.kind
-    if k == "str":
-        return None if isinstance(value, str) and value else "a non-empty string"
-    if k == "str-or-null":
-        return None if value is None or isinstance(value, str) else "a string or null"
-    if k == "int":
-        return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-            else "a whole number >= 0"
-    if k == "number":
-        return None if isinstance(value, int | float) and not isinstance(value, bool) \
-            and value >= 0 else "a number >= 0"
-    if k == "bool":
-        return None if isinstance(value, bool) else "true or false"
-    if k == "tls":
-        return None if value in (True, False, "noverify") else 'true, false or "noverify"'
-    if k == "pair":
-        ok = isinstance(value, list) and len(value) == 2 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value)
-        # a range [min, max], except queue: [rows in memory, rows on flash]
-        ordered = key.name == "queue" or (ok and value[0] <= value[1])
-        return None if ok and ordered else "[a, b], two numbers >= 0 with a <= b"
-    if k == "object":
-        ok = isinstance(value, dict) and set(value) <= {"ssid", "password"} and all(
-            isinstance(v, str) for v in value.values()) and value.get("ssid")
-        return None if ok else '{"ssid": "...", "password": "..."}'
-    raise AssertionError(k)
-
-
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings, checked: unknown keys (a typo must not be ignored) and wrong types raise
-    ConfigError naming the key; never the value of a secret."""
+    """The settings, checked with the device's rules (microcot.settings): unknown keys (a typo
+    must not be ignored) and wrong values raise ConfigError naming the key; never the value of a
+    secret."""
     if not isinstance(cfg, dict):
         raise ConfigError("the settings must be a JSON object")
     for name, value in cfg.items():
-        key = _BY_NAME.get(name)
-        if key is None:
-            close = difflib.get_close_matches(name, list(_BY_NAME), n=2)
+        if name not in settings.KINDS:
+            close = difflib.get_close_matches(name, list(settings.KINDS), n=2)
             raise ConfigError(f"unknown setting {name!r}" +
                               (f" (did you mean {', '.join(close)}?)" if close else ""))
-        why = _check(key, value)
-        if why is not None:
-            shown = SECRET_MASK if key.secret or name == "wlan" else json.dumps(value)[:60]
-            raise ConfigError(f"{name}: expected {why}, got {shown}")
-    if cfg.get("tls", True) is True and cfg.get("ca") == "":
-        raise ConfigError("ca: TLS is verified: give the broker's CA (for the emulator: "
-                          "microcot emulator board-config)")
+        why = settings.why(name, value)
+        if why is not None:  # wlan whole: a misspelt "pass" may hold the password
+            shown = SECRET_MASK if settings.secret(name) or name == "wlan" else \
+                json.dumps(value)[:60]
+            raise ConfigError(f"{name}: {why}, got {shown}")
+    why = settings.check(cfg)
+    if why is not None:
+        hint = " (for the emulator: microcot emulator board-config)" if why.startswith("ca:") \
+            else ""
+        raise ConfigError(why + hint)
     return cfg
 
 
@@ -136,12 +132,8 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def masked(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = dict(cfg)
-    for key in KEYS:
-        if key.secret and out.get(key.name):
-            out[key.name] = SECRET_MASK
-    if isinstance(out.get("wlan"), dict) and out["wlan"].get("password"):
-        out["wlan"] = dict(out["wlan"], password=SECRET_MASK)
+    """For display: secrets masked (settings.masked), a CA's PEM text shortened."""
+    out = settings.masked(cfg)
     if isinstance(out.get("ca"), str) and "-----BEGIN" in out["ca"]:
         out["ca"] = "<PEM text>"
     return out
@@ -223,7 +215,7 @@ def new(out: Path, base: Path | None, host: str | None, port: int | None, ca_fil
             name, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected KEY=JSON")
-            if _BY_NAME.get(name, Key(name, "str", "")).secret or name == "wlan":
+            if settings.secret(name) or name == "wlan":
                 raise ConfigError(f"--set {name}: a secret; use its file option or variable")
             try:
                 cfg[name] = json.loads(raw)
