@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from . import ports
+from . import cliopts, ports
 
 # Runs on the board (MicroPython): a dict of plain values, never an exception. The device ID comes
 # from microcot.identity when it is deployed (ICCID from the modem, else the MAC), else straight
@@ -257,8 +257,7 @@ def _table(reports: list[BoardReport]):
 @click.option("--no-probe", is_flag=True,
               help="only list ports by USB ID; do not open them (a probe interrupts the "
                    "program running on a board, as mpremote does)")
-@click.option("--timeout", default=3.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for a board's raw REPL")
+@cliopts.timeout_option(help="how long to wait for a board's raw REPL")
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
 def boards(port_specs: tuple[str, ...], show_all: bool, no_probe: bool, timeout: float,
            as_json: bool) -> None:

@@ -46,6 +46,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from . import cliopts
+
 XID = "microcot2"  # the 15 line of firmware/templates.csv
 XID_TYPE = "c8y_SmartRestDeviceIdentifier"  # how the platform files template collections
 INTERVAL_S = 2  # main.py's measurement interval in the demo
@@ -556,8 +558,8 @@ def timings(con: Console, steps: list[Step], total: float) -> None:
 
 
 @click.command()
-@click.option("--step-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds each step may take before the demo gives up.")
+@cliopts.timeout_option(default=60.0, old=("--step-timeout",), dest="step_timeout",
+                        help="how long each step may take before the demo gives up")
 @click.option("--keep", is_flag=True, help="Leave the emulator and the board running at the "
               "end, until Ctrl-C.")
 @click.option("--verbose", "-v", is_flag=True, help="Show the board's log lines as they come.")

@@ -1,6 +1,6 @@
 """`microcot test`: the device tests on many boards at once, one pytest process per board.
 
-Each board gets `python -m pytest --board PORT --junitxml=OUT/<board>.xml tests/device ...` (the
+Each board gets `python -m pytest --port PORT --junitxml=OUT/<board>.xml tests/device ...` (the
 HIL plugin deploys first and runs every test on the board). The processes run in parallel because
 a board is slow and they share nothing but the host; pytest's own cache is turned off so they do
 not race on it. What a process prints passes through a redaction filter before it reaches the
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from . import ports
+from . import cliopts, ports
 
 MASK = "***"
 
@@ -182,14 +182,14 @@ class Runner:
         self.stopping = False
 
     def command(self, t: Target, junit: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "pytest", "--board", t.port, f"--junitxml={junit}",
+        cmd = [sys.executable, "-m", "pytest", "--port", t.port, f"--junitxml={junit}",
                "-o", f"junit_suite_name={t.label}", "-o", f"microcot_device_dir={self.device_dir}",
                "-p", "no:cacheprovider",
                # the log is for reading later: every test's name and the board's output of
                # passing tests too (the user's own -q/-r after these still win)
                "-v", "-rA"]
         if t.board:
-            cmd += ["--board-name", t.board]
+            cmd += ["--board", t.board]
         cmd += self.pytest_args
         if not _names_tests(self.pytest_args):
             cmd.append(str(self.device_dir))
@@ -392,12 +392,12 @@ def _summary(results: list[Result]):
               help="boards tested at once (default: all of them)")
 @click.option("--heap", default=None, metavar="SIZE",
               help="the whole heap of the virtual boards started here, e.g. 100k (default: the "
-                   "size leaving the board file's heap_budget free, as pytest --board virtual)")
+                   "size leaving the board file's heap_budget free, as pytest --port virtual)")
 @click.option("--runtime", default=None, metavar="RUNTIME",
               help="model of the virtual boards started here: unix64, i386-esp32, i386-rp2 or "
                    "rp2040 (the real rp2 firmware, emulated); default: the board file's")
-@click.option("--probe-timeout", default=5.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for each real board's raw REPL before the run")
+@cliopts.timeout_option(help="how long to wait for each real board's raw REPL before the run",
+                        old=("--probe-timeout",), dest="probe_timeout")
 @click.option("--live", is_flag=True, help="also print every board's output (redacted), "
                                            "each line prefixed with the board")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -471,7 +471,7 @@ def _start_virtual(n: int, heap: str | None, flash_root: Path, board: str | None
     try:
         for i in range(1, n + 1):
             name = f"virtual-{i}"
-            # like `pytest --board virtual`: the board file's model and the RAM it budgets
+            # like `pytest --port virtual`: the board file's model and the RAM it budgets
             vb = make_board(board or "virtual", name=name, heap=heap, iccid=_iccid(i),
                             flash_dir=flash_root / name, runtime=runtime)
             started.append(vb.start())

@@ -1,6 +1,6 @@
 """An emulator of the KICS for Networks tag-value WebSocket (seed 001), for tests and demos.
 
-    microcot kics-emulator [--tags FILE] [--token T] [--port P] [--host H] [--tls/--no-tls]
+    microcot kics-emulator [--tags FILE] [--token T] [--ws-port P] [--bind ADDR] [--tls/--no-tls]
 
 A WebSocket server (the `websockets` library, asyncio) speaking SignalR's JSON hub protocol at
 `/kics4net/api/v4/tag-values` (the seed's address; the seed's Python example uses
@@ -68,6 +68,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from microcot import signalr
+from microcot_host import cliopts
 
 log = logging.getLogger("microcot.kics_emulator")
 
@@ -951,8 +952,10 @@ def _stored_token(data_dir: Path) -> str:
 @click.option("--token", envvar="MICROCOT_KICS_TOKEN",
               help="bearer token clients must send (default: $MICROCOT_KICS_TOKEN, else a random one "
                    "kept in <data-dir>/kics-token)")
-@click.option("--port", type=int, default=8091, show_default=True, help="TCP port (0: any free one)")
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@cliopts.option("--ws-port", "port", type=int, default=8091, show_default=True, old=("--port",),
+                help="TCP port of the WebSocket server (0: any free one)")
+@cliopts.option("--bind", "host", default="127.0.0.1", show_default=True, metavar="ADDR",
+                old=("--host",), help="address to listen on")
 @click.option("--hostname", "hostnames", multiple=True,
               help="name to put in the server certificate (repeatable; default localhost)")
 @click.option("--tls/--no-tls", default=True, show_default=True, help="wss:// with a local CA, or ws://")

@@ -42,7 +42,7 @@ def boards_dir() -> Path:
 
 
 def device_tests_dir() -> Path:
-    """The device test modules (`microcot test`, `pytest --board`)."""
+    """The device test modules (`microcot test`, `pytest --port`)."""
     root = repo_root()
     return root / "tests" / "device" if root is not None else _data("device_tests")
 

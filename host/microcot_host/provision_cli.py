@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from . import fleetcsv, ports
+from . import cliopts, fleetcsv, ports
 from .provision import DEFAULT_NAME, MASK
 
 _LEDGER_HELP = "provisioning ledger (SQLite); the vault and the key live beside it " \
@@ -46,8 +46,7 @@ _KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
               help="board file for deploying microcot where it is missing (default: guessed)")
 @click.option("--no-deploy", is_flag=True, help="fail boards without microcot, do not deploy")
 @click.option("--allow-weak", is_flag=True, help="accept weak passwords from --csv")
-@click.option("--timeout", default=10.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for a board's raw REPL")
+@cliopts.timeout_option(help="how long to wait for a board's raw REPL")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 @click.pass_context
 def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | None,

@@ -1,7 +1,13 @@
-"""pytest plugin: run tests/device ON a board (`pytest --board PORT|virtual tests/device`).
+"""pytest plugin: run tests/device ON a board (`pytest --port PORT|virtual tests/device`).
 
-Without --board the device test modules are ordinary pytest modules and run under CPython
-in-process; with --board each `test_*` function of each module runs on the board as its own pytest
+The options have the names `microcot` gives the same things (microcot_host/cliopts.py): `--port`
+where the board is, `--board` its board file, `--heap`, `--runtime`, `--no-deploy`; only the
+per-test limit is `--board-timeout`, because pytest-timeout owns `--timeout`. The old spellings
+(`--board PORT`, `--board-name`, `--board-heap`, `--board-runtime`, `--board-no-deploy`) still
+work for one release, with a deprecation warning.
+
+Without --port the device test modules are ordinary pytest modules and run under CPython
+in-process; with --port each `test_*` function of each module runs on the board as its own pytest
 item: the firmware is deployed first (hash-skip), the module and its helper modules are copied to
 /tests on the board (compiled to .mpy where the board allows, to spare its heap), the board is soft
 reset before each module, and each test runs under an overall timeout with the board's traceback
@@ -12,12 +18,13 @@ be evaluated here, the module runs on MicroPython), `BOARD_FAMILIES = ("esp32", 
 board's family, chip or board-file name must be one of them) and `BOARD_REQUIRES = ("modem",)`
 (every capability must be present; see CAPABILITIES). Its tests get the `family`/`needs` markers
 and are skipped with the reason on a board that does not qualify. Ordinary test functions can
-carry `@pytest.mark.family(...)` / `@pytest.mark.needs(...)` to the same effect under --board.
-Without --board (CPython in-process) all of this is ignored.
+carry `@pytest.mark.family(...)` / `@pytest.mark.needs(...)` to the same effect under --port.
+Without --port (CPython in-process) all of this is ignored.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import tempfile
@@ -94,34 +101,87 @@ del _caps
 """
 
 
+# old spelling -> (new spelling, destination); accepted for one release with a warning
+_RENAMED = {
+    "--board-name": ("--board", "microcot_board"),
+    "--board-heap": ("--heap", "microcot_heap"),
+    "--board-runtime": ("--runtime", "microcot_runtime"),
+    "--board-no-deploy": ("--no-deploy", "microcot_no_deploy"),
+}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("microcot", "microcot hardware-in-the-loop")
-    group.addoption("--board", metavar="PORT|virtual", default=None,
+    group.addoption("--port", dest="microcot_port", metavar="PORT|virtual", default=None,
                     help="run device tests on the board at PORT, or on a fresh virtual board")
-    group.addoption("--board-heap", metavar="SIZE", default=None,
+    group.addoption("--board", dest="microcot_board", default=None, metavar="NAME",
+                    help="board file from boards/ (default: guessed from the board; for a "
+                         "virtual board: virtual)")
+    group.addoption("--heap", dest="microcot_heap", metavar="SIZE", default=None,
                     help="the virtual board interpreter's whole heap (e.g. 100k); default: the "
                          "size that leaves the board file's heap_budget free after boot")
-    group.addoption("--board-runtime", metavar="RUNTIME", default=None,
+    group.addoption("--runtime", dest="microcot_runtime", metavar="RUNTIME", default=None,
                     help="board model of the virtual board: unix64, i386-esp32, i386-rp2 or "
                          "rp2040 (default: the board file's runtime)")
     group.addoption("--board-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                    help="time limit of one device test on the board (default %(default)s)")
-    group.addoption("--board-no-deploy", action="store_true",
+                    help="time limit of one device test on the board (default %(default)s; "
+                         "--timeout is pytest-timeout's)")
+    group.addoption("--no-deploy", dest="microcot_no_deploy", action="store_true",
                     help="do not deploy the firmware before the tests")
-    group.addoption("--board-name", default=None, metavar="NAME",
-                    help="board definition from boards/ (default: guessed from the board)")
+    for old, (_new, dest) in _RENAMED.items():
+        flag = dest == "microcot_no_deploy"
+        group.addoption(old, dest=f"{dest}_old", help=argparse.SUPPRESS,
+                        **({"action": "store_true"} if flag else {"default": None}))
     parser.addini("microcot_device_dir", "folder of the device test modules",
                   default="tests/device")
 
 
+def _deprecated(config: pytest.Config, old: str, new: str) -> None:
+    config.issue_config_time_warning(pytest.PytestDeprecationWarning(
+        f"microcot: {old} is deprecated and will be removed; use {new}"), stacklevel=2)
+
+
+def _normalise_options(config: pytest.Config) -> None:
+    """Old spellings onto the new ones; `--board PORT` alone is the old meaning of --board."""
+    opt = config.option
+    for old, (new, dest) in _RENAMED.items():
+        value = getattr(opt, f"{dest}_old", None)
+        if value:
+            _deprecated(config, old, new)
+            if not getattr(opt, dest, None):
+                setattr(opt, dest, value)
+    if opt.microcot_port is None and opt.microcot_board is not None:
+        value = getattr(opt, "microcot_board_old", None)
+        if value is None and opt.microcot_board != "virtual" and _is_board_file(
+                opt.microcot_board):
+            raise pytest.UsageError(f"--board {opt.microcot_board} names the board file: say "
+                                    "where the board is with --port PORT|virtual")
+        # before --port existed, --board was where (the board file was --board-name)
+        _deprecated(config, f"--board {opt.microcot_board} (a port)",
+                    f"--port {opt.microcot_board}")
+        opt.microcot_port = opt.microcot_board
+        opt.microcot_board = value
+
+
+def _is_board_file(name: str) -> bool:
+    from . import boards
+
+    try:
+        boards.load(name)
+    except boards.BoardError:
+        return False
+    return True
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "family(*names): with --board, run only on a board of one of these families, "
+        "markers", "family(*names): with --port, run only on a board of one of these families, "
         "chips or board files (esp32, rp2, unix, esp32s3, rp2-pico-w, ...)")
     config.addinivalue_line(
-        "markers", "needs(*capabilities): with --board, run only on a board that has all of "
+        "markers", "needs(*capabilities): with --port, run only on a board that has all of "
         f"them ({', '.join(CAPABILITIES)})")
-    if config.getoption("--board"):
+    _normalise_options(config)
+    if config.option.microcot_port:
         config.pluginmanager.register(BoardSession(config), "microcot-board-session")
 
 
@@ -138,7 +198,7 @@ class BoardSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.spec: str = config.getoption("--board")
+        self.spec: str = config.option.microcot_port
         self.device_dir = (config.rootpath / config.getini("microcot_device_dir")).resolve()
         self._vb: Any = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -166,7 +226,9 @@ class BoardSession:
         return None
 
     def pytest_report_header(self, config: pytest.Config) -> str:
-        return f"microcot board: {self.spec} (device tests run on the board)"
+        board = self.config.option.microcot_board
+        return (f"microcot board: {self.spec}" + (f", board file {board}" if board else "")
+                + " (device tests run on the board)")
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         # one line that says which board these results are from, for logs of many boards
@@ -261,7 +323,8 @@ class BoardSession:
     def _open(self) -> None:
         from . import boards, deploy, transport
 
-        board_name = self.config.getoption("--board-name")
+        opt = self.config.option
+        board_name = opt.microcot_board
         if self.spec == "virtual":
             from .vboard.models import make_board
 
@@ -270,13 +333,13 @@ class BoardSession:
             # the board file's model at the RAM it budgets, so CI holds the firmware to it
             self._vb = make_board(
                 board_name, name=f"pytest-{os.getpid()}",
-                runtime=self.config.getoption("--board-runtime"),
-                heap=self.config.getoption("--board-heap"),
+                runtime=opt.microcot_runtime,
+                heap=opt.microcot_heap,
                 flash_dir=Path(self._tmp.name) / "flash",
                 iccid="89490200001234567892",
             ).start()
             self.port = self._vb.port
-            self._record("microcot.runtime", self.config.getoption("--board-runtime")
+            self._record("microcot.runtime", opt.microcot_runtime
                          or boards.load(board_name).runtime)
         else:
             self.port = self.spec
@@ -287,7 +350,7 @@ class BoardSession:
                            ("platform", self.info.platform), ("machine", self.info.machine),
                            ("board", board_name or "")):
             self._record(f"microcot.{key}", value)
-        if not self.config.getoption("--board-no-deploy"):
+        if not opt.microcot_no_deploy:
             bdef = boards.load(board_name) if board_name else None
             deploy.deploy_transport(self.t, bdef)
 

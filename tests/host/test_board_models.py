@@ -83,7 +83,7 @@ def test_missing_model_skips_with_how_to_get_it_or_fails_when_required(tmp_path)
     (tmp_path / "tests" / "device").mkdir(parents=True)
     (tmp_path / "tests" / "device" / "test_x.py").write_text("def test_x():\n    pass\n")
     (tmp_path / "pytest.ini").write_text("[pytest]\nmicrocot_device_dir = tests/device\n")
-    cmd = [sys.executable, "-m", "pytest", "--board", "virtual", "--board-name", "esp32-generic",
+    cmd = [sys.executable, "-m", "pytest", "--port", "virtual", "--board", "esp32-generic",
            "-rs", "-p", "no:cacheprovider", "tests/device"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -107,7 +107,7 @@ def test_microcot_test_and_pytest_board_virtual_make_the_same_board(tmp_path):
     select = ["-k", "test_store or test_xtea or test_agent_units"]
     junit = tmp_path / "pytest.xml"
     direct = subprocess.run(
-        [sys.executable, "-m", "pytest", "--board", "virtual", "--board-name", "esp32-generic",
+        [sys.executable, "-m", "pytest", "--port", "virtual", "--board", "esp32-generic",
          f"--junitxml={junit}", "-p", "no:cacheprovider", "-q", *select,
          str(ROOT / "tests" / "device")],
         cwd=ROOT, capture_output=True, text=True, timeout=200)

@@ -82,7 +82,7 @@ def test_a_board_configured_with_config_and_deploy_bootstraps_and_measures(tmp_p
     with Emulator(tmp_path / "emu", host="127.0.0.2", names=("127.0.0.2", "cot-emulator.test"),
                   auto_accept=True) as emu:
         base = tmp_path / "from-emulator.json"
-        r = microcot("emulator", "--data", str(tmp_path / "emu"), "board-config", "--out",
+        r = microcot("emulator", "--data-dir", str(tmp_path / "emu"), "board-config", "--out",
                      str(base))
         assert r.returncode == 0, r.stderr
         settings = tmp_path / "microcot.json"

@@ -67,7 +67,7 @@ def test_every_address_needs_a_name(tmp_path):
 def test_board_config_masks_the_password_and_writes_it_owner_only(tmp_path):
     with Emulator(tmp_path / "emu", host="127.0.0.2", names=("cot-emulator.test",)) as emu:
         password = emu.connection["bootstrap_password"]
-        cmd = [sys.executable, "-m", "microcot_host", "emulator", "--data", str(tmp_path / "emu"),
+        cmd = [sys.executable, "-m", "microcot_host", "emulator", "--data-dir", str(tmp_path / "emu"),
                "board-config"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

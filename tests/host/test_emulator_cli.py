@@ -46,11 +46,11 @@ def processes_using(path: Path, program: str = "mosquitto") -> list[int]:
 
 
 class Running:
-    """`python -m microcot_host emulator --data D` in the background, its stdout collected."""
+    """`python -m microcot_host emulator --data-dir D` in the background, its stdout collected."""
 
     def __init__(self, data: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "microcot_host", "emulator", "--data", str(data), *extra],
+            [sys.executable, "-m", "microcot_host", "emulator", "--data-dir", str(data), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.out: list[str] = []
@@ -110,11 +110,11 @@ def test_run_accept_register_and_stop(tmp_path):
         try:
             assert boot.subscribe("sr/" + iccid) == 1
             boot.publish("ss/" + iccid, secret)
-            wait_for(lambda: "PENDING_ACCEPTANCE" in cli("emulator", "devices", "--data",
+            wait_for(lambda: "PENDING_ACCEPTANCE" in cli("emulator", "devices", "--data-dir",
                                                           str(data)).stdout)
-            listed = json.loads(cli("emulator", "devices", "--data", str(data), "--json").stdout)
+            listed = json.loads(cli("emulator", "devices", "--data-dir", str(data), "--json").stdout)
             assert {"id": iccid, "status": "PENDING_ACCEPTANCE"} in listed["requests"]
-            r = cli("emulator", "accept", iccid, "--data", str(data))
+            r = cli("emulator", "accept", iccid, "--data-dir", str(data))
             assert r.returncode == 0, r.stderr
             assert f"accepted {iccid}" in r.stdout
             password = xtea.unpad(xtea.decrypt_ecb(secret, boot.get("sr/" + iccid))).decode()
@@ -125,13 +125,13 @@ def test_run_accept_register_and_stop(tmp_path):
         d.close()
         assert password not in run.out
 
-        # bulk registration from a CSV file; the group's --data works for subcommands too
+        # bulk registration from a CSV file; the group's --data-dir works for subcommands too
         ids = [new_iccid(), new_iccid()]
         fleet = tmp_path / "fleet.csv"
         fleet.write_text("ID;CREDENTIALS;TYPE;NAME;ICCID;SHELL\n"
                          f"a;Fleet-Pass-01;mqtt;A;{ids[0]};1\n"
                          f"b;Fleet-Pass-02;mqtt;B;{ids[1]};0\n")
-        r = cli("emulator", "--data", str(data), "register", str(fleet))
+        r = cli("emulator", "--data-dir", str(data), "register", str(fleet))
         assert r.returncode == 0, r.stderr
         assert "2 rows: 2 created, 0 updated, 0 failed" in r.stdout
         assert "Fleet-Pass" not in r.stdout
@@ -140,7 +140,7 @@ def test_run_accept_register_and_stop(tmp_path):
         d.close()
         fleet.write_text("ID;CREDENTIALS;TYPE;NAME;ICCID;SHELL\n"
                          f"c;tiny;mqtt;C;{new_iccid()};1\n")
-        r = cli("emulator", "register", str(fleet), "--data", str(data))
+        r = cli("emulator", "register", str(fleet), "--data-dir", str(data))
         assert r.returncode == 1
         assert "1 rows: 0 created, 0 updated, 1 failed" in r.stdout and "line 2" in r.stdout
         assert "tiny" not in r.stdout
@@ -153,19 +153,19 @@ def test_run_accept_register_and_stop(tmp_path):
         run.kill()
 
     # subcommands against a stopped emulator say so
-    r = cli("emulator", "accept", "x1", "--data", str(data))
+    r = cli("emulator", "accept", "x1", "--data-dir", str(data))
     assert r.returncode == 1 and "does not answer" in r.stderr and "running?" in r.stderr
 
 
 def test_subcommand_without_an_emulator(tmp_path):
-    r = cli("emulator", "accept", "x1", "--data", str(tmp_path / "none"))
+    r = cli("emulator", "accept", "x1", "--data-dir", str(tmp_path / "none"))
     assert r.returncode == 1
-    assert "no emulator in" in r.stderr and "microcot emulator --data" in r.stderr
+    assert "no emulator in" in r.stderr and "microcot emulator --data-dir" in r.stderr
 
 
 def test_missing_mosquitto_is_a_clear_error(tmp_path):
     env = dict(os.environ, MICROCOT_MOSQUITTO=str(tmp_path / "no" / "mosquitto"))
-    r = cli("emulator", "--data", str(tmp_path / "emu"), env=env)
+    r = cli("emulator", "--data-dir", str(tmp_path / "emu"), env=env)
     assert r.returncode == 1
     assert "the emulator could not start" in r.stderr
     assert "`mosquitto` binary was not found" in r.stderr and "make setup" in r.stderr
@@ -179,7 +179,7 @@ def test_a_second_emulator_on_the_same_data_is_refused(tmp_path):
     run = Running(data)
     try:
         run.wait_for_line("Running")
-        r = cli("emulator", "--data", str(data))
+        r = cli("emulator", "--data-dir", str(data))
         assert r.returncode == 1 and "in use by another broker" in r.stderr
         assert run.proc.poll() is None
     finally:

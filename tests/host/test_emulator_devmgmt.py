@@ -269,7 +269,7 @@ def test_firmware_operation_https_download_and_other_fragments(emu: Emulator) ->
 
         res = CliRunner().invoke(cli_group, [
             "operations", "create", mo, json.dumps({"c8y_SoftwareUpdate": SOFTWARE}),
-            "--data", str(emu.data_dir)])
+            "--data-dir", str(emu.data_dir)])
         assert res.exit_code == 0, res.output
         op_id = res.output.split()[1]
         assert d.get("mr/" + d.id).decode() == answer(

@@ -479,3 +479,32 @@ def test_each_flashed_board_is_awaited(virtual_board, emulator: EspRomEmulator, 
     assert failed == [emulator.port]
     assert f"{virtual_board.port}: MicroPython " in out and " on linux" in out
     assert f"{emulator.port}: error: no MicroPython REPL within 3 s" in err
+
+
+# ---- --json: the result for a program, progress on stderr ----------------------------------------
+
+
+def test_json_reports_each_board(emulator: EspRomEmulator, fw: Path) -> None:
+    r = flash("-b", "esp32-generic", "-p", emulator.port, "-f", str(fw), "--json", *ROM)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)  # nothing but the JSON on stdout
+    assert result["ok"] is True and result["board"] == "esp32-generic"
+    assert result["firmware"] == str(fw) and "application at 0x10000 valid" in result["image"]
+    assert result["boards"] == [{"port": emulator.port, "ok": True, "error": None}]
+    assert "100%" in r.stderr
+
+
+def test_json_names_a_failed_board(tmp_path: Path, fw: Path) -> None:
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    try:
+        r = flash("-b", "esp32-generic", "-p", port, "-f", str(fw), "--json", *ROM)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert r.returncode == 1
+    result = json.loads(r.stdout)
+    assert result["ok"] is False
+    [board] = result["boards"]
+    assert board["port"] == port and not board["ok"]
+    assert "no ESP bootloader answers" in board["error"]

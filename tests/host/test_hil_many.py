@@ -235,7 +235,7 @@ def test_a_port_that_is_no_board_fails_the_run_quickly(suite):
     master, slave = os.openpty()
     try:
         start = time.monotonic()
-        proc = microcot_test(suite, "--port", os.ttyname(slave), "--probe-timeout", "1",
+        proc = microcot_test(suite, "--port", os.ttyname(slave), "--timeout", "1",
                              "--out", str(suite / "r3"))
         took = time.monotonic() - start
     finally:
@@ -298,7 +298,7 @@ def marker_suite(pytester):
 
 def test_markers_skip_on_a_board_that_lacks_what_a_test_needs(marker_suite):
     result = marker_suite.runpytest_subprocess(
-        "--board", "virtual", "--board-heap", "2m", "-rs", "-p", "no:cacheprovider",
+        "--port", "virtual", "--heap", "2m", "-rs", "-p", "no:cacheprovider",
         "tests/device/test_caps.py",
         "tests/host_side")
     out = result.stdout.str()
@@ -311,7 +311,7 @@ def test_markers_skip_on_a_board_that_lacks_what_a_test_needs(marker_suite):
 
 
 def test_unknown_capability_is_a_collection_error(marker_suite):
-    result = marker_suite.runpytest_subprocess("--board", "virtual", "--board-heap", "2m",
+    result = marker_suite.runpytest_subprocess("--port", "virtual", "--heap", "2m",
                                                "-p", "no:cacheprovider", "tests/device/test_bad.py")
     assert result.ret != 0
     assert "BOARD_REQUIRES names unknown capabilities modme" in result.stdout.str()

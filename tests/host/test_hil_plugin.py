@@ -1,4 +1,4 @@
-"""The HIL plugin end to end: an inner pytest run with --board virtual on a small device suite."""
+"""The HIL plugin end to end: an inner pytest run with --port virtual on a small device suite."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def suite(pytester):
 
 
 def test_device_tests_run_on_a_virtual_board(suite):
-    result = suite.runpytest_subprocess("--board", "virtual", "-v", "-rs", "-p", "no:cacheprovider",
+    result = suite.runpytest_subprocess("--port", "virtual", "-v", "-rs", "-p", "no:cacheprovider",
                                         "--board-timeout", "30", "tests/device")
     out = result.stdout.str()
     assert "microcot board: virtual" in out

@@ -510,7 +510,7 @@ def test_cli_help_and_bad_tag_file(tmp_path):
 
 def test_cli_serves_until_interrupted(tmp_path):
     env = dict(os.environ, MICROCOT_KICS_TOKEN="")
-    proc = subprocess.Popen([sys.executable, "-m", "microcot_host", "kics-emulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "microcot_host", "kics-emulator", "--ws-port", "0",
                              "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:

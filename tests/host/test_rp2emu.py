@@ -316,8 +316,8 @@ def test_plain_pico_skips_exactly_the_tests_that_need_a_network_stack(
     root = Path(__file__).resolve().parents[2]
     junit = tmp_path / "pico.xml"
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "--board", "virtual", "--board-name", "rp2-pico",
-         "--board-runtime", "rp2040", f"--junitxml={junit}", "-p", "no:cacheprovider", "-q",
+        [sys.executable, "-m", "pytest", "--port", "virtual", "--board", "rp2-pico",
+         "--runtime", "rp2040", f"--junitxml={junit}", "-p", "no:cacheprovider", "-q",
          "-rs", str(root / "tests" / "device" / "test_mqtt.py"),
          str(root / "tests" / "device" / "test_mqttclient.py")],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)

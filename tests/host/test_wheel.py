@@ -95,7 +95,7 @@ def test_without_the_unix_port(venv: Path, tmp_path: Path) -> None:
     # the emulator starts (paho-mqtt is a dependency) and stops on SIGTERM
     env = {k: v for k, v in os.environ.items() if k not in ("MICROCOT_ROOT", "PYTHONPATH")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
-    emu = subprocess.Popen(["microcot", "emulator", "--data", str(tmp_path / "emu")],
+    emu = subprocess.Popen(["microcot", "emulator", "--data-dir", str(tmp_path / "emu")],
                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:

@@ -1,6 +1,6 @@
 """`microcot emulator`: run the platform emulator, or talk to a running one through its REST API.
 
-    microcot emulator [--data DIR] [--mqtt-port P] [--http-port P] [--https-port P]
+    microcot emulator [--data-dir DIR] [--mqtt-port P] [--http-port P] [--https-port P]
                       [--max-binary MIB] [--auto-accept] [--bind ADDR] [--host NAME ...]
     microcot emulator board-config [--out F] what a real board needs (host, port, CA, user)
     microcot emulator accept ID             accept a device's bootstrap request
@@ -10,7 +10,7 @@
     microcot emulator operations list [--device MO] [--status PENDING]
 
 The subcommands read `<data>/connection.json` (written by the running emulator) for the REST URL
-and the admin's credentials; `--data` defaults to `<state dir>/emulator` (paths.state_dir()).
+and the admin's credentials; `--data-dir` defaults to `<state dir>/emulator` (paths.state_dir()).
 
 Passwords are never printed: the start banner masks them and names connection.json (owner-only)
 as the place to read them, following the project's rule that secrets are not printed or logged.
@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode
 
 import click
 
-from .. import paths
+from .. import cliopts, paths
 
 MASK = "********"
 
@@ -42,9 +42,10 @@ def default_data() -> Path:
 
 
 def _data_option(f: Any) -> Any:
-    return click.option("--data", "data", type=click.Path(file_okay=False, path_type=Path),
-                        default=None, help="The emulator's data directory "
-                        "(default: the parent command's --data, else <state dir>/emulator).")(f)
+    return cliopts.option("--data-dir", "data", type=click.Path(file_okay=False, path_type=Path),
+                          default=None, old=("--data",), help="The emulator's data directory "
+                          "(default: the parent command's --data-dir, else <state "
+                          "dir>/emulator).")(f)
 
 
 def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
@@ -55,9 +56,10 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Data directory: SQLite platform data, broker state, TLS files, "
-                   "connection.json (default: <state dir>/emulator).")
+@cliopts.option("--data-dir", "data", type=click.Path(file_okay=False, path_type=Path),
+                default=None, old=("--data",),
+                help="Data directory: SQLite platform data, broker state, TLS files, "
+                     "connection.json (default: <state dir>/emulator).")
 @click.option("--mqtt-port", type=click.IntRange(0, 65535), default=0,
               help="MQTT/TLS port (0: the last run's if free, else a free one).")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=0,
@@ -146,7 +148,7 @@ class _Rest:
         except FileNotFoundError:
             raise click.ClickException(
                 f"no emulator in {data} ({path.name} is missing): start one with "
-                f"`microcot emulator --data {data}`") from None
+                f"`microcot emulator --data-dir {data}`") from None
         except (ValueError, KeyError, TypeError) as e:
             raise click.ClickException(f"{path} is unreadable: {e}") from None
         self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -199,7 +201,7 @@ def board_config(ctx: click.Context, data: Path | None, out: Path | None, as_jso
         conn = json.loads(path.read_text())
     except FileNotFoundError:
         raise click.ClickException(f"no emulator in {folder} ({path.name} is missing): start "
-                                   f"one with `microcot emulator --data {folder}`") from None
+                                   f"one with `microcot emulator --data-dir {folder}`") from None
     except ValueError as e:
         raise click.ClickException(f"{path} is unreadable: {e}") from None
     settings = {"host": conn["mqtt_host"], "port": conn["mqtt_port"], "tls": True,

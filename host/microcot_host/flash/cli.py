@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,33 @@ from . import uf2 as uf2_flash
 _print_lock = threading.Lock()
 
 
+class _Run:
+    """What one `microcot flash` did, for --json: the image and each board's outcome.
+
+    Boards are flashed on threads that only know their port, so they record here; with --json
+    the progress lines go to stderr and this is the one thing on stdout.
+    """
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.as_json = as_json
+        self.image: dict[str, object] = {}
+        self.boards: dict[str, dict[str, object]] = {}
+
+    def board(self, port: str, **fields: object) -> None:
+        with _print_lock:
+            self.boards.setdefault(port, {"port": port, "ok": False, "error": None}).update(fields)
+
+    def as_dict(self, board: str, failed: list[str]) -> dict[str, object]:
+        return {**self.image, "board": board, "boards": list(self.boards.values()),
+                "ok": not failed}
+
+
+_run = _Run()  # replaced by every invocation of the command
+
+
 def _say(port: str | None, text: str, err: bool = False) -> None:
     with _print_lock:
-        click.echo(f"{port}: {text}" if port else text, err=err)
+        click.echo(f"{port}: {text}" if port else text, err=err or _run.as_json)
 
 
 def resolve_ports(specs: tuple[str, ...]) -> list[str]:
@@ -57,16 +82,20 @@ def resolve_ports(specs: tuple[str, ...]) -> list[str]:
 @click.option("--check", "check_only", is_flag=True,
               help="only check the firmware file against the board; touch no board")
 @click.option("--verbose", "-v", is_flag=True, help="show all of esptool's output")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the image check and each board's result as JSON (progress on stderr)")
 def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, erase: bool,
           baud: int | None, before: str, after: str, no_stub: bool, no_compress: bool,
           drive: Path | None, bootsel: bool, no_wait: bool, wait_timeout: float,
-          check_only: bool, verbose: bool) -> None:
+          check_only: bool, verbose: bool, as_json: bool) -> None:
     """Flash MicroPython onto one or more boards.
 
     ESP32 boards are flashed with esptool, several in parallel; RP2040/RP2350 boards get the UF2
     copied onto their BOOTSEL drive, one after another. The firmware is checked against the board
     before anything is written, and afterwards the MicroPython REPL is awaited.
     """
+    global _run
+    _run = _Run(as_json)
     try:
         board = boards.load(board_name)
         if board.family not in ("esp32", "rp2"):
@@ -87,6 +116,8 @@ def flash(board_name: str, port_specs: tuple[str, ...], firmware: str | None, er
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(json.dumps(_run.as_dict(board.name, failed), indent=2))
     if failed:
         raise click.ClickException(f"failed on {len(failed)} board(s): {', '.join(failed)}")
 
@@ -99,6 +130,8 @@ def _flash_esp(board: boards.Board, fw: Path, data: bytes, given: tuple[str, ...
                opts: esp_flash.EspOptions, verbose: bool) -> list[str]:
     offset = esp_flash.firmware_offset(board)
     report = esp_flash.check_image(data, board.chip, offset)
+    _run.image = {"firmware": str(fw), "image": report.describe(),
+                  "warnings": list(report.warnings)}
     _say(None, f"firmware {fw}: {report.describe()}")
     for warning in report.warnings:
         _say(None, f"warning: {warning}", err=True)
@@ -137,6 +170,8 @@ def _flash_esp(board: boards.Board, fw: Path, data: bytes, given: tuple[str, ...
             _say(port, event.get("text", "").strip(), err=True)
 
     results = esp_flash.flash_many(ports, board.chip, offset, fw, opts, on_event)
+    for p, r in results.items():
+        _run.board(p, ok=r.ok, error=r.error)
     failed = [p for p, r in results.items() if not r.ok]
     flashed = [p for p in ports if p not in failed]
     if not no_wait and opts.after != "no-reset":
@@ -158,8 +193,10 @@ def _await_repls(ports: list[str], timeout: float) -> list[str]:
             running = wait_for_repl([port], timeout)
         except FlashError as exc:
             failed.append(port)
+            _run.board(port, ok=False, error=str(exc))
             _say(port, f"error: {exc}", err=True)
         else:
+            _run.board(port, micropython=running.describe())
             _say(port, running.describe())
 
     threads = [threading.Thread(target=wait, args=(p,)) for p in ports]
@@ -177,6 +214,8 @@ def _flash_rp2(board: boards.Board, fw: Path, data: bytes, given: tuple[str, ...
                drive_path: Path | None, bootsel: bool, check_only: bool, no_wait: bool,
                wait_timeout: float) -> list[str]:
     report = uf2_flash.validate_uf2(data, board.chip, board.raw.get("uf2_family"))
+    _run.image = {"firmware": str(fw), "image": report.describe(),
+                  "warnings": []}
     _say(None, f"firmware {fw}: {report.describe()}")
     if check_only:
         return []
@@ -214,6 +253,7 @@ def _flash_rp2(board: boards.Board, fw: Path, data: bytes, given: tuple[str, ...
             drive = uf2_flash.wait_for_drive(board.chip, wait_timeout, exclude=before)
             failed += _copy_and_wait(board, fw, data, drive, port, others, no_wait, wait_timeout)
         except (FlashError, transport.BoardError) as exc:
+            _run.board(port, ok=False, error=str(exc))
             _say(port, f"error: {exc}", err=True)
             failed.append(port)
     return failed
@@ -235,6 +275,7 @@ def _copy_and_wait(board: boards.Board, fw: Path, data: bytes, drive: uf2_flash.
 
     uf2_flash.copy_to_drive(data, drive, fw.name, progress)
     _say(label, "copied; the board reboots into the new firmware")
+    _run.board(label, ok=True, drive=str(drive.path))
     if no_wait:
         return []
 
@@ -245,7 +286,9 @@ def _copy_and_wait(board: boards.Board, fw: Path, data: bytes, drive: uf2_flash.
     try:
         running: Running = wait_for_repl([port] if port else [], wait_timeout, rescan=rescan)
     except FlashError as exc:
+        _run.board(label, ok=False, error=str(exc))
         _say(label, f"error: {exc}", err=True)
         return [label]
+    _run.board(label, micropython=running.describe())
     _say(running.port, running.describe())
     return []

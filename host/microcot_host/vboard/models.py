@@ -1,6 +1,6 @@
 """One way to make the board a board file describes, for every tool that starts one.
 
-`pytest --board virtual`, `microcot test --virtual N`, `microcot board virtual --board NAME` and
+`pytest --port virtual`, `microcot test --virtual N`, `microcot board virtual --board NAME` and
 the tests all call `make_board`, so the same board file gives the same runtime and the same heap
 everywhere (they once differed, and two device tests failed in one and passed in the other).
 """
