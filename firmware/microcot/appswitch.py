@@ -1,25 +1,13 @@
-# The application's files and their atomic replacement (c8y_SoftwareUpdate, opapp.py; /boot.py).
+# The application's files and their atomic replacement (c8y_SoftwareUpdate: opapp.py; /boot.py).
 #
-# The application is what a bundle names at the board's root: main.py, its modules (.py, .mpy),
-# templates.csv, data files. A bundle is an uncompressed ustar tar (`microcot app bundle` makes
-# one with Python's tarfile). The rules for its names (check_name, also the host's): flat names of
-# 1 to 64 characters from A-Z a-z 0-9 _ . -, not starting with a dot, ending in .py .mpy .csv
-# .json .txt; never boot.py, microcot.json or board.json (the firmware's: boot.py must stay able
-# to roll back, the settings hold the credentials' context); flat names keep everything out of
-# /store and /lib. At most MAX_FILES files of at most MAX_FILE bytes each, no duplicates. Files
-# the bundle does not name stay as they are.
-#
-# Untar is httpget.Download's sink: it parses the tar while it downloads (one 512-byte header
-# buffer, nothing sized by what the bundle says) and writes each file into the staging directory
-# /app.new/; the whole bundle is never in RAM. Refused with a reason (BundleError): a bad header
-# checksum, anything but ustar regular files (directories, links, pax headers: long or non-ASCII
-# names), a name prefix, a size field that is not plain octal or over MAX_FILE, an archive that
-# ends before its end-of-archive blocks (truncated). Bytes after the end-of-archive are ignored
-# (tar pads its records with zeros).
+# The application is what a bundle (apptar.py) names at the board's root: main.py, its modules
+# (.py, .mpy), templates.csv, data files. opapp.py unpacks a bundle into the staging directory
+# /app.new; this module switches it in, runs it on trial and rolls it back. Files a bundle does
+# not name stay as they are.
 #
 # The journal: store.py document "app" {state, op, name, version, files, added, why, prev}.
 #   ok          the application named (name, version) runs; prev: [name, version] of the one
-#               before an update (restored as "ok" after a rollback is reported)
+#               before an update (restored as "ok" after a failed one is reported)
 #   staging     opapp.py downloads into /app.new (a reboot: boot() clears /app.new, resume
 #               reports FAILED)
 #   staged      /app.new holds the complete, verified files; the next boot switches
@@ -29,8 +17,9 @@
 #   rolledback  done; opapp.resume reports FAILED "new application ... rolled back: <why>"
 # Every step is idempotent and decided by what the filesystem shows, so a power cut anywhere is
 # completed (switching) or undone (rollback) by the next boot:
-#   switch, per file f: f not added, /app.old/f missing, /app.new/f there -> /f to /app.old/f;
-#                       /app.new/f there -> to /f        (renames only onto free names: FAT)
+#   switch: first every staged file must be in /app.new; then per file f: f not added,
+#           /app.old/f missing, /app.new/f there -> /f to /app.old/f; /app.new/f there -> to /f
+#           (renames only onto free names: FAT refuses others); then each file must have moved
 #   rollback, per file: f added -> remove /f; /app.old/f there -> remove /f, /app.old/f to /f
 #   confirm: the journal says "ok" first, then /app.old goes (a cut in between leaves only
 #            garbage, which boot() clears)
@@ -48,24 +37,12 @@
 # disarms the timer, records "ok" and deletes /app.old.
 import os
 
-MAX_FILES = 16
-MAX_NAME = 64
-MAX_FILE = 256 * 1024
-MAX_BUNDLE = 1024 * 1024  # bytes a download may announce (httpget max_size)
-SUFFIXES = (".py", ".mpy", ".csv", ".json", ".txt")
-RESERVED = ("boot.py", "microcot.json", "board.json")
 NEW = "app.new"
 OLD = "app.old"
 DOC = "app"
-_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 
 _root = "/"
-_os = os  # tests put a filesystem that fails at a chosen step here (and into _open)
-_open = open
-
-
-class BundleError(Exception):
-    pass
+_os = os  # tests put a filesystem that fails at a chosen step here
 
 
 def root(path=None):
@@ -76,34 +53,14 @@ def root(path=None):
     return _root
 
 
-def check_name(name):
-    """None when `name` (str or bytes) may name a file of a bundle, else why not."""
-    b = name.encode() if isinstance(name, str) else bytes(name)
-    shown = repr(b[:MAX_NAME])[1:]
-    if not 0 < len(b) <= MAX_NAME:
-        return "file %s: a name has 1 to %d characters" % (shown, MAX_NAME)
-    for c in b:
-        if c not in _CHARS:
-            return ("file %s: names are flat (no directories: /lib and /store are the "
-                    "firmware's) and only of A-Z a-z 0-9 _ . -" % shown)
-    if b[0] == 46:
-        return "file %s: a name must not start with a dot" % shown
-    n = str(b, "ascii")
-    if n in RESERVED:
-        return "file %s: belongs to the firmware, not to the application" % n
-    for suf in SUFFIXES:
-        if n.endswith(suf) and len(n) > len(suf):
-            return None
-    return "file %s: the allowed suffixes are %s" % (n, " ".join(SUFFIXES))
-
-
-def _p(name, d=None):
+def path(name, d=None):
+    """The path of a file of the application (d: in /app.new or /app.old)."""
     return _root + name if d is None else _root + d + "/" + name
 
 
-def _exists(path):
+def _exists(p):
     try:
-        _os.stat(path)
+        _os.stat(p)
         return True
     except OSError:
         return False
@@ -111,159 +68,21 @@ def _exists(path):
 
 def _mkdir(d):
     try:
-        _os.mkdir(_p(d))
+        _os.mkdir(path(d))
     except OSError:
         pass  # there already
 
 
 def rmtree(d):
     """Remove a flat directory under the root and what it holds (nothing when it is missing)."""
-    path = _p(d)
+    p = path(d)
     try:
-        names = _os.listdir(path)
+        names = _os.listdir(p)
     except OSError:
         return
     for n in names:
-        _os.remove(path + "/" + n)
-    _os.rmdir(path)
-
-
-def _octal(b, what, limit):
-    # a ustar number: optional spaces, octal digits, then NUL or spaces; base-256 (the high bit,
-    # GNU's large numbers) and values over limit are refused before they can grow
-    if b[0] & 0x80:
-        raise BundleError("%s in base-256 refused" % what)
-    i = 0
-    n = len(b)
-    while i < n and b[i] == 32:
-        i += 1
-    v = 0
-    j = i
-    while j < n and 48 <= b[j] <= 55:
-        v = v * 8 + b[j] - 48
-        if v > limit:
-            raise BundleError("%s over %d" % (what, limit))
-        j += 1
-    if j == i:
-        raise BundleError("%s is not an octal number" % what)
-    while j < n:
-        if b[j] not in (0, 32):
-            raise BundleError("%s is not an octal number" % what)
-        j += 1
-    return v
-
-
-class Untar:
-    """A download sink (write, seek(0)) that unpacks a bundle into /app.new as it arrives."""
-
-    def __init__(self):
-        self.hdr = bytearray(512)
-        self.f = None
-        self.reset()
-
-    def reset(self):
-        self.close()
-        self.n = 0  # header bytes collected
-        self.left = 0  # bytes of the current file still to come
-        self.pad = 0  # padding to the next 512-byte block
-        self.end = 0  # zero blocks seen (two end the archive)
-        self.files = []
-        self.size = 0  # bytes of all files
-
-    def close(self):
-        f, self.f = self.f, None
-        if f is not None:
-            f.close()
-
-    def seek(self, pos):
-        # the server ignored a Range request: the download starts over, and so does the parse
-        if pos:
-            raise OSError("Untar can only start over")
-        self.reset()
-        rmtree(NEW)
-        _mkdir(NEW)
-
-    def write(self, buf):
-        mv = memoryview(buf)
-        n = len(mv)
-        i = 0
-        while i < n:
-            if self.left:
-                k = min(self.left, n - i)
-                self.f.write(mv[i:i + k])
-                self.left -= k
-                i += k
-                if not self.left:
-                    self.close()
-            elif self.pad:
-                k = min(self.pad, n - i)
-                self.pad -= k
-                i += k
-            elif self.end >= 2:
-                break  # after the end-of-archive: tar's record padding
-            else:
-                k = min(512 - self.n, n - i)
-                self.hdr[self.n:self.n + k] = mv[i:i + k]
-                self.n += k
-                i += k
-                if self.n == 512:
-                    self.n = 0
-                    self._header()
-        return n
-
-    def _header(self):
-        h = self.hdr
-        total = 0
-        for c in h:
-            total += c
-        if not total:
-            self.end += 1
-            return
-        if self.end:
-            raise BundleError("bundle: a header after an end-of-archive block")
-        for c in h[148:156]:
-            total += 32 - c  # the checksum counts its own field as spaces
-        if _octal(h[148:156], "header checksum", 1 << 20) != total:
-            raise BundleError("bundle: bad header checksum (not a tar, or damaged) at file %d"
-                              % (len(self.files) + 1))
-        if h[257:262] != b"ustar":
-            raise BundleError("bundle: not a ustar archive (make it with microcot app bundle)")
-        t = h[156]
-        if t not in (0, 48):
-            raise BundleError("bundle: only regular files, not entry type %r (directories, "
-                              "links and pax headers are refused)" % chr(t))
-        for c in h[345:500]:
-            if c:
-                raise BundleError("bundle: names with a directory prefix are refused")
-        k = 0
-        while k < 100 and h[k]:
-            k += 1
-        name = bytes(h[:k])
-        why = check_name(name)
-        if why is not None:
-            raise BundleError("bundle: " + why)
-        name = str(name, "ascii")
-        if name in self.files:
-            raise BundleError("bundle: file %s twice" % name)
-        if len(self.files) >= MAX_FILES:
-            raise BundleError("bundle: more than %d files" % MAX_FILES)
-        size = _octal(h[124:136], "size of " + name, MAX_FILE)
-        self.files.append(name)
-        self.size += size
-        self.f = _open(_p(name, NEW), "wb")
-        self.left = size
-        self.pad = -size & 511
-        if not size:
-            self.close()
-
-    def finish(self):
-        """The names of the files once the archive is complete; BundleError when it is not."""
-        if self.left or self.pad or self.n or self.end < 2:
-            self.close()
-            raise BundleError("bundle: truncated (it ends before its end-of-archive blocks)")
-        if not self.files:
-            raise BundleError("bundle: no file in it")
-        return self.files
+        _os.remove(p + "/" + n)
+    _os.rmdir(p)
 
 
 # -- the journal and the switch ---------------------------------------------------------------
@@ -308,21 +127,22 @@ def switch(db, j):
     files = j["files"]
     if j["state"] == "staged":
         for f in files:
-            if not _exists(_p(f, NEW)):
+            if not _exists(path(f, NEW)):
                 raise OSError("staged file %s missing" % f)
         _mkdir(OLD)
-        j["added"] = [f for f in files if not _exists(_p(f))]
+        j["added"] = [f for f in files if not _exists(path(f))]
         j["state"] = "switching"
         db.save(DOC, j)
     added = j["added"]
     for f in files:
-        new = _p(f, NEW)
-        if f not in added and not _exists(_p(f, OLD)) and _exists(new):
-            _os.rename(_p(f), _p(f, OLD))
+        new = path(f, NEW)
+        if f not in added and not _exists(path(f, OLD)) and _exists(new):
+            _os.rename(path(f), path(f, OLD))
         if _exists(new):
-            _os.rename(new, _p(f))
+            _os.rename(new, path(f))
     for f in files:
-        if not _exists(_p(f)) or _exists(_p(f, NEW)) or not (f in added or _exists(_p(f, OLD))):
+        if not _exists(path(f)) or _exists(path(f, NEW)) or not (f in added
+                                                                 or _exists(path(f, OLD))):
             raise OSError("%s not switched" % f)
     rmtree(NEW)
     j["state"] = "trial"
@@ -338,8 +158,8 @@ def rollback(db, j, why):
     added = j.get("added")
     if added is not None:  # no "added": the switch never began, nothing moved
         for f in j["files"]:
-            cur = _p(f)
-            old = _p(f, OLD)
+            cur = path(f)
+            old = path(f, OLD)
             if f in added:
                 if _exists(cur):
                     _os.remove(cur)
@@ -406,12 +226,12 @@ def disarm():
         microcot.trial = None
 
 
-def _config(path):
+def _config(file):
     import json
 
     cfg = {"store": "/store", "app_trial": 300}
     try:
-        with open(path) as f:
+        with open(file) as f:
             cfg.update(json.load(f))
     except (OSError, ValueError):
         pass

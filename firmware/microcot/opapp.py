@@ -4,7 +4,7 @@
 # action "install": the bundle (an uncompressed tar, `microcot app bundle`) is downloaded over
 # HTTPS (httpget.py: the device's own credentials, TLS verified with the agent's CA, resumed
 # with Range after a broken connection, SHA-256 of the whole bundle checked when the operation
-# has one) and unpacked while it arrives into /app.new (appswitch.Untar, its name rules), one
+# has one) and unpacked while it arrives into /app.new (apptar.py, its name rules), one
 # chunk per agent step (a generator) so that MQTT keeps alive. Only a complete, verified bundle
 # is staged; the record's stage "staged" has data {"trial": True, ...}, the board resets, and
 # /boot.py (appswitch.boot) switches the files and runs the new application on trial. Once its
@@ -20,8 +20,15 @@
 # A failed download or bundle (HTTP error, wrong SHA-256, a refused name, truncated) removes
 # /app.new and leaves the running application alone; a reboot during the download reports
 # FAILED after the reboot. The journal keeps the name and version of what runs ("ok").
-from . import appswitch, hal
+import gc
+
+from . import hal
 from .ops import Failed
+from .state import unload
+
+# Heap: the download needs this module, apptar.py and httpget.py; the switch's code
+# (appswitch.py) is loaded before and after it, never with it (the ESP32 model, connected, has
+# room for one or the other).
 
 
 def _hex(v):
@@ -38,7 +45,7 @@ def handle(s, op):
         raise Failed("c8y_SoftwareUpdate without a url")
     if sha is not None and not _hex(sha):
         raise Failed("c8y_SoftwareUpdate sha256 is not 64 hex digits")
-    j = s.db().load(appswitch.DOC)
+    j = s.db().load("app")  # appswitch.DOC
     st = j.get("state") if isinstance(j, dict) else None
     if st not in (None, "ok", "rolledback", "staging"):
         raise Failed("an application update is under way (%s)" % st)
@@ -50,17 +57,34 @@ def _user(s):
                                                             getattr(s, "tenant", None) or "")
 
 
+def _switcher(s):
+    for m in ("httpget", "apptar"):
+        unload(m)
+    s.room()
+    gc.collect()
+    from . import appswitch
+
+    return appswitch
+
+
 def _install(s, op, name, version, url, sha):
+    a = _switcher(s)
+    j = a.stage(s.db(), op.id, name, version)
+    staging = a.path(a.NEW)
+    a = None
+    unload("appswitch")
+    op.stage("download")
+    s.room()
+    gc.collect()
+    from . import apptar
     from .httpget import Download
 
-    j = appswitch.stage(s.db(), op.id, name, version)
-    op.stage("download")
-    sink = appswitch.Untar()
+    sink = apptar.Untar(staging)
     d = None
     try:
         d = Download(url, sink, sha256=sha, user=_user(s), password=s.cred["password"],
                      ssl_context=s.ctx if url.startswith("https:") else None,
-                     timeout=s.cfg["timeout"], max_size=appswitch.MAX_BUNDLE)
+                     timeout=s.cfg["timeout"], max_size=apptar.MAX_BUNDLE)
         while True:
             if d._s is None:
                 s.room()  # a connection (TLS handshake) comes next: the reserve gives way
@@ -72,13 +96,17 @@ def _install(s, op, name, version, url, sha):
         sink.close()
         if d is not None:
             d.close()
-        appswitch.abandon(s.db(), j)
-        if isinstance(e, appswitch.BundleError):
+        bad = isinstance(e, apptar.BundleError)
+        sink = d = apptar = Download = None
+        _switcher(s).abandon(s.db(), j)
+        if bad:
             raise Failed(str(e))
         raise
-    appswitch.staged(s.db(), j, files)
+    size = sink.size
+    sink = d = apptar = Download = None
+    _switcher(s).staged(s.db(), j, files)
     s.log("c8y_SoftwareUpdate %s: %s %s, %d files (%d bytes) staged: %s" % (
-        op.id, name, version, len(files), sink.size, " ".join(files)))
+        op.id, name, version, len(files), size, " ".join(files)))
     op.stage("staged", {"trial": True, "name": name, "version": version})
     c = s.c
     t0 = hal.ticks_ms()
@@ -95,6 +123,8 @@ def _install(s, op, name, version, url, sha):
 def resume(s, rec):
     """After the reboot (create.finish, connected): True when the new application runs (it is
     confirmed now), else why not."""
+    from . import appswitch
+
     db = s.db()
     j = db.load(appswitch.DOC)
     stage = rec.get("stage")

@@ -1,11 +1,12 @@
 """`microcot app bundle`: an application bundle for c8y_SoftwareUpdate.
 
 A bundle is an uncompressed ustar tar of the application's files (main.py, its modules,
-templates.csv, data files), each under its base name: the device (microcot/appswitch.py) unpacks
-it into the board's root, switches to it atomically and rolls back if the new application does
-not connect. The names are checked here with the device's own rules (appswitch.check_name), so
-a bundle this command makes is one the device accepts. `--version V` adds `appversion.txt`
-holding V, for the application to read. The tar is reproducible: mode 0644, owner 0, time 0.
+templates.csv, data files), each under its base name: the device (microcot/apptar.py,
+appswitch.py) unpacks it into the board's root, switches to it atomically and rolls back if the
+new application does not connect. The names are checked here with the device's own rules
+(apptar.check_name), so a bundle this command makes is one the device accepts. `--version V`
+adds `appversion.txt` holding V, for the application to read. The tar is reproducible: mode
+0644, owner 0, time 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from microcot import appswitch
+from microcot import apptar
 
 VERSION_FILE = "appversion.txt"
 
@@ -31,29 +32,29 @@ def make_bundle(files: list[tuple[str, bytes]]) -> bytes:
     """The tar of (name, content) pairs, checked with the device's rules."""
     if not files:
         raise BundleError("a bundle needs at least one file")
-    if len(files) > appswitch.MAX_FILES:
-        raise BundleError(f"{len(files)} files: a bundle holds at most {appswitch.MAX_FILES}")
+    if len(files) > apptar.MAX_FILES:
+        raise BundleError(f"{len(files)} files: a bundle holds at most {apptar.MAX_FILES}")
     seen: set[str] = set()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in files:
-            why = appswitch.check_name(name)
+            why = apptar.check_name(name)
             if why is not None:
                 raise BundleError(why)
             if name in seen:
                 raise BundleError(f"file {name}: twice in the bundle")
             seen.add(name)
-            if len(data) > appswitch.MAX_FILE:
+            if len(data) > apptar.MAX_FILE:
                 raise BundleError(f"file {name}: {len(data)} bytes, at most "
-                                  f"{appswitch.MAX_FILE} per file")
+                                  f"{apptar.MAX_FILE} per file")
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o644
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     data = out.getvalue()
-    if len(data) > appswitch.MAX_BUNDLE:
-        raise BundleError(f"the bundle has {len(data)} bytes, at most {appswitch.MAX_BUNDLE}")
+    if len(data) > apptar.MAX_BUNDLE:
+        raise BundleError(f"the bundle has {len(data)} bytes, at most {apptar.MAX_BUNDLE}")
     return data
 
 

@@ -1,5 +1,5 @@
-# Application bundles and their switch (microcot/appswitch.py): runs on CPython (pytest) and on a
-# board. The tar reader gets good, hostile and damaged bundles (made here byte by byte: no
+# Application bundles and their switch (microcot/apptar.py, microcot/appswitch.py): runs on
+# CPython (pytest) and on a board. The tar reader gets good, hostile and damaged bundles (made here byte by byte: no
 # tarfile on MicroPython) in pieces of several sizes; the journal's steps (switch, rollback,
 # confirm) get a power cut at every filesystem step (each rename, remove, mkdir, rmdir, file
 # opened for writing, the store's included), then boot() runs as the next boot would, and the
@@ -8,8 +8,9 @@ import os
 
 from dt import raises, scratch_dir
 
-from microcot import appswitch, store
-from microcot.appswitch import NEW, OLD, BundleError, Untar, check_name
+from microcot import appswitch, apptar, store
+from microcot.appswitch import NEW, OLD
+from microcot.apptar import BundleError, Untar, check_name
 
 
 class PowerCut(Exception):
@@ -91,12 +92,14 @@ class Env:
         store.root(self.d + "/store")
         self.fs = CutFs()
         appswitch._os = self.fs
-        appswitch._open = self.fs.open
+        apptar._open = self.fs.open
+        apptar._remove = self.fs.remove
         store.fs(self.fs)
 
     def close(self):
         appswitch._os = os
-        appswitch._open = open
+        apptar._open = open
+        apptar._remove = None
         appswitch.root("/")
         store.fs(False)
         store.root("/store")
@@ -179,7 +182,7 @@ def unpack(e, parts, piece=512):
         os.mkdir(e.d + "/" + NEW)
     except OSError:
         pass
-    u = Untar()
+    u = Untar(e.d + "/" + NEW)
     try:
         for data in parts:
             mv = memoryview(data)
@@ -239,14 +242,14 @@ def _hostile_and_damaged_bundles_are_refused(e):
         (lambda: [entry("m.py", b"x", bad_sum=True), END], "checksum"),
         (lambda: [header("big.py", 0, size_field=b"\x80" + b"\0" * 7 + b"\xff" * 4), END],
          "base-256"),
-        (lambda: [header("big.py", 0, size_field=_oct(appswitch.MAX_FILE + 1, 12)), END],
+        (lambda: [header("big.py", 0, size_field=_oct(apptar.MAX_FILE + 1, 12)), END],
          "over"),
         (lambda: [header("big.py", 0, size_field=b"77777777777\0"), END], "over"),
         (lambda: [header("nan.py", 0, size_field=b"12x4" + b"\0" * 8), END], "octal"),
         (lambda: [header("nan.py", 0, size_field=b"\0" * 12), END], "octal"),
         (lambda: [entry("a.py", b"1"), entry("a.py", b"2"), END], "twice"),
         (lambda: [entry("a.py", b"1"), bytes(512), entry("b.py", b"2"), END], "after an end"),
-        (lambda: [entry("f%d.py" % i, b"") for i in range(appswitch.MAX_FILES + 1)] + [END],
+        (lambda: [entry("f%d.py" % i, b"") for i in range(apptar.MAX_FILES + 1)] + [END],
          "more than"),
         (lambda: [b"\x01" * 512], "checksum"),
     )
@@ -274,7 +277,7 @@ def test_starting_over_after_seek_0():
 
 def _starting_over_after_seek_0(e):
     os.mkdir(e.d + "/" + NEW)
-    u = Untar()
+    u = Untar(e.d + "/" + NEW)
     u.write(entry("stale.py", b"old" * 300)[:700])
     u.seek(0)  # the server ignored Range: from the start
     for data in good():
