@@ -200,6 +200,11 @@ class _Mod:
         fn = getattr(self._m(), "resume", None)
         return None if fn is None else fn(self.s, rec)
 
+    def boot(self, rec):
+        fn = getattr(self._m(), "boot", None)
+        if fn is not None:
+            fn(self.s, rec)
+
 
 class Agent:
     def __init__(self, config=None, path=CONFIG, **over):
@@ -355,6 +360,15 @@ class Agent:
                 self._call("ident", "identify", device_id)
                 unload("ident")
                 unload("store")
+                rec = s.oprec
+                if isinstance(rec, dict) and rec.get("stage") == "boot":
+                    # an operation's work in a boot of its own, before the MQTT code loads
+                    h = s.handlers.get(rec.get("rtid"))
+                    if h is not None and isinstance(h[1], _Mod):
+                        s.room()
+                        h[1].boot(rec)  # a reset when it succeeds
+                    # its outcome is in the record: reported after a restart onto a clean heap
+                    raise Restart("%s %s: its boot is over" % (rec.get("kind"), rec.get("id")))
                 s.hold()  # the block again, before code fills the gaps
                 # the code that stays for this boot, in one go: the MQTT client, and then the
                 # bootstrap or what a connected agent needs
@@ -436,6 +450,13 @@ class Agent:
             ms = min(ms, max(0, hal.ticks_diff(tm[1], t)))
         s = self.s
         st = s.state
+        if s.trial is not None and hal.ticks_diff(t, s.trial) >= 0:
+            # an update on trial (firmware, application) did not connect in time: a hard reset
+            # makes the bootloader (firmware) or boot.py (application) roll it back
+            self.log("no connection within app_trial of an update: hard reset, rollback")
+            self.close()
+            hal.reset()
+            raise SystemExit("microcot: reset for a rollback")
         try:
             if s.id is None:
                 self.start()

@@ -247,4 +247,5 @@ def finish(s):
                                      "%d queued messages were dropped while offline" % n,
                                      iso(now())), qos=1)
     s.ready = True
+    s.trial = None
     s.log("ready: managed object %s" % s.mo)

@@ -39,7 +39,11 @@ def identify(s, fixed=None):
     if isinstance(cred, dict) and cred.get("id") == s.id and cred.get("password"):
         s.cred = cred
         s.secret(cred["password"])
-        s.oprec = store.load("op")  # an operation under way (create.finish)
+        s.oprec = rec = store.load("op")  # an operation under way (create.finish)
+        d = rec.get("data") if isinstance(rec, dict) else None
+        if isinstance(d, dict) and d.get("trial"):
+            # an update runs on trial: it must connect in time, else a hard reset rolls it back
+            s.trial = hal.ticks_add(hal.ticks_ms(), int(s.cfg["app_trial"] * 1000))
     else:
         s.bdoc = store.load("boot")  # a bootstrap under way (bootstrap.py)
 

@@ -13,6 +13,10 @@
 # Long work: a handler may return a generator; serve() then advances it by one next() per turn
 # (between turns the client keeps the connection alive: keep each chunk of work well below the
 # keep-alive), its return value being the handler's result. Other operations wait meanwhile.
+# Work too large for the heap a connected agent leaves (c8y_Firmware's download on the ESP32):
+# the handler stores stage "boot" (op.stage) and raises state.Restart; after the restart the
+# agent calls the module's boot(s, record) before it connects (agent.start), with the heap to
+# itself, and the resume hook reports the outcome once connected.
 #   def update(op):
 #       for chunk in range(100):
 #           write(chunk)          # a bounded piece of work
@@ -20,7 +24,7 @@
 #       return None               # -> SUCCESSFUL
 from . import hal, smartrest, tpl
 from .ops import clip, parse, reason, record
-from .state import iso, js, now
+from .state import Restart, iso, js, now
 
 _types = {}  # template id -> binary value types, from the templates file
 
@@ -68,6 +72,8 @@ def handle_ops(s):
         status(s, tpl.EXECUTING, int(op.id))
         try:
             res = fn(op)
+        except Restart:
+            raise  # the operation goes on in a boot of its own (its record says how far)
         except Exception as e:
             end(s, op, e)
             continue

@@ -77,6 +77,7 @@ from .mqttpkt import publish as _publish_pkt
 from .mqttpkt import publish_head as _publish_head
 from .mqttpkt import subscribe as _subscribe_pkt
 from .mqttpkt import unsubscribe as _unsubscribe_pkt
+from .tlsctx import _text, tls_context  # noqa: F401 (mqtt.tls_context: the old name)
 
 __all__ = (
     "MQTTClient", "tls_context", "MQTTException", "MQTTProtocolError", "MQTTPacketTooLarge",
@@ -111,75 +112,6 @@ def _would_block(e):
 def _is_timeout(e):
     return getattr(e, "errno", None) in (ETIMEDOUT, EAGAIN) or type(e).__name__ in (
         "timeout", "TimeoutError")
-
-
-def _text(e):
-    s = str(e).strip()
-    return s or type(e).__name__
-
-
-def _der_certs(data):
-    # MicroPython's mbedTLS (unix port 1.29) accepts only DER in load_verify_locations(cadata=):
-    # every PEM certificate of the data is decoded here; data without a PEM header is DER.
-    if isinstance(data, str):
-        data = data.encode()
-    begin = b"-----BEGIN CERTIFICATE-----"
-    end = b"-----END CERTIFICATE-----"
-    i = data.find(begin)
-    if i < 0:
-        return [bytes(data)]
-    from binascii import a2b_base64
-
-    out = []
-    while i >= 0:
-        j = data.find(end, i)
-        if j < 0:
-            raise ValueError("PEM certificate without its END line")
-        out.append(a2b_base64(b"".join(data[i + len(begin):j].split())))
-        i = data.find(begin, j)
-    return out
-
-
-def tls_context(cafile=None, cadata=None, verify=True):
-    """An ssl.SSLContext for a TLS client that verifies the server against the given CA.
-
-    cafile: path of a PEM or DER file (on the board's filesystem); cadata: its bytes (PEM or DER,
-    or PEM as str). verify=False disables verification and prints a warning. Without a CA,
-    CPython uses its default trust store; MicroPython has none and raises ValueError.
-    """
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if not verify:
-        if hasattr(ctx, "check_hostname"):
-            ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        _log("WARNING: TLS certificate verification disabled: the broker is not authenticated")
-        return ctx
-    ctx.verify_mode = ssl.CERT_REQUIRED  # explicit: MicroPython's SSLContext defaults to CERT_NONE
-    if cafile is None and cadata is None:
-        if _MP:
-            raise ValueError("tls_context: give the broker's CA (cafile= or cadata=), or verify=False")
-        ctx.load_default_certs()
-        return ctx
-    cas = []
-    if cafile is not None:
-        with open(cafile, "rb") as f:
-            cas.append((cafile, f.read()))
-    if cadata is not None:
-        cas.append(("cadata", cadata))
-    for where, data in cas:
-        try:
-            if _MP:
-                for der in _der_certs(data):
-                    hal.tls_ca(ctx, der)
-            else:
-                if isinstance(data, (bytes, bytearray)) and data.lstrip()[:5] == b"-----":
-                    data = bytes(data).decode()
-                ctx.load_verify_locations(cadata=data)
-        except (ValueError, OSError) as e:  # CPython: ssl.SSLError
-            raise ValueError("%s: not a valid CA certificate (PEM or DER): %s" % (where, _text(e)))
-    return ctx
 
 
 class MQTTClient:

@@ -23,21 +23,15 @@ _REFUSED_MAX = const(10)
 
 def tls(s):
     """The TLS context for the broker (verified with the configured CA), made once."""
-    from .mqtt import tls_context
+    from .tlsctx import for_config
 
     cfg = s.cfg
-    on = cfg["tls"]
     if s.ctx == 0:
-        ctx = None
         s.room()
-        if on:
-            ca = cfg["ca"]
-            if ca and ca.startswith("-----"):
-                ctx = tls_context(cadata=ca, verify=on != "noverify")
-                cfg["ca"] = None  # loaded: the text need not stay on the heap
-            else:
-                ctx = tls_context(cafile=ca, verify=on != "noverify")
-        s.ctx = ctx
+        s.ctx = for_config(cfg)
+        ca = cfg["ca"]
+        if ca and ca.startswith("-----"):
+            cfg["ca"] = None  # loaded: the text need not stay on the heap
     return s.ctx
 
 

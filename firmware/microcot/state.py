@@ -69,6 +69,7 @@ class State:
         self.rsv = None  # the reserve block (cfg "reserve")
         self.rsv2 = None  # the room kept for the template registration
         self.ring = None  # the log's ring buffer (logring.Ring, c8y_LogfileRequest)
+        self.trial = None  # ticks by which an update on trial must have connected (agent.step)
 
     def secret(self, text):
         """A secret (a password) that the log ring must never keep: masked wherever it occurs."""
@@ -97,7 +98,8 @@ class State:
 
     def hold(self):
         n = self.cfg["reserve"]
-        if self.rsv is None and n:
+        # not while an operation runs in steps: its download and buffers live in that room
+        if self.rsv is None and n and self.job is None:
             gc.collect()
             try:
                 self.rsv = bytearray(n)

@@ -36,10 +36,18 @@ class MemPart:
         a = b * 4096 + off
         buf[:] = self.flash[a:a + len(buf)]
 
-    def writeblocks(self, b, buf):
-        assert len(buf) == 4096
-        self.writes.append(b)
-        self.flash[b * 4096:b * 4096 + 4096] = buf
+    def ioctl(self, op, arg):
+        assert op == 6  # BLOCK_ERASE
+        self.writes.append(arg)
+        for i in range(arg * 4096, arg * 4096 + 4096):
+            self.flash[i] = 0xFF
+        return 0
+
+    def writeblocks(self, b, buf, off):
+        # NOR flash: a write only clears bits, so writing unerased flash corrupts it
+        a = b * 4096 + off
+        for i in range(len(buf)):
+            self.flash[a + i] &= buf[i]
 
     def set_boot(self):
         self.booted = True
@@ -55,13 +63,16 @@ def test_app_desc():
     assert ota.app_desc(bad) is None
 
 
-def test_writer_blocks_padding_and_readback():
+def test_writer_erases_each_block_once_and_reads_back():
     p = MemPart()
+    for i in range(len(p.flash)):
+        p.flash[i] = 0x5A  # what an earlier image left: must be erased before it is written
     img = image("2.0.0", size=10000, seed=5)
     w = ota.Writer(len(img), partition=p)
-    for i in range(0, len(img), 700):  # pieces that straddle block boundaries
-        w.write(memoryview(img)[i:i + 700])
-    assert p.writes == [0, 1] and w.durable == 8192
+    for i in range(0, 8500, 700):  # pieces that straddle block boundaries
+        w.write(memoryview(img)[i:min(i + 700, 8500)])
+    assert p.writes == [0, 1, 2] and w.durable == 8500
+    w.write(memoryview(img)[8500:])
     d = w.finish(sha256=hashlib.sha256(img).digest())
     assert d["version"] == "2.0.0" and p.writes == [0, 1, 2]
     assert bytes(p.flash[:10000]) == img and p.flash[10000:12288] == b"\xff" * 2288
@@ -89,17 +100,18 @@ def test_writer_resume_and_start_over():
     img = image("3.0", size=9000, seed=8)
     w = ota.Writer(len(img), partition=p)
     w.write(img[:8500])
-    assert w.durable == 8192
-    # a reboot later: resume at what is in flash, hashing it first
+    assert w.durable == 8500
+    # a reboot later: resume at what is in flash (inside block 2, erased already), hashing it
     w2 = ota.Writer(len(img), offset=w.durable, partition=p)
     h = hashlib.sha256()
-    w2.sha256_prefix(h, 8192)
-    w2.write(img[8192:])
-    h.update(img[8192:])
+    w2.sha256_prefix(h, 8500)
+    w2.write(img[8500:])
+    h.update(img[8500:])
+    assert p.writes == [0, 1, 2]
     got = h.digest()
     assert got == hashlib.sha256(img).digest()
     assert w2.finish(sha256=got)["version"] == "3.0"
-    raises(ValueError, ota.Writer, offset=100, partition=p)
+    raises(ValueError, ota.Writer, offset=-1, partition=p)
     w2.seek(0)
     assert w2.written == 0 and w2.durable == 0
     raises(ValueError, w2.seek, 10)
