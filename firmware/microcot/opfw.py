@@ -52,7 +52,8 @@ def handle(s, op):
 
 def user(s):
     """The device's user for HTTPS (cfg "http_user": {id}, {tenant})."""
-    return s.cfg["http_user"].replace("{id}", s.id).replace("{tenant}", s.tenant or "")
+    # the tenant is known once the agent asked for it (Agent.query_tenant), not in a boot
+    return s.cfg["http_user"].replace("{id}", s.id).replace("{tenant}", getattr(s, "tenant", None) or "")
 
 
 def boot(s, rec):
