@@ -16,6 +16,7 @@ which keeps its code out of the heap."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,19 @@ ESP = "esp32-s3"  # see the module's comment: the plain ESP32 (WROOM) has no roo
 TRIAL = 6  # seconds a new firmware gets to connect (app_trial)
 
 
+class Clock:
+    """The emulator's time: the real one plus what a test skips ahead."""
+
+    def __init__(self) -> None:
+        self.skip = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skip
+
+
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    with Emulator(tmp_path_factory.mktemp("emu"), mqtt_port=_free_port()) as e:
+    with Emulator(tmp_path_factory.mktemp("emu"), mqtt_port=_free_port(), clock=Clock()) as e:
         yield e
 
 
@@ -149,3 +160,23 @@ def test_a_board_without_ota_partitions_says_so(emu, tmp_path):
         assert "no OTA partitions" in done["failureReason"], done
     finally:
         b.stop()
+
+
+def test_availability_from_the_agents_required_interval(emu, esp):
+    """The agent sent c8y_RequiredAvailability (cfg "availability", 10 minutes) at its
+    self-creation; 11 minutes without a message make the device UNAVAILABLE with the platform's
+    alarm, and its next measurement (main.py measures every second) makes it AVAILABLE again."""
+    mo = api(emu, "GET", "/inventory/managedObjects/" + esp.mo)[1]
+    assert mo["c8y_RequiredAvailability"] == {"responseInterval": 10}
+    emu.broker.stop()  # nothing reaches the platform while its clock moves on
+    try:
+        emu.clock.skip += 11 * 60
+        assert esp.mo in emu.check_availability()
+        mo = api(emu, "GET", "/inventory/managedObjects/" + esp.mo)[1]
+        assert mo["c8y_Availability"]["status"] == "UNAVAILABLE"
+        _, alarms = api(emu, "GET", f"/alarm/alarms?source={esp.mo}&type=c8y_UnavailabilityAlarm")
+        assert [a["status"] for a in alarms["alarms"]] == ["ACTIVE"]
+    finally:
+        emu.broker.start()
+    wait_for(lambda: api(emu, "GET", "/inventory/managedObjects/" + esp.mo)[1]
+             .get("c8y_Availability", {}).get("status") == "AVAILABLE", 60)
