@@ -1,5 +1,4 @@
-# HTTP/1.1 GET into a sink, for MicroPython and CPython: the download half of firmware updates;
-# and upload(), a request whose body is streamed piece by piece (a log file, oplog.py).
+# HTTP/1.1 GET into a sink, for MicroPython and CPython: the download half of firmware updates.
 #
 #   d = Download("https://host/inventory/binaries/42", sink, sha256=hexdigest,
 #                user="t123/device_ID", password=pw, ca="/ca.pem")
@@ -8,9 +7,6 @@
 #   d.size, d.received         # total size, bytes written to the sink
 #
 #   download(url, sink, ...)   # the same, run to the end; returns the Download
-#
-#   st = yield from upload(url, size, pieces, "text/plain", user=.., password=.., ca=..)
-#                              # a generator: Content-Length first, then the pieces, bounded
 #
 # - https:// verifies the server against `ca` (a file path, or the PEM/DER bytes) with
 #   mqtt.tls_context, or uses `ssl_context`; http:// only without credentials (they would travel
@@ -48,11 +44,9 @@ class HTTPGetError(Exception):
 
 class HTTPStatusError(HTTPGetError):
     def __init__(self, status, msg, offset=0):
-        # offset None: a request without a body to resume (an upload)
-        super().__init__("HTTP %d: %s" % (status, msg) if offset is None else
-                         "HTTP %d: %s (at byte %d)" % (status, msg, offset))
+        super().__init__("HTTP %d: %s (at byte %d)" % (status, msg, offset))
         self.status = status
-        self.offset = offset or 0
+        self.offset = offset
 
 
 class HTTPProtocolError(HTTPGetError):
@@ -238,53 +232,9 @@ def _sha_bytes(sha256):
     return bytes(sha256)
 
 
-def _start(method, tls, host, port, path):
-    # the request line and the headers every request of ours has
-    if port != (443 if tls else 80):
-        host = "%s:%d" % (host, port)
-    return b"%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: microcot\r\nConnection: close\r\n" % (
-        method, path.encode(), host.encode())
-
-
 def _text(e):
     s = str(e).strip()
     return s or type(e).__name__
-
-
-def context(ca=None):
-    """A verifying TLS context (mqtt.tls_context) for `ca`: a file path, PEM/DER bytes, or None
-    (CPython's default trust store; MicroPython has none)."""
-    from .mqtt import tls_context
-
-    if ca is None:
-        return tls_context()
-    if isinstance(ca, str):
-        return tls_context(cafile=ca)
-    return tls_context(cadata=ca)
-
-
-def send_all(s, data, host):
-    """Write all of data (bytes-like) to socket s; HTTPConnectionError naming host."""
-    mv = memoryview(data)
-    try:
-        while mv:
-            n = s.write(mv) if _MP or not hasattr(s, "send") else s.send(mv)
-            if n is None:
-                continue
-            mv = mv[n:]
-    except OSError as e:
-        raise HTTPConnectionError("sending the request to %s failed: %s" % (host, _text(e)))
-
-
-def recv_into(s, buf, n, host):
-    """Read at most n bytes into buf; their number (never 0: a closed connection raises)."""
-    try:
-        got = s.recv_into(buf, n) if hasattr(s, "recv_into") else s.readinto(buf, n)
-    except OSError as e:  # CPython's timeouts and ssl errors are OSErrors too
-        raise HTTPConnectionError("reading from %s failed: %s" % (host, _text(e)))
-    if not got:
-        raise HTTPConnectionError("%s closed the connection" % host)
-    return got
 
 
 def open_socket(host, port, ctx, timeout):
@@ -410,7 +360,15 @@ class Download:
 
     def _context(self):
         if self._ctx is None and self.tls:
-            self._ctx = context(self._ca)
+            from .mqtt import tls_context
+
+            ca = self._ca
+            if ca is None:
+                self._ctx = tls_context()
+            elif isinstance(ca, str):
+                self._ctx = tls_context(cafile=ca)
+            else:
+                self._ctx = tls_context(cadata=ca)
         return self._ctx
 
     def _connect(self):
@@ -420,7 +378,10 @@ class Download:
         self._s = s
         self._head = Head(self.max_size)
         self._ranged = self.received > 0
-        req = _start(b"GET", self.tls, self.host, self.port, self.path)
+        host = self.host if self.port == (443 if self.tls else 80) else "%s:%d" % (self.host,
+                                                                                  self.port)
+        req = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: microcot\r\nConnection: close\r\n" % (
+            self.path.encode(), host.encode())
         if self._ranged:
             req += b"Range: bytes=%d-\r\n" % self.received
         if self._auth is not None:
@@ -430,10 +391,26 @@ class Download:
         req = None
 
     def _send(self, s, data):
-        send_all(s, data, self.host)
+        mv = memoryview(data)
+        try:
+            while mv:
+                n = s.write(mv) if _MP or not hasattr(s, "send") else s.send(mv)
+                if n is None:
+                    continue
+                mv = mv[n:]
+        except OSError as e:
+            raise HTTPConnectionError("sending the request to %s failed: %s" % (self.host,
+                                                                                _text(e)))
 
     def _recv(self, n):
-        return recv_into(self._s, self._buf, n, self.host)
+        s = self._s
+        try:
+            got = s.recv_into(self._buf, n) if hasattr(s, "recv_into") else s.readinto(self._buf, n)
+        except OSError as e:  # CPython's timeouts and ssl errors are OSErrors too
+            raise HTTPConnectionError("reading from %s failed: %s" % (self.host, _text(e)))
+        if not got:
+            raise HTTPConnectionError("%s closed the connection" % self.host)
+        return got
 
     def _read_head(self):
         n = self._recv(len(self._buf))
@@ -530,67 +507,3 @@ def download(url, sink, offset=0, sha256=None, user=None, password=None, ca=None
         return d.run()
     finally:
         d.close()
-
-
-def upload(url, size, body, content_type, user=None, password=None, ca=None, ssl_context=None,
-           timeout=30, method=b"POST", chunk=512, opener=None):
-    """Send a request whose body of `size` bytes comes from the iterable `body` (str or bytes
-    pieces, e.g. one log line each), with Content-Length: a generator that yields after
-    connecting and after every `chunk` bytes sent (the caller keeps MQTT alive in between) and
-    returns the response's status (2xx; anything else raises HTTPStatusError with the start of
-    the answer's body). Pieces are gathered in one `chunk`-byte buffer, which then takes the
-    answer's head; the answer's body is not read. A body that is not `size` bytes long is a
-    ValueError before the request ends. Credentials and TLS as Download."""
-    tls, host, port, path = parse_url(url)
-    if user is not None and not tls:
-        raise ValueError("credentials over plain http:// refused (use https://)")
-    ctx = None
-    if tls:
-        ctx = ssl_context if ssl_context is not None else context(ca)
-    s = (opener or open_socket)(host, port, ctx, timeout)
-    try:
-        req = _start(method, tls, host, port, path) + b"Content-Type: %s\r\nContent-Length: %d\r\n" % (
-            content_type.encode(), size)
-        if user is not None:
-            req += b"Authorization: " + _basic(user, password) + b"\r\n"
-        send_all(s, req + b"\r\n", host)
-        req = None
-        yield
-        buf = bytearray(chunk)
-        n = sent = 0
-        for piece in body:
-            if isinstance(piece, str):
-                piece = piece.encode()
-            sent += len(piece)
-            if sent > size:
-                raise ValueError("upload: the body is longer than its %d bytes" % size)
-            k = len(piece)
-            if n + k > chunk:
-                send_all(s, memoryview(buf)[:n], host)
-                n = 0
-                yield
-            if k > chunk:
-                send_all(s, piece, host)
-            else:
-                buf[n:n + k] = piece
-                n += k
-        if sent != size:
-            raise ValueError("upload: the body has %d bytes, not %d" % (sent, size))
-        if n:
-            send_all(s, memoryview(buf)[:n], host)
-        yield
-        h = Head()
-        used = n = 0
-        while not h.done:
-            n = recv_into(s, buf, chunk, host)
-            used = h.feed(buf, n)
-        if not 200 <= h.status < 300:
-            text = bytes(buf[used:min(n, used + 200)])
-            try:
-                text = str(text, "utf-8")
-            except UnicodeError:  # cut inside a character, or not text
-                text = repr(text)
-            raise HTTPStatusError(h.status, ("%s %s" % (h.reason, text)).strip(), None)
-        return h.status
-    finally:
-        s.close()

@@ -15,8 +15,11 @@
 # Basic auth with the device's user (cfg "http_user") and password, TLS verified with the
 # agent's context (session.tls); then 134 reports SUCCESSFUL with the request and the file's
 # URL. Memory: the lines are counted first (Content-Length), then sent one by one through
-# httpget.upload's 512-byte buffer: no copy of the log, whatever its size.
+# upload()'s 512-byte buffer: no copy of the log, whatever its size.
 from . import hal, smartrest, tpl
+
+# loaded with this module, right after agent.py made room for it, while the heap is in one piece
+from .httpget import Download, Head, HTTPGetError, HTTPStatusError, _basic, open_socket, parse_url
 from .ops import Failed
 from .state import iso, js, now
 
@@ -55,9 +58,7 @@ def _run(s, op, sel, req):
            '{"name":"%s","type":"text/plain"}\r\n--%s\r\nContent-Disposition: form-data; '
            'name="file"; filename="%s"\r\nContent-Type: text/plain\r\n\r\n' % (b, NAME, b, NAME))
     post = "\r\n--%s--\r\n" % b
-    from .httpget import HTTPGetError, upload
-
-    s.room()  # the TLS handshake wants a few KiB in one piece on ports with TLS in the heap
+    s.room()  # the TLS handshake wants a few KiB in one piece where TLS is in the heap
     ctx = s.ctx
     try:
         yield from upload(url, len(pre) + size + len(post), _parts(pre, select(*sel), post),
@@ -198,3 +199,78 @@ def _days(y, m, d):
     doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
+
+
+class _Up(Download):
+    # a request of ours on Download's connection code (TLS context, sending, reading), which
+    # needs only these fields of it
+    def __init__(self, url, ssl_context, ca, chunk):
+        self.tls, self.host, self.port, self.path = parse_url(url)
+        self._ctx = ssl_context
+        self._ca = ca
+        self._buf = bytearray(chunk)
+        self._s = None
+
+
+def upload(url, size, body, content_type, user=None, password=None, ca=None, ssl_context=None,
+           timeout=30, chunk=512, opener=None):
+    """POST a body of `size` bytes that the iterable `body` yields in pieces (str or bytes, e.g.
+    one log line each), with Content-Length, over httpget.Download's connection code: a
+    generator that yields after connecting and after every `chunk` bytes sent (the caller keeps
+    MQTT alive in between) and returns the answer's status (2xx; another raises
+    HTTPStatusError with the start of the answer's body). The pieces are gathered in one
+    `chunk`-byte buffer, which then takes the answer's head (the body is not read). A body that
+    is not `size` bytes long is a ValueError before the request ends. Credentials only over
+    https://, TLS verified as Download's."""
+    u = _Up(url, ssl_context, ca, chunk)
+    if user is not None and not u.tls:
+        raise ValueError("credentials over plain http:// refused (use https://)")
+    host = u.host if u.port == (443 if u.tls else 80) else "%s:%d" % (u.host, u.port)
+    u._s = s = (opener or open_socket)(u.host, u.port, u._context() if u.tls else None, timeout)
+    try:
+        req = b"POST %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: microcot\r\nConnection: close\r\n" \
+              b"Content-Type: %s\r\nContent-Length: %d\r\n" % (u.path.encode(), host.encode(),
+                                                              content_type.encode(), size)
+        if user is not None:
+            req += b"Authorization: " + _basic(user, password) + b"\r\n"
+        u._send(s, req + b"\r\n")
+        req = None
+        yield
+        buf = u._buf
+        n = sent = 0
+        for piece in body:
+            if isinstance(piece, str):
+                piece = piece.encode()
+            k = len(piece)
+            sent += k
+            if sent > size:
+                raise ValueError("upload: the body is longer than its %d bytes" % size)
+            if n + k > chunk:
+                u._send(s, memoryview(buf)[:n])
+                n = 0
+                yield
+            if k > chunk:
+                u._send(s, piece)
+            else:
+                buf[n:n + k] = piece
+                n += k
+        if sent != size:
+            raise ValueError("upload: the body has %d bytes, not %d" % (sent, size))
+        if n:
+            u._send(s, memoryview(buf)[:n])
+        yield
+        h = Head()
+        used = n = 0
+        while not h.done:
+            n = u._recv(chunk)
+            used = h.feed(buf, n)
+        if not 200 <= h.status < 300:
+            text = bytes(buf[used:min(n, used + 200)])
+            try:
+                text = str(text, "utf-8")
+            except UnicodeError:  # cut inside a character, or not text
+                text = repr(text)
+            raise HTTPStatusError(h.status, ("%s %s" % (h.reason, text)).strip())
+        return h.status
+    finally:
+        u._drop()

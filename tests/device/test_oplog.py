@@ -1,11 +1,10 @@
 # c8y_LogfileRequest on the device without a broker: the ISO 8601 parser, the line filter (dates,
-# search text, maximum lines), secrets masked in the ring, httpget.upload against a fake socket,
+# search text, maximum lines), secrets masked in the ring, oplog.upload against a fake socket,
 # and oplog.handle driven to the end with a fake MQTT client and a fake HTTPS server (the
 # multipart body it sends, the 115 row, the 134 row it returns). Runs on CPython and on boards.
 from dt import raises
 
-from microcot import httpget as H
-from microcot import oplog, smartrest, tpl
+from microcot import httpget, oplog, smartrest, tpl
 from microcot.logring import Ring
 from microcot.ops import Failed, Op
 
@@ -116,7 +115,7 @@ def test_upload_streams_pieces_with_content_length():
 
     pieces = ["line %d\n" % i for i in range(200)]
     size = sum(len(p) for p in pieces)
-    st, steps = _drive(H.upload("https://h.example:8443/event/events/7/binaries", size,
+    st, steps = _drive(oplog.upload("https://h.example:8443/event/events/7/binaries", size,
                                 iter(pieces), "text/plain", user="t1/dev", password="pw",
                                 ssl_context=object(), opener=opener))
     assert st == 201
@@ -129,19 +128,19 @@ def test_upload_streams_pieces_with_content_length():
     assert body == "".join(pieces).encode()
     assert s.closed
     # a wrong size is caught before the request ends; an error status names the answer
-    raises(ValueError, _drive, H.upload("https://h.example:8443/x", size + 1, iter(pieces),
+    raises(ValueError, _drive, oplog.upload("https://h.example:8443/x", size + 1, iter(pieces),
                                         "text/plain", ssl_context=object(), opener=opener))
-    raises(ValueError, _drive, H.upload("https://h.example:8443/x", 3, iter(pieces),
+    raises(ValueError, _drive, oplog.upload("https://h.example:8443/x", 3, iter(pieces),
                                         "text/plain", ssl_context=object(), opener=opener))
 
     def refusing(host, port, ctx, timeout):
         return Sock(b'HTTP/1.1 409 Conflict\r\nContent-Length: 30\r\n\r\n{"message":"exists already"}')
 
-    e = raises(H.HTTPStatusError, _drive, H.upload("https://h.example:8443/x", 2, ["ab"],
+    e = raises(httpget.HTTPStatusError, _drive, oplog.upload("https://h.example:8443/x", 2, ["ab"],
                                                    "text/plain", ssl_context=object(),
                                                    opener=refusing))
-    assert e.status == 409 and "exists already" in str(e) and "at byte" not in str(e)
-    raises(ValueError, H.upload("http://h/x", 1, ["a"], "text/plain", user="u",
+    assert e.status == 409 and "exists already" in str(e)
+    raises(ValueError, oplog.upload("http://h/x", 1, ["a"], "text/plain", user="u",
                                 password="p").send, None)
 
 
@@ -204,8 +203,8 @@ def test_handle_creates_the_event_uploads_and_reports():
     op = Op("77", tpl.R_LOGFILE, "42", ["agent", "2024-01-01T00:00:05Z",
                                         "2024-01-01T01:00:15+01:00", "step 1", "3"])
     g = oplog.handle(s, op)
-    saved = H.open_socket
-    H.open_socket = opener
+    saved = oplog.open_socket
+    oplog.open_socket = opener
     try:
         next(g)  # the event is asked for
         topic, msg = s.c.pub[0]
@@ -220,7 +219,7 @@ def test_handle_creates_the_event_uploads_and_reports():
         s.ans = smartrest.parse(b"212,1,556,77")
         res, _ = _drive(g)
     finally:
-        H.open_socket = saved
+        oplog.open_socket = saved
     url = "https://c8y.example/event/events/556/binaries"
     assert res == (tpl.LOG_DONE, "agent", "2024-01-01T00:00:05Z", "2024-01-01T01:00:15+01:00",
                    "step 1", 3, url)
