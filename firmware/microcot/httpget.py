@@ -9,7 +9,7 @@
 #   download(url, sink, ...)   # the same, run to the end; returns the Download
 #
 # - https:// verifies the server against `ca` (a file path, or the PEM/DER bytes) with
-#   mqtt.tls_context, or uses `ssl_context`; http:// only without credentials (they would travel
+#   tlsctx.tls_context, or uses `ssl_context`; http:// only without credentials (they would travel
 #   in clear text).
 # - Basic auth with the device's own credentials; they are never printed or put in errors.
 # - Bounded memory: one `chunk`-byte buffer (1 KiB) for the head and the body, header lines of
@@ -360,7 +360,7 @@ class Download:
 
     def _context(self):
         if self._ctx is None and self.tls:
-            from .mqtt import tls_context
+            from .tlsctx import tls_context
 
             ca = self._ca
             if ca is None:
