@@ -25,9 +25,10 @@
 # hal (tests/host/test_firmware_imports.py fails on any circle).
 #
 # Adding an operation: one handler and one response template row (templates.csv, named in
-# tpl.py), e.g. `11,207,$.operations,$.c8y_Firmware,$.id,$.deviceId,$.c8y_Firmware.url` and
-#   a.operation(207, "c8y_Firmware", update, resume=lambda rec: rec["stage"] == "flashed")
-# The built-ins c8y_Command (202) and c8y_Restart (203) are registered the same way. A handler
+# tpl.py), e.g. `11,213,$.operations,$.c8y_Relay,$.id,$.deviceId,$.c8y_Relay.state` and
+#   a.operation(213, "c8y_Relay", set_relay, resume=lambda rec: rec["stage"] == "set")
+# The built-ins c8y_Command (202) and c8y_Restart (203) are registered the same way; the device
+# management ones (_MANAGED) too, their code in modules loaded only while one runs. A handler
 # gets an ops.Op (id, values, child), returns its result (None: SUCCESSFUL; a tuple (template
 # id, values...): that row reports it), raises to fail it, or returns a generator for long work
 # (link.py: advanced a chunk per step, so MQTT keeps alive). op.stage("x") notes progress in the
@@ -130,7 +131,8 @@ _MANAGED = (("firmware", tpl.R_FIRMWARE, "c8y_Firmware", "opfw"),
             ("configuration", tpl.R_SEND_CONFIG, "c8y_SendConfiguration", "opconf"),
             ("logs", tpl.R_LOGFILE, "c8y_LogfileRequest", "oplog"))
 # what they load, unloaded once no operation runs
-_OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch")
+_OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch", "apptar",
+           "settings", "tlsctx")
 
 
 # what a step unloads, by state: the transient phases that state does not use (the code that
