@@ -198,7 +198,7 @@ def test_download_whole_and_step_by_step():
 
 
 def test_download_resumes_with_range_after_drops():
-    body = _body(6000, 3)
+    body = _body(4000, 3)  # the ESP32 model: no 6 KB in one piece late in the suite
     srv = Server(body, cut=1024, drops=(2500, 100))
     sink = Sink()
     d = _dl("https://h/fw.bin", sink, sha256=hashlib.sha256(body).digest(), opener=srv)

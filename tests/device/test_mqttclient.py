@@ -27,14 +27,14 @@ def test_client_without_io():
 
 
 def test_pem_to_der():
-    from microcot import mqtt
+    from microcot import tlsctx
 
     pem = b"junk\n-----BEGIN CERTIFICATE-----\nAAEC\nAwQ=\n-----END CERTIFICATE-----\n" \
           b"-----BEGIN CERTIFICATE-----\r\n/w==\r\n-----END CERTIFICATE-----\r\n"
-    assert mqtt._der_certs(pem) == [H("0001020304"), H("ff")]
-    assert mqtt._der_certs(pem.decode()) == [H("0001020304"), H("ff")]
-    assert mqtt._der_certs(H("3082")) == [H("3082")]
-    raises(ValueError, mqtt._der_certs, b"-----BEGIN CERTIFICATE-----\nAAEC\n")
+    assert tlsctx._der_certs(pem) == [H("0001020304"), H("ff")]
+    assert tlsctx._der_certs(pem.decode()) == [H("0001020304"), H("ff")]
+    assert tlsctx._der_certs(H("3082")) == [H("3082")]
+    raises(ValueError, tlsctx._der_certs, b"-----BEGIN CERTIFICATE-----\nAAEC\n")
 
 
 def test_tls_context_refuses_a_bad_ca_and_verifies_by_default():
