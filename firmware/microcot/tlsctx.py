@@ -1,5 +1,5 @@
 # A TLS client context that verifies the server against the configured CA, for the MQTT client
-# (mqtt.py) and HTTPS (httpc.py). A module of its own: a download in a boot of its own
+# (mqtt.py) and HTTPS (httpget.py, oplog.py). A module of its own: a download in a boot of its own
 # (opfw.py) needs the context without the MQTT client's 17 KB of code on an ESP32's heap.
 from . import hal
 
