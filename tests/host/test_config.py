@@ -75,12 +75,20 @@ def test_config_new_takes_secrets_from_a_file_or_the_environment_never_argv(tmp_
     assert r.returncode == 1 and "unknown setting 'intervall'" in r.stderr
 
 
+# the board's network resolves these names (VirtualBoard hosts=, a DNS entry of its WLAN): the
+# emulator on 127.0.0.2 is reached by a name, as a real board reaches a laptop, without /etc/hosts
+NAME, OTHER = "cot-emulator.test", "other-name.test"
+DNS = {NAME: "127.0.0.2", OTHER: "127.0.0.2"}
+
+
 def test_a_board_configured_with_config_and_deploy_bootstraps_and_measures(tmp_path):
-    """The user's way: emulator on a second loopback address, its board-config, microcot config
-    new, microcot deploy --app --config --templates --ca; the board bootstraps and measures."""
+    """The user's way: emulator on a second loopback address under a host name, its
+    board-config, microcot config new, microcot deploy --app --config --templates --ca; the board
+    connects by the name, bootstraps and measures; told a name the certificate lacks, it
+    refuses."""
     iccid = new_iccid()
-    with Emulator(tmp_path / "emu", host="127.0.0.2", names=("127.0.0.2", "cot-emulator.test"),
-                  auto_accept=True) as emu:
+    with Emulator(tmp_path / "emu", host="127.0.0.2", names=(NAME,), auto_accept=True) as emu:
+        assert emu.connection["mqtt_host"] == NAME
         base = tmp_path / "from-emulator.json"
         r = microcot("emulator", "--data-dir", str(tmp_path / "emu"), "board-config", "--out",
                      str(base))
@@ -109,7 +117,9 @@ def test_a_board_configured_with_config_and_deploy_bootstraps_and_measures(tmp_p
         assert (flash / "templates.csv").read_text() == templates.read_text()
         main = flash / "main.py"
         main.rename(flash / "main.later")
-        vb = make_board("virtual", name="cfg-run", iccid=iccid, flash_dir=flash).start()
+        assert on_board["host"] == NAME
+        vb = make_board("virtual", name="cfg-run", iccid=iccid, flash_dir=flash,
+                        hosts=DNS).start()
         log = BoardLog(vb.port)
         try:
             (flash / "main.later").rename(main)
@@ -125,8 +135,29 @@ def test_a_board_configured_with_config_and_deploy_bootstraps_and_measures(tmp_p
             except AssertionError:
                 raise AssertionError("\n".join(log.lines)) from None
             text = "\n".join(log.lines)
-            assert "connected to 127.0.0.2" in text
+            assert f"connected to {NAME}:" in text
             assert emu.connection["bootstrap_password"] not in text
+        finally:
+            log.close()
+            vb.stop()
+        # the same board told a name that resolves to the emulator but is not in its certificate
+        on_board["host"] = OTHER
+        (flash / "microcot.json").write_text(json.dumps(on_board))
+        vb = make_board("virtual", name="cfg-other", iccid=iccid, flash_dir=flash,
+                        hosts=DNS).start()
+        log = BoardLog(vb.port)
+        try:
+            log.write(b"\x04")
+            try:
+                wait_for(lambda: any("connection:" in line for line in log.lines), 30)
+            except AssertionError:
+                raise AssertionError("\n".join(log.lines)) from None
+            text = "\n".join(log.lines)
+            assert f"connected to {OTHER}" not in text
+            # the first attempt already says why, naming the host it was told
+            refused = next(line for line in log.lines if "connection:" in line)
+            assert f"TLS handshake with {OTHER}:" in refused and "does not match" in refused, \
+                refused
         finally:
             log.close()
             vb.stop()

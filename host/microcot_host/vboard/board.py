@@ -37,7 +37,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -309,14 +309,18 @@ class VirtualBoard:
     mac        the board's MAC ('AA:BB:..'); default derived from the name
     flash_dir  the board's filesystem root; default <state dir>/boards/<name>/flash
     link       optional stable symlink to the pty
+    hosts      name -> address: how the board's network resolves these names (a DNS entry of
+               its WLAN, say), so a test can reach a server on 127.0.0.2 by a name of its own
+               without touching /etc/hosts; other names resolve as on the host
     """
 
     def __init__(self, name: str = "vboard", heap: str | int | None = None,
                  iccid: str | None = None, mac: str | bytes | None = None,
                  flash_dir: str | os.PathLike | None = None, *, imsi: str | None = None,
                  link: str | os.PathLike | None = None, micropython: str | None = None,
-                 ota: bool | None = None) -> None:
+                 ota: bool | None = None, hosts: Mapping[str, str] | None = None) -> None:
         self.name = check_name(name)
+        self.hosts = dict(hosts or {})
         self.heap = parse_heap(heap)
         self.iccid = iccid
         self.imsi = imsi
@@ -670,6 +674,8 @@ class VirtualBoard:
             "cause": cause,
             "ota": self._ota_cfg(cause),
         }
+        if self.hosts:
+            cfg["hosts"] = self.hosts
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         ctl, ctl_child = socket.socketpair()

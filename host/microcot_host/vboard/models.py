@@ -8,6 +8,7 @@ everywhere (they once differed, and two device tests failed in one and passed in
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .. import boards, fidelity
@@ -46,11 +47,13 @@ def make_board(board: str | boards.Board | None = None, *, name: str,
                flash_dir: str | os.PathLike | None = None, runtime: str | None = None,
                heap: str | int | None = None, iccid: str | None = None,
                mac: str | bytes | None = None, link: str | os.PathLike | None = None,
-               imsi: str | None = None) -> Served:
+               imsi: str | None = None, hosts: Mapping[str, str] | None = None) -> Served:
     """The (not yet started) board model for a board file: a unix-port VirtualBoard at the board's
     heap budget, or the real rp2 firmware in an emulated RP2040 when the runtime is `rp2040`."""
     bdef, rt = resolve(board, runtime)
     if rt == "rp2040":
+        if hosts:
+            raise ValueError("the emulated RP2040 has no network: hosts does not apply")
         if heap is not None:
             raise ValueError("the emulated RP2040 has the real chip's RAM: --heap does not apply")
         from ..rp2emu import EmulatedRP2040
@@ -62,4 +65,4 @@ def make_board(board: str | boards.Board | None = None, *, name: str,
         return EmulatedRP2040(name=name, firmware=firmware, flash=flash, iccid=iccid, link=link)
     mp = micropython_for(rt)
     return VirtualBoard(name, heap=heap_for(bdef, rt, heap), iccid=iccid, imsi=imsi, mac=mac,
-                        flash_dir=flash_dir, link=link, micropython=mp)
+                        flash_dir=flash_dir, link=link, micropython=mp, hosts=hosts)

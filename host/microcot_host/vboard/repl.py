@@ -801,6 +801,15 @@ def _setup():
         SOFT_RESET=5,
     )
     sys.modules["micropython"] = _Proxy(_umpy, kbd_intr=_kbd)
+    if _C.get("hosts"):
+        # the board's network resolves these names (VirtualBoard's hosts); TLS still checks
+        # the certificate against the name the firmware asked for
+        import socket as _usock
+
+        def _resolve(host, port, *a, _m=_C["hosts"], _g=_usock.getaddrinfo):
+            return _g(_m.get(host, host), port, *a)
+
+        sys.modules["socket"] = _Proxy(_usock, getaddrinfo=_resolve)
     if _C.get("ota"):
         sys.modules["esp32"] = _Esp32
 
