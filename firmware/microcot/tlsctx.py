@@ -47,7 +47,7 @@ def tls_context(cafile=None, cadata=None, verify=True):
         if hasattr(ctx, "check_hostname"):
             ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        print("tls: WARNING: certificate verification disabled: the server is not "
+        print("tls: WARNING: TLS certificate verification disabled: the server is not "
               "authenticated")
         return ctx
     ctx.verify_mode = ssl.CERT_REQUIRED  # explicit: MicroPython's SSLContext defaults to CERT_NONE

@@ -33,7 +33,7 @@ from microcot_host.vboard.models import heap_for, micropython_for
 pytestmark = pytest.mark.timeout(240)
 USER, PASSWORD = "t100/device_fw1", "s3cret-pw"
 SIZE = 200 * 1024
-MODULES = ("__init__", "hal", "mqttpkt", "mqtt", "httpget", "ota")
+MODULES = ("__init__", "hal", "mqttpkt", "tlsctx", "mqtt", "httpget", "ota")
 
 
 class FileServer:
