@@ -138,14 +138,8 @@ def step(s, ms):
         s.boot = 0
         s.cred = s.db().load("cred")
         if cfg["reserve"]:
-            import gc
-
             b = None
-            gc.collect()
-            try:
-                s.rsv2 = bytearray(8192)
-            except MemoryError:
-                pass
+            s.keep_room()
         s.state = 0
         s.next = hal.ticks_ms()
 

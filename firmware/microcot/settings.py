@@ -9,7 +9,7 @@ PEM = "<PEM text>"
 
 # kind of each key:
 #   s a non-empty string   n a string or null   b true/false   t tls: true, false, "noverify"
-#   i a whole number >= 0  p a whole number 1..65535 (a port; MQTT's 16-bit keep-alive)
+#   i a whole number >= 0  I a whole number >= 0 or null  p a whole number 1..65535 (a port; MQTT's 16-bit keep-alive)
 #   F a number > 0 (a period, a timeout: 0 would spin or never wait)
 #   r a range [a, b] of numbers, 0 <= a <= b   q the queue [rows in memory >= 1, rows on flash]
 #   m a list of built-in operations (agent._MANAGED)   w {"ssid", "password"}
@@ -18,13 +18,14 @@ KINDS = {
     "bootstrap_password": "n", "bootstrap_delay": "r", "bootstrap_repeat": "F", "device_id": "n",
     "xid": "n", "templates": "s", "name": "s", "interval": "F", "binary": "b", "keepalive": "p",
     "timeout": "F", "backoff": "r", "queue": "q", "store": "s", "reserve": "i", "restarts": "b",
-    "unload": "b", "log": "b", "manage": "m", "availability": "i", "log_ring": "i",
+    "unload": "b", "log": "b", "manage": "m", "availability": "i", "log_ring": "I",
     "rest_url": "n", "http_user": "s", "app_trial": "F", "wlan": "w",
 }
 MANAGE = ("firmware", "software", "configuration", "logs")
 _WHY = {
     "s": "a non-empty string", "n": "a string or null", "b": "true or false",
     "t": 'true, false or "noverify"', "i": "a whole number >= 0",
+    "I": "a whole number >= 0 or null",
     "p": "a whole number from 1 to 65535", "F": "a number > 0",
     "r": "[a, b], two numbers >= 0 with a <= b",
     "q": "[rows in memory, rows on flash], whole numbers, the first >= 1",
@@ -47,6 +48,8 @@ def _ok(k, v):
         return v is True or v is False or v == "noverify"
     if k == "i":
         return type(v) is int and v >= 0
+    if k == "I":
+        return v is None or type(v) is int and v >= 0
     if k == "p":
         return type(v) is int and 0 < v < 65536
     if k == "F":

@@ -111,6 +111,29 @@ class State:
             self.rsv = None
             gc.collect()
 
+    def keep_room(self):
+        """Hold room for the template registration (session.templates), while the heap is in one
+        piece: the registration's payload (the templates file from its 15 line on) and a little
+        for its MQTT header."""
+        import os
+
+        path = self.cfg["templates"]
+        try:
+            n = os.stat(path)[6]
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.startswith(b"15,"):
+                        break
+                    n -= len(line)
+        except OSError:
+            return  # session.templates says what is wrong with the file
+        line = None
+        gc.collect()
+        try:
+            self.rsv2 = bytearray(n + 128)
+        except MemoryError:
+            pass
+
 
 def now():
     """Unix seconds (whatever the port's epoch)."""

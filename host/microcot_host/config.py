@@ -27,7 +27,8 @@ from microcot import settings
 SECRET_MASK = settings.MASK
 
 # settings.KINDS' codes as the reference names them
-_LABELS = {"s": "str", "n": "str-or-null", "b": "bool", "t": "tls", "i": "int", "p": "int",
+_LABELS = {"s": "str", "n": "str-or-null", "b": "bool", "t": "tls", "i": "int",
+           "I": "int-or-null", "p": "int",
            "F": "number", "r": "pair", "q": "pair", "m": "list", "w": "object"}
 
 
@@ -75,7 +76,8 @@ KEYS: tuple[Key, ...] = (
                   "software, configuration, logs"),
     Key("availability", "minutes without a message before the platform marks the device "
                         "unavailable (0: not monitored)"),
-    Key("log_ring", "characters of log lines kept for c8y_LogfileRequest (0: none)"),
+    Key("log_ring", "bytes of log lines kept for c8y_LogfileRequest (0: none; null: 2048 when "
+                    "the heap has over 100 KB free at start, else none)"),
     Key("rest_url", "the platform's HTTPS REST API for uploads (null: https://<host>)"),
     Key("http_user", "the device's user for HTTPS downloads and uploads ({tenant}, {id})"),
     Key("app_trial", "seconds a new application gets to connect before it is rolled back"),

@@ -639,7 +639,7 @@ def test_self_creation_conversation_for_a_new_device():
 
     d = scratch_dir("aconv")
     try:
-        a = _agent(d)
+        a = _agent(d, log_ring=256)  # a small ring: the 106 row names the log
         s = a.s
         s.dev = {"id": "TESTDEV1", "src": "iccid", "imsi": "262011234567890"}
         db = s.db()

@@ -72,6 +72,19 @@ def test_ring_masks_secrets_and_stays_bounded():
     assert len(r.lines()[-1][1]) <= 160
 
 
+def test_ring_is_one_buffer_keeping_the_newest_lines_in_order():
+    r = Ring(120)
+    buf = r.buf
+    for i in range(40):
+        r.add("line %d: grün" % i, T0 + i)  # UTF-8: more bytes than characters
+    got = r.lines()
+    assert r.buf is buf and len(buf) == 120 and r.used <= 120
+    assert [t for t, _ in got] == list(range(T0 + 40 - len(got), T0 + 40))
+    assert got[-1][1] == "line 39: grün" and len(r) == len(got) and r.dropped == 40 - len(got)
+    r.add("z" * 150, T0 + 50)  # larger than the whole ring: not kept
+    assert r.lines() == got
+
+
 class Sock:
     """Records what is sent; answers `answer` once the whole request is in."""
 

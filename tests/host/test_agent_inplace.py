@@ -22,9 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 # bench/agent.py: the Pico W model needs none of the measures at its budget. The ESP32 model does:
 # without the reserve block its life needs 100 KB free; without restarts a one-boot life fails
 # now and then at the template registration (3.4 KB in one piece), so it is not tested here.
-# log_ring 0: the log ring, as many small strings today, fragments the heap so that mbedTLS finds
-# no TLS buffers in one piece (ENOMEM with 87 KB free, measured); to be one bytearray (issue 10)
-OFF = {"rp2-pico-w": {"restarts": False, "unload": False, "reserve": 0, "log_ring": 0}}
+OFF = {"rp2-pico-w": {"restarts": False, "unload": False, "reserve": 0}}
 
 
 @pytest.mark.parametrize("board_file", sorted(OFF))
