@@ -156,11 +156,13 @@ def emulator_config(emu: Emulator, **over: Any) -> dict[str, Any]:
 class LiveBoard:
     """A virtual board running main.py against the emulator, its console read (`con`)."""
 
-    def __init__(self, vb: VirtualBoard, con: Console, mo: str, device_id: str) -> None:
+    def __init__(self, vb: VirtualBoard, con: Console, mo: str, device_id: str,
+                 config: dict[str, Any]) -> None:
         self.vb = vb
         self.con = con
         self.mo = mo
         self.id = device_id
+        self.config = config  # the /microcot.json deployed
 
     @property
     def flash(self) -> Path:
@@ -171,21 +173,21 @@ class LiveBoard:
         self.vb.stop()
 
 
-def live_board(emu: Emulator, board_file: str, flash: Path, device_id: str, name: str,
+def live_board(emu: Emulator, board_file: str, flash: Path, device_id: str, board_name: str,
                heap: str | None = None, **config: Any) -> LiveBoard:
     """Deploy (firmware, main.py, templates.csv, settings) on a board with a large heap, then
     start it at `heap` (None: the board file's budget) with an emulated modem whose ICCID is
     `device_id`, and wait until main.py's agent is ready (bootstrap auto-accepted)."""
     emu.connector.auto_accept = True
     cfg = emulator_config(emu, **config)
-    vb = make_board(board_file, name=name + "-deploy", heap="1m", flash_dir=flash).start()
+    vb = make_board(board_file, name=board_name + "-deploy", heap="1m", flash_dir=flash).start()
     try:
         deploy.deploy(vb.port, board=board_file, app=True, config=cfg)
     finally:
         vb.stop()
     main = (flash / "main.py").read_bytes()
     (flash / "main.py").unlink()  # the console must be there before main.py's first line
-    vb = make_board(board_file, name=name, heap=heap, iccid=device_id,
+    vb = make_board(board_file, name=board_name, heap=heap, iccid=device_id,
                     flash_dir=flash).start()
     con = Console(vb.port).start()
     try:
@@ -196,7 +198,7 @@ def live_board(emu: Emulator, board_file: str, flash: Path, device_id: str, name
         con.stop()
         vb.stop()
         raise
-    return LiveBoard(vb, con, m.group(1), device_id)
+    return LiveBoard(vb, con, m.group(1), device_id, cfg)
 
 
 def operation(emu: Emulator, mo: str, **fragments: Any) -> str:
