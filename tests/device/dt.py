@@ -68,3 +68,17 @@ def rmtree(d):
     for name in os.listdir(d):
         os.remove(d + "/" + name)
     os.rmdir(d)
+
+
+def free(*names):
+    """Let go of microcot modules: the tests run one after the other in one interpreter on the
+    board (under CPython other test modules share sys.modules, so nothing is dropped there)."""
+    import sys
+
+    if sys.implementation.name != "micropython":
+        return
+    for n in names:
+        sys.modules.pop("microcot." + n, None)
+        pkg = sys.modules.get("microcot")
+        if pkg is not None and n in pkg.__dict__:
+            delattr(pkg, n)

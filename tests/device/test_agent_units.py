@@ -5,7 +5,7 @@
 # Modules are imported where they are used: on a board the heap is the agent's budget.
 import os
 
-from dt import raises, rmtree, scratch_dir
+from dt import free, raises, rmtree, scratch_dir
 
 from microcot import ops
 from microcot.outq import Backoff, Queue, uniform
@@ -25,20 +25,6 @@ TEMPLATES = "\n".join([
     "10,150,POST,/x,application/json,,%%,NOW UNSIGNED,\"{}\"",
     "",
 ])
-
-
-def _free(*names):
-    # tests run one after the other in one interpreter on the board: let go of modules (under
-    # CPython other test modules share sys.modules, so nothing is dropped there)
-    import sys
-
-    if sys.implementation.name != "micropython":
-        return
-    for n in names:
-        sys.modules.pop("microcot." + n, None)
-        pkg = sys.modules.get("microcot")
-        if pkg is not None and n in pkg.__dict__:
-            delattr(pkg, n)
 
 
 def _drain(q):
@@ -220,7 +206,7 @@ def test_secret_alphabet_length_and_rejection():
     assert not bootstrap.valid_secret("ABCDEFGHIJKLMNOp")
     assert not bootstrap.valid_secret("ABC")
     assert not bootstrap.valid_secret(None)
-    _free("bootstrap", "store")
+    free("bootstrap", "store")
 
 
 def test_bootstrap_answer_decrypts_and_bad_padding_is_clear():
@@ -236,7 +222,7 @@ def test_bootstrap_answer_decrypts_and_bad_padding_is_clear():
     e = raises(bootstrap.BootstrapError, bootstrap.password, secret, cipher[:-1])
     assert "XTEA blocks" in str(e)
     raises(bootstrap.BootstrapError, bootstrap.password, secret, b"")
-    _free("bootstrap", "store", "xtea")
+    free("bootstrap", "store", "xtea")
 
 
 def test_bootstrap_resumes_only_its_own_ongoing_secret():
@@ -251,7 +237,7 @@ def test_bootstrap_resumes_only_its_own_ongoing_secret():
     b = bootstrap.Bootstrap("8949", None, doc=ok)
     assert b.resumed and b.secret == "ABCDEFGHIJKLMNOP"
     assert not bootstrap.Bootstrap("8949", None).resumed
-    _free("bootstrap", "store")
+    free("bootstrap", "store")
 
 
 def test_bootstrap_delay_bounds():
@@ -262,7 +248,7 @@ def test_bootstrap_delay_bounds():
         assert 1500 <= bootstrap.delay_ms(1.5, 2) <= 2000
     assert bootstrap.delay_ms(0, 0) == 0
     raises(ValueError, bootstrap.delay_ms, 5, 1)
-    _free("bootstrap", "store")
+    free("bootstrap", "store")
 
 
 # -- operations --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 import json
 import os
 
-from dt import raises, rmtree, scratch_dir
+from dt import free, raises, rmtree, scratch_dir
 
 XID = "microcotT"
 PW = "Bootstrap-Pw-9x"
@@ -14,18 +14,6 @@ CA = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE---
 BASE = {"host": "cot.example", "port": 8883, "ca": CA, "bootstrap_user": "devicebootstrap",
         "bootstrap_password": PW, "interval": 5, "log": False,
         "wlan": {"ssid": "shop", "password": WPW}}
-
-
-def _free(*names):
-    import sys
-
-    if sys.implementation.name != "micropython":
-        return
-    for n in names:
-        sys.modules.pop("microcot." + n, None)
-        pkg = sys.modules.get("microcot")
-        if pkg is not None and n in pkg.__dict__:
-            delattr(pkg, n)
 
 
 def _exists(p):
@@ -63,7 +51,7 @@ def test_every_setting_has_a_rule_and_the_defaults_pass():
     assert settings.check(dict(agent.DEFAULTS)) is None
     for m in agent._MANAGED:  # every built-in operation can be named in "manage"
         assert m[0] in settings.MANAGE
-    _free("settings")
+    free("settings")
 
 
 def test_bad_settings_name_the_key_and_never_the_value():
@@ -108,7 +96,7 @@ def test_bad_settings_name_the_key_and_never_the_value():
           "wlan": {"ssid": "x"}, "interval": 0.5}
     assert check(ok) is None
     assert why("port", 443) is None and why("nope", 1) == "unknown setting"
-    _free("settings")
+    free("settings")
 
 
 def test_secrets_are_masked_and_a_masked_one_keeps_the_device_s():
@@ -131,7 +119,7 @@ def test_secrets_are_masked_and_a_masked_one_keeps_the_device_s():
     assert unmask({"bootstrap_password": "new"}, cfg) == {"bootstrap_password": "new"}
     assert unmask({"name": MASK}, cfg) == {"name": MASK}  # not a secret: taken as it is
     assert unmask({"bootstrap_password": MASK}, {}) == {"bootstrap_password": None}
-    _free("settings")
+    free("settings")
 
 
 # -- atomic replacement and the recovery at load time ---------------------------------------------
@@ -290,7 +278,7 @@ def test_send_configuration_reports_the_file_s_keys_with_secrets_masked():
         assert a.s.db().load("op") is None
     finally:
         _clean(d)
-    _free("opconf", "settings")
+    free("opconf", "settings")
 
 
 def test_a_bad_configuration_fails_naming_the_key_and_changes_nothing():
@@ -316,7 +304,7 @@ def test_a_bad_configuration_fails_naming_the_key_and_changes_nothing():
         assert a.cfg["log"] is False
     finally:
         _clean(d)
-    _free("opconf", "settings")
+    free("opconf", "settings")
 
 
 def test_a_change_that_applies_live_needs_no_restart():
@@ -344,7 +332,7 @@ def test_a_change_that_applies_live_needs_no_restart():
         assert opconf.LIVE == ("log",)
     finally:
         _clean(d)
-    _free("opconf", "settings")
+    free("opconf", "settings")
 
 
 def test_a_change_that_needs_a_restart_writes_restarts_and_resumes():
@@ -386,7 +374,7 @@ def test_a_change_that_needs_a_restart_writes_restarts_and_resumes():
         assert _config_of(s.st[-1])["interval"] == 2  # it may have applied: say what is
     finally:
         _clean(d)
-    _free("opconf", "settings")
+    free("opconf", "settings")
 
 
 def test_settings_given_by_the_application_cannot_be_configured():
@@ -401,4 +389,4 @@ def test_settings_given_by_the_application_cannot_be_configured():
         assert "not a file" in str(raises(Failed, opconf.handle, a.s, Op("61", 210, "10", [])))
     finally:
         _clean(d)
-    _free("opconf", "settings")
+    free("opconf", "settings")
