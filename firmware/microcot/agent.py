@@ -222,7 +222,7 @@ class Agent:
         else:
             cfg = load_config(path, **over)
         self.cfg = cfg
-        self.tenant = self.last_error = None
+        self.last_error = None
         self.errors = 0
         self.on_error = None  # fn(code, line, text)
         self.alarms = {}  # (source MO id, type) -> [alarm id, status], from the answers
@@ -584,7 +584,7 @@ class Agent:
                         except Exception as x:
                             self.log("on_error: %r" % x)
                 elif code == tpl.R_TENANT and v:
-                    self.tenant = v[0]
+                    self.s.tenant = v[0]
                 elif code == tpl.R_ALARM and len(v) > 3:
                     self.alarms[(v[3], v[1])] = [v[0], v[2]]
         if ans and asking:

@@ -135,17 +135,33 @@ def command(s, table, op):
 
 
 def reset(s, op):
-    """c8y_Restart: EXECUTING acknowledged, the record at stage "reset", the queue on flash,
-    the connection closed, the board reset (hal.reset: machine.reset(), a process restart on the
-    virtual board); after the restart create.finish reports it (resume: SUCCESSFUL)."""
+    """c8y_Restart: EXECUTING acknowledged, the record at stage "reset", then reset_board; after
+    the restart create.finish reports it (resume: SUCCESSFUL)."""
+    settle(s)
+    op.stage("reset")
+    reset_board(s, "c8y_Restart %s: resetting the board" % op.id)
+
+
+def settle(s):
+    """Wait (up to 5 s) until what is in flight, EXECUTING above all, is acknowledged."""
     c = s.c
+    if c is None:
+        return
     t0 = hal.ticks_ms()
     while c.pending() and hal.ticks_diff(hal.ticks_ms(), t0) < 5000:
-        c.poll(100)  # EXECUTING acknowledged
-    op.stage("reset")
+        c.poll(100)
+
+
+def reset_board(s, why=None):
+    """An operation's hard reset (c8y_Restart, an update, a configuration): in-flight messages
+    acknowledged, the queue on flash, `why` logged, the connection closed, the board reset
+    (hal.reset: machine.reset(), a process restart on the virtual board). Does not return."""
+    settle(s)
     s.q.flush()
-    s.log("c8y_Restart %s: resetting the board" % op.id)
-    c.disconnect()
+    if why:
+        s.log(why)
+    if s.c is not None:
+        s.c.disconnect()
     hal.reset()
     while True:  # the virtual board's host may take a moment to restart the interpreter
         hal.sleep_ms(100)

@@ -22,8 +22,7 @@
 # FAILED after the reboot. The journal keeps the name and version of what runs ("ok").
 import gc
 
-from . import hal
-from .ops import Failed
+from .ops import Failed, sha256
 from .state import unload
 
 # Heap: the download needs this module, apptar.py and httpget.py; the switch's code
@@ -31,30 +30,20 @@ from .state import unload
 # room for one or the other).
 
 
-def _hex(v):
-    return len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
-
-
 def handle(s, op):
     v = op.values + [""] * 5
-    name, version, url, action, sha = v[0], v[1], v[2], v[3], v[4] or None
+    name, version, url, action = v[0], v[1], v[2], v[3]
     if action != "install":
         raise Failed("c8y_SoftwareUpdate action %r is not supported: only install (an "
                      "application is replaced by a bundle, never removed)" % action)
     if not url:
         raise Failed("c8y_SoftwareUpdate without a url")
-    if sha is not None and not _hex(sha):
-        raise Failed("c8y_SoftwareUpdate sha256 is not 64 hex digits")
+    sha = sha256(v[4], "c8y_SoftwareUpdate")
     j = s.db().load("app")  # appswitch.DOC
     st = j.get("state") if isinstance(j, dict) else None
     if st not in (None, "ok", "rolledback", "staging"):
         raise Failed("an application update is under way (%s)" % st)
     return _install(s, op, name or "application", version, url, sha)
-
-
-def _user(s):
-    return s.cfg["http_user"].replace("{id}", s.id).replace("{tenant}",
-                                                            getattr(s, "tenant", None) or "")
 
 
 def _switcher(s):
@@ -82,7 +71,7 @@ def _install(s, op, name, version, url, sha):
     sink = apptar.Untar(staging)
     d = None
     try:
-        d = Download(url, sink, sha256=sha, user=_user(s), password=s.cred["password"],
+        d = Download(url, sink, sha256=sha, user=s.http_user(), password=s.cred["password"],
                      ssl_context=s.ctx if url.startswith("https:") else None,
                      timeout=s.cfg["timeout"], max_size=apptar.MAX_BUNDLE)
         while True:
@@ -108,16 +97,9 @@ def _install(s, op, name, version, url, sha):
     s.log("c8y_SoftwareUpdate %s: %s %s, %d files (%d bytes) staged: %s" % (
         op.id, name, version, len(files), size, " ".join(files)))
     op.stage("staged", {"trial": True, "name": name, "version": version})
-    c = s.c
-    t0 = hal.ticks_ms()
-    while c.pending() and hal.ticks_diff(hal.ticks_ms(), t0) < 5000:
-        c.poll(100)  # EXECUTING and what else is in flight acknowledged
-    s.q.flush()
-    s.log("c8y_SoftwareUpdate %s: resetting into the new application" % op.id)
-    c.disconnect()
-    hal.reset()
-    while True:  # the virtual board's host may take a moment to restart the interpreter
-        hal.sleep_ms(100)
+    from .link import reset_board
+
+    reset_board(s, "c8y_SoftwareUpdate %s: resetting into the new application" % op.id)
 
 
 def resume(s, rec):

@@ -23,37 +23,25 @@
 # the bootloader at once, with the same report. Boards without OTA partitions (rp2, an ESP32
 # build without ota_0/ota_1) fail the operation at once, saying so.
 from . import hal, ota, smartrest, tpl
-from .ops import Failed, reason
+from .ops import Failed, reason, sha256
 from .state import Restart, js
-
-
-def _hex(v):
-    return len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
 
 
 def handle(s, op):
     v = op.values + [""] * 4
-    name, version, url, sha = v[0], v[1], v[2], v[3]
+    name, version, url = v[0], v[1], v[2]
+    sha = sha256(v[3], "c8y_Firmware")
     if not url.startswith("https://") and not url.startswith("http://"):
         raise Failed("c8y_Firmware: the url must be https:// (got %r)" % url[:80])
-    if sha and not _hex(sha):
-        raise Failed("c8y_Firmware sha256 is not 64 hex digits")
     try:
         ota.status()  # OTAUnsupported: rp2, the unix port, a build without OTA partitions
     except ota.OTAError as e:
         raise Failed(str(e))
-    c = s.c
-    t0 = hal.ticks_ms()
-    while c.pending() and hal.ticks_diff(hal.ticks_ms(), t0) < 5000:
-        c.poll(100)  # EXECUTING and what else is in flight acknowledged
+    from .link import settle
+
+    settle(s)  # EXECUTING acknowledged before the restart
     op.stage("boot", {"name": name, "version": version, "url": url, "sha256": sha})
     raise Restart("c8y_Firmware %s: downloading in a boot of its own" % op.id)
-
-
-def user(s):
-    """The device's user for HTTPS (cfg "http_user": {id}, {tenant})."""
-    # the tenant is known once the agent asked for it (Agent.query_tenant), not in a boot
-    return s.cfg["http_user"].replace("{id}", s.id).replace("{tenant}", getattr(s, "tenant", None) or "")
 
 
 def boot(s, rec):
@@ -71,7 +59,7 @@ def boot(s, rec):
         sha = d.get("sha256") or None
         w = ota.Writer()
         s.log("c8y_Firmware %s: downloading %s into %s" % (rec["id"], url, w.label))
-        dl = Download(url, w, sha256=sha, user=user(s), password=s.cred["password"],
+        dl = Download(url, w, sha256=sha, user=s.http_user(), password=s.cred["password"],
                       ssl_context=for_config(s.cfg) if url.startswith("https:") else None,
                       timeout=s.cfg["timeout"], max_size=w.capacity)
         while not dl.step():

@@ -62,7 +62,7 @@ def _run(s, op, sel, req):
     ctx = s.ctx
     try:
         yield from upload(url, len(pre) + size + len(post), _parts(pre, select(*sel), post),
-                          "multipart/form-data; boundary=" + b, user=user(s),
+                          "multipart/form-data; boundary=" + b, user=s.http_user(),
                           password=s.cred["password"], ssl_context=ctx or None,
                           ca=None if ctx else s.cfg["ca"], timeout=s.cfg["timeout"])
     except HTTPGetError as e:
@@ -103,17 +103,6 @@ def _event(s, op, count):
             yield
     finally:
         s.ans = None
-
-
-def user(s):
-    """The device's user for HTTPS (cfg "http_user": {id}, {tenant})."""
-    u = s.cfg["http_user"]
-    if "{tenant}" in u:
-        t = getattr(s, "tenant", None)
-        if not t:
-            raise Failed("http_user %s needs the tenant, which is not known yet" % u)
-        u = u.replace("{tenant}", t)
-    return u.replace("{id}", s.id)
 
 
 def rest_url(s):

@@ -67,6 +67,15 @@ def _digits(s):
     return bool(s) and all("0" <= c <= "9" for c in s)
 
 
+def sha256(v, what):
+    """An operation's optional SHA-256: None when empty, the 64 hex digits, else Failed."""
+    if not v:
+        return None
+    if len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v):
+        raise Failed("%s sha256 is not 64 hex digits" % what)
+    return v
+
+
 def clip(text):
     """A result or reason as str, bounded to MAX_RESULT characters."""
     if text is None:

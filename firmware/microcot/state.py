@@ -70,6 +70,20 @@ class State:
         self.rsv2 = None  # the room kept for the template registration
         self.ring = None  # the log's ring buffer (logring.Ring, c8y_LogfileRequest)
         self.trial = None  # ticks by which an update on trial must have connected (agent.step)
+        self.tenant = None  # the own tenant, once asked for (Agent.query_tenant)
+
+    def http_user(self):
+        """The device's user for HTTPS downloads and uploads (cfg "http_user": {id}, {tenant});
+        ops.Failed (the operation's reason) when it names the tenant and that is not known."""
+        u = self.cfg["http_user"]
+        if "{tenant}" in u:
+            if not self.tenant:
+                from .ops import Failed
+
+                raise Failed("http_user %s needs the tenant, which is not known yet "
+                                 "(Agent.query_tenant)" % u)
+            u = u.replace("{tenant}", self.tenant)
+        return u.replace("{id}", self.id)
 
     def secret(self, text):
         """A secret (a password) that the log ring must never keep: masked wherever it occurs."""

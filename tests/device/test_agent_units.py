@@ -296,12 +296,15 @@ def _agent(d, **kw):
 def test_agent_dispatches_answers_by_message_id():
     d = scratch_dir("adisp")
     try:
-        a = _agent(d)
+        a = _agent(d, http_user="{tenant}/device_{id}")
+        e = raises(ops.Failed, a.s.http_user)  # the tenant is not known yet
+        assert "needs the tenant" in str(e)
         seen = []
         a.on_error = lambda code, line, text: seen.append((code, line, text))
         a.s.ans = []  # as create.ask waits for an answer
         a._on_msg(b"mr/TESTDEV1", b"87,1," + XID.encode() + b"\n205,1,t-emu,emu.example.com")
         assert a.tenant == "t-emu"
+        assert a.s.http_user() == "t-emu/device_TESTDEV1"  # the HTTPS user names it now
         assert [r.code for r in a.s.ans] == [205]
         a.s.ans = None
         a._on_msg(b"mr/TESTDEV1", b"87,1," + XID.encode() + b"\n206,1,77,overheat,ACTIVE,10")

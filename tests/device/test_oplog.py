@@ -7,6 +7,7 @@ from dt import raises
 from microcot import httpget, oplog, smartrest, tpl
 from microcot.logring import Ring
 from microcot.ops import Failed, Op
+from microcot.state import State as RealState
 
 T0 = 1704067200  # 2024-01-01T00:00:00Z
 
@@ -167,6 +168,9 @@ class Client:
 
 class State:
     """The few fields of state.State that oplog uses."""
+
+    tenant = None
+    http_user = RealState.http_user  # the real rule for the device's HTTPS user
 
     def __init__(self):
         self.cfg = {"http_user": "{id}", "rest_url": "https://c8y.example/", "host": "x",
