@@ -376,6 +376,7 @@ class Agent:
                     # an operation's work in a boot of its own, before the MQTT code loads
                     h = s.handlers.get(rec.get("rtid"))
                     if h is not None and isinstance(h[1], _Mod):
+                        s.rsv2 = None  # this boot ends in a restart: no registration in it
                         s.room()
                         h[1].boot(rec)  # a reset when it succeeds
                     # its outcome is in the record: reported after a restart onto a clean heap

@@ -194,6 +194,10 @@ def live_board(emu: Emulator, board_file: str, flash: Path, device_id: str, boar
         (flash / "main.py").write_bytes(main)
         power_cycle(vb)
         m = con.wait(r"ready: managed object (\d+)", 0, 90)
+    except AssertionError:
+        con.stop()
+        vb.stop()
+        raise AssertionError("the agent did not get ready:\n" + con.text[-3000:]) from None
     except BaseException:
         con.stop()
         vb.stop()

@@ -658,6 +658,9 @@ class _Proxy:
 # otadata a JSON file there: {"boot": label, "state": undefined|new|pending|valid|aborted}.
 # board.py's bootloader picks the running partition at every hard reset; a soft reset keeps it.
 _OTA_SIZE = 0x180000  # MicroPython's partitions-4MiB-ota.csv
+# the emulated flash's working buffer, taken at start-up (so heapcal counts it): an erase or a
+# NOR write on a real ESP32 takes nothing from the GC heap, so the emulation must not either
+_SCRATCH = bytearray(64)
 
 
 def _otaf(name):
@@ -724,7 +727,16 @@ class _Part:
     def _erase(self, a, n):
         if a % 4096 or n % 4096:
             raise _oerr(0x102, "ESP_ERR_INVALID_ARG")
-        self._put(a, b"\xff" * n)
+        s = _SCRATCH
+        for i in range(len(s)):
+            s[i] = 0xFF
+        with self._io(a, n) as f:
+            pos = min(a, f.seek(0, 2))  # a file shorter than a: erased up to a as well
+            f.seek(pos)
+            while pos < a + n:
+                k = min(len(s), a + n - pos)
+                f.write(memoryview(s)[:k])
+                pos += k
 
     def writeblocks(self, b, buf, off=None):
         a = b * self.bs
@@ -732,13 +744,18 @@ class _Part:
             self._erase(a, len(buf))  # the simple form erases first, as esp32_partition.c does
             self._put(a, buf)
         else:
-            # NOR flash: a write only clears bits
+            # NOR flash: a write only clears bits (piece by piece through the scratch buffer)
             a += off
-            old = bytearray(len(buf))
-            self.readblocks(0, old, a)
-            for i in range(len(buf)):
-                old[i] &= buf[i]
-            self._put(a, old)
+            s = _SCRATCH
+            mv = memoryview(buf)
+            i = 0
+            while i < len(buf):
+                k = min(len(s), len(buf) - i)
+                self.readblocks(0, memoryview(s)[:k], a + i)
+                for j in range(k):
+                    s[j] &= mv[i + j]
+                self._put(a + i, memoryview(s)[:k])
+                i += k
 
     def ioctl(self, op, arg):
         if op == 4:
