@@ -368,35 +368,31 @@ class Agent:
         s = self.s
         if s.id is None:
             try:
+                # the ID and the documents; an operation's boot of its own ends there (Restart)
                 self._call("ident", "identify", device_id)
                 unload("ident")
                 unload("store")
-                rec = s.oprec
-                if isinstance(rec, dict) and rec.get("stage") == "boot":
-                    # an operation's work in a boot of its own, before the MQTT code loads
-                    h = s.handlers.get(rec.get("rtid"))
-                    if h is not None and isinstance(h[1], _Mod):
-                        s.rsv2 = None  # this boot ends in a restart: no registration in it
-                        s.room()
-                        h[1].boot(rec)  # a reset when it succeeds
-                    # its outcome is in the record: reported after a restart onto a clean heap
-                    raise Restart("%s %s: its boot is over" % (rec.get("kind"), rec.get("id")))
                 s.hold()  # the block again, before code fills the gaps
                 # the code that stays for this boot, in one go: the MQTT client, and then the
                 # bootstrap or what a connected agent needs
-                from .mqtt import MQTTClient, tls_context  # noqa: F401
+                try:
+                    from .mqtt import MQTTClient, tls_context  # noqa: F401
 
-                if s.cred is not None:
-                    from . import link  # noqa: F401 (with smartrest.py and ops.py)
-                    from .smartrest import check_xid
+                    if s.cred is not None:
+                        from . import link  # noqa: F401 (with smartrest.py and ops.py)
+                        from .smartrest import check_xid
 
-                    check_xid(s.xid)
-                    if s.binary:
-                        from . import binrest  # noqa: F401
-                else:
-                    s.rsv2 = None  # no template registration in this boot
-                    from . import bootstrap, xtea  # noqa: F401
-                self._call("session", "tls")
+                        check_xid(s.xid)
+                        if s.binary:
+                            from . import binrest  # noqa: F401
+                    else:
+                        s.rsv2 = None  # no template registration in this boot
+                        from . import bootstrap, xtea  # noqa: F401
+                    self._call("session", "tls")
+                except MemoryError as e:
+                    # loading it all in one go is a layout choice: the connect loads what is
+                    # missing (the ESP32 model at its budget, most boots)
+                    self.log("start: %r; the connect loads the rest" % e)
             except Restart as e:
                 self._restart(str(e))
             finally:

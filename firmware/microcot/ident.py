@@ -44,8 +44,34 @@ def identify(s, fixed=None):
         if isinstance(d, dict) and d.get("trial"):
             # an update runs on trial: it must connect in time, else a hard reset rolls it back
             s.trial = hal.ticks_add(hal.ticks_ms(), int(s.cfg["app_trial"] * 1000))
+        if isinstance(rec, dict) and rec.get("stage") == "boot":
+            own_boot(s, rec)
     else:
         s.bdoc = store.load("boot")  # a bootstrap under way (bootstrap.py)
+
+
+# an operation's boot of its own that ran out of memory is tried again this often (a fresh boot)
+_BOOT_TRIES = 2
+
+
+def own_boot(s, rec):
+    """An operation's work in a boot of its own (link.py: stage "boot"), before the MQTT code
+    loads: its module's boot(s, record) (a reset when it succeeds, else the record says why), then
+    a restart onto a clean heap; create.finish reports the outcome once connected."""
+    h = s.handlers.get(rec.get("rtid"))
+    fn = getattr(h[1], "boot", None) if h is not None else None
+    if fn is not None:
+        s.rsv2 = None  # this boot ends in a restart: no registration in it
+        s.room()
+        fn(rec)
+        d = rec.get("data") or {}
+        n = d.get("tries", 0)
+        if rec["stage"] == "failed" and "MemoryError" in d.get("why", "") and n < _BOOT_TRIES:
+            # how the heap's pieces lie after a boot varies: again, in a fresh one
+            d["tries"] = n + 1
+            rec["stage"] = "boot"
+            s.db().save("op", rec)
+    raise Restart("%s %s: its boot is over" % (rec.get("kind"), rec.get("id")))
 
 
 def _read(s):

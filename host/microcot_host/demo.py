@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import hashlib
 import json
 import re
 import secrets
@@ -46,7 +47,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from . import cliopts
+from . import boards, cliopts
 
 XID = "microcot2"  # the 15 line of firmware/templates.csv
 XID_TYPE = "c8y_SmartRestDeviceIdentifier"  # how the platform files template collections
@@ -310,7 +311,7 @@ def run(demo: Demo, workdir: Path, keep: bool = False, board: str = "virtual") -
 def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
                counts: collections.Counter[str], history: History, keep: bool,
                board: str) -> None:
-    from . import boards, deploy, transport
+    from . import deploy, transport
     from .vboard.models import make_board
 
     con = demo.console
@@ -438,6 +439,7 @@ def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
             return st.detail + f", result \"{o.get('c8y_Command', {}).get('result')}\""
 
         demo.wait("operation c8y_Command \"uptime\"", operation)
+        _update(demo, emu, api, mo[0], bdef, history)
 
         before = len(_measurements(api, mo[0]))
         log.close()
@@ -470,10 +472,11 @@ def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
             ms = _measurements(api, mo[0])
             new = [m["c8y_Temperature"]["T"]["value"] for m in ms[before:]]
             st.detail = f"{len(new)} new"
-            if len(new) < len(BINARY_VALUES):
-                return None
+            # main.py's last text measurements may still come in before them (queued when it
+            # was stopped): wait for the binary ones to be the latest, the step's time bounds it
             if tuple(new[-len(BINARY_VALUES):]) != BINARY_VALUES:
-                raise StepFailed("measurements (binary)", f"values {new}, sent {BINARY_VALUES}")
+                st.detail = f"{len(new)} new, the latest {new[-len(BINARY_VALUES):]}"
+                return None
             return (f"{len(new)} new: {', '.join(f'{v:g}' for v in new)} C; "
                     f"binary messages {counts['binary']}")
 
@@ -602,7 +605,7 @@ def demo(step_timeout: float, keep: bool, verbose: bool, board: str | None) -> N
 def _demo_board(console: Console, board: str | None) -> str:
     """The board the demo runs: the one asked for (its model must be there), else an ESP32 on its
     faithful model, else, saying why, the 64-bit developer board."""
-    from . import boards, fidelity
+    from . import fidelity
 
     try:
         name = board or "esp32-generic"
@@ -617,6 +620,55 @@ def _demo_board(console: Console, board: str | None) -> str:
                   "running the 64-bit developer board instead, whose heap figures do not hold "
                   "for a real board")
     return "virtual"
+
+
+DEMO_FIRMWARE = ("microcot-demo", "2.1.0")
+
+
+def _update(demo: Demo, emu: Any, api: Platform, mo: str, bdef: boards.Board,
+            history: History) -> None:
+    """One update while main.py runs: a firmware image into the other OTA partition where the
+    board has them (an ESP32), else a new application bundle (c8y_SoftwareUpdate); the board
+    resets into it and the agent reports SUCCESSFUL once it is connected again."""
+    from .appbundle import make_bundle
+    from .paths import firmware_dir
+
+    if bdef.family == "esp32":
+        from .vboard.board import app_image
+
+        name, version = DEMO_FIRMWARE
+        data = app_image(version, name, size=64 * 1024)
+        kind, what = "c8y_Firmware", "firmware update"
+    else:
+        name, version = "microcot-app", "2"
+        data = make_bundle([("main.py", (firmware_dir() / "main.py").read_bytes())])
+        kind, what = "c8y_SoftwareUpdate", "application update"
+    binary = emu.upload_binary(f"{name}-{version}", data)
+    item = {"name": name, "version": version,
+            "url": f"{emu.connection['https_url']}/inventory/binaries/{binary['id']}",
+            "sha256": hashlib.sha256(data).hexdigest()}
+    body = {"c8y_Firmware": item} if kind == "c8y_Firmware" else \
+        {"c8y_SoftwareUpdate": [dict(item, action="install")]}
+    status, op = api.call("POST", "/devicecontrol/operations",
+                          {"deviceId": mo, "description": f"microcot demo: {what}", **body})
+    if status != 201:
+        raise StepFailed(f"operation {kind}", f"REST {status}: {op}")
+
+    def done(st: Step) -> str | None:
+        o = api.get("/devicecontrol/operations/" + op["id"]) or {}
+        st.detail = f"{op['id']}: " + history.of("op", op["id"])
+        if o.get("status") == "FAILED":
+            raise StepFailed(f"operation {kind}", f"FAILED: {o.get('failureReason')}")
+        if o.get("status") != "SUCCESSFUL":
+            return None
+        if kind == "c8y_Firmware":
+            fw = (api.get("/inventory/managedObjects/" + mo) or {}).get("c8y_Firmware", {})
+            if fw.get("version") != version:
+                return None  # the inventory follows right after the status
+            return st.detail + f", {len(data) // 1024} KiB over HTTPS, now {name} {version}"
+        return st.detail + f", bundle of {len(data) // 1024} KiB, {name} {version} running"
+
+    demo.wait(f"{what} ({kind})", done, timeout=demo.step_timeout + 30)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
