@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/payload.py
 	$(PY) bench/ws.py
 	$(PY) bench/agent.py
+	$(PY) bench/download.py
 	$(PY) bench/emulator.py
 	$(PY) bench/provision.py
 
