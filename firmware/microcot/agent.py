@@ -48,6 +48,11 @@
 #             registration; with them off it needs 84,668 B (vs 80,664).
 #   Pico W model (i386-rp2, 169,000 B): none of them needed (all off: 3/3, 61.6 KB free while
 #   connected, smallest 162,730 B).
+#   With device management (the figures above are from before it; measured since, on the ESP32
+#   model): a raw-REPL life had 39.7 KB free after Agent() (40.3 KB before); a reserve of 8 KiB
+#   instead of 12 left the first TLS handshake without a 1.1 KB piece every time, so the reserve
+#   stays at 12 KiB; the log ring is off there (log_ring null, _RING); the room held for the
+#   template registration is its size, not 8 KiB (State.keep_room).
 # Reading the modem and bootstrapping happen in boots of their own (`restarts`): the agent
 # restarts the board (soft reset) after either, so that their code and names (which MicroPython
 # never frees) do not crowd the session that follows. A fresh device: boot 1 reads its ID and

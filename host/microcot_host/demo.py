@@ -13,7 +13,10 @@ Everything runs on this machine and is stopped at the end (Ctrl-C too):
     on ss/, the password XTEA-encrypted back on sr/), registers its templates, creates itself
     (managed object, external ID, hardware/mobile info, supported operations) and measures every
     2 s in text SmartREST; an operation (c8y_Command "uptime") goes there and back;
- 5. main.py is stopped and the agent runs once more over the raw REPL in binary mode: an alarm
+ 5. an update: on an ESP32 model a firmware image (c8y_Firmware: downloaded over HTTPS in a boot
+    of its own into the other OTA partition, reset into, confirmed once connected), elsewhere an
+    application bundle (c8y_SoftwareUpdate, switched in by boot.py); SUCCESSFUL after the reset;
+ 6. main.py is stopped and the agent runs once more over the raw REPL in binary mode: an alarm
     and three binary SmartREST measurements.
 
 Progress comes from the platform's REST API (as a user would watch it), plus the board's own log
@@ -573,7 +576,8 @@ def timings(con: Console, steps: list[Step], total: float) -> None:
 def demo(step_timeout: float, keep: bool, verbose: bool, board: str | None) -> None:
     """Run the whole job on this machine: a virtual board with a SIM bootstraps against the
     local Cloud of Things emulator, creates itself, measures (text and binary SmartREST), raises
-    an alarm and executes an operation. Exits 0 when every step passed."""
+    an alarm, executes an operation and updates its firmware (its application on boards without
+    OTA partitions). Exits 0 when every step passed."""
     console = Console(highlight=False)
     if not console.is_terminal:  # a log: whole lines, tables as wide as they need
         console = Console(highlight=False, soft_wrap=True, width=120)
