@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The faithful board models (32-bit builds, the real rp2 firmware; see README "Board models"):
+# The faithful board models (32-bit builds, the real rp2 firmware; see docs/guides/board-models.md):
 # from the environment, else the project's shared folder beside a checkout when there is one.
 # Without them the tests that need them are skipped, saying why (CI makes that a failure).
 MICROCOT_FIDELITY_DIR ?= $(abspath $(wildcard ../shared/fidelity))
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup lint
-	@[ -n "$(MICROCOT_FIDELITY_DIR)" ] || echo "note: MICROCOT_FIDELITY_DIR is not set: tests on the faithful board models (32-bit builds, the real RP2040 firmware) are skipped; see README, Board models"
+	@[ -n "$(MICROCOT_FIDELITY_DIR)" ] || echo "note: MICROCOT_FIDELITY_DIR is not set: tests on the faithful board models (32-bit builds, the real RP2040 firmware) are skipped; see docs/guides/board-models.md"
 	$(PY) -m pytest tests -q -p no:cacheprovider
 	@echo "== device tests ON boards: ESP32 model (i386-esp32), Pico W model (i386-rp2), the real RP2040 firmware, the 64-bit developer board"
 	$(DEVICE_TESTS) --board esp32-generic

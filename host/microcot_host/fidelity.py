@@ -30,7 +30,7 @@ FAITHFUL = ("i386-esp32", "i386-rp2", "rp2040")
 HOW_TO_GET = (
     "set MICROCOT_FIDELITY_DIR to a folder with the faithful builds (in the project's CI: "
     "../shared/fidelity); build the i386 boards with its src/build-i386.sh (Debian's gcc-multilib) "
-    "and get the RPI_PICO_W UF2 from micropython.org (see the README, 'Board models')")
+    "and get the RPI_PICO_W UF2 from micropython.org (see the docs: guides/board-models.md)")
 
 _BINARY = {"i386-esp32": ("MICROCOT_MICROPYTHON_I386_ESP32", "micropython-i386-esp32"),
            "i386-rp2": ("MICROCOT_MICROPYTHON_I386_RP2", "micropython-i386-rp2")}

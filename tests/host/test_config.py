@@ -162,11 +162,3 @@ def test_a_board_configured_with_config_and_deploy_bootstraps_and_measures(tmp_p
             log.close()
             vb.stop()
 
-
-def test_the_readme_table_lists_every_key():
-    import re
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Configuring a device", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
-    assert rows == [k.name for k in config.KEYS]
