@@ -3,9 +3,8 @@
 # 32-bit (i386) MicroPython unix port, then check that the agent imports from the frozen package.
 #   MICROCOT_FIDELITY_DIR=../shared/fidelity tools/freeze-build.sh esp32|rp2 OUT_DIR
 # Writes OUT_DIR/micropython-i386-<kind>-frozen (run it as a board model through
-# MICROCOT_MICROPYTHON_I386_ESP32 / _RP2). Builds with a patched copy of
-# MICROCOT_FIDELITY_DIR/src/build-i386.sh (below; Debian's gcc-multilib; about 3 minutes on 2
-# cores). Too slow for the test suite: run it by hand.
+# MICROCOT_MICROPYTHON_I386_ESP32 / _RP2). Builds with MICROCOT_FIDELITY_DIR/src/build-i386.sh
+# (Debian's gcc-multilib; about a minute on 2 cores). Too slow for the test suite: run it by hand.
 #
 # Why a board folder: firmware/manifest.py starts with include("$(BOARD_DIR)/manifest.py"), right
 # for the esp32 and rp2 ports, whose build sets BOARD_DIR to the board's folder. The unix port has
@@ -16,13 +15,6 @@
 # temporary folder whose manifest.py includes the standard variant's, what the stock build freezes
 # (asyncio, mip, requests, ssl...), so "the board's modules plus microcot" holds on unix too.
 #
-# Why a copy of build-i386.sh: MicroPython's tools/mpy-tool.py (which writes frozen_content.c, for
-# every port) packs each float constant as binary32 with CPython's struct, which raises for a
-# finite double that rounds to infinity there; binrest.py's _F32_LIM (2**128 - 2**103) is one:
-#   n = struct.unpack("<I", struct.pack("<f", obj))[0]
-#   OverflowError: float too large to pack with f format
-# The copy patches that line in the unpacked sources so that such a constant freezes as +-inf,
-# what MicroPython makes of it in a single-precision build (binrest.mpy on the ESP32 model: inf).
 set -euo pipefail
 
 usage() { echo "usage: MICROCOT_FIDELITY_DIR=DIR $0 esp32|rp2 OUT_DIR" >&2; exit 2; }
@@ -47,29 +39,8 @@ cat >"$tmp/board/manifest.py" <<'EOF'
 include("$(PORT_DIR)/variants/standard/manifest.py")
 EOF
 
-# the copy of build-i386.sh: beside links to its sources, with the mpy-tool patch after unpacking
-mkdir -p "$tmp/src"
-for f in "$fid"/src/*; do ln -s "$f" "$tmp/src/"; done
-rm "$tmp/src/build-i386.sh"
-cat >"$tmp/fix-mpy-tool.py" <<'PY'
-import sys
-
-path = sys.argv[1]
-old = 'struct.pack("<f", obj)'
-new = 'struct.pack("<f", obj if abs(obj) < 2.0**128 - 2.0**103 else obj * float("inf"))'
-text = open(path).read()
-if text.count(old) == 1:
-    open(path, "w").write(text.replace(old, new))
-else:
-    print("freeze-build: %s has no %s to patch (fixed upstream?)" % (path, old), file=sys.stderr)
-PY
-fix="python3 '$tmp/fix-mpy-tool.py' \"\$src/tools/mpy-tool.py\""
-awk -v fix="$fix" '{ print } $0 == "src=$work/micropython" { print fix; n++ } END { exit n != 1 }' \
-  "$build" >"$tmp/src/build-i386.sh" \
-  || { echo "$build: no line 'src=\$work/micropython' to patch mpy-tool.py after" >&2; exit 1; }
-
-echo "building micropython-i386-$kind with $manifest frozen (about 3 minutes)..."
-TMPDIR="$tmp/t" BOARD_DIR="$tmp/board" bash "$tmp/src/build-i386.sh" "$kind" "$tmp/out" "$manifest"
+echo "building micropython-i386-$kind with $manifest frozen (a minute or two)..."
+TMPDIR="$tmp/t" BOARD_DIR="$tmp/board" bash "$build" "$kind" "$tmp/out" "$manifest"
 
 mkdir -p "$out"
 bin=$(cd "$out" && pwd)/micropython-i386-$kind-frozen

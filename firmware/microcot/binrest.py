@@ -39,8 +39,10 @@ DATE = "DATE"
 TYPES = (STRING, UNSIGNED, INTEGER, NUMBER, DATE)
 
 _FMT = {UNSIGNED: ">I", INTEGER: ">i", NUMBER: ">f", DATE: ">I"}
-# 2**128 - 2**103: from here on a double rounds to infinity in binary32
-_F32_LIM = 3.4028235677973366e38
+# 2**128 - 2**103: from here on a double rounds to infinity in binary32. Computed, not written as
+# a float literal: MicroPython's freezer (mpy-tool.py) packs float constants as binary32 and
+# raises for this one, so a literal here breaks every frozen build of the package.
+_F32_LIM = float((1 << 128) - (1 << 103))
 
 
 class Error(ValueError):
