@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 # Without them the tests that need them are skipped, saying why (CI makes that a failure).
 MICROCOT_FIDELITY_DIR ?= $(abspath $(wildcard ../shared/fidelity))
 export MICROCOT_FIDELITY_DIR
-DEVICE_TESTS := $(PY) -m pytest --port virtual tests/device -q -rs -p no:cacheprovider
 
 .PHONY: setup test test-host test-device lint board demo bench clean
 
@@ -22,12 +21,7 @@ $(STAMP): pyproject.toml
 
 test: setup lint
 	@[ -n "$(MICROCOT_FIDELITY_DIR)" ] || echo "note: MICROCOT_FIDELITY_DIR is not set: tests on the faithful board models (32-bit builds, the real RP2040 firmware) are skipped; see docs/guides/board-models.md"
-	$(PY) -m pytest tests -q -p no:cacheprovider
-	@echo "== device tests ON boards: ESP32 model (i386-esp32), Pico W model (i386-rp2), the real RP2040 firmware, the 64-bit developer board"
-	$(DEVICE_TESTS) --board esp32-generic
-	$(DEVICE_TESTS) --board rp2-pico-w
-	$(DEVICE_TESTS) --board rp2-pico-w --runtime rp2040
-	$(DEVICE_TESTS) --board virtual
+	PY=$(PY) bash tools/test.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .
