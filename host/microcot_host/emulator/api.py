@@ -39,12 +39,23 @@ new device requests by `status`. Measurements come oldest first, events and alar
 operations in creation order (`revert=true` turns each around). Unknown parameters are ignored.
 
 Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unreadable JSON or a
-field of the wrong JSON type or a malformed query parameter (the message names it), 404 unknown
-resource or object, 403 a device writing a binary, 405 method (with `Allow`), 409 duplicate,
-413 a body (http.py) or a binary too large, 415 a body that is
-not JSON, 422 valid JSON with unacceptable data (missing mandatory field, unknown source, bad
-status transition; message "Following mandatory fields should be included: ..." as Cumulocity),
-500 an internal failure (logged; `handle` itself never raises).
+field of the wrong JSON type or a malformed query parameter (the message names it; `pageSize`
+and `currentPage` take ASCII digits, the offset must fit 64 bits), 404 unknown resource or
+object, 403 `security/Forbidden` "Access is denied" (a device user outside its own objects, see
+below), 405 method (with `Allow`), 409 duplicate, 413 a body (http.py) or a binary too large,
+415 a body that is not JSON, 422 valid JSON with unacceptable data (missing mandatory field,
+unknown source, bad status transition; message "Following mandatory fields should be included:
+..." as Cumulocity; and jsonsafe.py's limits: nesting deeper than 64, NaN or Infinity, integers
+beyond 64 bits, lone surrogates), 500 an internal failure (logged; `handle` itself never
+raises).
+
+Who may call what (authz.py, docs/reference/emulator-access.md): `user` None is the emulator
+itself, `admin_user` (set by http.py's RestServer) the administrator, a user with device
+credentials a device user. A device user reaches only its own managed objects (owner, or an
+external ID named after it, and their child devices at any depth) and their data, reads template
+collections and binaries besides, and never calls the new-device-request, bulk-registration or
+credential endpoints; its lists hold its own items only; the owner of what it creates is itself
+(a body's `owner` is ignored for it).
 
 Emulator behaviour worth knowing
 --------------------------------
@@ -87,7 +98,8 @@ Emulator behaviour worth knowing
   answers 201 as Cumulocity; DELETE removes object and file (as does DELETE of the managed
   object). GET lists them (filters `type`, `owner`, `text`). A file over the store's `max_size`
   is a 413. Reading is open to every authenticated user (devices download firmware with their own
-  credentials); creating, replacing and deleting is refused to device users (403). A body may be
+  credentials); creating, replacing and deleting is refused to device users (403), through
+  /inventory/managedObjects/{id} too. A body may be
   given as bytes or as the Path of a spooled file (http.py streams uploads to disk).
 - Event binaries (`/event/events/{id}/binaries`, Cumulocity's attachments, one per event): POST
   takes multipart/form-data (a `file` part, optionally an `object` part with `name` and `type`)
@@ -96,7 +108,7 @@ Emulator behaviour worth knowing
   POST is 409 (PUT replaces). GET streams the bytes with that type (as a binary's GET, ETag from
   the file's version), DELETE removes file and fragment, deleting the event removes both too.
   The bytes live in the binaries' store under the event's id. Admin: every event; a device user:
-  only events whose source it serves (`device_user`), else 403, for reading too.
+  only events of its own objects, else 403, for reading too.
 - Availability (availability.py): every managed object with `c8y_RequiredAvailability` is
   returned with a computed `c8y_Availability`; `record_message(mo_id)` notes a device's message,
   `check_availability()` raises `c8y_UnavailabilityAlarm` for devices that became unavailable.
@@ -137,7 +149,9 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from .. import fleetcsv
+from . import authz, jsonsafe
 from . import availability as avail
+from .authz import ACCESS_DENIED
 from .binaries import BinaryStore, Buffer, MultipartError, Part, mapped, multipart_parts
 from .model import (
     BadField,
@@ -164,6 +178,8 @@ MAX_OBJECT_PART = 64 << 10
 
 DEFAULT_PAGE_SIZE = 5
 MAX_PAGE_SIZE = 2000
+MAX_PARAM_DIGITS = 18  # a 64-bit integer, whatever the digits
+MAX_OFFSET = jsonsafe.INT64_MAX
 ERROR_INFO = "https://cumulocity.com/guides/reference/rest-implementation/#error-reporting"
 
 JSON = dict[str, Any]
@@ -222,6 +238,7 @@ class _Req:
     user: str | None
     domain: str
     args: list[str] = field(default_factory=list)
+    principal: authz.Principal = authz.INTERNAL
 
 
 def _reason(status: int) -> str:
@@ -236,6 +253,8 @@ def _result(status: int, body: Any = None, headers: dict[str, str] | None = None
 
 
 Handler = Callable[["Api", _Req], ApiResult]
+# a collection query for one page, the second argument overriding its object filter
+Query = Callable[[Page, "int | None"], tuple[list[dict[str, Any]], int]]
 
 
 class Api:
@@ -243,8 +262,11 @@ class Api:
 
     def __init__(self, model: Model, credentials: CredentialSink | None = None,
                  tenant: str = "t-emulator", base_url: str = "http://127.0.0.1",
-                 binaries: BinaryStore | None = None) -> None:
+                 binaries: BinaryStore | None = None, admin_user: str | None = None) -> None:
         self.model = model
+        # the REST server's admin (http.py sets it); None: see authz.principal_of
+        self.admin_user = admin_user
+        self.fence = authz.Fence(model)
         if binaries is None:
             binaries = BinaryStore(None if model.path == ":memory:"
                                    else Path(model.path).parent / "binaries")
@@ -289,16 +311,22 @@ class Api:
         req = _Req(method, parts.path, dict(raw_params), raw_params, body, content_type, user,
                    domain)
         try:
-            handler, req.args, allowed = self._route(segs, method)
+            req.principal = self.principal(user)
+            handler, req.args, allowed, pattern = self._route(segs, method)
             if handler is None:
                 if allowed:
                     raise ApiError(405, f"{domain}/Method Not Allowed",
                                    f"{method} is not supported on {parts.path}; use "
                                    + ", ".join(allowed), {"Allow": ", ".join(allowed)})
                 raise ApiError(404, f"{domain}/Not Found", f"no resource {parts.path}")
+            authz.check_route(req.principal, pattern, method)
             return handler(self, req)
         except ApiError as e:
             return self._error(e.status, e.code, e.message, e.headers)
+        except authz.Forbidden as e:
+            return self._error(403, "security/Forbidden", e.message)
+        except jsonsafe.Refused as e:
+            return self._error(422, f"{domain}/validationError", str(e))
         except NotFound as e:
             return self._error(404, f"{domain}/Not Found", e.message)
         except Conflict as e:
@@ -322,8 +350,13 @@ class Api:
                headers: dict[str, str] | None = None) -> ApiResult:
         return _result(status, {"error": code, "message": message, "info": ERROR_INFO}, headers)
 
+    def principal(self, user: str | None) -> authz.Principal:
+        """Who `user` is for this Api (authz.principal_of)."""
+        return authz.principal_of(user, self.admin_user,
+                                  user is not None and self.model.has_credentials(user))
+
     def _route(self, segs: list[str], method: str
-               ) -> tuple[Handler | None, list[str], list[str]]:
+               ) -> tuple[Handler | None, list[str], list[str], tuple[str, ...]]:
         for pattern, methods in _ROUTES:
             if len(pattern) != len(segs):
                 continue
@@ -334,8 +367,8 @@ class Api:
                 elif p != s:
                     break
             else:
-                return methods.get(method), args, sorted(methods)
-        return None, [], []
+                return methods.get(method), args, sorted(methods), pattern
+        return None, [], [], ()
 
     # -- request helpers ----------------------------------------------------------------------
 
@@ -346,6 +379,7 @@ class Api:
                            f"the body must be JSON (application/json), not {ct}")
         b = req.body
         if isinstance(b, dict | list):
+            jsonsafe.check(b)
             return b
         if isinstance(b, Path):
             raise ApiError(415, f"{req.domain}/Unsupported Media Type",
@@ -360,7 +394,7 @@ class Api:
                 raise ApiError(400, f"{req.domain}/badRequest",
                                f"the body is not UTF-8 (byte {e.start})") from None
         try:
-            return json.loads(b)
+            return jsonsafe.loads(b)
         except json.JSONDecodeError as e:
             raise ApiError(400, f"{req.domain}/badRequest",
                            f"Invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
@@ -396,18 +430,24 @@ class Api:
         v = req.params.get(name)
         if v is None or v == "":
             return default
-        try:
-            n = int(v)
-        except ValueError:
-            n = 0
-        if n < 1:
+        # ASCII digits only: int() would take "1_000", " 5" and other scripts' digits, and
+        # raises beyond 4300 digits
+        digits = v.lstrip("0")
+        if not (v.isascii() and v.isdigit()) or not digits:
             raise ApiError(400, f"{req.domain}/badRequest", f"{name} must be a positive whole "
-                                                            f"number, got {v!r}")
-        return n
+                                                            f"number, got {v[:40]!r}")
+        if len(digits) > MAX_PARAM_DIGITS:
+            raise ApiError(400, f"{req.domain}/badRequest", f"{name} is too large: {v[:40]}"
+                                                            f"{'...' if len(v) > 40 else ''}")
+        return int(digits)
 
     def _paging(self, req: _Req) -> tuple[Page, int, int]:
         size = min(self._param_int(req, "pageSize", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
         current = self._param_int(req, "currentPage", 1)
+        if current > MAX_OFFSET // size:  # the offset must fit SQLite's 64-bit integers
+            raise ApiError(400, f"{req.domain}/badRequest",
+                           f"currentPage {current} is too large for pageSize {size} (at most "
+                           f"{MAX_OFFSET // size})")
         return Page((current - 1) * size, size), current, size
 
     def _collection(self, req: _Req, key: str, items: list[JSON], total: int, current: int,
@@ -494,6 +534,8 @@ class Api:
                        if x.strip()]
             except ModelError as e:
                 raise ApiError(400, "inventory/badRequest", e.message) from None
+        if req.principal.is_device:
+            ids = authz.only_owned(ids, self.fence.tree(req.principal))
         items, total = self.model.query_managed_objects(
             page, type=req.params.get("type") or None,
             fragment_type=req.params.get("fragmentType") or None,
@@ -502,24 +544,49 @@ class Api:
                                 current, size)
 
     def _mos_post(self, req: _Req) -> ApiResult:
-        mo = self.model.create_managed_object(self._json(req), owner=req.user)
+        data = self._device_body(req, self._json(req))
+        mo = self.model.create_managed_object(data, owner=req.user)
         return self._created(self._link_mo(mo))
 
+    @staticmethod
+    def _device_body(req: _Req, data: Any) -> Any:
+        """A managed object's body without `owner` when a device sends it: what a device
+        creates is its own, and what it owns stays so (the model would take the body's)."""
+        if req.principal.is_device and isinstance(data, dict) and "owner" in data:
+            return {k: v for k, v in data.items() if k != "owner"}
+        return data
+
     def _mo_get(self, req: _Req) -> ApiResult:
-        return _result(200, self._link_mo(self.model.get_managed_object(req.args[0])))
+        mo = self.model.get_managed_object(req.args[0])
+        self.fence.need(req.principal, mo["id"], read=True)
+        return _result(200, self._link_mo(mo))
 
     def _mo_put(self, req: _Req) -> ApiResult:
-        mo_id = self._existing_mo(req.args[0])
-        return _result(200, self._link_mo(self.model.update_managed_object(mo_id,
-                                                                           self._json(req))))
+        mo = self._writable_mo(req, req.args[0])
+        if req.principal.is_device and mo.get("type") == SMARTREST_MO_TYPE:
+            # other devices use it, and a registered collection does not change (seed 002): its
+            # owner may only delete it
+            raise authz.Forbidden()
+        data = self._device_body(req, self._json(req))
+        return _result(200, self._link_mo(self.model.update_managed_object(mo["id"], data)))
 
     def _mo_delete(self, req: _Req) -> ApiResult:
-        mo_id = self._existing_mo(req.args[0])
-        binary = BINARY_FRAGMENT in self.model.get_managed_object(mo_id)
+        mo = self._writable_mo(req, req.args[0])
+        mo_id = mo["id"]
+        binary = BINARY_FRAGMENT in mo
         self.model.delete_managed_object(mo_id)
         if binary:
             self.binaries.remove(str(mo_id))
         return _result(204)
+
+    def _writable_mo(self, req: _Req, ident: str) -> JSON:
+        """The managed object `ident` (404 if none) if this user may change it: a device its
+        own objects, but no binary (only the admin writes those)."""
+        mo = self.model.get_managed_object(self._existing_mo(ident))
+        self.fence.need(req.principal, mo["id"])
+        if BINARY_FRAGMENT in mo:
+            self._need_writer(req)
+        return mo
 
     def _existing_mo(self, ident: str) -> int:
         # a malformed id in a path is "no such object", not a validation error
@@ -531,6 +598,7 @@ class Api:
 
     def _children_get(self, req: _Req) -> ApiResult:
         mo = self.model.get_managed_object(self._existing_mo(req.args[0]))
+        self.fence.need(req.principal, mo["id"])
         page, current, size = self._paging(req)
         refs = mo["childDevices"]["references"]
         linked = self._link_refs(mo["id"], refs[page.offset:page.offset + page.limit], True)
@@ -539,12 +607,14 @@ class Api:
         return res
 
     def _children_post(self, req: _Req) -> ApiResult:
-        parent = self._existing_mo(req.args[0])
+        parent = self._writable_mo(req, req.args[0])["id"]
         data = self._json(req)
         ref = data.get("managedObject") if isinstance(data, dict) else None
         if not isinstance(ref, dict) or ref.get("id") in (None, ""):
             raise Invalid("Following mandatory fields should be included: managedObject.id",
                           "managedObject.id")
+        # a device adopting another's object would own it through the parent link
+        self.fence.need_existing(req.principal, ref["id"])
         self.model.add_child_device(parent, ref["id"])
         return self._child_ref(parent, parse_id(ref["id"], "managedObject.id"), 201)
 
@@ -557,21 +627,21 @@ class Api:
         raise NotFound(f"Managed object {child} is not a child device of {parent}")
 
     def _child_get(self, req: _Req) -> ApiResult:
-        return self._child_ref(self._existing_mo(req.args[0]), self._existing_mo(req.args[1]),
-                               200)
+        parent = self._existing_mo(req.args[0])
+        self.fence.need_existing(req.principal, parent)
+        return self._child_ref(parent, self._existing_mo(req.args[1]), 200)
 
     def _child_delete(self, req: _Req) -> ApiResult:
-        self.model.remove_child_device(self._existing_mo(req.args[0]),
-                                       self._existing_mo(req.args[1]))
+        parent = self._writable_mo(req, req.args[0])["id"]
+        self.model.remove_child_device(parent, self._existing_mo(req.args[1]))
         return _result(204)
 
     # -- binaries -----------------------------------------------------------------------------
 
     def _need_writer(self, req: _Req) -> None:
-        if req.user is not None and self.model.has_credentials(req.user):
-            raise ApiError(403, "security/Forbidden",
-                           "Access is denied: devices may download binaries; only the admin "
-                           "creates, replaces or deletes them")
+        if req.principal.is_device:
+            raise authz.Forbidden(ACCESS_DENIED + ": devices may download binaries; only the "
+                                                  "admin creates, replaces or deletes them")
 
     def _link_binary(self, mo: JSON) -> JSON:
         return {**self._link_mo(mo), "self": self._url("inventory", "binaries", mo["id"])}
@@ -715,14 +785,20 @@ class Api:
     # -- identity -----------------------------------------------------------------------------
 
     def _xid_get(self, req: _Req) -> ApiResult:
-        return _result(200, self._link_xid(self.model.get_external_id(*req.args)))
+        x = self.model.get_external_id(*req.args)
+        self.fence.need(req.principal, x["managedObject"]["id"], read=True)
+        return _result(200, self._link_xid(x))
 
     def _xid_delete(self, req: _Req) -> ApiResult:
+        x = self.model.get_external_id(*req.args)
+        self.fence.need(req.principal, x["managedObject"]["id"])
         self.model.delete_external_id(*req.args)
         return _result(204)
 
     def _global_xids_get(self, req: _Req) -> ApiResult:
         mo_id = self._existing_mo(req.args[0])
+        if self.model.managed_object_exists(mo_id):
+            self.fence.need(req.principal, mo_id, read=True)
         items = [self._link_xid(x) for x in self.model.external_ids_of(mo_id)]
         return _result(200, {"externalIds": items,
                              "self": self._url("identity", "globalIds", str(mo_id),
@@ -730,33 +806,89 @@ class Api:
 
     def _global_xids_post(self, req: _Req) -> ApiResult:
         mo_id = self._existing_mo(req.args[0])
-        return self._created(self._link_xid(self.model.add_external_id(mo_id, self._json(req))))
+        p = req.principal
+        self.fence.need_existing(p, mo_id)
+        data = self._json(req)
+        value = data.get("externalId") if isinstance(data, dict) else None
+        if isinstance(value, str) and self.fence.claims_other_device(p, value):
+            raise authz.Forbidden()
+        try:
+            x = self.model.add_external_id(mo_id, data)
+        except Conflict as e:
+            if not p.is_device:
+                raise
+            # the model's message names the other object: not for a device's eyes
+            raise Conflict(f"External id [type={data.get('type')}, value={value}] is already "
+                           "assigned", e.field) from None
+        return self._created(self._link_xid(x))
 
     # -- measurements, events, alarms ---------------------------------------------------------
 
     def _measurements_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
-        items, total = self.model.query_measurements(
-            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
-            value_fragment_type=req.params.get("valueFragmentType") or None,
-            value_fragment_series=req.params.get("valueFragmentSeries") or None,
-            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
-            revert=bool(self._param_bool(req, "revert")))
+        source = self._param_id(req, "source")
+        mtype = req.params.get("type") or None
+        vtype = req.params.get("valueFragmentType") or None
+        series = req.params.get("valueFragmentSeries") or None
+        date_from, date_to = self._param_time(req, "dateFrom"), self._param_time(req, "dateTo")
+        revert = bool(self._param_bool(req, "revert"))
+
+        def query(pg: Page, src: int | None) -> tuple[list[JSON], int]:
+            return self.model.query_measurements(
+                pg, source=src or source, type=mtype, value_fragment_type=vtype,
+                value_fragment_series=series, date_from=date_from, date_to=date_to,
+                revert=revert)
+
+        items, total = self._scoped(req, page, query, [source], "time", revert)
         return self._collection(req, "measurements",
                                 [self._link_sourced(m, "measurement", "measurements")
                                  for m in items], total, current, size)
 
     def _measurements_post(self, req: _Req) -> ApiResult:
-        m = self.model.create_measurement(self._json(req))
+        data = self._json(req)
+        self._need_source(req, data)
+        m = self.model.create_measurement(data)
         return self._created(self._link_sourced(m, "measurement", "measurements"))
 
     def _measurement_get(self, req: _Req) -> ApiResult:
         m = self.model.get_measurement(self._existing(req, "measurement"))
+        self.fence.need(req.principal, m["source"]["id"])
         return _result(200, self._link_sourced(m, "measurement", "measurements"))
 
     def _measurement_delete(self, req: _Req) -> ApiResult:
-        self.model.delete_measurement(self._existing(req, "measurement"))
+        mid = self._existing(req, "measurement")
+        self.fence.need(req.principal, self.model.get_measurement(mid)["source"]["id"])
+        self.model.delete_measurement(mid)
         return _result(204)
+
+    # -- a device's view of the data ----------------------------------------------------------
+
+    def _need_source(self, req: _Req, data: Any) -> None:
+        """Forbidden if a device posts data for an object that is not its own."""
+        src = data.get("source") if isinstance(data, dict) else None
+        sid = src.get("id") if isinstance(src, dict) else None
+        if isinstance(sid, str | int) and not isinstance(sid, bool):
+            self.fence.need_existing(req.principal, sid)
+
+    def _scoped(self, req: _Req, page: Page, query: Query, given: list[int | None],
+                time_key: str, descending: bool) -> tuple[list[JSON], int]:
+        """A collection query as this user may see it: an id filter naming another device's
+        object is refused; a device's unfiltered query covers its own objects only (one query
+        per object, merged in the query's order: `time_key` then id, `descending` or not)."""
+        p = req.principal
+        if not p.is_device or any(g is not None for g in given):
+            for g in given:
+                self.fence.need_existing(p, g)
+            return query(page, None)
+        upto = Page(0, page.offset + page.limit)
+        items: list[JSON] = []
+        total = 0
+        for mo_id in self.fence.tree(p):
+            got, n = query(upto, mo_id)
+            items += got
+            total += n
+        items.sort(key=lambda d: (_ms_of(d.get(time_key)), int(d["id"])), reverse=descending)
+        return items[page.offset:page.offset + page.limit], total
 
     def _existing(self, req: _Req, what: str) -> int:
         try:
@@ -767,28 +899,42 @@ class Api:
 
     def _events_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
-        items, total = self.model.query_events(
-            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
-            fragment_type=req.params.get("fragmentType") or None,
-            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
-            revert=bool(self._param_bool(req, "revert")))
+        source = self._param_id(req, "source")
+        etype = req.params.get("type") or None
+        frag = req.params.get("fragmentType") or None
+        date_from, date_to = self._param_time(req, "dateFrom"), self._param_time(req, "dateTo")
+        revert = bool(self._param_bool(req, "revert"))
+
+        def query(pg: Page, src: int | None) -> tuple[list[JSON], int]:
+            return self.model.query_events(pg, source=src or source, type=etype,
+                                           fragment_type=frag, date_from=date_from,
+                                           date_to=date_to, revert=revert)
+
+        items, total = self._scoped(req, page, query, [source], "time", not revert)
         return self._collection(req, "events", [self._link_sourced(e, "event", "events")
                                                 for e in items], total, current, size)
 
     def _events_post(self, req: _Req) -> ApiResult:
-        return self._created(self._link_sourced(self.model.create_event(self._json(req)),
+        data = self._json(req)
+        self._need_source(req, data)
+        return self._created(self._link_sourced(self.model.create_event(data),
                                                 "event", "events"))
 
-    def _event_get(self, req: _Req) -> ApiResult:
+    def _own_event(self, req: _Req) -> JSON:
+        """The event of the path, if this user may use it."""
         e = self.model.get_event(self._existing(req, "event"))
-        return _result(200, self._link_sourced(e, "event", "events"))
+        self.fence.need(req.principal, e["source"]["id"])
+        return e
+
+    def _event_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_sourced(self._own_event(req), "event", "events"))
 
     def _event_put(self, req: _Req) -> ApiResult:
-        e = self.model.update_event(self._existing(req, "event"), self._json(req))
+        e = self.model.update_event(self._own_event(req)["id"], self._json(req))
         return _result(200, self._link_sourced(e, "event", "events"))
 
     def _event_delete(self, req: _Req) -> ApiResult:
-        eid = self._existing(req, "event")
+        eid = self._own_event(req)["id"]
         self.model.delete_event(eid)
         self.binaries.remove(str(eid))  # its attachment (ids are unique across all objects)
         return _result(204)
@@ -797,13 +943,7 @@ class Api:
 
     def _attachable(self, req: _Req) -> JSON:
         """The event of /event/events/{id}/binaries, if this user may use its attachment."""
-        e = self.model.get_event(self._existing(req, "event"))
-        if req.user is not None and self.model.has_credentials(req.user) \
-                and self.device_user(e["source"]["id"]) != req.user:
-            raise ApiError(403, "security/Forbidden",
-                           f"Access is denied: event {e['id']} belongs to managed object "
-                           f"{e['source']['id']}, which is not this device's")
-        return e
+        return self._own_event(req)
 
     def _event_binary_url(self, eid: str) -> str:
         return self._url("event", "events", eid, "binaries")
@@ -885,53 +1025,81 @@ class Api:
 
     def _alarms_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
-        status = [s.strip() for s in req.params.get("status", "").split(",") if s.strip()]
-        items, total = self.model.query_alarms(
-            page, source=self._param_id(req, "source"), type=req.params.get("type") or None,
-            status=status or None, severity=req.params.get("severity") or None,
-            resolved=self._param_bool(req, "resolved"),
-            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
-            revert=bool(self._param_bool(req, "revert")))
+        status = _list_param(req, "status")
+        source = self._param_id(req, "source")
+        atype = req.params.get("type") or None
+        severity = req.params.get("severity") or None
+        resolved = self._param_bool(req, "resolved")
+        date_from, date_to = self._param_time(req, "dateFrom"), self._param_time(req, "dateTo")
+        revert = bool(self._param_bool(req, "revert"))
+
+        def query(pg: Page, src: int | None) -> tuple[list[JSON], int]:
+            return self.model.query_alarms(pg, source=src or source, type=atype,
+                                           status=status or None, severity=severity,
+                                           resolved=resolved, date_from=date_from,
+                                           date_to=date_to, revert=revert)
+
+        items, total = self._scoped(req, page, query, [source], "time", not revert)
         return self._collection(req, "alarms", [self._link_sourced(a, "alarm", "alarms")
                                                 for a in items], total, current, size)
 
     def _alarms_post(self, req: _Req) -> ApiResult:
-        alarm, _new = self.model.create_alarm(self._json(req))
+        data = self._json(req)
+        self._need_source(req, data)
+        alarm, _new = self.model.create_alarm(data)
         return self._created(self._link_sourced(alarm, "alarm", "alarms"))
 
-    def _alarm_get(self, req: _Req) -> ApiResult:
+    def _own_alarm(self, req: _Req) -> JSON:
         a = self.model.get_alarm(self._existing(req, "alarm"))
-        return _result(200, self._link_sourced(a, "alarm", "alarms"))
+        self.fence.need(req.principal, a["source"]["id"])
+        return a
+
+    def _alarm_get(self, req: _Req) -> ApiResult:
+        return _result(200, self._link_sourced(self._own_alarm(req), "alarm", "alarms"))
 
     def _alarm_put(self, req: _Req) -> ApiResult:
-        a = self.model.update_alarm(self._existing(req, "alarm"), self._json(req))
+        a = self.model.update_alarm(self._own_alarm(req)["id"], self._json(req))
         return _result(200, self._link_sourced(a, "alarm", "alarms"))
 
     # -- operations ---------------------------------------------------------------------------
 
     def _operations_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
-        status = [s.strip() for s in req.params.get("status", "").split(",") if s.strip()]
-        items, total = self.model.query_operations(
-            page, device=self._param_id(req, "deviceId"), status=status or None,
-            agent=self._param_id(req, "agentId"),
-            fragment_type=req.params.get("fragmentType") or None,
-            date_from=self._param_time(req, "dateFrom"), date_to=self._param_time(req, "dateTo"),
-            revert=bool(self._param_bool(req, "revert")))
+        status = _list_param(req, "status")
+        device, agent = self._param_id(req, "deviceId"), self._param_id(req, "agentId")
+        frag = req.params.get("fragmentType") or None
+        date_from, date_to = self._param_time(req, "dateFrom"), self._param_time(req, "dateTo")
+        revert = bool(self._param_bool(req, "revert"))
+
+        def query(pg: Page, mo: int | None) -> tuple[list[JSON], int]:
+            return self.model.query_operations(pg, device=mo or device, status=status or None,
+                                               agent=agent, fragment_type=frag,
+                                               date_from=date_from, date_to=date_to,
+                                               revert=revert)
+
+        items, total = self._scoped(req, page, query, [device, agent], "creationTime", revert)
         return self._collection(req, "operations", [self._link_op(o) for o in items], total,
                                 current, size)
 
     def _operations_post(self, req: _Req) -> ApiResult:
-        op = self._link_op(self.model.create_operation(self._json(req)))
+        data = self._json(req)
+        dev = data.get("deviceId") if isinstance(data, dict) else None
+        if isinstance(dev, str | int) and not isinstance(dev, bool):
+            self.fence.need_existing(req.principal, dev)
+        op = self._link_op(self.model.create_operation(data))
         self._fire(self._op_hooks, op)
         return self._created(op)
 
+    def _own_operation(self, req: _Req) -> JSON:
+        op = self.model.get_operation(self._existing(req, "operation"))
+        self.fence.need(req.principal, op["deviceId"])
+        return op
+
     def _operation_get(self, req: _Req) -> ApiResult:
-        return _result(200, self._link_op(self.model.get_operation(
-            self._existing(req, "operation"))))
+        return _result(200, self._link_op(self._own_operation(req)))
 
     def _operation_put(self, req: _Req) -> ApiResult:
-        op = self.model.update_operation(self._existing(req, "operation"), self._json(req))
+        op = self.model.update_operation(self._own_operation(req)["id"], self._json(req))
         return _result(200, self._link_op(op))
 
     # -- new device requests ------------------------------------------------------------------
@@ -1094,6 +1262,9 @@ class Api:
     def issue_credentials(self, device_id: str, password: str, source: str = "bootstrap"
                           ) -> None:
         """Give `device_id` this broker password (CredentialSink) and record its hash."""
+        if self.admin_user is not None and device_id == self.admin_user:
+            # a device of the admin's name would be fenced in, and the admin with it
+            raise Invalid(f"{device_id!r} is the platform's admin user, not a device", "id")
         if self.credentials is not None:
             self.credentials.add_device(device_id, password)
         self.model.record_credentials(device_id, password, source)
@@ -1125,6 +1296,20 @@ class Api:
                 return str(owner)
             todo += [r["managedObject"]["id"] for r in mo["deviceParents"]["references"]]
         return None
+
+
+def _ms_of(text: Any) -> int:
+    """Epoch milliseconds of a stored time, for merging; 0 if unreadable."""
+    try:
+        return parse_time(text)[1]
+    except ModelError:
+        return 0
+
+
+def _list_param(req: _Req, name: str) -> list[str]:
+    """A comma list parameter (status=ACTIVE,ACKNOWLEDGED), each value once."""
+    values = [s.strip() for s in req.params.get(name, "").split(",") if s.strip()]
+    return list(dict.fromkeys(values))
 
 
 def _failed(device_id: str, reason: str, line: int) -> JSON:

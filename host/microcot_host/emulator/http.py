@@ -3,8 +3,9 @@
 Bound to 127.0.0.1 (a given port or a free one). Every request needs HTTP Basic auth: the admin
 user given at construction, optionally written `<tenant>/<user>` as Cumulocity allows, or (unless
 `device_users=False`) a device whose credentials the platform issued (bootstrap or bulk
-registration), checked against the recorded hash; the user name reaches `Api.handle` as the owner
-of what it creates. Anything else gets 401 with `WWW-Authenticate`.
+registration), checked against the recorded hash; the user name reaches `Api.handle`, which
+fences device users in (authz.py) and takes the admin by its name: the server gives the Api its
+`admin_user` (one admin per Api). Anything else gets 401 with `WWW-Authenticate`.
 
 Bodies are JSON (`application/json` or Cumulocity's `application/vnd.com.nsn.cumulocity.*+json`;
 Api answers 415 for other types), CSV or multipart for the bulk registration, at most `max_body`
@@ -37,6 +38,12 @@ authenticated with device credentials: the emulator counts it as a message of th
 Keep-alive (HTTP/1.1) works; idle connections are closed after `idle_timeout` seconds, and all
 of them by stop(). Request
 lines are logged at DEBUG; headers (and so credentials) never are.
+
+Every error is Cumulocity-shaped JSON (`{"error", "message", "info"}`), the standard library's
+own refusals too (a malformed request line 400, one over 64 KiB 414, over 100 headers 431, an
+unknown method 501); answers are strict JSON (jsonsafe.dumps: an old database's NaN goes out as
+null). A client that breaks its connection or TLS session is logged at DEBUG, without a
+traceback; a traceback in the log is always the emulator's own failure.
 """
 
 from __future__ import annotations
@@ -46,17 +53,18 @@ import binascii
 import contextlib
 import hmac
 import http.server
-import json
 import logging
 import os
 import re
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from . import jsonsafe
 from .api import ERROR_INFO, Api, ApiResult, BinaryContent
 
 log = logging.getLogger(__name__)
@@ -67,7 +75,9 @@ MULTIPART_SLACK = 64 << 10  # room for the object part and the framing of a bina
 CHUNK = 1 << 16
 SmartRestHandler = Callable[[bytes, str | None, str], tuple[int, bytes]]
 _BINARY_UPLOAD = re.compile(r"^/(inventory/binaries(/[^/]+)?|event/events/[^/]+/binaries)$")
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# ASCII digits, at most 18 (a 64-bit offset): longer is malformed (the whole file), not an
+# error deep in int()
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*$", re.IGNORECASE)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
@@ -107,6 +117,10 @@ class RestServer:
                  public_host: str | None = None) -> None:
         if not admin_user or not admin_password:
             raise ValueError("the REST API needs an admin user and password")
+        if api.admin_user is None:
+            api.admin_user = admin_user  # Api tells the admin from device users by this name
+        elif api.admin_user != admin_user:
+            raise ValueError(f"this Api serves the admin {api.admin_user!r} already")
         self.api = api
         self.admin_user = admin_user
         self._admin_password = admin_password.encode()
@@ -248,6 +262,11 @@ class _Server(http.server.ThreadingHTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            # a client that broke the connection or the TLS session: its trouble, not ours
+            log.debug("emulator HTTP: connection with %s failed: %s", client_address, exc)
+            return
         log.exception("emulator HTTP: error while serving %s", client_address)
 
 
@@ -276,6 +295,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The standard library's own refusals (a malformed request line, too long a line or
+        too many headers, an unknown method) as Cumulocity-shaped JSON, not HTML."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the default of an unreadable request line
+            self.request_version = "HTTP/1.0"  # else no status line would be sent
+        phrase = _phrase(code)
+        with contextlib.suppress(OSError):  # the client is gone
+            self._send_json(code, phrase, {"error": f"general/{phrase}",
+                                           "message": message or explain or phrase,
+                                           "info": ERROR_INFO}, {})
 
     def _serve(self) -> None:
         try:
@@ -498,8 +531,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         {"error": code, "message": message, "info": ERROR_INFO}, {})
 
     def _send_json(self, status: int, reason: str, body: Any, headers: dict[str, str]) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        self._send(status, reason, data, "application/json; charset=utf-8", headers)
+        self._send(status, reason, jsonsafe.dumps(body), "application/json; charset=utf-8",
+                   headers)
 
     def _send(self, status: int, reason: str, data: bytes, content_type: str | None,
               headers: dict[str, str]) -> None:
