@@ -196,8 +196,9 @@ def parse(text: str | bytes, check_weak: bool = False) -> FleetCsv:
     if any(p.line == hline for p in problems):
         return FleetCsv([], problems, sep, header)
 
-    rows = [_row(line, rec, header, index, problems) for line, rec in records[1:]]
-    _check_rows(rows, problems, check_weak)
+    parsed = [_row(line, rec, header, index, problems) for line, rec in records[1:]]
+    rows = [row for row, _ in parsed]
+    _check_rows(parsed, problems, check_weak)
     problems.sort(key=lambda p: (p.line, p.position or 0))
     return FleetCsv(rows, problems, sep, header)
 
@@ -229,26 +230,56 @@ def _detect_separator(header: str) -> tuple[str | None, str]:
 
 
 def _row(line: int, rec: list[str], header: list[str], index: dict[str, int],
-         problems: list[Problem]) -> FleetRow:
-    if len(rec) > len(header):
+         problems: list[Problem]) -> tuple[FleetRow, frozenset[str]]:
+    """The row, and the seed's columns it has no value for (already reported).
+
+    A row costs what it holds plus the seed's six columns, never the header's width: a short
+    row under a header of thousands of extra columns gets one problem for all of them, and its
+    `extra` holds only the values it has."""
+    width = len(header)
+    if len(rec) > width:
         problems.append(Problem(line, None, f"{len(rec)} values but the header has "
-                                            f"{len(header)} columns (an unquoted separator?)",
-                                position=len(header) + 1, code="columns"))
+                                            f"{width} columns (an unquoted separator?)",
+                                position=width + 1, code="columns"))
     values: dict[str, str] = {}
-    for name, i in index.items():
+    missing: set[str] = set()
+    for name in COLUMNS:
+        i = index[name]
         if i >= len(rec):
             problems.append(Problem(line, name, f"missing value (the row has {len(rec)} of "
-                                                f"{len(header)} columns)", position=i + 1,
+                                                f"{width} columns)", position=i + 1,
                                     code="columns"))
             values[name] = ""
+            missing.add(name)
         else:
             values[name] = rec[i] if name == "CREDENTIALS" else rec[i].strip()
-    extra = tuple((n, values[n]) for n in header if n and n not in COLUMNS and n in values)
-    return FleetRow(line, values["ID"], values["CREDENTIALS"], values["TYPE"], values["NAME"],
-                    values["ICCID"], values["SHELL"], extra)
+    seed_at = {index[c] for c in COLUMNS}
+    extra = tuple((header[i], rec[i].strip()) for i in range(min(len(rec), width))
+                  if i not in seed_at)
+    _report_missing_extra(line, rec, header, seed_at, problems)
+    row = FleetRow(line, values["ID"], values["CREDENTIALS"], values["TYPE"], values["NAME"],
+                   values["ICCID"], values["SHELL"], extra)
+    return row, frozenset(missing)
 
 
-def _check_rows(rows: list[FleetRow], problems: list[Problem], check_weak: bool) -> None:
+def _report_missing_extra(line: int, rec: list[str], header: list[str], seed_at: set[int],
+                          problems: list[Problem]) -> None:
+    # one problem for the first missing extra column, however many follow it; the seed's
+    # columns are at most six, so finding the first extra one past the row's end is bounded
+    first = next((i for i in range(len(rec), len(header)) if i not in seed_at), None)
+    if first is None:
+        return
+    after = len(header) - first - 1 - sum(1 for i in seed_at if i > first)
+    more = f", and the {after} column{'s' if after != 1 else ''} after it" if after else ""
+    problems.append(Problem(line, header[first], f"missing value{more} (the row has "
+                                                 f"{len(rec)} of {len(header)} columns)",
+                            position=first + 1, code="columns"))
+
+
+def _check_rows(rows: list[tuple[FleetRow, frozenset[str]]], problems: list[Problem],
+                check_weak: bool) -> None:
+    """Each row's values, in one pass: duplicates are found through the first line of each ID
+    and ICCID, so a file of rows sharing one ICCID costs as much as any other file."""
     pos = {c: i + 1 for i, c in enumerate(COLUMNS)}
     seen_id: dict[str, int] = {}
     seen_iccid: dict[str, int] = {}
@@ -256,8 +287,7 @@ def _check_rows(rows: list[FleetRow], problems: list[Problem], check_weak: bool)
     def add(row: FleetRow, col: str, msg: str, code: str = "invalid") -> None:
         problems.append(Problem(row.line, col, msg, position=pos.get(col), code=code))
 
-    for r in rows:
-        missing = {p.column for p in problems if p.line == r.line and p.code == "columns"}
+    for r, missing in rows:
         # ID
         if not r.id:
             if "ID" not in missing:
@@ -361,11 +391,8 @@ def dumps(rows: Iterable[FleetRow], separator: str = ";") -> str:
     if separator not in SEPARATORS:
         raise ValueError(f"separator must be one of ';', ',' or tab, got {separator!r}")
     rows = list(rows)
-    extra: list[str] = []
-    for r in rows:
-        for name, _ in r.extra:
-            if name not in extra:
-                extra.append(name)
+    # a dict keeps first-seen order and looks a name up in constant time
+    extra = list(dict.fromkeys(name for r in rows for name, _ in r.extra))
     lines = [_line(list(COLUMNS) + extra, separator)]
     for r in rows:
         ex = dict(r.extra)
