@@ -138,12 +138,15 @@ def device(conn: dict[str, Any], device_id: str, password: str, binary: bool = F
     return d
 
 
-def raw_connack(conn: dict[str, Any], user: str, password: str, client_id: str = "raw") -> int:
-    """The CONNACK return code byte itself, as a device's own MQTT client sees it."""
+def raw_connack(conn: dict[str, Any], user: str, password: str,
+                client_id: str | None = None) -> int:
+    """The CONNACK return code byte itself, as a device's own MQTT client sees it (client id:
+    the user name by default, the only one a device user may use)."""
     def s(b: bytes) -> bytes:
         return struct.pack(">H", len(b)) + b
     var = s(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30)  # 3.1.1, user+password, clean
-    body = var + s(client_id.encode()) + s(user.encode()) + s(password.encode())
+    cid = user if client_id is None else client_id
+    body = var + s(cid.encode()) + s(user.encode()) + s(password.encode())
     assert len(body) < 128
     ctx = client_ssl_context(conn["ca_cert"])
     with socket.create_connection((conn["mqtt_host"], conn["mqtt_port"]), timeout=WAIT) as raw, \

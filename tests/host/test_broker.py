@@ -1,8 +1,10 @@
-"""The emulator's broker layer against a real Mosquitto: TLS, seed 002's topic rights, credentials
-changed while running, persistent sessions across a restart, and process hygiene.
+"""The emulator's broker layer against a real Mosquitto: TLS, seed 002's topic rights, device
+users bound to their client id, credentials changed while running, persistent sessions across a
+restart, and process hygiene.
 
-paho-mqtt plays the devices, the bootstrap client and the connector, over TLS verified against the
-broker's generated CA with the host name `localhost`.
+paho-mqtt plays the devices, the bootstrap relay and the connector, over TLS verified against the
+broker's generated CA with the host name `localhost`. The bootstrap user is not a Mosquitto user:
+the emulator's front serves it (test_emulator_sessions.py).
 """
 
 from __future__ import annotations
@@ -105,12 +107,13 @@ class Peer:
         self.client.loop_stop()
 
 
-def raw_connack(broker: Broker, user: str, password: str, client_id: str = "raw") -> int:
+def raw_connack(broker: Broker, user: str, password: str, client_id: str | None = None) -> int:
     """The CONNACK return code byte itself, as a device's own MQTT client would see it."""
     def s(b: bytes) -> bytes:
         return struct.pack(">H", len(b)) + b
     var = s(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 30)  # 3.1.1, user+password, clean
-    body = var + s(client_id.encode()) + s(user.encode()) + s(password.encode())
+    cid = user if client_id is None else client_id
+    body = var + s(cid.encode()) + s(user.encode()) + s(password.encode())
     assert len(body) < 128
     ctx = client_ssl_context(broker.ca_cert)
     with socket.create_connection(("localhost", broker.port), timeout=WAIT) as raw, \
@@ -128,10 +131,9 @@ def raw_connack(broker: Broker, user: str, password: str, client_id: str = "raw"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    with Broker(tmp_path_factory.mktemp("broker")) as b:
+    with Broker(tmp_path_factory.mktemp("broker"), reserved=("devicebootstrap",)) as b:
         b.add_device("8949000000000000001", "pw-device-one")
         b.add_device("8949000000000000002", "pw-device-two")
-        b.set_bootstrap("devicebootstrap", "pw-bootstrap")
         yield b
 
 
@@ -162,8 +164,9 @@ def connector(broker, peers, *subs: str) -> Peer:
     return p
 
 
-def boot(broker, peers, client_id) -> Peer:
-    p = Peer(broker, client_id, "devicebootstrap", "pw-bootstrap").ok()
+def relay(broker, peers) -> Peer:
+    cred = broker.relay_credentials()
+    p = Peer(broker, f"relay-{len(peers)}", cred.user, cred.password).ok()
     peers.append(p)
     return p
 
@@ -209,9 +212,9 @@ def test_device_publish_outside_its_topics_reaches_nobody(broker, peers):
     conn = connector(broker, peers, "ms/+", "bs/+", "ss/+")
     other = dev(broker, peers, DEV2).ok()
     assert other.subscribe(f"mr/{DEV2}") == 1
-    bootstrapping = boot(broker, peers, DEV1)
+    bootstrapping = relay(broker, peers)
     assert bootstrapping.subscribe(f"sr/{DEV1}") == 1
-    d = dev(broker, peers, client_id="dev1-spoof").ok()
+    d = dev(broker, peers).ok()
     for topic in (f"mr/{DEV1}", f"mr/{DEV2}", f"ms/{DEV2}", f"bs/{DEV2}", f"sr/{DEV1}",
                   f"ss/{DEV1}"):
         d.publish(topic, b"forged")
@@ -224,64 +227,72 @@ def test_device_publish_outside_its_topics_reaches_nobody(broker, peers):
     assert broker.has_device(DEV2)  # the forged $CONTROL command did nothing
 
 
-# -- bootstrap user (shared; rights follow the client id) ---------------------------------------
+# -- sessions bound to identities; the bootstrap relay ----------------------------------------
 
-def test_bootstrap_user_is_bound_to_its_client_id(broker, peers):
+def test_a_device_connects_only_with_its_own_client_id(broker, peers):
+    conn = connector(broker, peers)
+    owner = dev(broker, peers, DEV2, clean=False).ok()
+    assert owner.subscribe(f"mr/{DEV2}") == 1
+    owner.close()  # away: its persistent session keeps what comes
+    conn.publish(f"mr/{DEV2}", b"510,1,queued-for-dev2")
+    thief = dev(broker, peers, DEV1, client_id=DEV2).connect()
+    assert thief.connack.is_failure and thief.connack.value == 135  # CONNACK 5
+    assert raw_connack(broker, DEV1, "pw-device-one", client_id=DEV2) == 5
+    assert raw_connack(broker, DEV1, "pw-device-one", client_id="") == 5
+    back = dev(broker, peers, DEV2, clean=False).ok()
+    assert back.get().payload == b"510,1,queued-for-dev2"  # the session was not taken over
+    live = dev(broker, peers, DEV1).ok()
+    dev(broker, peers, DEV2, client_id=DEV1).connect()
+    assert not live.disconnected.wait(QUIET)
+
+
+def test_the_relay_carries_bootstrap_topics_only(broker, peers):
     conn = connector(broker, peers, "ss/+", "ms/+")
-    a = boot(broker, peers, "BOOTA")
-    b = boot(broker, peers, "BOOTB")
-    assert a.subscribe("sr/BOOTA") == 1
-    assert b.subscribe("sr/BOOTB") == 1
-    for topic in ("sr/+", "sr/#", "#", "+/+", "+/#", "mr/BOOTA", "ms/BOOTA", "ss/BOOTA",
-                  "sr/BOOTA/x", "sr", "$SYS/#"):
-        assert a.subscribe(topic) == DENIED, topic
-    # Mosquitto 2.0 can only filter delivery of these, not refuse the SUBSCRIBE (see broker.py)
-    assert a.subscribe("sr/BOOTB") in (1, DENIED)
-    assert a.subscribe("+/BOOTA") in (1, DENIED)
-
-    a.publish("ss/BOOTB", b"stolen-secret")
-    a.publish("ms/BOOTA", b"not-a-device")
-    a.publish("ss/BOOTA", b"SECRETSECRETSECR")
+    r = relay(broker, peers)
+    assert r.subscribe("sr/+") == 1
+    for topic in ("#", "mr/+", "ms/+", "ss/+", "sr/#", "$SYS/#", f"mr/{DEV1}"):
+        assert r.subscribe(topic) == DENIED, topic
+    r.publish(f"ms/{DEV1}", b"not-a-device")
+    r.publish("ss/NEWDEV", b"SECRETSECRETSECR")
     m = conn.get()
-    assert (m.topic, m.payload) == ("ss/BOOTA", b"SECRETSECRETSECR")
+    assert (m.topic, m.payload) == ("ss/NEWDEV", b"SECRETSECRETSECR")
     assert conn.nothing() == []
-
-    conn.publish("sr/BOOTA", b"for-a")
-    conn.publish("sr/BOOTB", b"for-b")
-    conn.publish("mr/BOOTA", b"not-for-bootstrap")
-    assert a.get().payload == b"for-a"
-    assert b.get().payload == b"for-b"
-    assert a.nothing() == [] and b.nothing() == []
+    conn.publish("sr/NEWDEV", b"answer")
+    conn.publish(f"mr/{DEV1}", b"not-for-the-relay")
+    m = r.get()
+    assert (m.topic, m.payload) == ("sr/NEWDEV", b"answer")
+    assert r.nothing() == []
 
 
-def test_bootstrap_user_can_be_changed(tmp_path):
-    peers: list[Peer] = []
+def test_an_older_data_directory_is_brought_up_to_date(tmp_path):
+    """Before the front, the bootstrap user lived in Mosquitto (an acl_file and a catch-all deny
+    role for everybody else) and devices could use any client id."""
     with Broker(tmp_path) as b:
-        try:
-            b.set_bootstrap("boot1", "first")
-            b.set_bootstrap("boot1", "second")  # same user, new password
-            assert raw_connack(b, "boot1", "first") == 5
-            conn = connector(b, peers, "ss/+")
-            p = Peer(b, "NEWDEV", "boot1", "second").ok()
-            peers.append(p)
-            assert p.subscribe("sr/NEWDEV") == 1 and p.subscribe("sr/+") == DENIED
-            p.publish("ss/NEWDEV", b"secret")
-            assert conn.get().topic == "ss/NEWDEV"  # still only the bootstrap rights
-            conn.publish("sr/NEWDEV", b"answer")
-            assert p.get().payload == b"answer"
-
-            b.set_bootstrap("boot2", "third")   # another name replaces the first user
-            assert p.disconnected.wait(WAIT)
-            assert raw_connack(b, "boot1", "second") == 5
-            assert raw_connack(b, "boot2", "third") == 0
-            with pytest.raises(BrokerError, match="bootstrap user"):
-                b.add_device("boot2", "pw")
-            b.add_device("DEVX", "pw-x")
-            with pytest.raises(BrokerError, match="device"):
-                b.set_bootstrap("DEVX", "pw")
-        finally:
-            for p in peers:
-                p.close()
+        b.add_device("OLDDEV", "pw-old")
+    path = tmp_path / "dynamic-security.json"
+    cfg = json.loads(path.read_text())
+    deny = {"rolename": "microcot-deny-rest", "acls": []}
+    cfg["roles"] += [deny, {"rolename": "microcot-bootstrap", "acls": []}]
+    for c in cfg["clients"]:
+        if c["username"] == "OLDDEV":
+            c.pop("clientid", None)
+            c["roles"].append({"rolename": "microcot-deny-rest", "priority": 0})
+    boot_user = dict(next(c for c in cfg["clients"] if c["username"] == "OLDDEV"),
+                     username="devicebootstrap",
+                     roles=[{"rolename": "microcot-bootstrap", "priority": 10}])
+    cfg["clients"].append(boot_user)
+    path.write_text(json.dumps(cfg))
+    (tmp_path / "bootstrap.acl").write_text("pattern write ss/%c\npattern read sr/%c\n")
+    with Broker(tmp_path) as b:
+        assert raw_connack(b, "OLDDEV", "pw-old") == 0
+        assert raw_connack(b, "OLDDEV", "pw-old", client_id="OTHER") == 5
+        assert raw_connack(b, "devicebootstrap", "pw-old") == 5
+    cfg = json.loads(path.read_text())
+    assert {r["rolename"] for r in cfg["roles"]}.isdisjoint({"microcot-deny-rest",
+                                                             "microcot-bootstrap"})
+    assert "devicebootstrap" not in {c["username"] for c in cfg["clients"]}
+    assert not (tmp_path / "bootstrap.acl").exists()
+    assert "acl_file" not in (tmp_path / "mosquitto.conf").read_text()
 
 
 def test_connector_rights(broker, peers):
@@ -300,7 +311,7 @@ def test_wrong_password_and_unknown_user_get_connack_5(broker, peers):
     # Mosquitto 2.0 answers 5 to both
     assert raw_connack(broker, DEV1, "wrong") == 5
     assert raw_connack(broker, "8949999999999999999", "whatever") == 5
-    assert raw_connack(broker, DEV1, "pw-device-one", client_id=DEV1 + "-raw") == 0
+    assert raw_connack(broker, DEV1, "pw-device-one") == 0
     p = dev(broker, peers, password="wrong").connect()
     assert p.connack.is_failure and p.connack.value == 135  # paho's name for CONNACK 5
 
@@ -334,15 +345,16 @@ def test_bad_names_are_refused_before_reaching_the_broker(broker):
             broker.add_device(bad, "pw")
     with pytest.raises(BrokerError):
         broker.add_device("123", "")
-    with pytest.raises(BrokerError):
-        broker.set_bootstrap("microcot-admin", "pw")
+    for reserved in ("devicebootstrap", "microcot-bootstrap-relay", "microcot-admin"):
+        with pytest.raises(BrokerError, match="reserved"):
+            broker.add_device(reserved, "pw")
 
 
 def test_no_password_in_files_anyone_can_read(broker):
     log = broker.log_file.read_text()
     assert "createClient" in log  # the plugin logs commands...
-    for pw in ("pw-device-one", "pw-device-two", "pw-bootstrap", "first-password",
-               broker.connector_credentials().password):
+    for pw in ("pw-device-one", "pw-device-two", "first-password",
+               broker.connector_credentials().password, broker.relay_credentials().password):
         assert pw not in log  # ...but masks their passwords
     assert "password='" not in repr(broker.connector_credentials())
     for name in ("broker-secrets.json", "dynamic-security.json", "mosquitto.conf",
@@ -360,7 +372,8 @@ def test_retained_flag_is_not_stored(broker, peers):
     # Mosquitto with retain_available false drops a client that sets the flag
     assert conn.disconnected.wait(WAIT)
     assert d.nothing() == []
-    late = dev(broker, peers, client_id="late-subscriber").ok()
+    d.close()
+    late = dev(broker, peers).ok()
     assert late.subscribe(f"mr/{DEV1}") == 1
     assert late.nothing() == []
 

@@ -4,17 +4,19 @@ The conversation
 ----------------
 1. A device connects as the shared bootstrap user with client id = its ID, subscribes `sr/<ID>`
    and publishes its temporary secret (16 bytes, DESIGN.md: 16 letters A-Z) on `ss/<ID>`.
-   The broker's ACL lets the bootstrap user publish only on `ss/<client id>`, so the topic names
-   the device. `on_secret` keeps the secret and calls `Api.bootstrap_request(ID)`: the new device
-   request becomes PENDING_ACCEPTANCE.
+   The emulator's MQTT front serves that session itself (front_bootstrap.py: a namespace apart
+   from the devices' Mosquitto sessions, so it never disturbs a connected device with that ID)
+   and relays only `ss/<client id>` to Mosquitto, so the topic names the device; the connector
+   takes it from `ss/+`. `on_secret` keeps the secret and calls `Api.bootstrap_request(ID)`: the
+   new device request becomes PENDING_ACCEPTANCE.
 2. Someone accepts it: REST `PUT /devicecontrol/newDeviceRequests/<ID> {"status": "ACCEPTED"}`,
    `microcot emulator accept ID`, `Emulator.accept(ID)` (all three the same PUT, which fires
    `Api.on_request_accepted`), or at once with `auto_accept`.
 3. `issue` draws a fresh password (20 letters and digits from `secrets`), gives it to the device
    through `Api.issue_credentials` (the broker user `<ID>` with its topics; an existing user gets
    the new password and its open connection is closed) and publishes
-   `xtea.encrypt_ecb(secret, xtea.pad(password))` on `sr/<ID>`, QoS 1, not retained. Then the
-   secret is forgotten.
+   `xtea.encrypt_ecb(secret, xtea.pad(password))` on `sr/<ID>`, QoS 1, not retained; the front's
+   relay hands it to the bootstrap session `<ID>` alone. Then the secret is forgotten.
 
 Decisions
 ---------
@@ -26,7 +28,10 @@ Decisions
   `bootstrap.secret.<ID>`: an emulator restarted between the device's publish and the acceptance
   still answers, and a copy of the database alone does not reveal secrets. Without `key_file` the
   key is per process (tests without a data directory).
-- Re-bootstrap: a device that has credentials and publishes a new secret needs a new acceptance
+- Re-bootstrap: a device that has credentials may bootstrap again at any time (seed 002: "Der
+  Bootstrapvorgang kann jederzeit wiederholt werden", e.g. after losing its credentials), so the
+  front admits the bootstrap user with the ID of a device that has credentials, even while that
+  device is connected (its session is another one). Such a device needs a new acceptance
   (its request goes back to PENDING_ACCEPTANCE). Seed 002 wants the old credentials deleted
   before a re-registration; deleting them through REST deletes the ACCEPTED request too (api.py),
   so either way the next bootstrap waits for someone to accept it, and anyone who merely knows
@@ -37,7 +42,7 @@ Decisions
   the credentials follow when the secret arrives.
 - `sr/<ID>` is only delivered to a session that is subscribed to it: the device must subscribe
   before it publishes its secret (seed 002's order) and should use clean_session=False, so the
-  broker keeps the answer while it reconnects. A device that missed the answer bootstraps again
+  front keeps the answer while it reconnects (and across restarts). A device that missed the answer bootstraps again
   (and, having credentials now, waits for another acceptance).
 """
 

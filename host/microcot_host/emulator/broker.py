@@ -1,51 +1,57 @@
-"""The emulator's MQTT broker: a real Mosquitto (2.0+) with TLS and the access control of seed 002.
+"""The emulator's MQTT broker: a real Mosquitto (2.0+) with the access control of seed 002.
 
 Topics (seed 002, "MQTT Topics" and "Grundlegende MQTT Sicherheitseinstellungen"):
 
 | user                 | may publish                  | may subscribe (and receive)   |
 | -------------------- | ---------------------------- | ----------------------------- |
 | a device `<ID>`      | `ms/<ID>`, `bs/<ID>`         | `mr/<ID>`, `br/<ID>`          |
-| the bootstrap user   | `ss/<client id>`             | `sr/<client id>`              |
 | the connector        | `mr/+`, `br/+`, `sr/+`       | `ms/+`, `bs/+`, `ss/+`        |
+| the bootstrap relay  | `ss/+`                       | `sr/+`                        |
 
 Everything else is refused: a refused SUBSCRIBE is answered with SUBACK 0x80, a refused PUBLISH
 is acknowledged and dropped (MQTT 3.1.1 has no way to say no). Retained messages are not available
 (`retain_available false`: Mosquitto closes the connection of a client that publishes with the
 retain flag, and stores nothing).
 
-Why the dynamic-security plugin, and why it is not alone
----------------------------------------------------------
+Sessions are bound to identities: a device user may connect only with its own ID as client id
+(the plugin's per-client `clientid`; any other client id is CONNACK 5), so no device can take over
+another device's session (Mosquitto itself lets a new connection take over a session across user
+names: eclipse-mosquitto/mosquitto issue 3553).
+
+The shared bootstrap user is not a Mosquitto user at all. Its rights depend on the client id
+(`ss/<client id>`, `sr/<client id>`), which the plugin of Mosquitto 2.0 cannot express (it does
+not substitute `%c`/`%u`; verified with 2.0.11), and the `acl_file` fallback that can checks only
+delivery, not SUBSCRIBE, and shares the devices' session namespace, so a bootstrap login with a
+device's ID as client id would kick that device off. The emulator's MQTT front (front.py) serves
+the bootstrap sessions itself and relays `ss/<ID>` and `sr/<ID>` through one client of its own,
+the bootstrap relay, whose rights are the table's last row.
+
+Why the dynamic-security plugin
+-------------------------------
 Credentials change while the broker runs (bootstrap, deletion, mass registration). The plugin takes
 `createClient`/`deleteClient` over MQTT (`$CONTROL/dynamic-security/v1`), applies them at once,
 saves them itself, and kicks the live connection of a deleted client, which is what a deleted device
 must experience; a password file needs a SIGHUP per change and a rewrite of the whole file. It is
-also the only built-in mechanism of Mosquitto 2.0 that checks SUBSCRIBE packets: the `acl_file`
-checks only delivery, so a forbidden subscription would get SUBACK 0x00 and silently nothing.
-
-But the plugin of Mosquitto 2.0 does not substitute `%c`/`%u` in its ACLs (verified with 2.0.11:
-`sr/%c` only matches the literal topic `sr/%c`), and the bootstrap user is one shared user whose
-topics depend on the client id. So the bootstrap rights come from two `pattern` lines in an
-`acl_file` (`write ss/%c`, `read sr/%c`). Mosquitto asks the plugin first and falls back to the
-`acl_file` only when the plugin has no matching ACL; every other user therefore carries a low
-priority role that denies everything explicitly ("deny-rest"), so the patterns are reachable by the
-bootstrap user alone. Devices get one literal role each (`device:<ID>`), created and deleted with
-them. What remains of the fallback: the bootstrap user's subscription to another client's
-`sr/<X>` is granted (SUBACK 0x01) but nothing is ever delivered on it, because delivery is checked
-against `sr/%c`; its wildcard subscriptions and subscriptions outside `sr/` get SUBACK 0x80.
+also the only built-in mechanism of Mosquitto 2.0 that checks SUBSCRIBE packets. Devices get one
+literal role each (`device:<ID>`), created and deleted with them; the default access is "deny".
 
 Authentication failures are answered by Mosquitto 2.0 with CONNACK 5 ("not authorized") for an
-unknown user and a wrong password alike; seed 002 names 4 and 5 for a deleted device.
+unknown user, a wrong password and a foreign client id alike; seed 002 names 4 and 5 for a deleted
+device.
 
-One TLS listener serves everybody (devices, bootstrap, connector, admin): a second plain listener
-for the connector would save one TLS session and add a port that bypasses TLS, so there is none.
-TLS 1.2 is the minimum (seed 002 still mentions 1.1, which current OpenSSL refuses anyway).
+Listener: `Broker(tls=True)` (the default) serves MQTT over TLS 1.2+ with the certificate of
+certs.py. The emulator runs it with `tls=False` on 127.0.0.1 only, behind its front, which
+terminates the devices' TLS: one TLS session per device instead of two, and the loopback listener
+is what the connector, the relay and the admin client use directly.
 
 State under `data_dir`: `tls/` (see certs.py), `dynamic-security.json` (users, written by the
-plugin), `bootstrap.acl`, `mosquitto.conf` (regenerated on every start), `mosquitto.db` (sessions
-and queued QoS 1 messages of persistent sessions, saved every few seconds and on stop),
-`mosquitto.log`, and `broker-secrets.json` (mode 0600: the admin's and connector's passwords).
-The log never holds a password: the plugin logs each command with the password masked as `*****`
-(checked by the tests).
+plugin), `mosquitto.conf` (regenerated on every start), `mosquitto.db` (sessions and queued QoS 1
+messages of persistent sessions, saved every few seconds and on stop), `mosquitto.log`, and
+`broker-secrets.json` (mode 0600: the admin's, connector's and relay's passwords). The log never
+holds a password: the plugin logs each command with the password masked as `*****` (checked by the
+tests). A data directory made by an earlier version is brought up to date at start: its bootstrap
+user, its `acl_file` role and its catch-all deny role are removed, and every device is bound to its
+client id.
 """
 
 from __future__ import annotations
@@ -79,20 +85,23 @@ from .certs import DEFAULT_IPS, TlsFiles, client_ssl_context, ensure_ca_and_serv
 
 ADMIN_USER = "microcot-admin"
 CONNECTOR_USER = "microcot-connector"
+RELAY_USER = "microcot-bootstrap-relay"
+RESERVED_USERS = (ADMIN_USER, CONNECTOR_USER, RELAY_USER)
 DEFAULT_MAX_PACKET = 256 * 1024
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 
 _ROLE_ADMIN = "microcot-admin"
 _ROLE_CONNECTOR = "microcot-connector"
-_ROLE_BOOTSTRAP = "microcot-bootstrap"
-_ROLE_DENY = "microcot-deny-rest"
+_ROLE_RELAY = "microcot-bootstrap-relay"
+# roles of earlier versions, removed from a data directory at start
+_OLD_ROLE_BOOTSTRAP = "microcot-bootstrap"
+_OLD_ROLE_DENY = "microcot-deny-rest"
 _DEVICE_ROLE_PREFIX = "device:"
 
 # a device ID is an ICCID (digits) or a MAC (hex, maybe with separators): nothing that could be an
 # MQTT wildcard, a level separator or an ACL pattern, and not too long for a topic on a small device
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 _PLUGIN_GLOBS = (
     "/usr/lib/*/mosquitto_dynamic_security.so",
@@ -151,7 +160,10 @@ class Broker:
     def __init__(self, data_dir: Path | str, port: int = 0, tls: bool = True,
                  host: str = "127.0.0.1", hostnames: tuple[str, ...] = ("localhost",),
                  max_packet_size: int = DEFAULT_MAX_PACKET, start_timeout: float = 10.0,
-                 command_timeout: float = 5.0, ips: tuple[str, ...] = DEFAULT_IPS) -> None:
+                 command_timeout: float = 5.0, ips: tuple[str, ...] = DEFAULT_IPS,
+                 reserved: tuple[str, ...] = ()) -> None:
+        """reserved: user names no device may get besides the emulator's own (the bootstrap
+        user's, which the front owns)."""
         self.data_dir = Path(data_dir).resolve()
         if re.search(r"\s", str(self.data_dir)):
             # mosquitto.conf has no quoting: a path with a blank would be cut at the blank
@@ -164,6 +176,7 @@ class Broker:
         self.max_packet_size = max_packet_size
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
+        self.reserved = frozenset(RESERVED_USERS) | frozenset(reserved)
         self._requested_port = port
         self._port = port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -220,6 +233,11 @@ class Broker:
         self._load_secrets()
         return Credentials(CONNECTOR_USER, self._secrets["connector_password"])
 
+    def relay_credentials(self) -> Credentials:
+        """The bootstrap relay's login (front.py): publish `ss/+`, receive `sr/+`."""
+        self._load_secrets()
+        return Credentials(RELAY_USER, self._secrets["relay_password"])
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> Broker:
@@ -235,6 +253,10 @@ class Broker:
         Mosquitto gets SIGTERM when the thread that called start() ends (Linux PR_SET_PDEATHSIG),
         so no broker outlives a killed test run; call it from a thread that lives as long as the
         broker should, normally the main thread.
+
+        A port chosen free on the first start is tried first on every later start, so clients
+        that reconnect on their own (the connector, the relay) find the broker again after a
+        stop() and start(); only when it is taken by then is another one chosen.
         """
         if self.running:
             return
@@ -248,12 +270,11 @@ class Broker:
                 self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames, self.ips)
             self._load_secrets()
             self._prepare_dynsec()
-            self._write_file(self.data_dir / "bootstrap.acl",
-                             "# the bootstrap user's rights; see broker.py for why this is here\n"
-                             "pattern write ss/%c\npattern read sr/%c\n", 0o600)
+            with contextlib.suppress(FileNotFoundError):  # an earlier version's bootstrap rights
+                (self.data_dir / "bootstrap.acl").unlink()
             attempts = 5 if not self._requested_port else 1
             for attempt in range(attempts):
-                if not self._requested_port:
+                if not self._requested_port and not (attempt == 0 and self._port):
                     self._port = _free_port(self.host)
                 self._write_conf(plugin)
                 try:
@@ -295,23 +316,31 @@ class Broker:
         A new password closes the device's open connection (the plugin kicks the user), as a
         re-bootstrap should.
         """
-        _check_device_id(device_id)
+        self._check_new_device(device_id)
         _check_password(password)
-        self._load_secrets()
-        if device_id == self._secrets.get("bootstrap_user"):
-            raise BrokerError(f"{device_id!r} is the bootstrap user; it cannot be a device")
         role = _DEVICE_ROLE_PREFIX + device_id
         created = self._command({"command": "createRole", "rolename": role,
                                  "acls": _device_acls(device_id)})
         _ok(created, "Role already exists")
+        # `clientid`: the user may connect with its own ID only, so it can never take over
+        # another device's session (Mosquitto allows takeovers across user names)
         resp = self._command({"command": "createClient", "username": device_id,
-                              "password": password, "roles": _client_roles(role)})
+                              "password": password, "clientid": device_id,
+                              "roles": _client_roles(role)})
         if resp.get("error") == "Client already exists":
             _ok(self._command({"command": "setClientPassword", "username": device_id,
                                "password": password}))
+            _ok(self._command({"command": "setClientId", "username": device_id,
+                               "clientid": device_id}))
             self._ensure_roles(device_id, _client_roles(role))
         else:
             _ok(resp)
+
+    def _check_new_device(self, device_id: str) -> None:
+        _check_device_id(device_id)
+        if device_id in self.reserved:
+            raise BrokerError(f"{device_id!r} is reserved for the emulator (the bootstrap user "
+                              "or one of its own users); it cannot be a device")
 
     def remove_device(self, device_id: str) -> bool:
         """Delete the device's user; its live connection is closed. False if it did not exist."""
@@ -332,30 +361,6 @@ class Broker:
         _ok(resp)
         roles = {r.get("rolename") for r in resp.get("data", {}).get("client", {}).get("roles", [])}
         return _DEVICE_ROLE_PREFIX + device_id in roles
-
-    def set_bootstrap(self, user: str, password: str) -> None:
-        """Make `user` the (single) bootstrap user; a previous bootstrap user with another name
-        is deleted."""
-        if not _USER.fullmatch(user) or user in (ADMIN_USER, CONNECTOR_USER):
-            raise BrokerError(f"bad bootstrap user name {user!r}")
-        _check_password(password)
-        # no "deny-rest" role: the bootstrap user's rights are the acl_file's fallback patterns
-        roles = [{"rolename": _ROLE_BOOTSTRAP, "priority": 10}]
-        resp = self._command({"command": "createClient", "username": user, "password": password,
-                              "roles": roles})
-        if resp.get("error") == "Client already exists":
-            if self.has_device(user):
-                raise BrokerError(f"{user!r} is a device; it cannot be the bootstrap user")
-            _ok(self._command({"command": "setClientPassword", "username": user,
-                               "password": password}))
-            self._ensure_roles(user, roles)
-        else:
-            _ok(resp)
-        old = self._secrets.get("bootstrap_user")
-        if old and old != user:
-            _ok(self._command({"command": "deleteClient", "username": old}), "Client not found")
-        self._secrets["bootstrap_user"] = user
-        self._save_secrets()
 
     # -- internals: files ---------------------------------------------------------------------
 
@@ -383,7 +388,8 @@ class Broker:
     def _load_secrets(self) -> None:
         if not self._secrets:
             self._secrets = secrets_file(self.data_dir / "broker-secrets.json",
-                                         ("admin_password", "connector_password"))
+                                         ("admin_password", "connector_password",
+                                          "relay_password"))
 
     def _save_secrets(self) -> None:
         self._write_file(self.data_dir / "broker-secrets.json",
@@ -392,8 +398,9 @@ class Broker:
     def _prepare_dynsec(self) -> None:
         """Merge our fixed users and roles into the plugin's file while Mosquitto is stopped.
 
-        Devices and the bootstrap user are kept; the admin, the connector and the fixed roles are
-        rewritten from code, so a data directory made by an older version gets today's ACLs.
+        Devices are kept (and bound to their client id); the admin, the connector, the relay and
+        the fixed roles are rewritten from code, so a data directory made by an older version
+        gets today's ACLs; what earlier versions had for the bootstrap user goes.
         """
         path = self.data_dir / "dynamic-security.json"
         try:
@@ -403,18 +410,20 @@ class Broker:
         except ValueError as exc:
             raise BrokerError(f"{path}: not valid JSON ({exc}); it holds the broker's users, "
                               "repair or delete it") from None
-        fixed_users = {ADMIN_USER, CONNECTOR_USER}
-        fixed_roles = {_ROLE_ADMIN, _ROLE_CONNECTOR, _ROLE_BOOTSTRAP, _ROLE_DENY}
-        clients = [c for c in cfg.get("clients", []) if c.get("username") not in fixed_users]
-        clients.append(_dynsec_client(ADMIN_USER, self._secrets["admin_password"], _ROLE_ADMIN))
-        clients.append(_dynsec_client(CONNECTOR_USER, self._secrets["connector_password"],
-                                      _ROLE_CONNECTOR))
+        fixed_roles = {_ROLE_ADMIN, _ROLE_CONNECTOR, _ROLE_RELAY, _OLD_ROLE_BOOTSTRAP,
+                       _OLD_ROLE_DENY}
+        clients = [_upgraded_client(c) for c in cfg.get("clients", [])
+                   if c.get("username") not in RESERVED_USERS and not _was_bootstrap_user(c)]
+        clients += [
+            _dynsec_client(ADMIN_USER, self._secrets["admin_password"], _ROLE_ADMIN),
+            _dynsec_client(CONNECTOR_USER, self._secrets["connector_password"], _ROLE_CONNECTOR),
+            _dynsec_client(RELAY_USER, self._secrets["relay_password"], _ROLE_RELAY),
+        ]
         roles = [r for r in cfg.get("roles", []) if r.get("rolename") not in fixed_roles]
         roles += [
             {"rolename": _ROLE_ADMIN, "acls": _admin_acls()},
             {"rolename": _ROLE_CONNECTOR, "acls": _connector_acls()},
-            {"rolename": _ROLE_BOOTSTRAP, "acls": _bootstrap_acls()},
-            {"rolename": _ROLE_DENY, "acls": _deny_acls()},
+            {"rolename": _ROLE_RELAY, "acls": _relay_acls()},
         ]
         cfg.update({
             "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
@@ -424,6 +433,8 @@ class Broker:
             "roles": roles,
         })
         self._write_file(path, json.dumps(cfg, indent=1) + "\n", 0o600)
+        if self._secrets.pop("bootstrap_user", None) is not None:
+            self._save_secrets()
 
     def _write_conf(self, plugin: str) -> None:
         d = self.data_dir
@@ -455,7 +466,6 @@ class Broker:
             "set_tcp_nodelay true",
             f"plugin {plugin}",
             f"plugin_opt_config_file {d / 'dynamic-security.json'}",
-            f"acl_file {d / 'bootstrap.acl'}",
             f"listener {self._port} {self.host}",
             "protocol mqtt",
         ]
@@ -657,35 +667,29 @@ def _admin_acls() -> list[dict[str, Any]]:
             _acl("publishClientReceive", RESPONSE_TOPIC)]
 
 
-def _bootstrap_acls() -> list[dict[str, Any]]:
-    """Denials only: what is not denied here falls through to the acl_file's `%c` patterns.
-
-    These make wildcard and foreign subscriptions fail with SUBACK 0x80. A `+` level in a pattern
-    ACL matches any level of a subscription, and `x/#` also matches `x`, so the shapes that could
-    swallow `sr/<own id>` are denied literally instead.
-    """
-    acls = [_acl("subscribePattern", f"{p}/#", allow=False)
-            for p in ("ms", "mr", "bs", "br", "ss", "$SYS", "$CONTROL")]
-    acls += [_acl("subscribePattern", "+", allow=False),          # every one-level topic
-             _acl("subscribePattern", "+/+/+/#", allow=False)]    # three levels or more
-    acls += [_acl("subscribeLiteral", t, allow=False)
-             for t in ("#", "+/#", "+/+", "sr/+", "sr/#", "sr/")]
-    return acls
-
-
-def _deny_acls() -> list[dict[str, Any]]:
-    """Everything, explicitly: without it the plugin would defer to the bootstrap patterns."""
-    acls = []
-    for top in ("#", "$SYS/#", "$CONTROL/#"):
-        acls += [_acl("publishClientSend", top, allow=False),
-                 _acl("publishClientReceive", top, allow=False),
-                 _acl("subscribePattern", top, allow=False)]
-    return acls
+def _relay_acls() -> list[dict[str, Any]]:
+    # the front decides which device a bootstrap message belongs to; the relay only carries it
+    return [_acl("publishClientSend", "ss/+"), _acl("subscribePattern", "sr/+"),
+            _acl("publishClientReceive", "sr/+")]
 
 
 def _client_roles(role: str) -> list[dict[str, Any]]:
-    # higher priority is checked first: the user's own allowances, then the catch-all denial
-    return [{"rolename": role, "priority": 10}, {"rolename": _ROLE_DENY, "priority": 0}]
+    return [{"rolename": role, "priority": 10}]
+
+
+def _was_bootstrap_user(client: dict[str, Any]) -> bool:
+    return any(r.get("rolename") == _OLD_ROLE_BOOTSTRAP for r in client.get("roles", []))
+
+
+def _upgraded_client(client: dict[str, Any]) -> dict[str, Any]:
+    """A stored client as this version wants it: no catch-all deny role (it existed for the
+    `acl_file` fallback), and a device bound to its own ID as client id."""
+    out = dict(client)
+    out["roles"] = [r for r in client.get("roles", []) if r.get("rolename") != _OLD_ROLE_DENY]
+    user = client.get("username")
+    if any(r.get("rolename") == _DEVICE_ROLE_PREFIX + str(user) for r in out["roles"]):
+        out["clientid"] = user
+    return out
 
 
 def _dynsec_client(user: str, password: str, role: str) -> dict[str, Any]:
@@ -708,8 +712,13 @@ def _check_device_id(device_id: str) -> None:
     if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
         raise BrokerError(f"bad device ID {device_id!r}: expected letters, digits, '.', '_', "
                           "':' or '-' (an ICCID or a MAC address)")
-    if device_id in (ADMIN_USER, CONNECTOR_USER):
+    if device_id in RESERVED_USERS:
         raise BrokerError(f"{device_id!r} is reserved for the emulator")
+
+
+def valid_device_id(device_id: str) -> bool:
+    """True for a name that can be a device user (and so a device's client id)."""
+    return bool(_DEVICE_ID.fullmatch(device_id)) and device_id not in RESERVED_USERS
 
 
 def _check_password(password: str) -> None:

@@ -1,15 +1,24 @@
 """The whole platform emulator in one object: `with Emulator(data_dir) as emu: ...`.
 
-Start order: the broker (Mosquitto, broker.py), the platform model (SQLite) and its REST API with
-the broker as credential sink, the SmartREST engine, the HTTP server (REST + `POST /s`), the MQTT
-connector; stop() goes the other way. Everything that must survive a restart lives in `data_dir`:
+Start order: the broker (Mosquitto, broker.py, plain MQTT on a free port of 127.0.0.1), the
+platform model (SQLite) and its REST API with the broker as credential sink, the SmartREST engine,
+the HTTP server (REST + `POST /s`), the MQTT front (front.py: the public MQTT port with TLS, which
+serves the bootstrap user's sessions itself and joins every device's connection to Mosquitto), the
+MQTT connector; stop() goes the other way. Devices see one host and port for bootstrap and data,
+as the real platform's single broker URL. Everything that must survive a restart lives in
+`data_dir`:
 
     connection.json        where to connect, with the passwords (0600, rewritten on every start)
     emulator-secrets.json  the admin's and the bootstrap user's passwords (0600, made once)
     platform.sqlite        the platform's data (model.py), engine and connector state included
     binaries/              the content of /inventory/binaries, one file per managed object id
     connector.key          the key that encrypts stored bootstrap secrets (0600, bootstrap.py)
+    bootstrap-sessions.json  the bootstrap user's persistent sessions (0600, front_bootstrap.py)
     broker/                Mosquitto's files: TLS CA and server certificate, users, sessions, log
+
+`emu.broker.stop()` and `start()` (tests do, to cut devices off) stop Mosquitto alone: the front
+keeps its port, closes the connections joined to Mosquitto and answers CONNACK 3 ("server
+unavailable") until Mosquitto is back on the same loopback port.
 
 `data_dir=None` uses a new temporary directory, removed when the `with` block ends. Ports given
 as 0 are chosen free on the first start and reused on later starts when they are still free, so
@@ -45,10 +54,12 @@ from urllib.parse import quote
 from ..files import secrets_file, write_private
 from .api import Api
 from .binaries import DEFAULT_MAX_SIZE, BinaryStore
-from .broker import Broker, BrokerError
-from .certs import ensure_ca_and_server, server_ssl_context
+from .broker import Broker
+from .certs import TlsFiles, ensure_ca_and_server, server_ssl_context
 from .connector import Connector
 from .engine import Engine
+from .front import Front, server_context
+from .front_bootstrap import BootstrapHub
 from .http import RestServer
 from .model import Model
 
@@ -66,8 +77,8 @@ class Emulator:
     """A Cloud of Things on this machine; see the module docstring.
 
     Attributes once started: `api` (api.Api), `engine` (engine.Engine), `broker`
-    (broker.Broker), `rest` (http.RestServer), `connector` (connector.Connector), `model`,
-    `connection` (the dict written to connection.json).
+    (broker.Broker), `front` (front.Front), `rest` (http.RestServer), `connector`
+    (connector.Connector), `model`, `connection` (the dict written to connection.json).
     """
 
     def __init__(self, data_dir: Path | str | None = None, mqtt_port: int = 0,
@@ -103,6 +114,7 @@ class Emulator:
         self.clock = clock
         self.availability_interval = availability_interval
         self.broker: Broker | None = None
+        self.front: Front | None = None
         self.model: Model | None = None
         self.api: Api | None = None
         self.engine: Engine | None = None
@@ -174,8 +186,8 @@ class Emulator:
         passwords = self._passwords()
         previous = self._previous_ports()
         try:
-            self.broker = self._start_broker(previous.get("mqtt_port"))
-            self.broker.set_bootstrap(self.bootstrap_user, passwords["bootstrap_password"])
+            self.broker = self._start_broker()
+            tls = self._tls_files()
             self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock)
             self.api = Api(self.model, credentials=self.broker, tenant=self.tenant,
                            binaries=BinaryStore(self.data_dir / "binaries", self.max_binary))
@@ -183,11 +195,12 @@ class Emulator:
             self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"),
                                          self.http_port)
             if self.https:
-                files = ensure_ca_and_server(self.broker.data_dir, self.broker.hostnames,
-                                             self.broker.ips)
                 self.rest_tls = self._start_rest(passwords["admin_password"],
                                                  previous.get("https_port"), self.https_port,
-                                                 server_ssl_context(files))
+                                                 server_ssl_context(tls))
+            # before the connector: the relay must hold sr/+ before anything is answered on it
+            self.front = self._start_front(passwords["bootstrap_password"],
+                                           previous.get("mqtt_port"), tls)
             connector = Connector(self.broker, self.api, self.engine,
                                   auto_accept=self.auto_accept,
                                   key_file=self.data_dir / "connector.key",
@@ -201,8 +214,8 @@ class Emulator:
             raise
         self.connection = {
             "mqtt_host": self.public_host,
-            "mqtt_port": self.broker.port,
-            "ca_cert": str(self.broker.ca_cert),
+            "mqtt_port": self.front.port,
+            "ca_cert": str(tls.ca_cert),
             "http_url": self.rest.url,
             **({"https_url": self.rest_tls.url} if self.rest_tls is not None else {}),
             "admin_user": self.admin_user,
@@ -212,8 +225,7 @@ class Emulator:
         }
         write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
         log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.public_host,
-                 self.broker.port,
-                 self.rest.url, self.data_dir)
+                 self.front.port, self.rest.url, self.data_dir)
 
     def stop(self) -> None:
         self._stop_parts()
@@ -224,6 +236,9 @@ class Emulator:
         self.start()
 
     def _stop_parts(self) -> None:
+        front, self.front = self.front, None
+        if front is not None:
+            front.stop()
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             self._monitor_stop.set()
@@ -245,21 +260,39 @@ class Emulator:
         if broker is not None:
             broker.stop()
 
-    def _start_broker(self, previous: int | None) -> Broker:
-        tried_previous = not self.mqtt_port and previous
-        dns, ips = self._cert_names()
-        broker = Broker(self.data_dir / "broker", port=self.mqtt_port or previous or 0,
-                        host=self.host, hostnames=dns, ips=ips)
-        try:
-            broker.start()
-        except BrokerError as e:
-            if not (tried_previous and "already in use" in str(e)):
-                raise
-            log.info("MQTT port %s of the last run is taken: choosing another", previous)
-            broker = Broker(self.data_dir / "broker", port=0, host=self.host,
-                            hostnames=dns, ips=ips)
-            broker.start()
+    def _start_broker(self) -> Broker:
+        # loopback only, no TLS: devices reach it through the front, which holds the TLS
+        broker = Broker(self.data_dir / "broker", port=0, host="127.0.0.1", tls=False,
+                        reserved=(self.bootstrap_user,))
+        broker.start()
+        if broker.has_device(self.bootstrap_user):
+            raise EmulatorError(f"{self.bootstrap_user!r} is a device; it cannot be the "
+                                "bootstrap user")
         return broker
+
+    def _tls_files(self) -> TlsFiles:
+        dns, ips = self._cert_names()
+        return ensure_ca_and_server(self.data_dir / "broker", dns, ips)
+
+    def _start_front(self, bootstrap_password: str, previous: int | None,
+                     tls: TlsFiles) -> Front:
+        broker = self.broker
+        assert broker is not None
+        port = self.mqtt_port or previous or 0
+        for attempt in (port, 0):
+            hub = BootstrapHub(broker, self.bootstrap_user, bootstrap_password,
+                               self.data_dir / "bootstrap-sessions.json")
+            front = Front(self.host, attempt, server_context(tls),
+                          lambda: (broker.local_host, broker.port), bootstrap=hub,
+                          reserved=broker.reserved - {self.bootstrap_user})
+            try:
+                front.start()
+                return front
+            except OSError:
+                if attempt == 0 or self.mqtt_port:
+                    raise
+                log.info("MQTT port %s of the last run is taken: choosing another", attempt)
+        raise AssertionError("unreachable")
 
     def _start_rest(self, admin_password: str, previous: int | None, fixed: int,
                     tls: ssl.SSLContext | None = None) -> RestServer:
