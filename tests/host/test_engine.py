@@ -321,7 +321,11 @@ def test_registration_errors(api):
     )
     # nothing of the refused registrations was stored
     assert e.process("15,newX1") == b"40,Template not found."
-    assert e.process(h + "10,100,GET,/a,,,,,").startswith(b"20,")
+    # a template must stay inside the device API (engine_access.py)
+    assert e.process(h + "10,100,GET,/a,,,,,") == (
+        b"41,2,Template 100 is outside the device API: GET /a (no device resource)"
+    )
+    assert e.process(h + "10,100,GET,/tenant/currentTenant,,,,,").startswith(b"20,")
 
 
 def test_deleted_collection_can_be_registered_again(eng, api):
@@ -698,13 +702,16 @@ def test_error_codes_exact_text(eng, api):
         # 50: the platform's answer
         (b"15,mcX1\n100,nobody", "50,2,404,Not Found"),
         (b"15,mcX1\n104,999999", "50,2,404,Not Found"),
-        # raw substitution: a quote in a STRING breaks the JSON, the REST API says 400
-        (b'15,mcX1\n108,"say ""hi"""', "50,2,400,Bad Request"),
         # 40
         (b"15,unknownX", "40,Template not found."),
     ]
     for body, want in E:
         assert eng.process(body, ICCID).decode() == want, body
+    # a quote in a STRING is JSON-escaped into the body (it broke the JSON when values went in
+    # as raw text: 50,2,400)
+    head, row = ask(eng, '108,"say ""hi"""').split("\n")
+    assert head == "87,1," + XID and row.startswith("204,2,")
+    assert _get(api, "/inventory/managedObjects/" + row.split(",")[2])["name"] == 'say "hi"'
     if isinstance(api, Api):  # the model validates what the fake does not
         assert (
             ask(eng, "107,T,2017-09-14T12:37:00Z,x,OPEN,MAJOR," + mo)
@@ -1045,13 +1052,18 @@ def test_concurrent_devices(api):
     assert len(ids) == 200
 
 
-def test_fill_raw_text_uri_first():
+def test_fill_uri_first():
     c = Collection("X1")
     r = c.add_request(
-        7, "PUT", "/a/%%/b?x=%%", "a/b", "", "%%", "STRING STRING STRING", '{"x":"%%"}'
+        7, "PUT", "/a/%%/b?x=%%", "a/json", "", "%%", "STRING STRING STRING", '{"x":"%%"}'
     )
-    # the URI takes the first values; a value holding the placeholder is not substituted again
-    assert engine_values.fill(r, ["%%", "1 2", 'q"%%']) == ("PUT", "/a/%%/b?x=1 2", '{"x":"q"%%"}')
+    # the URI takes the first values (percent-encoded), the JSON body the rest (escaped); a value
+    # holding the placeholder is not substituted again
+    assert engine_values.fill(r, ["%%", "1 2", 'q"%%']) == (
+        "PUT",
+        "/a/%25%25/b?x=1%202",
+        '{"x":"q\\"%%"}',
+    )
     assert engine_values.fill(c.add_request(8, "DELETE", "/d", "", "", "", "", ""), []) == (
         "DELETE",
         "/d",

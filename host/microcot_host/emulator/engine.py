@@ -15,6 +15,9 @@ so blank lines and line breaks inside quoted values do not count.
     15,<X-ID> + 10/11 rows          registration: 20,<collection id>, or one 41 row:
                                     41,Cannot create templates for already existing template object
                                     41,<line>,<message of templates.py>   (e.g. Bad pattern)
+                                    41,<line>,Invalid JsonPath            (engine_paths.invalid)
+                                    41,<line>,Template <id> is outside the device API: <method>
+                                       <URI> (<why>)                      (engine_access.py)
     15,<X-ID> + request rows        each row executed in order, see below
     a later 15,<X-ID> row           switches the collection for the rows after it
 
@@ -23,8 +26,11 @@ A request row `<template id>,<values...>` (NOW parameters take no value) is answ
     43,<line>,Invalid message identifier: <what>      unknown X-ID or template, non-numeric id
     45,<line>,Invalid message arguments: <what>       value count, a value of the wrong type
                                                        ("parameter at position '2': expected type
-                                                       'NUMBER' but got 'abc'")
-    50,<line>,<HTTP status>,<reason phrase>           the REST call failed (50,2,404,Not Found)
+                                                       'NUMBER' but got 'abc'"), a value that is
+                                                       no JSON where the template wants JSON
+                                                       (engine_values.py)
+    50,<line>,<HTTP status>,<reason phrase>           the REST call failed (50,2,404,Not Found),
+                                                       or the engine refused to make it (below)
 or, when the call succeeds, with the rows of every response template of the collection that
 matches the JSON answer (engine_paths.py): `<response id>,<line>,<values...>`.
 
@@ -33,6 +39,36 @@ answered `42,1,Malformed request line: <what>`. `POST /s` with the `X-Id` header
 `xid=<X-Id>`: the body has no 15 row then and its first row is line 1 (`serve_http` is the
 callable http.py wants for `POST /s`). Our own message texts
 avoid commas, so they mostly travel unquoted (CSV quotes when a quoted-back value needs them).
+
+Template and X-ID ids are bounded before they are converted: a template id has at most 10
+significant digits (0..4294967295, a longer one is 43 "not a template ID", or 41 "Not a valid
+message identifier for template creation" in a registration), an X-ID at most 256 characters
+(42); values are bounded by their type (engine_values.py). No device input reaches int() or the
+JSONPath evaluator unbounded, so none is answered 500.
+
+The device API
+--------------
+Every request a row makes is made as the user whose message it is (`Api.handle(..., user)`), so
+api.py's device-user rules apply: another device's managed object, data or operation is answered
+`50,<line>,403,Forbidden` as over REST. Templates stay inside the device API (engine_access.py):
+a registration holding a template outside it is refused whole with the 41 row above. A collection
+in the database from before this rule (or written there by other means) is still used, but a
+template of it outside the device API is answered `50,<line>,403,Forbidden` each time it is used,
+without a call (logged as a warning when the collection is loaded and when it is used); that is
+the answer the REST API gives a device for such a request, and what a device already handles,
+while 41 is a registration's answer. A request whose body would write a template collection or
+its X-ID (the SmartREST fragment or type, the `c8y_SmartRestDeviceIdentifier` type) is refused
+the same way: seed 002 lets a collection be deleted, never changed, and a new one goes through
+registration. A template inside the device API whose last URI value is empty names no resource
+(the path loses its last segment): `50,<line>,404,Not Found`. Values never change the structure
+of a request: they are percent-encoded in the URI and JSON-escaped in a JSON body
+(engine_values.py).
+
+The engine's own look-ups run as the platform itself (user None), each limited to one thing: a
+collection by the external ID `c8y_SmartRestDeviceIdentifier`/<X-ID> and the managed object it
+names, used only if that is a template collection (engine_store.py); a device's own managed
+object by the external ID `<id type>/<its user name>` (`device_mo_id`). Storing a collection is
+done as the registering user.
 
 A successful DELETE of a cached collection's managed object (the collection's own delete
 template, seed 002) drops it at once; after a deletion through the REST API call `forget(xid)`,
@@ -93,6 +129,7 @@ operation calls).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -102,21 +139,26 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from microcot import binrest, smartrest
-from microcot.templates import OPERATIONS_ID, Collection, Request, TemplateError
+from microcot.templates import E_ID, OPERATIONS_ID, Collection, Request, Response, TemplateError
 
-from . import engine_paths, engine_values
+from . import engine_access, engine_paths, engine_values
+from .api import SMARTREST_FRAGMENT, SMARTREST_MO_TYPE, SMARTREST_XID_TYPE
 from .engine_store import ApiLike, ApiStore, Session, Store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
 MAX_PAGES = 100  # of pending operations fetched for one delivery
+MAX_XID = 256  # characters of an X-ID (it is quoted back in messages)
+TID_DIGITS = 10  # template ids are 0..4294967295
+SHOWN = 40  # characters of a refused field quoted back
 
 E40 = "Template not found."
 E41_EXISTS = "Cannot create templates for already existing template object"
 E42 = "Malformed request line"
 E43 = "Invalid message identifier"
 E45 = "Invalid message arguments"
+E41_API = "Template %d is outside the device API: %s %s (%s)"
 
 # one answer item: (X-ID of a response-template row, or None for a built-in row, fields)
 Item = tuple[str | None, list[Any]]
@@ -156,6 +198,54 @@ def _records(data: bytes) -> list[tuple[int, bytes]]:
             out.append((len(out) + 1, rec))
         pos = end + 1
     return out
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+
+def _uint(text: str, digits: int) -> int | None:
+    """text as an unsigned integer of at most `digits` significant digits, else None; counted
+    before int() sees it (CPython refuses over 4300 digits with a ValueError)."""
+    if not text or not all("0" <= c <= "9" for c in text):
+        return None
+    if len(text.lstrip("0")) > digits:
+        return None
+    return int(text)
+
+
+def _bad_path(t: Request | Response) -> tuple[str, str] | None:
+    """(path, why) for the first JsonPath of a response template the engine cannot evaluate."""
+    if isinstance(t, Request):
+        return None
+    for p in [t.base, t.condition, *t.values]:
+        why = engine_paths.invalid(p) if p else None
+        if why:
+            return p, why
+    return None
+
+
+def _outside(t: Request | Response) -> str | None:
+    """The 41 message for a request template outside the device API (engine_access.py)."""
+    if not isinstance(t, Request):
+        return None
+    why = engine_access.refusal(t.method, t.uri, t.placeholder)
+    return None if why is None else E41_API % (t.tid, t.method, t.uri, why)
+
+
+def _touches_collections(body: str | None) -> bool:
+    """True when a request body would write a template collection or its X-ID (seed 002: a
+    collection cannot be changed, only deleted; new ones are registered with 10/11 rows, where
+    the engine checks them)."""
+    if not body:
+        return False
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False  # not JSON: the REST API refuses it, or it is an attachment's text
+    if not isinstance(doc, dict):
+        return False
+    return SMARTREST_FRAGMENT in doc or doc.get("type") in (SMARTREST_MO_TYPE, SMARTREST_XID_TYPE)
 
 
 def _err(code: int, line: int, text: str) -> Item:
@@ -203,11 +293,40 @@ class Engine:
         if hit is not None:
             return hit
         found = self.store.find_collection(xid)
-        if found is None:
+        if found is None or not self._usable(xid, *found):
             return None
         with self._lock:
             self._collections[xid] = found
         return found
+
+    @staticmethod
+    def _usable(xid: str, mo: str, coll: Collection) -> bool:
+        # a collection stored before the engine checked what it checks now, or written into the
+        # database by other means: paths it cannot evaluate make it unusable; requests outside
+        # the device API are refused when they are used (_execute)
+        for t in coll:
+            bad = _bad_path(t)
+            if bad:
+                log.error(
+                    "template collection %s (managed object %s) is unusable: template %d has "
+                    "the JsonPath %r: %s",
+                    xid,
+                    mo,
+                    t.tid,
+                    _shown(bad[0]),
+                    bad[1],
+                )
+                return False
+        outside = [t.tid for t in coll if _outside(t)]
+        if outside:
+            log.warning(
+                "template collection %s (managed object %s): templates %s are outside the device "
+                "API and are answered 50,<line>,403 when used",
+                xid,
+                mo,
+                ", ".join(map(str, outside)),
+            )
+        return True
 
     def forget(self, xid: str | None = None) -> None:
         """Drop cached collections (one or all): after a collection's managed object is deleted
@@ -237,6 +356,10 @@ class Engine:
             fields, why = _fields(rec)
             if why:
                 return [_err(42, line, "%s: %s" % (E42, why))]
+            tid = fields[1].strip() if len(fields) > 1 else ""
+            if tid.isascii() and tid.isdigit() and _uint(tid, TID_DIGITS) is None:
+                # templates.py would hand thousands of digits to int()
+                return [_err(41, line, E_ID)]
             parsed.append(fields)
             lines.append(line)
         with self._lock:
@@ -252,13 +375,18 @@ class Engine:
                     return [(None, [41, e.message])]
                 return [_err(41, lines[e.line - 2], e.message)]
             for line, t in zip(lines, coll, strict=True):
-                if isinstance(t, Request):
-                    continue
-                for p in [t.base, t.condition, *t.values]:
-                    why = engine_paths.invalid(p) if p else None
-                    if why:
-                        log.info("41 for %s line %d: JSONPath %r: %s", xid, line, p, why)
-                        return [_err(41, line, "Invalid JsonPath")]
+                bad = _bad_path(t)
+                if bad:
+                    log.info(
+                        "41 for %s line %d: JSONPath %r: %s", xid, line, _shown(bad[0]), bad[1]
+                    )
+                    return [_err(41, line, "Invalid JsonPath")]
+            # after the paths, so a collection's first defect in templates.py's order comes first
+            for line, t in zip(lines, coll, strict=True):
+                outside = _outside(t)
+                if outside:
+                    log.warning("41 for %s line %d from %s: %s", xid, line, user, outside)
+                    return [_err(41, line, outside)]
             mo = self.store.add_collection(coll, user)
             if mo is None:  # registered concurrently elsewhere
                 return [(None, [41, E41_EXISTS])]
@@ -378,7 +506,14 @@ class Engine:
         full, why = engine_values.complete(req, values, self._now())
         if why:
             return [_err(45, line, "%s: %s" % (E45, why))]
-        method, target, body = engine_values.fill(req, full)
+        try:
+            method, target, body = engine_values.fill(req, full)
+        except engine_values.BadValue as e:
+            return [_err(45, line, "%s: %s" % (E45, e))]
+        refused = self._refused(xid, req, method, target, body, user)
+        if refused:
+            return [(None, [50, line, *refused])]
+        # the device's own user: api.py applies the device-user rules to every template
         r = self._call(method, target, body, req.content_type or None, user)
         if r is None:
             return [(None, [50, line, 500, "Internal Server Error"])]
@@ -388,6 +523,35 @@ class Engine:
             self._deleted(target)
         self._learn(user, r.body)
         return self._render(xid, coll, r.body, line)
+
+    @staticmethod
+    def _refused(
+        xid: str, req: Request, method: str, target: str, body: str | None, user: str | None
+    ) -> tuple[int, str] | None:
+        """(status, reason) when a filled-in request must not be made, else None."""
+        if _touches_collections(body):
+            why = "writes a template collection"
+        elif engine_access.allowed(method, target):
+            return None
+        elif _outside(req) is None:
+            # a template inside the device API whose last URI value is empty: the path lost its
+            # last segment (api.py strips it) and names no resource of a device
+            log.info(
+                "template %d of X-ID %s: %s %s is no resource", req.tid, xid, method, _shown(target)
+            )
+            return 404, "Not Found"
+        else:  # a collection stored before templates were checked (see collection())
+            why = "is outside the device API"
+        log.warning(
+            "template %d of X-ID %s (%s %s) used by %s %s: answered 403",
+            req.tid,
+            xid,
+            req.method,
+            _shown(req.uri),
+            user,
+            why,
+        )
+        return 403, "Forbidden"
 
     def _unknown(self, xid: str, coll: Collection | None, tid: int) -> str:
         if coll is not None and coll.response(tid) is not None:
@@ -418,9 +582,9 @@ class Engine:
                 hit = self.collection(xid)
                 coll = hit[1] if hit else None
                 continue
-            tid = smartrest._uint(head)
+            tid = _uint(head, TID_DIGITS)
             if tid is None:
-                out.append(_err(43, line, "%s: '%s' is not a template ID" % (E43, head[:40])))
+                out.append(_err(43, line, "%s: '%s' is not a template ID" % (E43, _shown(head))))
                 continue
             if refused:
                 out.append(_err(43, line, refused))
@@ -436,6 +600,9 @@ class Engine:
     def _xid_problem(fields: list[str]) -> str | None:
         if len(fields) != 2:
             return "the 15 row takes the X-ID alone; got %d values" % (len(fields) - 1)
+        xid = fields[1]
+        if len(xid) > MAX_XID:
+            return "X-ID '%s' has %d characters; at most %d" % (_shown(xid), len(xid), MAX_XID)
         try:
             smartrest.check_xid(fields[1])
         except ValueError as e:
@@ -585,6 +752,17 @@ class Engine:
             items: list[Item] = []
             # seed 002: every pending operation goes out at the next connection, so all pages
             for _ in range(MAX_PAGES):
+                if not engine_access.allowed(method, target):
+                    log.warning(
+                        "template 500 of %s (%s %s) is outside the device API: %s gets no "
+                        "operations",
+                        xid,
+                        method,
+                        _shown(target),
+                        user,
+                    )
+                    break
+                # as the device: it gets only operations it may read (api.py)
                 r = self._call(method, target, body, req.content_type or None, user)
                 if r is None or r.status >= 400:
                     log.warning(

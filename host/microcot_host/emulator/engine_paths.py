@@ -11,8 +11,11 @@ Rules (DESIGN.md "SmartREST (decisions)", and Cumulocity's SmartREST 1.0 where i
   empty field.
 
 templates.py already refuses what SmartREST forbids (`?` filters, wildcards, slices, paths not
-starting with `$`); `invalid(path)` adds what only a real JSONPath parser can tell, so that a
-collection is never registered with a path the engine could not evaluate.
+starting with `$`); `invalid(path)` adds what only a real JSONPath parser can tell, and bounds a
+path to MAX_PATH characters and MAX_STEPS steps (jsonpath-ng nests one object per step and
+recurses through them: a path of thousands of steps would fail deep inside it), so that a
+collection is never registered with a path the engine could not evaluate. A value that cannot
+be written as text (JSON nested deeper than the interpreter's stack) gives an empty field.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from jsonpath_ng import parse as _parse
 from microcot.templates import Response
 
 _MISSING = object()
+MAX_PATH = 512
+MAX_STEPS = 32
 
 
 @lru_cache(maxsize=4096)
@@ -38,6 +43,12 @@ def compiled(path: str) -> JSONPath:
 
 def invalid(path: str) -> str | None:
     """None when jsonpath-ng can evaluate path, else its complaint."""
+    if len(path) > MAX_PATH:
+        return "%d characters; at most %d" % (len(path), MAX_PATH)
+    # every step starts with a dot or a bracket (a quoted name may hold more: counted too)
+    steps = path.count(".") + path.count("[")
+    if steps > MAX_STEPS:
+        return "%d steps; at most %d" % (steps, MAX_STEPS)
     try:
         compiled(path)
     except Exception as e:  # jsonpath-ng raises JsonPathParserError, and Exception on lexing
@@ -60,9 +71,12 @@ def text(value: Any) -> str:
         return "false"
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return str(value)
+    try:
+        if isinstance(value, (dict, list)):
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return str(value)
+    except (RecursionError, ValueError):  # too deep, or an int over CPython's 4300 digits
+        return ""
 
 
 def extract(resp: Response, doc: Any) -> list[list[str]]:

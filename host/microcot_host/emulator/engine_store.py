@@ -31,7 +31,12 @@ from typing import Any, Protocol
 from microcot import smartrest
 from microcot.templates import Collection, Request
 
-from .api import SMARTREST_FRAGMENT, create_template_collection, find_template_collection
+from .api import (
+    SMARTREST_FRAGMENT,
+    SMARTREST_MO_TYPE,
+    create_template_collection,
+    find_template_collection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,12 @@ def fragment(coll: Collection) -> dict[str, Any]:
 
 class ApiStore:
     """Engine state in the platform model (see above). `settings` defaults to `api.model`.
-    Calls are made with user None: engine bookkeeping, not a device's request."""
+
+    Finding a collection is engine bookkeeping, made with user None (every device may use every
+    X-ID, as on Cumulocity) and limited to what it needs: the external ID
+    `c8y_SmartRestDeviceIdentifier`/<X-ID> and the managed object it names, used only when that
+    object is a template collection (type and fragment), so an X-ID pointing at anything else
+    reads as not registered. Registering one is made as the registering user, who owns it."""
 
     def __init__(self, api: ApiLike, settings: Settings | None = None) -> None:
         self.api = api
@@ -143,7 +153,13 @@ class ApiStore:
         if found is None:
             return None
         mo, doc = found
-        rows = (doc.get(SMARTREST_FRAGMENT) or {}).get("registration")
+        frag = doc.get(SMARTREST_FRAGMENT)
+        if doc.get("type") != SMARTREST_MO_TYPE or not isinstance(frag, dict):
+            log.warning(
+                "X-ID %s names managed object %s, which is no template collection: ignored", xid, mo
+            )
+            return None
+        rows = frag.get("registration")
         try:
             if not isinstance(rows, str):
                 raise ValueError("no registration rows")
