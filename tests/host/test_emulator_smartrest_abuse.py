@@ -173,7 +173,7 @@ def test_stored_collection_outside_the_device_api_is_refused_when_used(
     # a collection stored before the engine checked templates (or written into the database by
     # other means): refused per request, as the REST API would refuse the device (403)
     rows = [
-        OP_500,
+        "10,500,GET,/devicecontrol/newDeviceRequests?x=%%,,application/json,%%,UNSIGNED,",
         "10,900,DELETE,/devicecontrol/deviceCredentials/%%,,,%%,STRING,",
         "10,901,GET,/devicecontrol/newDeviceRequests,,application/json,,,",
         "10,902,GET,/tenant/currentTenant,,application/json,,,",
@@ -186,7 +186,11 @@ def test_stored_collection_outside_the_device_api_is_refused_when_used(
         "50,2,403,Forbidden\n50,3,403,Forbidden\n87,1,oldX1\n903,4,t-emulator"
     )
     assert plat.api.model.has_credentials(DEV_B)
-    assert "templates 900, 901 are outside the device API" in caplog.text
+    assert "templates 500, 900, 901 are outside the device API" in caplog.text
+    # its template 500 fetches no operations: no call is made
+    assert plat.api.handle("POST", "/devicecontrol/newDeviceRequests", {"id": "x1"}).status == 201
+    assert plat.engine.pending_operations(DEV_A, xid="oldX1") == b""
+    assert "template 500 of oldX1 (GET /devicecontrol/newDeviceRequests?x=" in caplog.text
     no_traceback(caplog)
 
 
@@ -234,6 +238,11 @@ def test_another_devices_object_is_403_own_works(
     assert plat.ask(DEV_A, m % b) == "50,2,403,Forbidden"
     assert plat.ask(DEV_A, "199," + b) == "50,2,403,Forbidden"
     assert plat.ask(DEV_B, m % b) == ""  # 110 has no response template: nothing to say
+    # POST /s as the device (http.py passes the authenticated user): the same rules
+    assert plat.engine.serve_http(("104,%s,x,1" % b).encode(), XID, DEV_A) == (
+        200,
+        b"50,1,403,Forbidden",
+    )
     assert plat.get("/inventory/managedObjects/" + b)["id"] == b
     no_traceback(caplog)
 
