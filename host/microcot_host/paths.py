@@ -3,9 +3,12 @@ installed wheel carries (`microcot_host/_data/`, read through importlib.resource
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from pathlib import Path
+
+from .files import private_dir
 
 _HERE = Path(__file__).resolve().parent
 _CHECKOUT = _HERE.parents[1]
@@ -48,10 +51,20 @@ def device_tests_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """Per-user state (virtual boards' flash, caches); MICROCOT_HOME overrides it."""
+    """Per-user state (virtual boards' flash, the provisioning ledger, caches); MICROCOT_HOME
+    overrides it.
+
+    It holds passwords (in the boards' flash, the emulator's data, the ledger's vault), so it is
+    made owner-only (0700, with any folder made on the way, as the XDG spec asks of its base
+    folders) and narrowed to 0700 if an earlier version made it 0755. A folder that cannot be
+    made is left to whoever writes into it next to report."""
     env = os.environ.get("MICROCOT_HOME")
     if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
-    return base / "microcot"
+        path = Path(env)
+    else:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+        path = base / "microcot"
+    with contextlib.suppress(OSError):
+        private_dir(path, narrow=True)
+    return path

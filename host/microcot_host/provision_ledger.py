@@ -39,6 +39,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from .files import private_dir
 from .paths import state_dir
 
 PENDING, WRITTEN, VERIFIED, FAILED = "pending", "written", "verified", "failed"
@@ -116,7 +117,9 @@ class Paths:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # every folder made on the way is 0700, not only the last; an existing folder the user
+    # named (--ledger, --key-file) keeps its mode, the default one (state_dir) is narrowed there
+    private_dir(path)
 
 
 def _touch_private(path: Path) -> None:

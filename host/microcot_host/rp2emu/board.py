@@ -37,6 +37,7 @@ from types import TracebackType
 
 from .. import fidelity
 from ..fidelity import FidelityMissing
+from ..files import narrow_mode, private_dir
 from ..paths import state_dir
 from ..vboard.ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
 
@@ -139,6 +140,10 @@ def default_uid(name: str) -> bytes:
 
 
 
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 class EmulatedRP2040:
     """A Pico W (or Pico) in rp2040js on a pseudo-terminal. See the module docstring.
 
@@ -226,8 +231,7 @@ class EmulatedRP2040:
         bootrom = fidelity.rp2_bootrom()
         node = find_node()
         lib = ensure_rp2040js()
-        self.flash.parent.mkdir(parents=True, exist_ok=True)
-        self.drive_dir.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         shutil.rmtree(self.drive_dir / "RPI-RP2", ignore_errors=True)  # a drive of a past run
         theirs: socket.socket | None = None
         try:
@@ -359,12 +363,24 @@ class EmulatedRP2040:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
+    def _private_files(self) -> None:
+        # the flash image holds the board's filesystem, passwords included: owner-only like a
+        # virtual board's flash folder, and so is an image an earlier version left 0644
+        private_dir(self.flash.parent)
+        private_dir(self.drive_dir)
+        for f in (self.flash, self.log_path):
+            if f.exists():
+                narrow_mode(f)
+
     def _spawn(self, cmd: list[str], theirs: socket.socket) -> subprocess.Popen:
         parent = os.getpid()
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab", opener=_owner_only) as log:
+            # node writes the flash image (a temporary file renamed): with this umask it is
+            # created owner-only
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 pass_fds=(theirs.fileno(),), start_new_session=True, close_fds=True,
+                umask=0o077,
                 preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM))
         os.set_blocking(proc.stdin.fileno(), False)
         os.set_blocking(proc.stdout.fileno(), False)

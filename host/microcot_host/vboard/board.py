@@ -41,11 +41,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from ..files import narrow_tree, private_dir, write_private
 from ..paths import state_dir
 from .ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
 
 __all__ = ["VirtualBoard", "BoardStartError", "parse_heap", "parse_mac", "default_mac",
            "find_micropython", "board_flash_dir"]
+
+# The interpreter's umask: every file and folder the board writes into its flash (passwords
+# among them) is owner-only, 0600 and 0700, as the unix port creates them with 0666 and 0777.
+BOARD_UMASK = 0o077
 
 # exit codes of repl.py
 EXIT_SOFT_FRIENDLY = 100
@@ -117,11 +122,11 @@ def ota_image_desc(head: bytes) -> dict[str, str] | None:
 def ota_boot(ota_dir: Path) -> tuple[str, list[str]]:
     """The emulated bootloader: which partition boots now, and what it would print. Updates the
     otadata like ESP-IDF's bootloader with rollback enabled."""
-    ota_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(ota_dir)
     p0 = ota_dir / "ota_0.bin"
     if not p0.exists():
-        p0.write_bytes(app_image(OTA_FACTORY_VERSION))
-    (ota_dir / "ota_1.bin").touch()
+        write_private(p0, app_image(OTA_FACTORY_VERSION))
+    (ota_dir / "ota_1.bin").touch(mode=0o600)
     od = ota_dir / "otadata.json"
     try:
         data = json.loads(od.read_text())
@@ -159,7 +164,7 @@ def ota_boot(ota_dir: Path) -> tuple[str, list[str]]:
                 notes.append(f"ota: {sel} ({d['version']}) crashed at boot")
                 continue
         break
-    od.write_text(json.dumps(data))
+    write_private(od, json.dumps(data))
     return data["boot"], notes
 
 
@@ -412,7 +417,7 @@ class VirtualBoard:
         if self._thread is not None:
             return self
         self._mp = self.micropython or find_micropython()
-        self.flash_dir.mkdir(parents=True, exist_ok=True)
+        self._private_flash()
         try:
             if self.iccid is not None:
                 from .modem import PtyModem
@@ -440,6 +445,15 @@ class VirtualBoard:
             why = err if err is not None else f"MicroPython did not come up within {timeout:g} s"
             raise BoardStartError(f"virtual board {self.name}: {why}") from err
         return self
+
+    def _private_flash(self) -> None:
+        # the flash holds the board's passwords (/microcot.json, the agent's stored
+        # credentials): owner-only, and so is what an earlier version left open (0755/0644);
+        # what the interpreter writes from now on is owner-only through its umask (_spawn)
+        private_dir(self.flash_dir)
+        for d in (self.flash_dir, self.ota_dir):
+            if d.is_dir():
+                narrow_tree(d)
 
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until the interpreter sits in its REPL (after start or a reset)."""
@@ -691,7 +705,7 @@ class VirtualBoard:
         try:
             proc = subprocess.Popen(
                 cmd, stdin=stdin_r, stdout=out_w, stderr=out_w, pass_fds=(ctl_child.fileno(),),
-                env=env,
+                env=env, umask=BOARD_UMASK,
                 cwd=self.flash_dir, start_new_session=True, close_fds=True,
                 preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL),
             )

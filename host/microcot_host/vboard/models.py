@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .. import boards, fidelity
+from ..files import private_dir
 from .board import VirtualBoard, find_micropython, parse_heap
 from .heapcal import heapsize_for_free
 from .serve import Served
@@ -60,7 +61,7 @@ def make_board(board: str | boards.Board | None = None, *, name: str,
 
         flash = Path(flash_dir) / "rp2-flash.bin" if flash_dir is not None else None
         if flash is not None:
-            flash.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(flash.parent)  # the image holds the board's passwords
         firmware = fidelity.rp2_firmware(str(bdef.raw.get("firmware", "RPI_PICO_W")))
         return EmulatedRP2040(name=name, firmware=firmware, flash=flash, iccid=iccid, link=link)
     mp = micropython_for(rt)
