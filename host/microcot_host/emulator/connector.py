@@ -1,8 +1,9 @@
 """The platform side of the MQTT interface: one privileged client serving every device.
 
 The connector logs in to the emulator's broker as its connector user (broker.py: may publish
-`mr/+`, `br/+`, `sr/+` and subscribe `ms/+`, `bs/+`, `ss/+`) with paho-mqtt, MQTT 3.1.1, TLS
-verified against the emulator's CA, a fixed client id and clean_session=False, and subscribes its
+`mr/+`, `br/+`, `sr/+` and subscribe `ms/+`, `bs/+`, `ss/+`) with paho-mqtt, MQTT 3.1.1 (TLS
+verified against the emulator's CA when the listener has TLS), a fixed client id and
+clean_session=False, and subscribes its
 three topics with QoS 1. The broker therefore keeps the connector's subscriptions and queues the
 devices' messages while the connector is away (a restart of the emulator, a broker restart).
 
@@ -29,37 +30,93 @@ is not processed but answered like the engine answers an oversized body,
 (`42,1,Malformed Request: payload of ...` on `br/`); an oversized secret is ignored with a
 warning. A device with more than `max_lane` unanswered messages gets `50,1,429,Too Many
 Requests` for each further one; when `max_queued` messages wait in all, paho's thread waits for
-room, which slows the broker's delivery to the connector. Mosquitto itself queues at most
-`max_queued_messages` (1000, broker.py) messages for the connector beyond the 20 in flight and
-drops the rest ("Outgoing messages are being dropped for client microcot-connector" in its log):
-a burst of more than about a thousand messages from all devices together, faster than the
-connector drains them (some 2000-3500 per second), loses messages at the broker. An answer too large for the broker is replaced by
+room, which slows the broker's delivery to the connector. Beyond its window of unacknowledged
+messages (`max_inflight_messages`, see below) Mosquitto queues at most `max_queued_messages`
+(broker.py) messages for the connector and drops the rest ("Outgoing messages are being dropped
+for client microcot-connector" in its log). An answer too large for the broker is replaced by
 `50,<line>,413,Payload Too Large` (logged).
 
-Messages are acknowledged to the broker when they reach a lane (paho's automatic PUBACK), not
-after they are answered: with manual acknowledgement Mosquitto's window of 20 unacknowledged
-messages per client would let one slow device hold up everybody's messages. The price: a crash of
-the emulator loses what is queued in lanes. stop() first lets the lanes run dry and waits for the
-broker to acknowledge the answers, then disconnects; messages arriving in the last milliseconds
-are still executed, but their answers cannot be sent (logged with their number).
+Acknowledgement: exactly once
+-----------------------------
+paho runs with manual acknowledgement: a QoS 1 message is acknowledged to the broker (PUBACK)
+only after its effect is committed. A device message runs in one model transaction
+(`Model.atomic`: the rows of all its lines, the availability note, and a record in
+`applied_messages` of the message's broker packet id (mid) with a digest of its topic and
+payload); then the answer is published and the message acknowledged. So `kill -9` at any moment
+loses nothing the broker acknowledged to a device: what was not committed is still unacknowledged
+in the connector's persistent session, and the broker delivers it again when the connector is
+back. ss/ (bootstrap secrets) are acknowledged after bootstrap.py has handled them (no record:
+a secret handled twice asks for the same acceptance); a message refused for its size or with 429
+is acknowledged after the refusal is published.
+
+What a crash between the commit and the PUBACK means: the broker delivers the message again. MQTT
+3.1.1 (4.4) and Mosquitto agree on how: when the connector reconnects to its session, the broker
+sends every unacknowledged message again with its original packet id and the DUP flag; after a
+broker restart too (Mosquitto saves inflight messages with their mids on SIGTERM; verified with
+2.0.11: mids 2, 4, 5 unacknowledged came back as 2, 4, 5 with DUP set, after a reconnect and after a
+restart, and new messages went on from the next mid, DUP clear). A packet id is reused only once the
+broker has the PUBACK for it, and Mosquitto counts mids up (wrapping at 65535). Hence:
+
+- a DUP message whose mid has a record with the same digest took effect already: it is only
+  acknowledged (its answer is not sent again: a device that matches answers by arrival, as the
+  agent's create.ask does, could take a second copy for the answer to its next request, while a
+  missing answer is a timeout it handles);
+- a message without DUP is new, and any record of its mid is out of date: that record is deleted
+  before the message is executed (synchronously; otherwise a crash before its commit would leave
+  the old record to match its redelivery);
+- a DUP message that is still in a lane (the connection broke while it waited) is dropped: the
+  original is acknowledged when it is done, on the connection that exists then.
+
+A record may go once the broker surely has the PUBACK. MQTT does not confirm a PUBACK, but
+Mosquitto handles one connection's packets in order and paho writes them in order: so when a QoS 1
+message the connector published after a PUBACK is acknowledged on the same connection
+(connection counted in on_connect), the broker had processed that PUBACK. The connector publishes
+such a probe (empty, on `mr/-ack-probe`, a topic no device can have: device IDs start with a letter
+or digit) about every 0.1 s while acknowledgements wait for proof, then deletes their records. An
+acknowledgement sent on a connection that broke before its proof stays recorded: a redelivery or
+the next message with that mid settles it. Records from before a crash are loaded at start() and
+settled the same way. Limits: a Mosquitto killed with SIGKILL (not the emulator: the kernel sends
+its broker SIGTERM, broker.py) restarts from its last autosave (5 s) and may deliver again what
+was acknowledged since, or lose what it acknowledged to devices; QoS 1 also lets a device send a
+message again whose PUBACK it did not get, which the broker forwards as a new message.
+
+The broker's window: Mosquitto sends a client at most `max_inflight_messages` unacknowledged
+messages (broker.py). Messages wait in lanes unacknowledged now, so the window is what a slow
+device's backlog can fill before other devices' messages wait behind it at the broker.
+
+Answers while the broker is away
+--------------------------------
+Answers and operations are published QoS 1 through paho's queue, which keeps what could not be
+sent while the connection is down (a broker restart) and sends it after the reconnect, along with
+what was sent but not acknowledged; at most `max_pending` messages (then an answer is dropped
+and logged). stop() first lets the lanes run dry and waits for the broker to acknowledge the
+answers, then disconnects.
 
 Operations
 ----------
-A new operation (the `Api.on_operation_created` hook) goes to `Api.device_user(deviceId)` (which
-walks from a child device up to its parent), rendered with that device's response templates, in
-that device's lane, on `mr/<user>`: the broker's persistent session keeps it while the device is
-offline (DESIGN.md: operations are always delivered as text on `mr/`, also to devices that use
-binary SmartREST, which therefore subscribe to `mr/` too).
-
-An operation cannot be delivered at once when its device is not known yet (no device user, or
-the device has not yet used a collection with template 500). Besides, a publish can be lost
-(emulator crash). So the connector also *synchronises*: after the first request of each device
-since the connector started (and, while undelivered operations exist, at most every
-`sync_interval` seconds after a request), it lists the PENDING operations of the device and its
-child devices and sends those it has not sent yet. "Sent" is a set of operation ids per device in
-the model's settings (`connector.sent.<user>`, trimmed to the operations still PENDING), so a
-restart of the emulator sends nothing twice. A device that bootstrapped again (it may have lost
-its session) gets all its PENDING operations again.
+An operation goes to `Api.device_user(deviceId)` (which walks from a child device up to its
+parent), rendered with that device's response templates, in that device's lane, on `mr/<user>`
+(DESIGN.md: operations are always delivered as text on `mr/`, also to devices that use binary
+SmartREST, which therefore subscribe to `mr/` too). Store and forward: the operations table is the
+store, nothing else; an operation is sent while it is PENDING, and is not sent any more once the
+device has acknowledged it (EXECUTING, or a final status, through its own SmartREST update). It
+is sent
+- when it is created, if its device is known (a user, and a collection with template 500);
+- at each connection of its device (seed 002: "Alle erstellten Operations werden bei der nächsten
+  Verbindung an den Broker gesendet"): every PENDING operation of the device and its child
+  devices, as the platform does, so a session lost to a clean-session login, a takeover or a
+  broker that lost its data loses none. The device drops copies by operation id (the agent keeps
+  the last 16 ids, link.py). A connection is seen in Mosquitto's log ("New client connected ...
+  as <ID>", connection_messages) or told by `device_connected(user)`; the operations go out at
+  the device's first message after it or `connect_grace` seconds later, whichever comes first
+  (a device subscribes mr/ right after CONNACK; a new session has no subscription before);
+- after a device's first message since the connector started, and, at most every
+  `sync_interval` seconds after a message, while operations created for an unknown device wait
+  or while one sent to this device is still PENDING after `redeliver_after` seconds: those not
+  sent since the connector started, or not for `redeliver_after` seconds.
+A device registered by bulk registration with SHELL 0 ("ob Operations an ein Gerät gesendet
+werden sollen", seed 002) gets none: an operation for it (or one of its child devices) is set
+FAILED at once, with a reason naming the flag (in the answer to its POST too).
 """
 
 from __future__ import annotations
@@ -67,32 +124,54 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import itertools
-import json
 import logging
+import os
+import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .api import BULK_FRAGMENT
 from .bootstrap import Bootstrap, SecretStore
 
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "microcot-connector"
 MAX_MESSAGE = 64 * 1024
-SENT_KEY = "connector.sent."
-MAX_SENT = 5000      # operation ids remembered per device
-PRUNE_SENT = 200     # ... trimmed to the PENDING ones when a new operation finds this many
-ORPHAN_TTL = 900.0   # seconds an undeliverable operation keeps triggering synchronisations
-MAX_OP_PAGES = 20    # of 2000 pending operations per synchronisation
+MAX_PENDING = 100_000  # answers and operations paho keeps while the broker is away
+ORPHAN_TTL = 900.0     # seconds an undeliverable operation keeps triggering synchronisations
+MAX_OP_PAGES = 20      # of 2000 pending operations per synchronisation
+# a topic the connector may publish to (mr/+) that no device can subscribe: device IDs start with
+# a letter or a digit (broker.py)
+PROBE_TOPIC = "mr/-ack-probe"
+KEEP_STEP = 0.1        # seconds between two rounds of the keeper (log, connections, proofs)
+PROBE_TIMEOUT = 5.0
+
+# Mosquitto's log line for a new connection (connection_messages true, broker.py)
+_CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(p\d+, c\d+, k\d+")
 
 
 class ConnectorError(RuntimeError):
     """The connector could not log in to the broker or subscribe."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message from the broker as the connector acknowledges it: QoS 0 needs nothing."""
+    mid: int = 0
+    qos: int = 0
+    digest: bytes = b""
+
+
+def _digest(topic: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
 
 
 # -- lanes ------------------------------------------------------------------------------------
@@ -241,6 +320,46 @@ class Lanes:
                                   len(self._stuck))
 
 
+# -- connections seen in the broker's log ------------------------------------------------------
+
+class LogFollower:
+    """The lines appended to a text file (Mosquitto's log) since the last `lines()` call. It
+    starts at the end of the file; a file that shrank or was replaced is read from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ino: int | None = None
+        self._pos = 0
+        self._rest = b""
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            self._ino, self._pos = st.st_ino, st.st_size
+
+    def lines(self) -> list[str]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return []
+        if st.st_ino != self._ino or st.st_size < self._pos:
+            self._ino, self._pos, self._rest = st.st_ino, 0, b""
+        if st.st_size == self._pos:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._pos)
+                data = f.read(min(st.st_size - self._pos, 1 << 20))
+        except OSError:
+            return []
+        self._pos += len(data)
+        *done, self._rest = (self._rest + data).split(b"\n")
+        return [line.decode(errors="replace") for line in done]
+
+
+def connected_clients(lines: list[str]) -> list[str]:
+    """Client ids of the connections that Mosquitto's log `lines` report."""
+    return [m.group(1) for m in map(_CONNECTED.search, lines) if m]
+
+
 # -- the connector ------------------------------------------------------------------------------
 
 class Connector:
@@ -251,27 +370,42 @@ class Connector:
                  key_file: Path | None = None, client_id: str = CLIENT_ID,
                  max_message: int = MAX_MESSAGE, workers: int = 4, time_budget: float = 10.0,
                  max_lane: int = 2000, max_queued: int = 20000, sync_interval: float = 2.0,
-                 connect_timeout: float = 10.0) -> None:
+                 redeliver_after: float = 60.0, connect_grace: float = 0.5,
+                 max_pending: int = MAX_PENDING, connect_timeout: float = 10.0) -> None:
         self.broker = broker
         self.api = api
         self.engine = engine
         self.client_id = client_id
         self.max_message = max_message
         self.sync_interval = sync_interval
+        self.redeliver_after = redeliver_after
+        self.connect_grace = connect_grace
+        self.max_pending = max_pending
         self.connect_timeout = connect_timeout
         # room for the topic and the header in the broker's packet limit
         self.max_answer = int(getattr(broker, "max_packet_size", 256 * 1024)) - 1024
         self.lanes = Lanes(workers, time_budget, max_lane, max_queued, name="connector")
         self.bootstrap = Bootstrap(api, self._publish, self._schedule,
                                    SecretStore(api.model, key_file), auto_accept)
-        self.bootstrap.on_issued = self._forget_sent
+        self.bootstrap.on_issued = self._forget_delivered
         self._client: Any = None
         self._ready = threading.Event()
         self._failure: str | None = None
         self._lock = threading.Lock()
         self._infos: collections.deque[Any] = collections.deque()  # answers not yet PUBACKed
-        self._synced: dict[str, float] = {}        # user -> time of its last synchronisation
-        self._orphans: dict[str, float] = {}       # undelivered operation id -> creation time
+        # acknowledgement (module docstring, "exactly once")
+        self._gen = 0                               # connections so far (on_connect)
+        self._inflight: dict[int, bytes] = {}       # mid -> digest: in a lane, not acknowledged
+        self._applied: dict[int, bytes] = {}        # mid -> digest: recorded in the model
+        self._unproven: list[tuple[int, int, bytes]] = []  # (connection, mid, digest) acked
+        # operations
+        self._synced: dict[str, float] = {}         # user -> time of its last synchronisation
+        self._orphans: dict[str, float] = {}        # undelivered operation id -> creation time
+        self._delivered: dict[str, dict[str, float]] = {}  # user -> op id -> time sent
+        self._connects: dict[str, float] = {}       # user -> when its new connection was seen
+        self._log: LogFollower | None = None
+        self._keeper: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._started = False
         # called with the device ID after each of its ms/ and bs/ messages (availability)
         self.on_device_message: Callable[[str], None] | None = None
@@ -293,16 +427,21 @@ class Connector:
 
         if self._started:
             return
+        # the records of a previous run, before the broker delivers anything again
+        self._applied = self.api.model.applied_messages()
+        self._inflight.clear()
+        self._unproven.clear()
         self.lanes.start()
         creds = self.broker.connector_credentials()
         c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=False)
+                        client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=False,
+                        manual_ack=True)
         c.username_pw_set(creds.user, creds.password)
         ctx = self.broker.client_ssl_context()
         if ctx is not None:
             c.tls_set_context(ctx)
         c.max_inflight_messages_set(200)
-        c.max_queued_messages_set(0)
+        c.max_queued_messages_set(self.max_pending)
         c.reconnect_delay_set(0.1, 2.0)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
@@ -311,6 +450,10 @@ class Connector:
         self._ready.clear()
         self._failure = None
         self._synced.clear()
+        self._delivered.clear()
+        self._connects.clear()
+        log_file = getattr(self.broker, "log_file", None)
+        self._log = LogFollower(Path(log_file)) if log_file else None
         # known before connecting: a persistent session delivers what waited for us at once,
         # possibly before the SUBACK, and those answers must go out
         self._client = c
@@ -329,6 +472,9 @@ class Connector:
             self.lanes.stop(0)
             raise ConnectorError(f"the connector could not subscribe: "
                                  f"{self._failure or 'no answer from the broker'}")
+        self._stopping.clear()
+        self._keeper = threading.Thread(target=self._keep, name="connector-keeper", daemon=True)
+        self._keeper.start()
         self._started = True
         log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.local_host,
                  self.broker.port)
@@ -340,6 +486,10 @@ class Connector:
         self._started = False
         self.lanes.wait_idle(timeout)
         self._wait_acked(timeout / 2)
+        self._stopping.set()
+        if self._keeper is not None:
+            self._keeper.join(PROBE_TIMEOUT + 1)
+        self._prove()  # what the last messages' acknowledgements leave
         c, self._client = self._client, None
         with contextlib.suppress(Exception):
             c.disconnect()
@@ -365,6 +515,8 @@ class Connector:
             self._ready.set()
             log.error("the broker refused the connector: %s", rc)
             return
+        with self._lock:
+            self._gen += 1
         # paho leaves Nagle on: each answer would wait ~40 ms behind our own PUBACK for the
         # broker's delayed TCP acknowledgement (bench/emulator.py: p50 44 ms at one device)
         sock = client.socket()
@@ -395,57 +547,184 @@ class Connector:
         payload = bytes(msg.payload)
         if not device or kind not in ("ms", "bs", "ss"):
             log.warning("message on unexpected topic %r ignored", msg.topic[:200])
+            self._ack(Delivery(msg.mid, msg.qos))
+            return
+        d = self._admit(msg, payload)
+        if d is None:
             return
         if kind == "ss":
             if len(payload) > self.max_message:
                 log.warning("ss/%s: %d bytes is no bootstrap secret: ignored", device,
                             len(payload))
+                self._ack(d)
                 return
-            if not self.lanes.submit(device, functools.partial(self.bootstrap.on_secret, device,
-                                                               payload)):
+            if not self.lanes.submit(device, functools.partial(self._secret, device, payload,
+                                                               d)):
                 log.warning("ss/%s: over %d messages waiting: ignored", device,
                             self.lanes.max_lane)
+                self._ack(d)
             return
         binary = kind == "bs"
         if len(payload) > self.max_message:
             log.warning("%s/%s: a message of %d bytes exceeds the limit of %d: refused",
                         kind, device, len(payload), self.max_message)
             # the payload itself is not kept
-            task = functools.partial(self._refuse_size, device, binary, len(payload))
+            task = functools.partial(self._refuse_size, device, binary, len(payload), d)
         else:
-            task = functools.partial(self._request, device, payload, binary)
+            task = functools.partial(self._request, device, payload, binary, d)
         if not self.lanes.submit(device, task):
             log.warning("%s has over %d requests waiting: answered 429", device,
                         self.lanes.max_lane)
             self._publish(("br/" if binary else "mr/") + device, b"50,1,429,Too Many Requests")
+            self._ack(d)
+
+    def _admit(self, msg: Any, payload: bytes) -> Delivery | None:
+        """The message to run, or None when it is a copy of one that is running or ran (module
+        docstring, "exactly once")."""
+        if msg.qos == 0:
+            return Delivery()
+        d = Delivery(msg.mid, msg.qos, _digest(msg.topic, payload))
+        with self._lock:
+            if d.mid in self._inflight:
+                if msg.dup and self._inflight[d.mid] == d.digest:
+                    return None  # still in its lane: acknowledged when it is done
+                log.error("the broker reused packet id %d while message %s waits in a lane",
+                          d.mid, msg.topic[:200])
+            recorded = self._applied.get(d.mid)
+            if recorded is not None and msg.dup and recorded == d.digest:
+                log.info("%s: message %d took effect before; acknowledged again", msg.topic[:200],
+                         d.mid)
+                self._ack_locked(d, proven=False)
+                return None
+            if recorded is not None:
+                del self._applied[d.mid]
+            self._inflight[d.mid] = d.digest
+        if recorded is not None:
+            # a new message under a recorded mid: the broker had our acknowledgement; the old
+            # record must be gone before this one could be delivered again after a crash
+            self.api.model.forget_applied([(d.mid, None)])
+        return d
+
+    # -- acknowledgements ----------------------------------------------------------------------
+
+    def _ack(self, d: Delivery, applied: bool = False) -> None:
+        if d.qos == 0:
+            return
+        with self._lock:
+            self._inflight.pop(d.mid, None)
+            if applied:
+                self._applied[d.mid] = d.digest
+            self._ack_locked(d, proven=not applied)
+
+    def _ack_locked(self, d: Delivery, proven: bool) -> None:
+        # under self._lock, so a copy delivered meanwhile is either dropped as running or found
+        # recorded; paho's ack only queues the packet (its network thread writes it)
+        c = self._client
+        if c is None:
+            return
+        rc = c.ack(d.mid, d.qos)
+        if rc == 0 and not proven:
+            self._unproven.append((self._gen, d.mid, d.digest))
+
+    def _keep(self) -> None:
+        """The keeper thread: connections from the broker's log, proofs of acknowledgements."""
+        while not self._stopping.wait(KEEP_STEP):
+            try:
+                self._watch_connections()
+                self._prove()
+            except Exception:  # the next round tries again
+                log.exception("the connector's keeper failed")
+
+    def _prove(self) -> None:
+        """Publish a probe after the waiting acknowledgements; once the broker acknowledges it
+        on the same connection, it had processed them: forget their records."""
+        with self._lock:
+            batch, self._unproven = self._unproven, []
+            gen = self._gen
+        current = [e for e in batch if e[0] == gen]
+        if len(current) < len(batch):
+            # sent on a connection that broke: a redelivery or the mid's next message settles it
+            log.debug("%d acknowledgements of a lost connection stay recorded",
+                      len(batch) - len(current))
+        c = self._client
+        if not current or c is None:
+            return
+        info = c.publish(PROBE_TOPIC, b"", qos=1)
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while not info.is_published() and time.monotonic() < deadline:
+            with self._lock:
+                if self._gen != gen:
+                    break
+            time.sleep(0.002)
+        done: list[tuple[int, bytes | None]] = []
+        with self._lock:
+            if not info.is_published() or self._gen != gen:
+                if self._gen == gen:  # slow: try again with the next probe
+                    self._unproven[:0] = current
+                return
+            for _, mid, digest in current:
+                if self._applied.get(mid) == digest:
+                    del self._applied[mid]
+                    done.append((mid, digest))
+        self.api.model.forget_applied(done)
 
     # -- tasks (worker threads, in the device's order) -----------------------------------------
 
     def _schedule(self, device: str, task: Callable[[], None]) -> None:
         self.lanes.submit(device, task, force=True)
 
-    def _request(self, device: str, payload: bytes, binary: bool) -> None:
-        if binary:
-            out = self.engine.process_binary(payload, user=device)
-        else:
-            out = self.engine.process(payload, user=device)
+    def _atomic(self) -> contextlib.AbstractContextManager[None]:
+        # The engine calls the model while it holds its own lock (it stores its sessions under
+        # it). The transaction holds the model's lock from its first write to its end, so it
+        # takes the engine's lock first, in the engine's order; else a device message and
+        # another one (or a POST /s) could each wait for the other's lock forever.
+        return self.api.model.atomic(outer=getattr(self.engine, "_lock", None))
+
+    def _request(self, device: str, payload: bytes, binary: bool, d: Delivery) -> None:
+        try:
+            with self._atomic():
+                if binary:
+                    out = self.engine.process_binary(payload, user=device)
+                else:
+                    out = self.engine.process(payload, user=device)
+                self._device_message(device)
+                if d.qos:
+                    self.api.model.note_applied(d.mid, d.digest)
+        except Exception:
+            # nothing of it is stored: left unacknowledged, the broker delivers it again after
+            # the connector's next reconnect
+            log.exception("%s: a message of %s could not be stored; it stays unacknowledged",
+                          "bs" if binary else "ms", device)
+            with self._lock:
+                self._inflight.pop(d.mid, None)
+            return
         if out:
             self._publish(("br/" if binary else "mr/") + device, self._bounded(device, out))
+        self._ack(d, applied=bool(d.qos))
+        self._maybe_sync(device)
+
+    def _device_message(self, device: str) -> None:
         hook = self.on_device_message
         if hook is not None:
             try:
                 hook(device)
             except Exception:
                 log.exception("the device message hook failed for %s", device)
-        self._maybe_sync(device)
 
-    def _refuse_size(self, device: str, binary: bool, n: int) -> None:
+    def _secret(self, device: str, payload: bytes, d: Delivery) -> None:
+        try:
+            self.bootstrap.on_secret(device, payload)
+        finally:
+            self._ack(d)
+
+    def _refuse_size(self, device: str, binary: bool, n: int, d: Delivery) -> None:
         why = f"request of {n} bytes exceeds the limit of {self.max_message} bytes"
         if binary:
             self._publish("br/" + device, f"42,1,Malformed Request: payload of {n} bytes "
                           f"exceeds the limit of {self.max_message} bytes".encode())
         else:
             self._publish("mr/" + device, f"42,1,Malformed request line: {why}".encode())
+        self._ack(d)
 
     def _bounded(self, device: str, out: bytes) -> bytes:
         if len(out) <= self.max_answer:
@@ -460,10 +739,13 @@ class Connector:
             log.warning("not connected: %d bytes for %s dropped", len(payload), topic)
             return
         # retain is never set: seed 002's broker does not support it (and ours refuses it).
-        # No lock of ours is held here: paho calls back under its own locks.
+        # No lock of ours is held here: paho calls back under its own locks. While the broker
+        # is away, paho keeps the message (rc 4, "not connected") and sends it after the
+        # reconnect.
         info = c.publish(topic, payload, qos=1, retain=False)
-        if info.rc not in (0, 4):  # 4: not connected, paho sends it after reconnecting
-            log.error("publishing %d bytes on %s failed: rc %s", len(payload), topic, info.rc)
+        if info.rc not in (0, 4):
+            log.error("publishing %d bytes on %s failed: rc %s (%d messages wait for the broker)",
+                      len(payload), topic, info.rc, self.max_pending)
             return
         with self._lock:
             self._infos.append(info)
@@ -476,18 +758,42 @@ class Connector:
             infos = list(self._infos)
             self._infos.clear()
         for info in infos:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            with contextlib.suppress(Exception):
-                info.wait_for_publish(left)
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     # -- operations ---------------------------------------------------------------------------
 
+    def device_connected(self, user: str) -> None:
+        """A device's connection is ready (connected and subscribed to mr/): send it all its
+        PENDING operations. For a front that sees connections; start() also follows the
+        broker's log."""
+        with self._lock:
+            self._connects.pop(user, None)
+        self._schedule(user, functools.partial(self._sync, user, True))
+
+    def _watch_connections(self) -> None:
+        follower = self._log
+        seen = connected_clients(follower.lines()) if follower is not None else []
+        # device users only (not the connector, the admin's clients, the bootstrap relay)
+        seen = [c for c in seen if c != self.client_id and self.api.model.has_credentials(c)]
+        now = time.monotonic()
+        with self._lock:
+            for client in seen:
+                self._connects[client] = now
+            due = [u for u, t in self._connects.items() if now - t >= self.connect_grace]
+            for user in due:  # taken here: its first message cannot sync it a second time
+                del self._connects[user]
+        for user in due:
+            self._schedule(user, functools.partial(self._sync, user, True))
+
     def _operation_created(self, op: dict[str, Any]) -> None:
-        """Api hook (the REST caller's thread): route the operation to its device's lane."""
+        """Api hook (the REST caller's thread): refuse it for a SHELL=0 device, or route it to
+        its device's lane."""
         op_id = str(op.get("id"))
         user = self.api.device_user(str(op.get("deviceId")))
+        if user is not None and self._shell_off(user):
+            self._refuse_operation(op, user)
+            return
         if user is None or self.engine.collection_for_device(user) is None:
             with self._lock:
                 self._orphans[op_id] = time.monotonic()
@@ -495,68 +801,113 @@ class Connector:
                      "template 500 yet; it is sent after the device's next request", op_id,
                      op.get("deviceId"))
             return
-        self._schedule(user, lambda: self._deliver(user, [op]))
+        self._schedule(user, functools.partial(self._deliver_new, user, op_id))
 
-    def _deliver(self, user: str, ops: list[dict[str, Any]], pending: set[str] | None = None
-                 ) -> None:
-        sent = self._sent(user)
-        if pending is None and len(sent) >= PRUNE_SENT:
-            # many operations since the last synchronisation: forget those no longer PENDING
-            listed = self._pending_ops(user)
-            if listed is not None:
-                pending = {str(o.get("id")) for o in listed} | {str(o.get("id")) for o in ops}
-        if pending is not None:
-            sent &= pending
+    def _shell_off(self, user: str) -> bool:
+        """Whether the device was bulk-registered with SHELL 0 (seed 002: no operations)."""
+        r = self.api.model.find_device_request(user)
+        frag = r.get(BULK_FRAGMENT) if r else None
+        return isinstance(frag, dict) and frag.get("shell") is False
+
+    def _refuse_operation(self, op: dict[str, Any], user: str) -> None:
+        reason = (f"device {user} was registered with SHELL=0 (bulk registration): it receives "
+                  f"no operations")
+        try:
+            done = self.api.model.update_operation(op.get("id"), {"status": "FAILED",
+                                                                  "failureReason": reason})
+        except Exception:
+            log.exception("operation %s for SHELL=0 device %s could not be set FAILED",
+                          op.get("id"), user)
+            return
+        # the API answers the POST with this very dict after its hooks: it says FAILED too
+        op.update(status=done["status"], failureReason=done["failureReason"])
+        log.info("operation %s FAILED at once: %s", op.get("id"), reason)
+
+    def _deliver_new(self, user: str, op_id: str) -> None:
+        try:
+            op = self.api.model.get_operation(op_id)
+        except Exception:
+            return  # gone
+        if op.get("status") == "PENDING":
+            self._send(user, [op])
+
+    def _send(self, user: str, ops: list[dict[str, Any]]) -> None:
+        """Render and publish these operations on mr/<user>, in as few messages as fit."""
         chunks: list[bytes] = []
         size = 0
-        new: list[str] = []
+        sent: list[str] = []
         for op in ops:
-            op_id = str(op.get("id"))
-            if op_id in sent:
-                continue
             rows = self.engine.render_operation(op, user=user)
-            sent.add(op_id)
-            new.append(op_id)
             if not rows:
-                log.info("operation %s matches no response template of %s: not sent", op_id,
-                         user)
+                log.info("operation %s matches no response template of %s: not sent",
+                         op.get("id"), user)
                 continue
             if chunks and size + len(rows) + 1 > self.max_answer:
                 self._publish("mr/" + user, b"\n".join(chunks))
                 chunks, size = [], 0
             chunks.append(self._bounded(user, rows))
             size += len(rows) + 1
+            sent.append(str(op.get("id")))
         if chunks:
             self._publish("mr/" + user, b"\n".join(chunks))
-        if new or pending is not None:
-            self._save_sent(user, sent)
-        if new:
-            with self._lock:
-                for op_id in new:
-                    self._orphans.pop(op_id, None)
-            log.info("operations %s sent to %s", ",".join(new), user)
+        now = time.monotonic()
+        with self._lock:
+            mine = self._delivered.setdefault(user, {})
+            for op_id in [str(o.get("id")) for o in ops]:
+                mine[op_id] = now
+                self._orphans.pop(op_id, None)
+        if sent:
+            log.info("operations %s sent to %s", ",".join(sent), user)
 
     def _maybe_sync(self, user: str) -> None:
         now = time.monotonic()
         with self._lock:
-            last = self._synced.get(user)
-            for op_id, t in list(self._orphans.items()):
-                if now - t > ORPHAN_TTL:
-                    del self._orphans[op_id]
-                    log.warning("operation %s could not be sent to any device within %.0f s; "
-                                "stopped trying", op_id, ORPHAN_TTL)
-            due = last is None or (self._orphans and now - last >= self.sync_interval)
+            if user in self._connects:  # its first message after a new connection
+                connect = True
+                due = True
+            else:
+                connect = False
+                last = self._synced.get(user)
+                for op_id, t in list(self._orphans.items()):
+                    if now - t > ORPHAN_TTL:
+                        del self._orphans[op_id]
+                        log.warning("operation %s could not be sent to any device within %.0f s;"
+                                    " stopped trying", op_id, ORPHAN_TTL)
+                stale = any(now - t >= self.redeliver_after
+                            for t in self._delivered.get(user, {}).values())
+                due = last is None or ((self._orphans or stale)
+                                       and now - last >= self.sync_interval)
             if due:
                 self._synced[user] = now
+                self._connects.pop(user, None)
         if due:
-            self._sync(user)
+            self._sync(user, connect)
 
-    def _sync(self, user: str) -> None:
+    def _sync(self, user: str, connect: bool = False) -> None:
+        """Send the device's PENDING operations: all of them after a new connection (`connect`),
+        else those not sent by this connector or not for `redeliver_after` seconds."""
+        with self._lock:
+            self._synced[user] = time.monotonic()
         if self.engine.collection_for_device(user) is None:
             return
         ops = self._pending_ops(user)
-        if ops is not None:
-            self._deliver(user, ops, {str(o.get("id")) for o in ops})
+        if ops is None:
+            return
+        if ops and self._shell_off(user):
+            for op in ops:
+                self._refuse_operation(op, user)
+            return
+        now = time.monotonic()
+        with self._lock:
+            before = self._delivered.get(user, {})
+            # what is no longer PENDING is forgotten: it is never sent again
+            mine = {str(o.get("id")): before[str(o.get("id"))] for o in ops
+                    if str(o.get("id")) in before}
+            self._delivered[user] = mine
+        todo = [o for o in ops if connect or str(o.get("id")) not in mine
+                or now - mine[str(o.get("id"))] >= self.redeliver_after]
+        if todo:
+            self._send(user, todo)
 
     def _pending_ops(self, user: str) -> list[dict[str, Any]] | None:
         """The PENDING operations of the device and its child devices (None: unknown)."""
@@ -576,19 +927,8 @@ class Connector:
                 break
         return ops
 
-    def _sent(self, user: str) -> set[str]:
-        raw = self.api.model.get_setting(SENT_KEY + user)
-        try:
-            return set(json.loads(raw)) if raw else set()
-        except ValueError:
-            return set()
-
-    def _save_sent(self, user: str, sent: set[str]) -> None:
-        keep = sorted(sent, key=lambda s: int(s) if s.isdigit() else 0)[-MAX_SENT:]
-        self.api.model.set_setting(SENT_KEY + user, json.dumps(keep))
-
-    def _forget_sent(self, user: str) -> None:
+    def _forget_delivered(self, user: str) -> None:
         # a device that bootstrapped again may have lost its session: send everything again
-        self.api.model.set_setting(SENT_KEY + user, "[]")
         with self._lock:
+            self._delivered.pop(user, None)
             self._synced.pop(user, None)

@@ -17,8 +17,12 @@ naming the field at fault.
 Entities: managed objects (fragments as JSON, `childDevices`/`deviceParents` references),
 external IDs, measurements, events, alarms (de-duplicated by source and type while not CLEARED),
 operations (status transitions checked), new device requests, device credentials (a salted
-PBKDF2 hash, never the password), the time of each device's last message (availability.py) and a
-key-value table for settings.
+PBKDF2 hash, never the password), the time of each device's last message (availability.py), the
+MQTT connector's applied messages (connector.py) and a key-value table for settings.
+
+`atomic()` makes everything one thread writes in a block one transaction (the calls inside it
+nest as savepoints), begun at the block's first write: the connector commits a device message's
+rows together with its record that the message took effect, so a crash leaves both or neither.
 
 Time comes from `clock` (Unix seconds, `time.time` by default): every creationTime, lastUpdated
 and the availability computation use it, so tests can move time instead of sleeping.
@@ -37,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 JSON = dict[str, Any]
 
@@ -120,7 +124,12 @@ CREATE TABLE device_credentials (
 _SCHEMA_V2 = """
 CREATE TABLE last_messages (mo INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL);
 """
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+# the MQTT connector's record of messages whose effect is committed but whose acknowledgement
+# the broker may not have received (connector.py: "Exactly once")
+_SCHEMA_V3 = """
+CREATE TABLE applied_messages (mid INTEGER PRIMARY KEY, digest BLOB NOT NULL);
+"""
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 
 class ModelError(Exception):
@@ -308,6 +317,7 @@ class Model:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._local = threading.local()  # this thread's atomic() block
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=5.0)
         self._db.row_factory = sqlite3.Row
@@ -348,7 +358,20 @@ class Model:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
+        self._begin_atomic()
         with self._lock:
+            if self._db.in_transaction:
+                # inside atomic() (this thread holds the lock, so the transaction is its own): a
+                # savepoint, so a failing call undoes its own changes and the caller's others stay
+                self._db.execute("SAVEPOINT nested")
+                try:
+                    yield _Cursor(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK TO nested")
+                    self._db.execute("RELEASE nested")
+                    raise
+                self._db.execute("RELEASE nested")
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield _Cursor(self._db)
@@ -356,6 +379,67 @@ class Model:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def atomic(self, outer: _Lock | None = None) -> Iterator[None]:
+        """Everything this thread writes to the model inside the block is one transaction:
+        committed together at its end, or not at all (an exception rolls it back; a crash
+        leaves nothing of it). A model call that fails inside the block undoes only its own
+        changes (a savepoint). Blocks do not nest.
+
+        The transaction begins with the block's first write, not before: what the block does
+        until then (parsing, reading, waiting) holds up nobody. From its first write to its
+        end the block holds the model's lock, so other threads wait for the model meanwhile:
+        keep that part short. `outer` is a lock that callers inside the block take before
+        calling the model (the SmartREST engine's): it is taken before the model's lock when
+        the transaction begins and held to its end, so the two are always taken in the same
+        order. The MQTT connector runs each device message in one, with its `applied` record.
+        """
+        if getattr(self._local, "atomic", None) is not None:
+            raise RuntimeError("Model.atomic() blocks do not nest")
+        state = _Atomic(outer)
+        self._local.atomic = state
+        try:
+            yield
+        except BaseException:
+            self._local.atomic = None
+            self._end_atomic(state, commit=False)
+            raise
+        self._local.atomic = None
+        self._end_atomic(state, commit=True)
+
+    def _begin_atomic(self) -> None:
+        state: _Atomic | None = getattr(self._local, "atomic", None)
+        if state is None or state.begun:
+            return
+        if state.outer is not None:
+            state.outer.acquire()
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            if state.outer is not None:
+                state.outer.release()
+            raise
+        state.begun = True
+
+    def _end_atomic(self, state: _Atomic, commit: bool) -> None:
+        if not state.begun:
+            return
+        try:
+            if commit:
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            else:
+                self._db.execute("ROLLBACK")
+        finally:
+            self._lock.release()
+            if state.outer is not None:
+                state.outer.release()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -1005,6 +1089,33 @@ class Model:
         rows = self._read("SELECT time_ms FROM last_messages WHERE mo = ?", (parse_id(mo_id),))
         return int(rows[0][0]) if rows else None
 
+    # -- applied messages (connector.py) ------------------------------------------------------
+
+    def note_applied(self, mid: int, digest: bytes) -> None:
+        """Record that the broker's message `mid` (with this digest of topic and payload) took
+        effect; call it inside the atomic() block that holds the effect."""
+        with self._tx() as db:
+            db.execute("INSERT INTO applied_messages VALUES (?, ?) ON CONFLICT(mid) DO UPDATE "
+                       "SET digest = excluded.digest", (mid, digest))
+
+    def applied_messages(self) -> dict[int, bytes]:
+        """Every recorded message: mid -> digest."""
+        return {int(r[0]): bytes(r[1]) for r in self._read("SELECT mid, digest FROM "
+                                                           "applied_messages")}
+
+    def forget_applied(self, done: list[tuple[int, bytes | None]]) -> None:
+        """Drop records: (mid, digest) drops it if it still has that digest, (mid, None) in any
+        case."""
+        if not done:
+            return
+        with self._tx() as db:
+            for mid, digest in done:
+                if digest is None:
+                    db.execute("DELETE FROM applied_messages WHERE mid = ?", (mid,))
+                else:
+                    db.execute("DELETE FROM applied_messages WHERE mid = ? AND digest = ?",
+                               (mid, digest))
+
     # -- device credentials -------------------------------------------------------------------
 
     def record_credentials(self, device_id: str, password: str, source: str) -> tuple[JSON, bool]:
@@ -1051,6 +1162,19 @@ class Model:
         with self._tx() as db:
             return bool(db.execute("DELETE FROM device_credentials WHERE id = ?",
                                    (device_id,)).rowcount)
+
+
+class _Lock(Protocol):
+    def acquire(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class _Atomic:
+    """A thread's atomic() block: the lock to take first, whether its transaction began."""
+
+    def __init__(self, outer: _Lock | None) -> None:
+        self.outer = outer
+        self.begun = False
 
 
 class _Cursor:
