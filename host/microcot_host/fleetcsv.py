@@ -34,6 +34,10 @@ Decisions where the seed is silent:
 - A byte order mark, CRLF line ends, blank lines and quoted fields (`"a;b"`, `""` for a quote) are
   accepted; values other than CREDENTIALS are stripped of surrounding white space.
 - Messages never contain a credential.
+- Validation is linear in the input, as the emulator runs it on any body it is sent: a duplicate
+  ID or ICCID names the first line only; a row shorter than the header gets a problem per missing
+  seed column and one for its missing extra columns together (it names the first and counts the
+  rest), and its `extra` holds only the extra values it has.
 
 Line numbers are 1-based over physical lines (the header is line 1); a quoted value spanning lines
 is reported at the line where its row starts.
