@@ -69,6 +69,7 @@ from websockets.http11 import Request, Response
 
 from microcot import signalr
 from microcot_host import cliopts
+from microcot_host.files import private_dir
 
 log = logging.getLogger("microcot.kics_emulator")
 
@@ -938,7 +939,7 @@ def _stored_token(data_dir: Path) -> str:
             return tok
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)  # the token's folder too: owner-only like the token
     tok = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
