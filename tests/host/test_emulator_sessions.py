@@ -276,6 +276,62 @@ def test_a_bootstrap_answer_waits_in_the_persistent_session(emu, conn):
         fresh.close()
 
 
+def test_a_bootstrap_session_speaks_qos_2_unsubscribes_and_can_be_taken_over(emu, conn):
+    dev_id, secret = new_iccid(), secret16().encode()
+    user, pw = conn["bootstrap_user"], conn["bootstrap_password"]
+    first = Raw(conn)
+    try:
+        first.send(connect_packet(dev_id, user, pw, clean=False))
+        assert first.recv(4) == b"\x20\x02\x00\x00"
+        sub = _s(("sr/" + dev_id).encode()) + b"\x02"
+        first.send(b"\x82" + _rl(2 + len(sub)) + b"\x00\x07" + sub)
+        assert first.recv(5) == b"\x90\x03\x00\x07\x02"
+        body = _s(("ss/" + dev_id).encode()) + b"\x00\x09" + secret
+        first.send(bytes([0x34]) + _rl(len(body)) + body)   # QoS 2
+        assert first.recv(4) == b"\x50\x02\x00\x09"          # PUBREC
+        first.send(bytes([0x3C]) + _rl(len(body)) + body)   # the same again, DUP
+        assert first.recv(4) == b"\x50\x02\x00\x09"
+        first.send(b"\x62\x02\x00\x09")                       # PUBREL
+        assert first.recv(4) == b"\x70\x02\x00\x09"          # PUBCOMP
+        unsub = _s(("sr/" + dev_id).encode())
+        first.send(b"\xa2" + _rl(2 + len(unsub)) + b"\x00\x0a" + unsub)
+        assert first.recv(4) == b"\xb0\x02\x00\x0a"
+        wait_for(lambda: rest(conn, "GET", "/devicecontrol/newDeviceRequests/" + dev_id)[0]
+                 == 200)
+        second = Raw(conn)  # the same client id again: the first connection goes
+        try:
+            second.send(connect_packet(dev_id, user, pw, clean=False))
+            assert second.recv(4) == b"\x20\x02\x01\x00"  # its session was there
+            assert first.closed()
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_mqtt_5_gets_connack_1(emu, conn):
+    dev_id = new_iccid()
+    pw = emu.add_device(dev_id)
+    pkt = bytearray(connect_packet(dev_id, dev_id, pw))
+    assert pkt[8] == 4
+    pkt[8] = 5
+    assert connack(conn, bytes(pkt)) == 1
+
+
+def test_a_large_publish_passes_the_front(emu, conn):
+    dev_id = new_iccid()
+    d = device(conn, dev_id, emu.add_device(dev_id))
+    try:
+        info = d.client.publish("ms/" + dev_id, b"15," + XID.encode() + b"\n" + b"9" * 200_000,
+                                qos=1)
+        info.wait_for_publish(WAIT)
+        assert info.is_published()  # Mosquitto's PUBACK: the 200 KB packet arrived whole
+        d.get("mr/" + dev_id)       # the platform's answer to it, whatever it says
+        assert d.request("15," + XID).startswith("20,")  # the connection is still good
+    finally:
+        d.close()
+
+
 # -- seed 002: no last will, no retained messages -------------------------------------------------
 
 def test_a_connect_with_a_will_is_refused(emu, conn):

@@ -34,9 +34,10 @@ firmware never sends a will. Mosquitto 2.0.11 accepted a will even on a topic th
 publish to, and published it.
 
 Bounds: at most `max_connections` connections (more are closed at once), the TLS handshake and
-the CONNECT within `connect_timeout` each, a CONNECT of at most `max_connect` bytes; a joined
-connection copies through asyncio streams with back-pressure (at most `chunk` bytes read at a
-time, drained before the next read), so a slow reader stalls only its own writer.
+the CONNECT within `connect_timeout` each, a CONNECT of at most `max_connect` bytes. A joined
+connection is two asyncio protocols that hand each other every chunk as it comes (no coroutine
+per chunk: the front's latency is mostly TLS), with back-pressure: when one side's write buffer
+is full (asyncio's high-water mark) the other side stops reading until it drained.
 
 Everything runs on one asyncio event loop in a thread of its own (start()/stop() from any other).
 """
@@ -102,7 +103,8 @@ class Front:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -112,7 +114,7 @@ class Front:
 
     @property
     def connections(self) -> int:
-        return len(self._writers)
+        return len(self._clients)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -162,68 +164,56 @@ class Front:
             loop.close()
 
     async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(
-            self._serve, self.host, self.requested_port or 0, ssl=self.ssl_context,
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: _Client(self), self.host, self.requested_port or 0, ssl=self.ssl_context,
             ssl_handshake_timeout=self.connect_timeout if self.ssl_context else None,
-            limit=self.chunk, reuse_address=True)
+            reuse_address=True)
 
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
         if self.bootstrap is not None:
             self.bootstrap.stop()
-        for w in list(self._writers):
-            w.transport.abort()
-        for _ in range(100):  # let the handlers see their connections end
-            if not self._writers:
-                break
-            await asyncio.sleep(0.01)
+        for c in list(self._clients):
+            c.abort()
+        if self._tasks:  # the bootstrap sessions see their connections end and detach
+            await asyncio.wait(self._tasks, timeout=2)
 
-    # -- one connection -----------------------------------------------------------------------------
+    # -- after the CONNECT ---------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= self.max_connections:
-            log.warning("MQTT front: %d connections, the limit: one more refused",
-                        len(self._writers))
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
-        peer = _peer(writer)
+    async def _route(self, c: _Client, first: int, body: bytes, raw: bytes) -> None:
         try:
-            await self._converse(reader, writer, peer)
+            await self._converse(c, first, body, raw)
         except wire.WireError as e:
-            log.info("MQTT front: %s broke the protocol: %s; closed", peer, e)
+            log.info("MQTT front: %s broke the protocol: %s; closed", c.peer, e)
         except TimeoutError:
-            log.info("MQTT front: %s sent no whole CONNECT within %.0f s (or missed its "
-                     "keep-alive); closed", peer, self.connect_timeout)
+            log.info("MQTT front: %s missed its keep-alive; closed", c.peer)
         except _CLOSED:
             pass
         finally:
-            self._writers.discard(writer)
-            writer.close()
+            if c.state != "join":
+                c.close()
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        peer: str) -> None:
-        first, body, raw = await asyncio.wait_for(wire.read_packet(reader, self.max_connect),
-                                                  self.connect_timeout)
+    async def _converse(self, c: _Client, first: int, body: bytes, raw: bytes) -> None:
         if first != 0x10:
             raise wire.WireError(f"packet 0x{first:02x} before CONNECT")
         try:
-            c = wire.parse_connect(body)
+            connect = wire.parse_connect(body)
         except wire.UnsupportedLevel as e:
-            log.info("MQTT front: %s: %s: CONNACK 1", peer, e)
-            await _answer(writer, wire.BAD_PROTOCOL)
+            log.info("MQTT front: %s: %s: CONNACK 1", c.peer, e)
+            c.answer(wire.BAD_PROTOCOL)
             return
-        code, route = self._admit(c)
+        code, route = self._admit(connect)
         if code != wire.ACCEPTED:
-            log.info("MQTT front: %s (client id %r, user %r) refused: CONNACK %d, %s", peer,
-                     c.client_id[:64], (c.user or "")[:64], code, route)
-            await _answer(writer, code)
+            log.info("MQTT front: %s (client id %r, user %r) refused: CONNACK %d, %s", c.peer,
+                     connect.client_id[:64], (connect.user or "")[:64], code, route)
+            c.answer(code)
         elif route == "bootstrap":
             assert self.bootstrap is not None
-            await BootstrapConnection(self.bootstrap, reader, writer, c).serve()
+            await BootstrapConnection(self.bootstrap, c.to_reader(), c, connect).serve()
         else:
-            await self._join(reader, writer, raw)
+            await self._join(c, raw)
 
     def _admit(self, c: wire.Connect) -> tuple[int, str]:
         """(CONNACK code, route or reason)."""
@@ -246,44 +236,203 @@ class Front:
             return wire.NOT_AUTHORIZED, "a device connects with its own ID as client id"
         return wire.ACCEPTED, "device"
 
-    async def _join(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    connect: bytes) -> None:
-        """The device's CONNECT to Mosquitto, then both directions copied until one ends."""
+    async def _join(self, c: _Client, connect: bytes) -> None:
+        """The device's CONNECT to Mosquitto, then every byte either way as it comes."""
         host, port = self.upstream()
+        loop = asyncio.get_running_loop()
         try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=self.chunk), self.connect_timeout)
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _Upstream(c), host, port), self.connect_timeout)
         except (OSError, TimeoutError) as e:
             log.warning("MQTT front: the broker at %s:%d cannot be reached (%s): CONNACK 3",
                         host, port, e)
-            await _answer(writer, wire.UNAVAILABLE)
+            c.answer(wire.UNAVAILABLE)
             return
+        transport.write(connect)
+        c.join(transport)
+
+
+class _Client(asyncio.Protocol):
+    """One device's connection to the front.
+
+    States: "connect" (gathering the CONNECT, under the deadline), "route" (deciding; reading
+    paused), "join" (bytes go to Mosquitto's transport as they come, with back-pressure both
+    ways), "bootstrap" (bytes go to a StreamReader that BootstrapConnection reads), "closed".
+    """
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.state = "connect"
+        self.peer = "?"
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = _peer(transport)
+        front = self.front
+        if len(front._clients) >= front.max_connections:
+            log.warning("MQTT front: %d connections, the limit: one more refused",
+                        len(front._clients))
+            self.state = "closed"
+            transport.abort()
+            return
+        front._clients.add(self)
+        self._deadline = asyncio.get_running_loop().call_later(front.connect_timeout,
+                                                              self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "join":
+            assert self.upstream is not None
+            self.upstream.write(data)
+        elif self.state == "bootstrap":
+            assert self.reader is not None
+            self.reader.feed_data(data)
+        elif self.state in ("connect", "route"):
+            self.buf += data
+            if self.state == "connect":
+                self._gather()
+
+    def eof_received(self) -> bool:
+        if self.reader is not None:
+            self.reader.feed_eof()
+        else:
+            self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = "closed"
+        self.front._clients.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.reader is not None:
+            self.reader.feed_eof()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def pause_writing(self) -> None:  # the device reads slower than Mosquitto sends
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- the front's side --------------------------------------------------------------------------
+
+    def _gather(self) -> None:
         try:
-            up_writer.write(connect)
-            tasks = {asyncio.create_task(self._copy(reader, up_writer)),
-                     asyncio.create_task(self._copy(up_reader, writer))}
-            try:
-                _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-        finally:
-            up_writer.transport.abort()
+            pkt = wire.take_packet(self.buf, self.front.max_connect)
+        except wire.WireError as e:
+            log.info("MQTT front: %s broke the protocol: %s; closed", self.peer, e)
+            self.abort()
+            return
+        if pkt is None:
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.state = "route"
+        assert self.transport is not None
+        self.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self.front._route(self, *pkt))
+        self.front._tasks.add(task)
+        task.add_done_callback(self.front._tasks.discard)
 
-    async def _copy(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(*_CLOSED):
-            while True:
-                data = await src.read(self.chunk)
-                if not data:
-                    return
-                dst.write(data)
-                await dst.drain()
+    def _too_slow(self) -> None:
+        if self.state == "connect":
+            log.info("MQTT front: %s sent no whole CONNECT within %.0f s; closed", self.peer,
+                     self.front.connect_timeout)
+            self.abort()
+
+    def join(self, upstream: asyncio.Transport) -> None:
+        if self.state == "closed":
+            upstream.close()
+            return
+        self.state, self.upstream = "join", upstream
+        if self.buf:  # what the device sent after its CONNECT, before the join
+            upstream.write(bytes(self.buf))
+            self.buf.clear()
+        assert self.transport is not None
+        self.transport.resume_reading()
+
+    def to_reader(self) -> asyncio.StreamReader:
+        """Hand the connection to a bootstrap session: what comes from now on, and what came
+        after the CONNECT, goes to a StreamReader."""
+        self.reader = asyncio.StreamReader(limit=self.front.chunk)
+        if self.buf:
+            self.reader.feed_data(bytes(self.buf))
+            self.buf.clear()
+        if self.state == "closed":
+            self.reader.feed_eof()
+        else:
+            self.state = "bootstrap"
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return self.reader
+
+    # Link (front_bootstrap.py), and the answers of the front itself
+    def send(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size() > 256 * 1024:  # a bootstrap client that reads nothing
+            log.warning("MQTT front: %s reads nothing: closed", self.peer)
+            t.abort()
+            return
+        t.write(data)
+
+    def answer(self, code: int) -> None:
+        self.send(wire.connack(code))
+        self.close()
+
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def kick(self) -> None:
+        self.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what is buffered was sent
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
-async def _answer(writer: asyncio.StreamWriter, code: int) -> None:
-    writer.write(wire.connack(code))
-    with contextlib.suppress(*_CLOSED):
-        await writer.drain()
+class _Upstream(asyncio.Protocol):
+    """Mosquitto's side of a joined connection."""
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        t = self.client.transport
+        if t is not None:
+            t.write(data)
+
+    def eof_received(self) -> bool:
+        self.client.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.close()
+
+    def pause_writing(self) -> None:  # Mosquitto reads slower than the device sends
+        t = self.client.transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.client.transport
+        if t is not None:
+            t.resume_reading()
 
 
 async def _call(fn: Callable[[asyncio.AbstractEventLoop], None],
@@ -292,6 +441,6 @@ async def _call(fn: Callable[[asyncio.AbstractEventLoop], None],
     await loop.run_in_executor(None, fn, loop)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    p = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport) -> str:
+    p = transport.get_extra_info("peername")
     return f"{p[0]}:{p[1]}" if isinstance(p, tuple) else str(p)

@@ -57,10 +57,12 @@ MAX_INFLIGHT = 10
 
 
 class Link(Protocol):
-    """What a session needs of its connection."""
+    """What a session needs of its connection (front.py's): send() never blocks; a connection
+    whose peer reads nothing is closed by it instead."""
 
     def send(self, data: bytes) -> None: ...
     def kick(self) -> None: ...
+    def closing(self) -> bool: ...
 
 
 @dataclass
@@ -433,47 +435,34 @@ class BootstrapHub:
 
 
 class BootstrapConnection:
-    """One device's connection as the bootstrap user, after its CONNECT was admitted."""
+    """One device's connection as the bootstrap user, after its CONNECT was admitted: packets
+    are read from `reader`, answers go out through `link` (the front's connection)."""
 
-    def __init__(self, hub: BootstrapHub, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, connect: wire.Connect,
-                 max_buffer: int = 256 * 1024) -> None:
+    def __init__(self, hub: BootstrapHub, reader: asyncio.StreamReader, link: Link,
+                 connect: wire.Connect) -> None:
         self.hub = hub
         self.reader = reader
-        self.writer = writer
+        self.link = link
         self.connect = connect
         self.id = connect.client_id
-        self.max_buffer = max_buffer
         self._qos2: set[int] = set()  # QoS 2 packet ids received, PUBREL not yet
 
-    # Link
     def send(self, data: bytes) -> None:
-        t = self.writer.transport
-        if t.is_closing():
-            return
-        if t.get_write_buffer_size() > self.max_buffer:
-            log.warning("bootstrap session %s reads nothing: closed", self.id)
-            t.abort()
-            return
-        self.writer.write(data)
-
-    def kick(self) -> None:
-        self.writer.transport.abort()
+        self.link.send(data)
 
     async def serve(self) -> None:
-        s, present = self.hub.attach(self, self.id, self.connect.clean)
+        s, present = self.hub.attach(self.link, self.id, self.connect.clean)
         try:
-            self.writer.write(wire.connack(wire.ACCEPTED, present))
+            self.send(wire.connack(wire.ACCEPTED, present))
             self.hub.resume(s)
             keepalive = self.connect.keepalive * 1.5 or None
-            while not self.writer.transport.is_closing():
+            while not self.link.closing():
                 first, body, _ = await asyncio.wait_for(
                     wire.read_packet(self.reader, MAX_PACKET), keepalive)
                 if not await self._packet(s, first, body):
                     return
-                await self.writer.drain()
         finally:
-            self.hub.detach(self, s)
+            self.hub.detach(self.link, s)
 
     async def _packet(self, s: Session, first: int, body: bytes) -> bool:
         """Handle one packet; False ends the connection (DISCONNECT)."""
@@ -527,6 +516,9 @@ class BootstrapConnection:
                 try:
                     await asyncio.wait_for(fut, self.hub.relay_timeout)
                 except (TimeoutError, ConnectionError):
+                    log.warning("bootstrap session %s: the broker did not take its message on "
+                                "%s within %.0f s: closed unacknowledged", self.id, topic,
+                                self.hub.relay_timeout)
                     raise ConnectionError("the broker did not take the bootstrap message") \
                         from None
         else:

@@ -196,6 +196,34 @@ def _with_pid(first: int, pid: int, rest: bytes) -> bytes:
     return bytes(head) + bytes([pid >> 8, pid & 0xFF]) + rest
 
 
+def take_packet(buf: bytearray, limit: int) -> tuple[int, bytes, bytes] | None:
+    """The first whole packet at the start of `buf` as (first byte, body, packet as received),
+    removed from `buf`; None while it is not whole. Same checks as read_packet."""
+    if len(buf) < 2:
+        return None
+    kind = buf[0] >> 4
+    if kind in (0, 15):
+        raise WireError(f"reserved packet type {kind}")
+    rl, n = 0, 1
+    while True:
+        if n == 5:
+            raise WireError("a remaining length longer than 4 bytes")
+        if n >= len(buf):
+            return None
+        b = buf[n]
+        rl |= (b & 0x7F) << (7 * (n - 1))
+        n += 1
+        if not b & 0x80:
+            break
+    if rl > limit:
+        raise WireError(f"a packet of {rl} bytes (the limit is {limit})")
+    if len(buf) < n + rl:
+        return None
+    raw = bytes(buf[:n + rl])
+    del buf[:n + rl]
+    return raw[0], raw[n:], raw
+
+
 async def read_packet(reader: asyncio.StreamReader, limit: int) -> tuple[int, bytes, bytes]:
     """(first byte, body, the whole packet as received) of the next packet.
 
