@@ -7,9 +7,11 @@
   other SUBSCRIBE gets 0x80), writes only `ss/<client id>`, and never disturbs a connected
   device with the same ID; its persistent session keeps an answer while it is away;
 - the emulator's own users (connector, admin, relay) are refused on the public port;
-- a CONNECT with a will is refused (CONNACK 5), a retained PUBLISH closes the connection;
+- a CONNECT with a will is refused (CONNACK 5), a retained PUBLISH closes the connection, MQTT 5
+  gets CONNACK 1;
 - hostile connections are bounded: a CONNECT must come first, whole, in time and small enough,
-  and a bootstrap session must keep its keep-alive.
+  a bootstrap session must keep its keep-alive, connections over the limit are closed at once;
+- with Mosquitto stopped the front answers CONNACK 3, and serves again once it is back.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from microcot import xtea
 from microcot_host.emulator import Emulator
 from microcot_host.emulator.broker import ADMIN_USER, CONNECTOR_USER
 from microcot_host.emulator.certs import client_ssl_context
+from microcot_host.emulator.front import Front
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -395,6 +398,28 @@ def test_a_connect_must_come_first_whole_and_in_time(emu, conn):
         front.connect_timeout = saved
     assert connack(conn, connect_packet("AABBCCDDEE02", conn["bootstrap_user"],
                                         conn["bootstrap_password"])) == 0
+
+
+def test_connections_over_the_limit_are_closed_at_once():
+    """A front of its own (plain TCP, nothing behind it): the third connection of two allowed."""
+    front = Front("127.0.0.1", 0, None, lambda: ("127.0.0.1", 9), max_connections=2)
+    front.start()
+    socks = []
+    try:
+        for _ in range(2):
+            socks.append(socket.create_connection(("127.0.0.1", front.port), timeout=WAIT))
+        wait_for(lambda: front.connections == 2)
+        with socket.create_connection(("127.0.0.1", front.port), timeout=WAIT) as third:
+            assert third.recv(1) == b""  # closed without a byte
+        socks[0].close()
+        wait_for(lambda: front.connections == 1)
+        with socket.create_connection(("127.0.0.1", front.port), timeout=WAIT) as again:
+            again.sendall(connect_packet("AABBCCDDEEFF", "AABBCCDDEEFF", "pw"))
+            assert again.recv(4) == b"\x20\x02\x00\x03"  # nothing behind it: CONNACK 3
+    finally:
+        for s in socks:
+            s.close()
+        front.stop()
 
 
 def test_a_bootstrap_session_that_misses_its_keep_alive_is_closed(emu, conn):

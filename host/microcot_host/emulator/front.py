@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import ssl
 import threading
 from collections.abc import Callable, Iterable
@@ -123,6 +124,7 @@ class Front:
         connected first, so the first bootstrap CONNECT is served."""
         if self._loop is not None:
             return
+        _raise_fd_limit(2 * self.max_connections + 1024)
         loop = asyncio.new_event_loop()
         ready = threading.Event()
         thread = threading.Thread(target=self._run, args=(loop, ready), name="emulator-front",
@@ -439,6 +441,17 @@ async def _call(fn: Callable[[asyncio.AbstractEventLoop], None],
                 loop: asyncio.AbstractEventLoop) -> None:
     # the hub's start blocks until the relay is subscribed, while its callbacks need this loop
     await loop.run_in_executor(None, fn, loop)
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Two descriptors per joined device (Mosquitto had one, in its own process): raise this
+    process's soft limit towards `want`, as far as the hard limit allows (1024 is a common soft
+    limit, about 500 devices)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
