@@ -261,9 +261,15 @@ class Bench:
         self.warn.take()
         devs = self.devices[:n]
         mtype = f"bench-{step}" + ("" if mode == "emulator" else "r")
+        if mode == "emulator":
+            # devices reach the emulator where real ones do: its MQTT front (TLS), not the
+            # Mosquitto behind it (plain loopback, the connector's)
+            c = self.emu.connection
+            where = {"host": c["mqtt_host"], "port": c["mqtt_port"], "ca_cert": c["ca_cert"]}
+        else:
+            where = {"host": broker.host, "port": broker.port, "ca_cert": str(broker.ca_cert)}
         common = {
-            "cmd": "phase", "mode": mode, "host": broker.host, "port": broker.port,
-            "ca_cert": str(broker.ca_cert), "xid": XID, "tid": TID, "type": mtype,
+            "cmd": "phase", "mode": mode, **where, "xid": XID, "tid": TID, "type": mtype,
             "rows": a.rows, "window": a.window, "row_timeout": a.row_timeout,
             "phase_timeout": a.phase_timeout, "grace": 5.0, "connect_timeout": 120.0,
         }
