@@ -35,17 +35,24 @@ def test_every_command_answers_dash_h():
         assert r.output == runner.invoke(cli.main, [*path, "--help"]).output
 
 
-def _manifestfile(tmp: Path):
-    """MicroPython's own manifest reader (tools/manifestfile.py) from the fidelity sources."""
+def _micropython_tools(tmp: Path, *names: str) -> Path:
+    """MicroPython's own tools (`micropython/<name>` for each name) from the fidelity sources,
+    unpacked under `tmp`; returns the `micropython` folder."""
     base = fidelity.fidelity_dir()
     src = sorted((base / "src").glob("micropython-*.tar.xz")) if base else []
     if not src:
-        unavailable("MicroPython's tools/manifestfile.py comes from the fidelity sources "
+        unavailable(f"MicroPython's {', '.join(names)} come from the fidelity sources "
                     "(MICROCOT_FIDELITY_DIR/src/micropython-*.tar.xz): " + fidelity.HOW_TO_GET)
     with tarfile.open(src[-1]) as tar:
-        member = tar.getmember("micropython/tools/manifestfile.py")
-        (tmp / "manifestfile.py").write_bytes(tar.extractfile(member).read())
-    spec = importlib.util.spec_from_file_location("manifestfile", tmp / "manifestfile.py")
+        tar.extractall(tmp, members=[tar.getmember("micropython/" + n) for n in names],
+                       filter="data")
+    return tmp / "micropython"
+
+
+def _manifestfile(tmp: Path):
+    """MicroPython's own manifest reader (tools/manifestfile.py)."""
+    path = _micropython_tools(tmp, "tools/manifestfile.py") / "tools" / "manifestfile.py"
+    spec = importlib.util.spec_from_file_location("manifestfile", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -97,15 +104,7 @@ def test_every_firmware_module_freezes(tmp_path):
 
     from microcot_host.deploy import mpy_cross_binary
 
-    base = fidelity.fidelity_dir()
-    src = sorted((base / "src").glob("micropython-*.tar.xz")) if base else []
-    if not src:
-        unavailable("MicroPython's tools/mpy-tool.py comes from the fidelity sources "
-                    "(MICROCOT_FIDELITY_DIR/src/micropython-*.tar.xz): " + fidelity.HOW_TO_GET)
-    with tarfile.open(src[-1]) as tar:
-        tar.extractall(tmp_path, members=[tar.getmember("micropython/tools/mpy-tool.py"),
-                                          tar.getmember("micropython/py/makeqstrdata.py")],
-                       filter="data")
+    mpy = _micropython_tools(tmp_path, "tools/mpy-tool.py", "py/makeqstrdata.py")
     modules = sorted((firmware_dir() / "microcot").glob("*.py"))
     mpys = []
     for m in modules:
@@ -116,7 +115,7 @@ def test_every_firmware_module_freezes(tmp_path):
     # the freezer's table of the firmware's own qstrs: a minimal one does for the check
     qstrs = tmp_path / "qstrdefs.h"
     qstrs.write_text("QCFG(BYTES_IN_LEN, (1))\nQCFG(BYTES_IN_HASH, (2))\nQ()\n")
-    r = subprocess.run([sys.executable, str(tmp_path / "micropython" / "tools" / "mpy-tool.py"),
+    r = subprocess.run([sys.executable, str(mpy / "tools" / "mpy-tool.py"),
                         "-f", "-q", str(qstrs), "-mlongint-impl=mpz", *mpys],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
