@@ -13,6 +13,13 @@ again by the device (DUP), and the broker cannot tell it from a new one. Only th
 (and they are counted); every other row must be stored exactly once, which is the connector's
 promise: it acknowledges a message to the broker only after its row is committed, and a message
 the broker delivers again after a crash is recognised and not executed twice.
+
+Two in-process tests check the two rules that make this exactly once, each at the moment that
+matters: a message delivered again (DUP) after its row was committed is only acknowledged, and a
+new message under a packet id that an old record names is executed all the same. A third one
+checks what acknowledging late costs: a device whose requests hang keeps more messages
+unacknowledged than Mosquitto's window of a client (max_inflight_messages), and other devices
+are still served (the connector asks for a window of its own, MQTT 5's Receive Maximum).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +40,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from emulator_fixtures import REGISTRATION, XID, multipart, new_iccid, rest, wait_for
+from emulator_fixtures import REGISTRATION, XID, device, multipart, new_iccid, rest, wait_for
 
+from microcot_host.emulator import Emulator
 from microcot_host.emulator.certs import client_ssl_context
+from microcot_host.emulator.connector import message_digest
+from microcot_host.emulator.model import Model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,8 +194,6 @@ def _setup_devices(conn: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _self_create(conn: dict[str, Any], iccid: str, password: str, register: bool) -> str:
     """Over MQTT as the device: (templates,) lookup, create, external ID; the MO id."""
-    from emulator_fixtures import device
-
     d = device(conn, iccid, password)
     try:
         if register:
@@ -280,3 +290,103 @@ def test_kill_9_under_load_loses_and_duplicates_nothing_acknowledged(tmp_path):
         emu.stop()
         for pid in _mosquittos(tmp_path / "emu"):  # never leave a broker behind
             os.kill(pid, signal.SIGTERM)
+
+
+# -- the rules, one at a time, in process -------------------------------------------------------
+
+def _rows_of(conn: dict[str, Any], mo: str, value: int) -> int:
+    _, doc = rest(conn, "GET", f"/measurement/measurements?source={mo}&pageSize=2000")
+    return sum(m["c8y_Temperature"]["T"]["value"] == value for m in doc["measurements"])
+
+
+def test_a_message_delivered_again_after_its_commit_is_not_executed_again(tmp_path, monkeypatch):
+    with Emulator(tmp_path / "emu") as emu:
+        conn = emu.connection
+        iccid = new_iccid()
+        password = emu.add_device(iccid)
+        mo = _self_create(conn, iccid, password, register=True)
+        client = emu.connector._client
+        ack = client.ack
+        swallowed: list[int] = []
+
+        def lost_ack(mid: int, qos: int):
+            # the crash's effect: the row is committed, the PUBACK never reaches the broker
+            if not swallowed:
+                swallowed.append(mid)
+                client.socket().shutdown(socket.SHUT_RDWR)
+                return 0
+            return ack(mid, qos)
+
+        monkeypatch.setattr(client, "ack", lost_ack)
+        d = device(conn, iccid, password)
+        try:
+            d.publish("ms/" + iccid, f"15,{XID}\n115,{mo},7001".encode())
+            wait_for(lambda: swallowed)
+            # the connector reconnects; the broker delivers the message again (DUP, same mid):
+            # acknowledged, and once that is proven, its record goes
+            wait_for(lambda: swallowed[0] not in emu.model.applied_messages(), 10.0)
+            assert _rows_of(conn, mo, 7001) == 1
+            d.publish("ms/" + iccid, f"15,{XID}\n115,{mo},7002".encode())  # and on it goes
+            wait_for(lambda: _rows_of(conn, mo, 7002) == 1)
+            assert _rows_of(conn, mo, 7001) == 1
+        finally:
+            d.close()
+
+
+def test_a_new_message_under_a_recorded_packet_id_is_executed(tmp_path):
+    data = tmp_path / "emu"
+    emu = Emulator(data)
+    with emu:
+        conn = emu.connection
+        iccid = new_iccid()
+        password = emu.add_device(iccid)
+        mo = _self_create(conn, iccid, password, register=True)
+    # records left from before, for every packet id, of the very message the device sends next
+    # (as if an acknowledgement was received but its record not yet deleted at a crash)
+    payload = f"15,{XID}\n115,{mo},7100".encode()
+    digest = message_digest("ms/" + iccid, payload)
+    with Model(data / "platform.sqlite") as model, model.atomic():
+        for mid in range(1, 65536):
+            model.note_applied(mid, digest)
+    with emu:
+        conn = emu.connection
+        d = device(conn, iccid, password)
+        try:
+            for _ in range(2):  # new messages (no DUP): both executed
+                d.publish("ms/" + iccid, payload)
+            wait_for(lambda: _rows_of(conn, mo, 7100) == 2)
+        finally:
+            d.close()
+
+
+def test_a_device_with_more_hanging_requests_than_the_brokers_window_stalls_nobody(
+        tmp_path, monkeypatch):
+    with Emulator(tmp_path / "emu") as emu:
+        conn = emu.connection
+        conf = emu.broker.conf_file.read_text()
+        window = int(re.search(r"^max_inflight_messages (\d+)$", conf, re.M).group(1))
+        slow_id, quick_id = new_iccid(), new_iccid()
+        slow = device(conn, slow_id, emu.add_device(slow_id))
+        quick = device(conn, quick_id, emu.add_device(quick_id))
+        release = threading.Event()
+        process = emu.engine.process
+
+        def hanging(body, user=None, **kw):
+            if user == slow_id:
+                release.wait(20)
+            return process(body, user, **kw)
+
+        monkeypatch.setattr(emu.engine, "process", hanging)
+        try:
+            assert quick.request(REGISTRATION).startswith("20,")
+            for _ in range(window + 50):  # all unacknowledged until released
+                slow.client.publish("ms/" + slow_id, f"15,{XID}\n113".encode(), qos=1)
+            wait_for(lambda: emu.connector.lanes.queued >= window + 49)
+            assert quick.ask("113").startswith(f"87,1,{XID}\n205,2,")
+            release.set()
+            for _ in range(window + 50):
+                assert slow.get("mr/" + slow_id).decode().startswith(f"87,1,{XID}\n205,2,")
+        finally:
+            release.set()
+            slow.close()
+            quick.close()

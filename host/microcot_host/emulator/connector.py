@@ -1,11 +1,12 @@
 """The platform side of the MQTT interface: one privileged client serving every device.
 
 The connector logs in to the emulator's broker as its connector user (broker.py: may publish
-`mr/+`, `br/+`, `sr/+` and subscribe `ms/+`, `bs/+`, `ss/+`) with paho-mqtt, MQTT 3.1.1 (TLS
-verified against the emulator's CA when the listener has TLS), a fixed client id and
-clean_session=False, and subscribes its
-three topics with QoS 1. The broker therefore keeps the connector's subscriptions and queues the
-devices' messages while the connector is away (a restart of the emulator, a broker restart).
+`mr/+`, `br/+`, `sr/+` and subscribe `ms/+`, `bs/+`, `ss/+`) with paho-mqtt (TLS verified against
+the emulator's CA when the listener has TLS), a fixed client id and a persistent session (MQTT 5:
+clean start off, a session that never expires), and subscribes its three topics with QoS 1. The
+broker therefore keeps the connector's subscriptions and queues the devices' messages while the
+connector is away (a restart of the emulator, a broker restart). MQTT 5 rather than the devices'
+3.1.1 for one reason: its Receive Maximum (see "The broker's window" below).
 
 | in                | done                                        | answer (QoS 1, never retained)  |
 | ----------------- | ------------------------------------------- | ------------------------------- |
@@ -42,19 +43,23 @@ paho runs with manual acknowledgement: a QoS 1 message is acknowledged to the br
 only after its effect is committed. A device message runs in one model transaction
 (`Model.atomic`: the rows of all its lines, the availability note, and a record in
 `applied_messages` of the message's broker packet id (mid) with a digest of its topic and
-payload); then the answer is published and the message acknowledged. So `kill -9` at any moment
-loses nothing the broker acknowledged to a device: what was not committed is still unacknowledged
-in the connector's persistent session, and the broker delivers it again when the connector is
-back. ss/ (bootstrap secrets) are acknowledged after bootstrap.py has handled them (no record:
+payload); then the answer is published and the message acknowledged. The transaction begins at
+the message's first write and takes the engine's lock first (the engine's own order of the two):
+a request that hangs before it writes holds up nobody, while from its first write to its commit
+other messages wait for the model, as they waited for each statement before. So `kill -9` at any
+moment loses nothing the broker acknowledged to a device: what was not committed is still
+unacknowledged in the connector's persistent session, and the broker delivers it again when the
+connector is back. ss/ (bootstrap secrets) are acknowledged after bootstrap.py has handled them (no record:
 a secret handled twice asks for the same acceptance); a message refused for its size or with 429
 is acknowledged after the refusal is published.
 
 What a crash between the commit and the PUBACK means: the broker delivers the message again. MQTT
-3.1.1 (4.4) and Mosquitto agree on how: when the connector reconnects to its session, the broker
-sends every unacknowledged message again with its original packet id and the DUP flag; after a
-broker restart too (Mosquitto saves inflight messages with their mids on SIGTERM; verified with
-2.0.11: mids 2, 4, 5 unacknowledged came back as 2, 4, 5 with DUP set, after a reconnect and after a
-restart, and new messages went on from the next mid, DUP clear). A packet id is reused only once the
+(3.1.1 and 5, section 4.4) and Mosquitto agree on how: when the connector reconnects to its
+session, the broker sends every unacknowledged message again with its original packet id and the
+DUP flag; after a broker restart too (Mosquitto saves inflight messages with their mids on
+SIGTERM; verified with 2.0.11 and both protocol versions: mids 2, 4, 5 unacknowledged came back as
+2, 4, 5 with DUP set, after a reconnect and after a restart, and new messages went on from the next
+mid, DUP clear). A packet id is reused only once the
 broker has the PUBACK for it, and Mosquitto counts mids up (wrapping at 65535). Hence:
 
 - a DUP message whose mid has a record with the same digest took effect already: it is only
@@ -80,9 +85,15 @@ its broker SIGTERM, broker.py) restarts from its last autosave (5 s) and may del
 was acknowledged since, or lose what it acknowledged to devices; QoS 1 also lets a device send a
 message again whose PUBACK it did not get, which the broker forwards as a new message.
 
-The broker's window: Mosquitto sends a client at most `max_inflight_messages` unacknowledged
-messages (broker.py). Messages wait in lanes unacknowledged now, so the window is what a slow
-device's backlog can fill before other devices' messages wait behind it at the broker.
+The broker's window: Mosquitto sends a client only so many unacknowledged messages, and the
+messages waiting in lanes are unacknowledged now. With the window of an MQTT 3.1.1 client
+(`max_inflight_messages`, 100 in broker.py, for every client alike) one device whose requests
+hang with 100 messages waiting would hold up every other device's messages at the broker (tested:
+150 hanging messages, another device unanswered for 8 s). So the connector speaks MQTT 5 and
+announces a Receive Maximum of its own, what its lanes can hold (`max_queued` + `max_lane`, under
+65535 so that Mosquitto, which counts mids up, never has one in use twice): the broker's window is
+never smaller than the lanes' bounds, which treat devices fairly. Its own publishes keep within the
+Receive Maximum that Mosquitto announces (`OUT_WINDOW`, its max_inflight_messages).
 
 Answers while the broker is away
 --------------------------------
@@ -153,9 +164,11 @@ MAX_OP_PAGES = 20      # of 2000 pending operations per synchronisation
 PROBE_TOPIC = "mr/-ack-probe"
 KEEP_STEP = 0.1        # seconds between two rounds of the keeper (log, connections, proofs)
 PROBE_TIMEOUT = 5.0
+OUT_WINDOW = 100       # answers and operations in flight to the broker
 
 # Mosquitto's log line for a new connection (connection_messages true, broker.py)
 _CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(p\d+, c\d+, k\d+")
+_STARTED = re.compile(rb"mosquitto version \S+ starting")
 
 
 class ConnectorError(RuntimeError):
@@ -170,8 +183,18 @@ class Delivery:
     digest: bytes = b""
 
 
-def _digest(topic: str, payload: bytes) -> bytes:
+def message_digest(topic: str, payload: bytes) -> bytes:
+    """What a record of an applied message keeps of it (module docstring, "exactly once")."""
     return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+def _queued(info: Any) -> Any:
+    """paho's MQTTMessageInfo of a QoS 1 publish, usable while the broker is away: with rc 4 (not
+    connected) paho keeps the message and sends it after the reconnect, but is_published() would
+    raise for ever ("The client is not currently connected") even once it is acknowledged."""
+    if info.rc == 4:
+        info.rc = 0
+    return info
 
 
 # -- lanes ------------------------------------------------------------------------------------
@@ -324,16 +347,25 @@ class Lanes:
 
 class LogFollower:
     """The lines appended to a text file (Mosquitto's log) since the last `lines()` call. It
-    starts at the end of the file; a file that shrank or was replaced is read from its start."""
+    starts at the end of the file, or at the last line matching `since` within its last MiB
+    (Mosquitto's start: devices may connect before the connector does); a file that shrank or
+    was replaced is read from its start."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, since: re.Pattern[bytes] | None = None) -> None:
         self.path = path
         self._ino: int | None = None
         self._pos = 0
         self._rest = b""
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             self._ino, self._pos = st.st_ino, st.st_size
+            if since is not None:
+                tail = max(0, st.st_size - (1 << 20))
+                f.seek(tail)
+                data = f.read(st.st_size - tail)
+                found = [m.start() for m in since.finditer(data)]
+                if found:
+                    self._pos = tail + data.rfind(b"\n", 0, found[-1]) + 1
 
     def lines(self) -> list[str]:
         try:
@@ -434,13 +466,13 @@ class Connector:
         self.lanes.start()
         creds = self.broker.connector_credentials()
         c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                        client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=False,
-                        manual_ack=True)
+                        client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True)
         c.username_pw_set(creds.user, creds.password)
         ctx = self.broker.client_ssl_context()
         if ctx is not None:
             c.tls_set_context(ctx)
-        c.max_inflight_messages_set(200)
+        # within the Receive Maximum Mosquitto announces (its max_inflight_messages, broker.py)
+        c.max_inflight_messages_set(OUT_WINDOW)
         c.max_queued_messages_set(self.max_pending)
         c.reconnect_delay_set(0.1, 2.0)
         c.on_connect = self._on_connect
@@ -453,12 +485,13 @@ class Connector:
         self._delivered.clear()
         self._connects.clear()
         log_file = getattr(self.broker, "log_file", None)
-        self._log = LogFollower(Path(log_file)) if log_file else None
+        self._log = LogFollower(Path(log_file), _STARTED) if log_file else None
         # known before connecting: a persistent session delivers what waited for us at once,
         # possibly before the SUBACK, and those answers must go out
         self._client = c
         try:
-            c.connect(self.broker.local_host, self.broker.port, keepalive=30)
+            c.connect(self.broker.local_host, self.broker.port, keepalive=30,
+                      clean_start=False, properties=self._connect_properties())
         except (OSError, ssl.SSLError) as e:
             self._client = None
             self.lanes.stop(0)
@@ -478,6 +511,17 @@ class Connector:
         self._started = True
         log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.local_host,
                  self.broker.port)
+
+    def _connect_properties(self) -> Any:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0xFFFFFFFF  # persistent: never expires
+        # our window: what the lanes can hold, so the broker never waits for room in it while
+        # the lanes have some (and below 65535: a mid is never in use twice)
+        props.ReceiveMaximum = min(60000, self.lanes.max_queued + self.lanes.max_lane)
+        return props
 
     def stop(self, timeout: float = 10.0) -> None:
         """Answer what is queued, wait for the broker's acknowledgements, disconnect."""
@@ -583,7 +627,7 @@ class Connector:
         docstring, "exactly once")."""
         if msg.qos == 0:
             return Delivery()
-        d = Delivery(msg.mid, msg.qos, _digest(msg.topic, payload))
+        d = Delivery(msg.mid, msg.qos, message_digest(msg.topic, payload))
         with self._lock:
             if d.mid in self._inflight:
                 if msg.dup and self._inflight[d.mid] == d.digest:
@@ -649,7 +693,7 @@ class Connector:
         c = self._client
         if not current or c is None:
             return
-        info = c.publish(PROBE_TOPIC, b"", qos=1)
+        info = _queued(c.publish(PROBE_TOPIC, b"", qos=1))
         deadline = time.monotonic() + PROBE_TIMEOUT
         while not info.is_published() and time.monotonic() < deadline:
             with self._lock:
@@ -742,8 +786,8 @@ class Connector:
         # No lock of ours is held here: paho calls back under its own locks. While the broker
         # is away, paho keeps the message (rc 4, "not connected") and sends it after the
         # reconnect.
-        info = c.publish(topic, payload, qos=1, retain=False)
-        if info.rc not in (0, 4):
+        info = _queued(c.publish(topic, payload, qos=1, retain=False))
+        if info.rc != 0:
             log.error("publishing %d bytes on %s failed: rc %s (%d messages wait for the broker)",
                       len(payload), topic, info.rc, self.max_pending)
             return
