@@ -149,8 +149,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .api import BULK_FRAGMENT
+from .api import BULK_FRAGMENT, Api
 from .bootstrap import Bootstrap, SecretStore
+from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class Connector:
     """See the module docstring. `broker` is a started broker.Broker, `api` the Api (whose
     credential sink is that broker), `engine` the SmartREST Engine over that Api."""
 
-    def __init__(self, broker: Any, api: Any, engine: Any, *, auto_accept: bool = False,
+    def __init__(self, broker: Any, api: Api, engine: Engine, *, auto_accept: bool = False,
                  key_file: Path | None = None, client_id: str = CLIENT_ID,
                  max_message: int = MAX_MESSAGE, workers: int = 4, time_budget: float = 10.0,
                  max_lane: int = 2000, max_queued: int = 20000, sync_interval: float = 2.0,
@@ -722,7 +723,7 @@ class Connector:
         # it). The transaction holds the model's lock from its first write to its end, so it
         # takes the engine's lock first, in the engine's order; else a device message and
         # another one (or a POST /s) could each wait for the other's lock forever.
-        return self.api.model.atomic(outer=getattr(self.engine, "_lock", None))
+        return self.api.model.atomic(outer=self.engine.lock)
 
     def _request(self, device: str, payload: bytes, binary: bool, d: Delivery) -> None:
         try:

@@ -285,6 +285,13 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.RLock()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the engine writes its own records (sessions) to the store: a caller that
+        holds the model's lock across a message (the connector's transaction) takes this one
+        first, in the engine's order, or the two could wait for each other."""
+        return self._lock
+
     # -- collections ---------------------------------------------------------------------------
 
     def collection(self, xid: str) -> tuple[str, Collection] | None:
