@@ -122,3 +122,19 @@ def test_the_provisioning_books_are_owner_only(home: Path) -> None:
     assert mode(home) == 0o700
     for p in found:
         assert mode(p) == 0o600, p
+
+
+def test_the_emulators_folders_are_owner_only_all_the_way(tmp_path: Path) -> None:
+    """A --data-dir outside the state folder: every folder the emulator's parts make on the way
+    to their files (the database, the TLS keys, the binaries) is 0700, not only the last."""
+    from microcot_host.emulator.binaries import BinaryStore
+    from microcot_host.emulator.certs import ensure_ca_and_server
+    from microcot_host.emulator.model import Model
+
+    data = tmp_path / "new" / "cot"
+    Model(str(data / "db" / "platform.sqlite")).close()
+    ensure_ca_and_server(data / "broker")
+    BinaryStore(data / "bin" / "store").write(b"x", 0, 1)
+    for d in (tmp_path / "new", data, data / "db", data / "broker", data / "broker" / "tls",
+              data / "bin", data / "bin" / "store"):
+        assert d.is_dir() and d.stat().st_mode & 0o777 == 0o700, (d, oct(d.stat().st_mode))

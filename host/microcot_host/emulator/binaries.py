@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import private_dir
+
 DEFAULT_MAX_SIZE = 64 << 20  # 64 MiB: firmware images of the boards are a few MiB
 CHUNK = 1 << 16
 MAX_PART_HEADERS = 16 << 10
@@ -126,7 +128,7 @@ class BinaryStore:
         self.max_size = max_size
 
     def _dir(self) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.directory)
         return self.directory
 
     def path(self, mo_id: str) -> Path:

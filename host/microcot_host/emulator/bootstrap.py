@@ -63,6 +63,8 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from microcot import xtea
 
+from ..files import private_dir
+
 log = logging.getLogger(__name__)
 
 SECRET_BYTES = 16
@@ -97,7 +99,7 @@ def _load_key(key_file: Path | None) -> bytes:
     except FileNotFoundError:
         pass
     key = Fernet.generate_key()
-    key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(key_file.parent)
     try:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process made it first: use theirs

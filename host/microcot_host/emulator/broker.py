@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import secrets_file, write_private
+from ..files import private_dir, secrets_file, write_private
 from .certs import DEFAULT_IPS, TlsFiles, client_ssl_context, ensure_ca_and_server
 
 ADMIN_USER = "microcot-admin"
@@ -263,7 +263,7 @@ class Broker:
         t0 = time.monotonic()
         binary = find_mosquitto()
         plugin = find_dynsec_plugin()
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.data_dir)
         self._take_lock()
         try:
             if self.tls:
@@ -366,7 +366,7 @@ class Broker:
 
     def _tls(self) -> TlsFiles:
         if self._tls_files is None:
-            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.data_dir)
             self._tls_files = ensure_ca_and_server(self.data_dir, self.hostnames, self.ips)
         return self._tls_files
 

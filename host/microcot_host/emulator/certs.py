@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..files import write_private
+from ..files import private_dir, write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime clients such as Apple's accept for a server certificate
@@ -57,7 +57,7 @@ def ensure_ca_and_server(data_dir: Path, hostnames: Iterable[str] = DEFAULT_HOST
     Idempotent: a second call with the same names changes nothing on disk.
     """
     tls_dir = Path(data_dir) / "tls"
-    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(tls_dir)
     files = TlsFiles(tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server.key")
     ca_key_path = tls_dir / "ca.key"
     hostnames = tuple(hostnames)

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..files import private_dir
+
 JSON = dict[str, Any]
 
 ALARM_STATUSES = ("ACTIVE", "ACKNOWLEDGED", "CLEARED")
@@ -315,7 +317,7 @@ class Model:
         self.path = str(path)
         self.clock = clock
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_dir(Path(self.path).parent)
         self._lock = threading.RLock()
         self._local = threading.local()  # this thread's atomic() block
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,

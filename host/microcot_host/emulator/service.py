@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..files import secrets_file, write_private
+from ..files import private_dir, secrets_file, write_private
 from .api import Api
 from .binaries import DEFAULT_MAX_SIZE, BinaryStore
 from .broker import Broker
@@ -182,7 +182,7 @@ class Emulator:
     def start(self) -> None:
         if self.running:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.data_dir)
         passwords = self._passwords()
         previous = self._previous_ports()
         try:
