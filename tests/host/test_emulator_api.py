@@ -961,3 +961,17 @@ def test_http_server_restarts_on_its_port(api: Api) -> None:
         srv.stop()
     with pytest.raises(ValueError):
         RestServer(api, ADMIN, "")
+
+
+def test_an_early_year_is_stored_and_read_back(api: Api) -> None:
+    """Years before 1000 keep four digits (glibc's strftime("%Y") writes "1-01-01"), so what is
+    stored parses again and sorts with the rest."""
+    a = device(api)
+    m = ok(api.handle("POST", "/measurement/measurements",
+                      _measurement(a, "0001-01-01T00:00:00Z")), 201)
+    assert m["time"] == "0001-01-01T00:00:00.000Z"
+    again = ok(api.handle("GET", "/measurement/measurements/" + m["id"]), 200)
+    assert again["time"] == m["time"]
+    listed = ok(api.handle("GET", f"/measurement/measurements?source={a}&dateTo=1000-01-01T00:00:00Z"),
+                200)
+    assert [x["id"] for x in listed["measurements"]] == [m["id"]]

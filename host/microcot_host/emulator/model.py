@@ -196,7 +196,9 @@ def _fmt(t: dt.datetime) -> str:
         sign = "-" if off < dt.timedelta(0) else "+"
         minutes = abs(int(off.total_seconds())) // 60
         zone = "%s%02d:%02d" % (sign, minutes // 60, minutes % 60)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + "%03d" % (t.microsecond // 1000) + zone
+    # the year by hand: strftime("%Y") does not pad years before 1000 on glibc ("1-01-01")
+    return "%04d-" % t.year + t.strftime("%m-%dT%H:%M:%S.") + "%03d" % (t.microsecond // 1000) \
+        + zone
 
 
 def _ms(t: dt.datetime) -> int:
