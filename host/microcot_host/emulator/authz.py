@@ -290,11 +290,7 @@ class Fence:
 
     def _roots(self, user: str) -> list[int]:
         owned, _ = self.model.query_managed_objects(Page(0, MAX_TREE), owner=user)
-        # Model has no public lookup of external IDs by value across types; this read is its
-        # own SQL, kept here so that the fence stays in one file
-        named = self.model._read("SELECT DISTINCT mo FROM external_ids WHERE value = ?",
-                                 (user,))
-        return [int(m["id"]) for m in owned] + [int(r[0]) for r in named]
+        return [int(m["id"]) for m in owned] + self.model.objects_named(user)
 
     def claims_other_device(self, p: Principal, value: str) -> bool:
         """True if a device would name an external ID after another device."""

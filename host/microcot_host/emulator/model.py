@@ -675,6 +675,11 @@ class Model:
                 for r in self._read("SELECT type, value FROM external_ids WHERE mo = ? "
                                     "ORDER BY type, value", (i,))]
 
+    def objects_named(self, value: str) -> list[int]:
+        """The managed objects that have an external ID of this value, of any type."""
+        return [int(r[0]) for r in self._read(
+            "SELECT DISTINCT mo FROM external_ids WHERE value = ? ORDER BY mo", (value,))]
+
     # -- measurements -------------------------------------------------------------------------
 
     def create_measurement(self, data: Any) -> JSON:
