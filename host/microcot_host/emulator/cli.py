@@ -76,26 +76,32 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
 @click.option("--host", "names", multiple=True, metavar="NAME",
               help="Host name or address boards use to reach this machine (repeatable): the "
                    "server certificate carries each, and the first goes to connection.json.")
+@click.option("--workers", "worker_processes", type=click.IntRange(1, 64), default=1,
+              show_default=True, metavar="N",
+              help="Processes that serve the devices' SmartREST messages, the devices "
+                   "partitioned between them (docs: emulator-scaling); 1 serves them in this "
+                   "process.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.pass_context
 def emulator(ctx: click.Context, data: Path | None, mqtt_port: int, http_port: int,
              https_port: int, max_binary: int, auto_accept: bool, bind: str,
-             names: tuple[str, ...], verbose: bool) -> None:
+             names: tuple[str, ...], worker_processes: int, verbose: bool) -> None:
     """The Cloud of Things platform emulator: Mosquitto with TLS, the SmartREST connector and
     the REST API. Without a subcommand it runs until Ctrl-C or SIGTERM."""
     ctx.obj = {"data": data}
     if ctx.invoked_subcommand is not None:
         return
     _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose, https_port,
-         max_binary, bind, names)
+         max_binary, bind, names, worker_processes)
 
 
 def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool,
          https_port: int = 0, max_binary: int = 64, bind: str = "127.0.0.1",
-         names: tuple[str, ...] = ()) -> None:
+         names: tuple[str, ...] = (), worker_processes: int = 1) -> None:
     from .broker import BrokerError
     from .connector import ConnectorError
     from .service import Emulator, EmulatorError
+    from .workers import WorkerError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,9 +115,10 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
     try:
         emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
                        auto_accept=auto_accept, https_port=https_port,
-                       max_binary=max_binary << 20, host=bind, names=names)
+                       max_binary=max_binary << 20, host=bind, names=names,
+                       worker_processes=worker_processes)
         emu.start()
-    except (BrokerError, ConnectorError, EmulatorError, OSError) as e:
+    except (BrokerError, ConnectorError, EmulatorError, WorkerError, OSError) as e:
         raise click.ClickException(f"the emulator could not start: {e}") from None
     try:
         c = emu.connection
@@ -125,6 +132,7 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
             f"  bootstrap   user {c['bootstrap_user']!r}, password {MASK}",
             f"  passwords   in {emu.connection_file} (owner-only)",
             f"  acceptance  {'automatic' if auto_accept else 'microcot emulator accept ID'}",
+            f"  SmartREST   {_workers_line(emu)}",
             f"  listening   on {bind}; the certificate names {', '.join(emu.cert_names())}",
             "  a board     microcot emulator board-config (what to put into /microcot.json)",
             "Running; stop with Ctrl-C.",
@@ -134,6 +142,14 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
     finally:
         emu.stop()
     click.echo("emulator stopped")
+
+
+def _workers_line(emu: Any) -> str:
+    pool = emu.pool
+    if pool is None:
+        return "served in this process"
+    pids = ", ".join(str(p) for p in pool.pids())
+    return f"{pool.count} worker processes (pids {pids})"
 
 
 # -- REST client for the subcommands --------------------------------------------------------------

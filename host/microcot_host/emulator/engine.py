@@ -275,8 +275,16 @@ class Engine:
         max_body: int = MAX_BODY,
         id_types: tuple[str, ...] = ("c8y_Serial",),
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
+        """`shared`: other processes serve devices from the same store (workers.py); a device
+        session that lacks its X-ID or managed object id is then read again from the store
+        before it is used, since another process may have learnt it."""
         self.api = api
+        self.shared = shared
+        # called with the X-ID of a collection this engine saw deleted (workers.py tells the
+        # other processes, whose caches hold it too)
+        self.on_forget: Callable[[str], None] | None = None
         self.store: Store = store if store is not None else ApiStore(api)
         self.max_body = max_body
         self.id_types = id_types
@@ -347,10 +355,18 @@ class Engine:
     def _deleted(self, target: str) -> None:
         # a collection deleted through one of its own templates (seed 002) stops answering at once
         path = urlsplit(target).path.rstrip("/")
+        gone = []
         with self._lock:
             for xid, (mo, _) in list(self._collections.items()):
                 if path == "/inventory/managedObjects/" + mo:
                     del self._collections[xid]
+                    gone.append(xid)
+        hook = self.on_forget
+        for xid in gone if hook is not None else ():
+            try:
+                hook(xid)
+            except Exception:
+                log.exception("telling others that collection %s is gone failed", xid)
 
     def _lookup(self, xid: str, tid: int) -> list[str] | None:
         hit = self.collection(xid)
@@ -407,6 +423,14 @@ class Engine:
 
     def _session(self, user: str) -> Session:
         s = self._sessions.get(user)
+        if s is not None and self.shared and not (s.xid and s.device_id):
+            # another process may have bound it or learnt its object since: take what it
+            # stored, keeping what this one knows (it stored that too)
+            stored = self.store.session(user)
+            if stored is not None:
+                with self._lock:
+                    s.xid = s.xid or stored.xid
+                    s.device_id = s.device_id or stored.device_id
         if s is None:
             s = self.store.session(user) or Session(user)
             with self._lock:

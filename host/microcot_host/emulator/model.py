@@ -131,7 +131,19 @@ CREATE TABLE last_messages (mo INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL);
 _SCHEMA_V3 = """
 CREATE TABLE applied_messages (mid INTEGER PRIMARY KEY, digest BLOB NOT NULL);
 """
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# ... per MQTT session (client id): with several connector processes (workers.py) each session
+# has its own packet ids; records from before are the single connector's
+_SCHEMA_V4 = """
+CREATE TABLE applied_messages_v4 (
+    client TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (client, mid));
+INSERT INTO applied_messages_v4 SELECT 'microcot-connector', mid, digest FROM applied_messages;
+DROP TABLE applied_messages;
+ALTER TABLE applied_messages_v4 RENAME TO applied_messages;
+"""
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# the client id of the single MQTT connector (connector.CLIENT_ID): the owner of the applied
+# messages recorded before they had one
+SINGLE_CONNECTOR = "microcot-connector"
 
 
 class ModelError(Exception):
@@ -1100,30 +1112,38 @@ class Model:
 
     # -- applied messages (connector.py) ------------------------------------------------------
 
-    def note_applied(self, mid: int, digest: bytes) -> None:
-        """Record that the broker's message `mid` (with this digest of topic and payload) took
-        effect; call it inside the atomic() block that holds the effect."""
+    def note_applied(self, mid: int, digest: bytes, client: str = SINGLE_CONNECTOR) -> None:
+        """Record that the broker's message `mid` of the session `client` (with this digest of
+        topic and payload) took effect; call it inside the atomic() block that holds the
+        effect."""
         with self._tx() as db:
-            db.execute("INSERT INTO applied_messages VALUES (?, ?) ON CONFLICT(mid) DO UPDATE "
-                       "SET digest = excluded.digest", (mid, digest))
+            db.execute("INSERT INTO applied_messages VALUES (?, ?, ?) ON CONFLICT(client, mid) "
+                       "DO UPDATE SET digest = excluded.digest", (client, mid, digest))
 
-    def applied_messages(self) -> dict[int, bytes]:
-        """Every recorded message: mid -> digest."""
-        return {int(r[0]): bytes(r[1]) for r in self._read("SELECT mid, digest FROM "
-                                                           "applied_messages")}
+    def applied_messages(self, client: str = SINGLE_CONNECTOR) -> dict[int, bytes]:
+        """Every recorded message of the session `client`: mid -> digest."""
+        return {int(r[0]): bytes(r[1]) for r in self._read(
+            "SELECT mid, digest FROM applied_messages WHERE client = ?", (client,))}
 
-    def forget_applied(self, done: list[tuple[int, bytes | None]]) -> None:
-        """Drop records: (mid, digest) drops it if it still has that digest, (mid, None) in any
-        case."""
+    def forget_applied(self, done: list[tuple[int, bytes | None]],
+                       client: str = SINGLE_CONNECTOR) -> None:
+        """Drop records of the session `client`: (mid, digest) drops it if it still has that
+        digest, (mid, None) in any case."""
         if not done:
             return
         with self._tx() as db:
             for mid, digest in done:
                 if digest is None:
-                    db.execute("DELETE FROM applied_messages WHERE mid = ?", (mid,))
+                    db.execute("DELETE FROM applied_messages WHERE client = ? AND mid = ?",
+                               (client, mid))
                 else:
-                    db.execute("DELETE FROM applied_messages WHERE mid = ? AND digest = ?",
-                               (mid, digest))
+                    db.execute("DELETE FROM applied_messages WHERE client = ? AND mid = ? "
+                               "AND digest = ?", (client, mid, digest))
+
+    def forget_session(self, client: str) -> None:
+        """Drop every record of the session `client` (it was deleted at the broker)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM applied_messages WHERE client = ?", (client,))
 
     # -- device credentials -------------------------------------------------------------------
 
