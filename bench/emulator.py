@@ -252,6 +252,11 @@ class Bench:
     devices: list[tuple[str, str, str]]   # (ICCID, password, managed object id)
     warn: Warnings
 
+    def _emu_cpu(self) -> float:
+        """CPU seconds of the emulator: this process and its worker processes (--workers)."""
+        pool = self.emu.pool
+        return self_cpu() + (sum(proc_cpu(p) for p in pool.pids()) if pool else 0.0)
+
     def phase(self, mode: str, n: int, step: int) -> PhaseResult:
         a = self.args
         res = PhaseResult(mode, n)
@@ -285,12 +290,12 @@ class Bench:
         res.warm_s = max(r["warm_s"] for r in readies)
         for r in readies:
             res.errors += r["errors"]
-        py0, br0, t0 = self_cpu(), proc_cpu(broker.pid), time.monotonic()
+        py0, br0, t0 = self._emu_cpu(), proc_cpu(broker.pid), time.monotonic()
         for w, _, _ in parts:
             w.send({"cmd": "go" if res.ok else "abort"})
         done = [w.recv() for w, _, _ in parts]
         wall = time.monotonic() - t0
-        py1, br1 = self_cpu(), proc_cpu(broker.pid)
+        py1, br1 = self._emu_cpu(), proc_cpu(broker.pid)
         for r in done:
             res.errors += r["errors"]
         res.rows = n * a.rows
@@ -550,6 +555,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase-timeout", type=float, default=600.0,
                    help="cap in seconds on the timed rows of one phase")
     p.add_argument("--no-relay", action="store_true", help="skip the Mosquitto relay phases")
+    p.add_argument("--workers", type=int, default=1,
+                   help="the emulator's connector processes (--workers of `microcot emulator`;"
+                        " their CPU counts as the emulator's)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: N = {','.join(map(str, QUICK_STEPS))}, 10 rows (< 30 s)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
@@ -580,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[PhaseResult, PhaseResult | None]] = []
     with tempfile.TemporaryDirectory(prefix="microcot-bench-") as tmp:
         t0 = time.monotonic()
-        with Emulator(Path(tmp) / "emulator") as emu:
+        with Emulator(Path(tmp) / "emulator", worker_processes=args.workers) as emu:
             setup["emulator started (Mosquitto, model, REST, connector)"] = time.monotonic() - t0
             t0 = time.monotonic()
             relay = Broker(Path(tmp) / "relay")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -327,11 +328,20 @@ class Model:
     """The platform's data in SQLite (`path` a file, or ":memory:" for tests)."""
 
     def __init__(self, path: str | os.PathLike[str] = ":memory:",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shared: bool = False) -> None:
+        """`shared`: other processes write to the file too (the emulator's worker processes):
+        every write transaction then also holds an exclusive flock on `<path>.writers`, so a
+        writer that finds another one busy waits in the kernel and runs as soon as it is done,
+        instead of in SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries
+        while this process's other threads wait behind it."""
         self.path = str(path)
         self.clock = clock
+        self._writers: Any = None
         if self.path != ":memory:":
             private_dir(Path(self.path).parent)
+            if shared:
+                fd = os.open(self.path + ".writers", os.O_RDWR | os.O_CREAT, 0o600)
+                self._writers = os.fdopen(fd, "r+b")
         self._lock = threading.RLock()
         self._local = threading.local()  # this thread's atomic() block
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -347,6 +357,36 @@ class Model:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._writers is not None:
+                self._writers.close()
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, with the writers' flock when shared (__init__); with self._lock."""
+        if self._writers is not None:
+            fcntl.flock(self._writers, fcntl.LOCK_EX)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._unlock_writers()
+            raise
+
+    def _end(self, commit: bool) -> None:
+        """COMMIT (ROLLBACK when that fails, or when not `commit`), then the writers' flock."""
+        try:
+            if commit:
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            else:
+                self._db.execute("ROLLBACK")
+        finally:
+            self._unlock_writers()
+
+    def _unlock_writers(self) -> None:
+        if self._writers is not None:
+            fcntl.flock(self._writers, fcntl.LOCK_UN)
 
     def __enter__(self) -> Model:
         return self
@@ -388,13 +428,13 @@ class Model:
                     raise
                 self._db.execute("RELEASE nested")
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 yield _Cursor(self._db)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._end(commit=False)
                 raise
-            self._db.execute("COMMIT")
+            self._end(commit=True)
 
     @contextlib.contextmanager
     def atomic(self, outer: _Lock | None = None) -> Iterator[None]:
@@ -432,7 +472,7 @@ class Model:
             state.outer.acquire()
         self._lock.acquire()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin()
         except BaseException:
             self._lock.release()
             if state.outer is not None:
@@ -444,14 +484,7 @@ class Model:
         if not state.begun:
             return
         try:
-            if commit:
-                try:
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            else:
-                self._db.execute("ROLLBACK")
+            self._end(commit)
         finally:
             self._lock.release()
             if state.outer is not None:

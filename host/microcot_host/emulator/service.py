@@ -199,7 +199,8 @@ class Emulator:
         try:
             self.broker = self._start_broker()
             tls = self._tls_files()
-            self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock)
+            self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock,
+                               shared=self.worker_processes > 1)
             # before anything can reach the broker: sessions of another layout are served and
             # deleted (sessions.py)
             self._settle_sessions()

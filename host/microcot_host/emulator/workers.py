@@ -183,7 +183,7 @@ def worker_main(conn: Connection, cfg: WorkerConfig) -> None:
                         format=f"%(asctime)s %(levelname)s worker {cfg.index + 1}/{cfg.count} "
                                "%(name)s: %(message)s")
     send = _Sender(conn)
-    model = Model(cfg.database)
+    model = Model(cfg.database, shared=True)
     api = Api(model, credentials=None, tenant=cfg.tenant, admin_user=cfg.admin_user,
               binaries=BinaryStore(Path(cfg.binaries), cfg.max_binary))
     engine = Engine(api, max_body=cfg.max_message, shared=True)
