@@ -18,6 +18,7 @@ device's stored values sorted by id must be its sequence, and every value must b
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -48,6 +49,8 @@ REGISTRATION = "\n".join([
     "NOW UNSIGNED STRING NUMBER,"
     '"{""time"":""%%"",""source"":{""id"":""%%""},""type"":""%%"",'
     '""c8y_Seq"":{""n"":{""value"":%%,""unit"":""n""}}}"',
+    # seed 002: a collection is deleted through its own template
+    "10,114,DELETE,/inventory/managedObjects/%%,,,%%,UNSIGNED,",
     "11,900,,$.c8y_Seq,$.type,$.c8y_Seq.n.value",
     "11,203,$.operations,$.c8y_Restart,$.id,$.deviceId",
 ])
@@ -180,6 +183,32 @@ def test_applied_records_of_schema_3_belong_to_the_single_connector(tmp_path: Pa
         assert m.applied_messages("microcot-connector-1-of-2") == {7: b"\x03"}
 
 
+def test_shared_models_queue_writers_on_a_flock(tmp_path: Path):
+    """Model(shared=True): a write transaction holds the writers' flock from its first write to
+    its end, so other processes' writers wait in the kernel (not in SQLite's busy handler)."""
+    path = tmp_path / "platform.sqlite"
+    with Model(path, shared=True) as a:
+        lock = Path(str(path) + ".writers")
+        assert lock.stat().st_mode & 0o777 == 0o600
+        # another open file: flocks of it conflict with the model's
+        with open(lock, "rb") as probe:
+            def free() -> bool:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                return True
+
+            assert free()
+            with a.atomic():
+                a.set_setting("k", "1")
+                assert not free()  # held by the open transaction
+            assert free()
+            a.set_setting("k", "2")
+            assert free()
+
+
 # -- two worker processes -----------------------------------------------------------------------
 
 def test_two_workers_keep_each_devices_order(tmp_path: Path):
@@ -188,6 +217,9 @@ def test_two_workers_keep_each_devices_order(tmp_path: Path):
         assert emu.pool is not None and all(emu.pool.pids())
         fleet = Fleet(emu, ids_for_both(3))
         try:
+            watched = next(iter(fleet.mo.values()))
+            assert rest(fleet.conn, "PUT", f"/inventory/managedObjects/{watched}", {
+                "c8y_RequiredAvailability": {"responseInterval": 10}})[0] == 200
             for seq in range(rows):  # interleaved over devices, nothing waits
                 for i in fleet.mo:
                     fleet.send(i, seq, "c8y_Order")
@@ -196,6 +228,10 @@ def test_two_workers_keep_each_devices_order(tmp_path: Path):
             check_once_in_order(fleet, "c8y_Order", rows)
             recorded = json.loads(emu.model.get_setting(SETTING))
             assert recorded == layout(2)
+            # availability lives in the main process; the workers report the devices' messages
+            assert wait_for(lambda: "lastMessage" in rest(
+                fleet.conn, "GET", f"/inventory/managedObjects/{watched}")[1].get(
+                    "c8y_Availability", {}), WAIT)
         finally:
             fleet.close()
 
@@ -208,6 +244,25 @@ def test_an_operation_reaches_its_device_through_its_worker(tmp_path: Path):
                 op = emu.create_operation(mo, {"c8y_Restart": {}})
                 got = fleet.dev[i].get("mr/" + i).decode()
                 assert f"203,1,{op['id']},{mo}" in got, got
+        finally:
+            fleet.close()
+
+
+def test_a_collection_deleted_in_one_worker_is_gone_in_the_other(tmp_path: Path):
+    with Emulator(tmp_path / "emu", worker_processes=2) as emu:
+        ids = ids_for_both(1)
+        fleet = Fleet(emu, ids)  # ids[0] registered the collection: it may delete it
+        try:
+            owner, other = ids
+            status, found = rest(fleet.conn, "GET", "/identity/externalIds/"
+                                                    f"c8y_SmartRestDeviceIdentifier/{XID}")
+            assert status == 200, found
+            coll = found["managedObject"]["id"]
+            assert fleet.dev[other].request("15," + XID) == f"20,{coll}"  # cached there too
+            # deleted by its own template; no response template matches: no answer
+            fleet.dev[owner].publish("ms/" + owner, f"15,{XID}\n114,{coll}")
+            assert wait_for(lambda: fleet.dev[other].request("15," + XID)
+                            == "40,Template not found.", WAIT)
         finally:
             fleet.close()
 
