@@ -291,11 +291,16 @@ class Bench:
         for r in readies:
             res.errors += r["errors"]
         py0, br0, t0 = self._emu_cpu(), proc_cpu(broker.pid), time.monotonic()
+        main0 = self_cpu()
         for w, _, _ in parts:
             w.send({"cmd": "go" if res.ok else "abort"})
         done = [w.recv() for w, _, _ in parts]
         wall = time.monotonic() - t0
         py1, br1 = self._emu_cpu(), proc_cpu(broker.pid)
+        if mode == "emulator" and self.emu.pool is not None:
+            main = 100 * (self_cpu() - main0) / wall
+            print(f"N={n}: CPU % of wall: main process (front, REST, bootstrap) {main:.0f}, "
+                  f"worker processes {100 * (py1 - py0) / wall - main:.0f}", file=sys.stderr)
         for r in done:
             res.errors += r["errors"]
         res.rows = n * a.rows
