@@ -10,10 +10,14 @@ own Model, Api and Engine on the file) run `--rows` messages for each of their s
 devices (`15,<X-ID>\\n901,<mo>,<type>,<seq>`, one measurement each) exactly as the connector runs
 one: `Model.atomic(outer=engine.lock)` around `Engine.process` and `Model.note_applied`.
 
-Lock modes: `sqlite` is the model as it is (BEGIN IMMEDIATE; a writer that finds the database
+`--render after` (the default) renders the answer after the commit, as the connector does since
+Engine.process_later; `inside` renders it inside the transaction, as before.
+
+Lock modes: `sqlite` is the model alone (BEGIN IMMEDIATE; a writer that finds the database
 locked waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries); `flock`
-takes an exclusive fcntl.flock on a file next to the database before BEGIN IMMEDIATE and drops it
-after COMMIT, so writers queue in the kernel and the next one runs as soon as the lock is free.
+is `Model(shared=True)`, what the emulator's worker processes use: an exclusive fcntl.flock on a
+file next to the database before BEGIN IMMEDIATE, dropped after COMMIT, so writers queue in the
+kernel and the next one runs as soon as the lock is free.
 
 Prints per run: rows/s over the slowest process's wall time, CPU seconds per row, and the mean
 time per message from its transaction's first write (BEGIN IMMEDIATE) to COMMIT, which is the
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -76,15 +79,14 @@ def setup(path: Path, devices: int) -> list[tuple[str, str]]:
         return out
 
 
-def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, base: int,
+def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, render: str, base: int,
           ready: mp.Queue, go: mp.Event, out: mp.Queue) -> None:
-    model = Model(path)
+    model = Model(path, shared=lock == "flock")
     api = Api(model)
     engine = Engine(api)
     for user, _ in mine:  # sessions and the collection into the caches, as a warm worker has
         engine.collection_for_device(user)
     held: list[float] = []
-    lockfile = open(path + ".writers", "a+b")  # noqa: SIM115 - lives as long as the process
 
     begin, end = model._begin_atomic, model._end_atomic
     state = {"t": 0.0}
@@ -92,8 +94,6 @@ def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, base: in
     def timed_begin() -> None:
         st = getattr(model._local, "atomic", None)
         first = st is not None and not st.begun
-        if first and lock == "flock":
-            fcntl.flock(lockfile, fcntl.LOCK_EX)
         begin()
         if first:
             state["t"] = time.perf_counter()
@@ -105,8 +105,6 @@ def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, base: in
         finally:
             if began:
                 held.append(time.perf_counter() - state["t"])
-                if lock == "flock":
-                    fcntl.flock(lockfile, fcntl.LOCK_UN)
 
     model._begin_atomic = timed_begin  # type: ignore[method-assign]
     model._end_atomic = timed_end  # type: ignore[method-assign]
@@ -119,9 +117,15 @@ def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, base: in
         for user, mo in mine:
             body = f"15,{XID}\n901,{mo},bench,{seq}".encode()
             mid += 1
-            with model.atomic(outer=engine.lock):
-                answer = engine.process(body, user=user)
-                model.note_applied(mid, message_digest("ms/" + user, body))
+            if render == "inside":  # as the connector did before Engine.process_later
+                with model.atomic(outer=engine.lock):
+                    answer = engine.process(body, user=user)
+                    model.note_applied(mid, message_digest("ms/" + user, body))
+            else:
+                with model.atomic(outer=engine.lock):
+                    later = engine.process_later(body, user=user)
+                    model.note_applied(mid, message_digest("ms/" + user, body))
+                answer = later()
             assert answer.startswith(b"87,"), answer
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -130,15 +134,16 @@ def child(path: str, mine: list[tuple[str, str]], rows: int, lock: str, base: in
     model.close()
 
 
-def run(path: Path, devs: list[tuple[str, str]], procs: int, rows: int, lock: str) -> dict:
+def run(path: Path, devs: list[tuple[str, str]], procs: int, rows: int, lock: str,
+        render: str) -> dict:
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     go = ctx.Event()
     ps = []
     for k in range(procs):
         mine = devs[k::procs]
-        p = ctx.Process(target=child, args=(str(path), mine, rows, lock, (k + 1) * 10**7,
-                                            ready, go, out))
+        p = ctx.Process(target=child, args=(str(path), mine, rows, lock, render,
+                                            (k + 1) * 10**7, ready, go, out))
         p.start()
         ps.append(p)
     for _ in ps:
@@ -149,7 +154,7 @@ def run(path: Path, devs: list[tuple[str, str]], procs: int, rows: int, lock: st
         p.join(10)
     n = sum(r["n"] for r in results)
     wall = max(r["wall"] for r in results)
-    return {"procs": procs, "lock": lock, "rows": n, "rows_s": n / wall,
+    return {"procs": procs, "lock": lock, "render": render, "rows": n, "rows_s": n / wall,
             "cpu_ms_row": 1000 * sum(r["cpu"] for r in results) / n,
             "held_ms": 1000 * sum(r["held"] for r in results) / len(results)}
 
@@ -160,24 +165,28 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--lock", default="sqlite,flock")
+    ap.add_argument("--render", default="after",
+                    help="inside,after: the response templates inside the transaction or after "
+                         "its commit (Engine.process_later, what the connector does)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     print(f"{os.cpu_count()} cores; {a.devices} devices x {a.rows} rows per run")
-    print(f"{'procs':>5} {'lock':>6} {'rows/s':>8} {'CPU ms/row':>11} {'tx ms/msg':>10} "
-          f"{'bound rows/s':>12}")
+    print(f"{'procs':>5} {'lock':>6} {'render':>6} {'rows/s':>8} {'CPU ms/row':>11} "
+          f"{'tx ms/msg':>10} {'bound rows/s':>12}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "platform.sqlite"
         devs = setup(path, a.devices)
         for procs in map(int, a.procs.split(",")):
             for lock in a.lock.split(","):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(str(path) + ".writers")
-                r = run(path, devs, procs, a.rows, lock)
-                results.append(r)
-                print(f"{r['procs']:>5} {r['lock']:>6} {r['rows_s']:>8.0f} "
-                      f"{r['cpu_ms_row']:>11.3f} {r['held_ms']:>10.3f} "
-                      f"{1000 / r['held_ms']:>12.0f}", flush=True)
+                for render in a.render.split(","):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(path) + ".writers")
+                    r = run(path, devs, procs, a.rows, lock, render)
+                    results.append(r)
+                    print(f"{r['procs']:>5} {r['lock']:>6} {render:>6} {r['rows_s']:>8.0f} "
+                          f"{r['cpu_ms_row']:>11.3f} {r['held_ms']:>10.3f} "
+                          f"{1000 / r['held_ms']:>12.0f}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
 

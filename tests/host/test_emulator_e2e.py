@@ -410,14 +410,14 @@ def test_a_stuck_device_does_not_stall_the_others(emu, conn, coll_id, monkeypatc
     slow = device(conn, slow_id, emu.add_device(slow_id))
     quick = device(conn, quick_id, emu.add_device(quick_id))
     release = threading.Event()
-    process = emu.engine.process
+    process = emu.engine.process_later  # what the connector calls
 
     def stuck_for_one(body, user=None, **kw):
         if user == slow_id:
             release.wait(WAIT)
         return process(body, user, **kw)
 
-    monkeypatch.setattr(emu.engine, "process", stuck_for_one)
+    monkeypatch.setattr(emu.engine, "process_later", stuck_for_one)
     try:
         for _ in range(3):
             slow.publish("ms/" + slow_id, f"15,{XID}\n113".encode())

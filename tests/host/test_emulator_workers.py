@@ -405,3 +405,29 @@ def test_cli_workers_bootstrap_register_and_die_with_the_emulator(tmp_path: Path
                         and not processes_using(data), 30.0, 0.1)
     finally:
         run.kill()
+
+
+def test_the_answer_is_rendered_after_the_commit(tmp_path: Path, monkeypatch):
+    """The write transaction, which other processes wait for, holds the requests, not the
+    response templates' JSONPaths (Engine.process_later in the connector)."""
+    from microcot_host.emulator import engine as engine_module
+
+    with Emulator(tmp_path / "emu") as emu:
+        assert emu.model is not None
+        db = emu.model._db
+        seen: list[bool] = []
+        extract = engine_module.engine_paths.extract
+
+        def watched(t, doc):  # type: ignore[no-untyped-def]
+            seen.append(db.in_transaction)
+            return extract(t, doc)
+
+        monkeypatch.setattr(engine_module.engine_paths, "extract", watched)
+        fleet = Fleet(emu, [new_iccid()])
+        try:
+            i = next(iter(fleet.mo))
+            fleet.send(i, 7, "c8y_After")
+            assert fleet.answers(i, 1) == [7]
+            assert seen and not any(seen), seen
+        finally:
+            fleet.close()

@@ -337,6 +337,10 @@ class Broker:
         else:
             _ok(resp)
 
+    def check_new_device(self, device_id: str) -> None:
+        """BrokerError if `device_id` cannot become a device user (add_device's check)."""
+        self._check_new_device(device_id)
+
     def _check_new_device(self, device_id: str) -> None:
         _check_device_id(device_id)
         if device_id in self.reserved:

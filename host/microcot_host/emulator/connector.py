@@ -15,6 +15,13 @@ connector is away (a restart of the emulator, a broker restart). MQTT 5 rather t
 | `ss/<ID>` secret  | bootstrap.py (new device request)           | `sr/<ID>` after the acceptance  |
 | new operation     | `Engine.render_operation(op, user=...)`     | `mr/<device user>`              |
 
+One or several: with `--workers N` (N >= 2, workers.py) each worker process runs a Connector
+with its own client id (`microcot-connector-<k>-of-<N>`), no wildcard topics, and the `ms/<ID>`
+and `bs/<ID>` of its share of the devices (subscribe_devices); the main process's Connector
+keeps `ss/+` and hands new operations to the device's worker (route_operation). Everything
+below holds per connector; applied records are kept per client id. Sessions of an earlier
+layout are served to their end with drain() and deleted (sessions.py).
+
 Dispatch
 --------
 paho's network thread only sorts messages into lanes, one per device ID (text, binary and
@@ -43,7 +50,8 @@ paho runs with manual acknowledgement: a QoS 1 message is acknowledged to the br
 only after its effect is committed. A device message runs in one model transaction
 (`Model.atomic`: the rows of all its lines, the availability note, and a record in
 `applied_messages` of the message's broker packet id (mid) with a digest of its topic and
-payload); then the answer is published and the message acknowledged. The transaction begins at
+payload); then the answer is rendered (the response templates, outside the transaction:
+Engine.process_later), published, and the message acknowledged. The transaction begins at
 the message's first write and takes the engine's lock first (the engine's own order of the two):
 a request that hangs before it writes holds up nobody, while from its first write to its commit
 other messages wait for the model, as they waited for each statement before. So `kill -9` at any
@@ -654,19 +662,29 @@ class Connector:
         published on a topic of this session's own (DRAIN_PREFIX + client id) after
         everything queued for it, so once the marker is back every earlier message has been
         delivered; then the lanes run dry and the acknowledgements are proven (stop()). True if
-        the marker came back within `timeout` seconds."""
+        all that happened within `timeout` seconds and every message was acknowledged, i.e.
+        the session holds nothing any more and may be deleted."""
         c = self._client
         if c is None:
             raise ConnectorError("the connector is not running")
         topic = DRAIN_PREFIX + self.client_id
+        deadline = time.monotonic() + timeout
         self.subscribe_filters([topic], timeout)
         info = _queued(c.publish(topic, b"", qos=1))
         ok = self._drained.wait(timeout)
         if not ok:
             log.error("session %s: its queue did not end within %.0f s (marker mid %s)",
                       self.client_id, timeout, info.mid)
+        elif not self.lanes.wait_idle(max(0.0, deadline - time.monotonic())):
+            log.error("session %s: its messages were not all served within %.0f s",
+                      self.client_id, timeout)
+            ok = False
         self.stop(timeout)
-        return ok
+        with self._lock:
+            left = len(self._inflight)
+        if left:  # could not be stored (logged): still the broker's, in this session
+            log.error("session %s: %d messages are not acknowledged", self.client_id, left)
+        return ok and not left
 
     def subscribe_filters(self, filters: list[str], timeout: float = 10.0) -> None:
         """Subscribe these topic filters now (QoS 1) and wait for the SUBACK."""
@@ -835,12 +853,15 @@ class Connector:
         try:
             with self._atomic():
                 if binary:
-                    out = self.engine.process_binary(payload, user=device)
+                    answer = self.engine.process_binary_later(payload, user=device)
                 else:
-                    out = self.engine.process(payload, user=device)
+                    answer = self.engine.process_later(payload, user=device)
                 self._device_message(device)
                 if d.qos:
                     self.api.model.note_applied(d.mid, d.digest, self.client_id)
+            # the response templates are rendered after the commit: the transaction (which
+            # other threads and processes wait for) holds only the requests
+            out = answer()
         except Exception:
             # nothing of it is stored: left unacknowledged, the broker delivers it again after
             # the connector's next reconnect

@@ -164,6 +164,20 @@ E41_API = "Template %d is outside the device API: %s %s (%s)"
 Item = tuple[str | None, list[Any]]
 
 
+class _Later:
+    """A successful request's answer rows, rendered only when the answer is formatted: the
+    connector formats after its transaction's commit, so the response templates' JSONPaths do
+    not run while other processes wait for the database (process_later)."""
+
+    __slots__ = ("body", "coll", "line", "xid")
+
+    def __init__(self, xid: str, coll: Collection, body: Any, line: int) -> None:
+        self.xid, self.coll, self.body, self.line = xid, coll, body, line
+
+
+Piece = Item | _Later
+
+
 def _phrase(status: int, reason: str) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -533,7 +547,7 @@ class Engine:
         values: list[str],
         line: int,
         user: str | None,
-    ) -> list[Item]:
+    ) -> list[Piece]:
         full, why = engine_values.complete(req, values, self._now())
         if why:
             return [_err(45, line, "%s: %s" % (E45, why))]
@@ -553,7 +567,7 @@ class Engine:
         if method == "DELETE":
             self._deleted(target)
         self._learn(user, r.body)
-        return self._render(xid, coll, r.body, line)
+        return [_Later(xid, coll, r.body, line)]
 
     @staticmethod
     def _refused(
@@ -591,13 +605,13 @@ class Engine:
 
     def _rows(
         self, xid: str, rows: list[tuple[int, bytes]], user: str | None, bind: bool
-    ) -> list[Item]:
+    ) -> list[Piece]:
         hit = self.collection(xid)
         coll = hit[1] if hit else None
         refused = None
         if bind and user and coll is not None:
             refused = self._bind(user, xid, coll)
-        out: list[Item] = []
+        out: list[Piece] = []
         for line, rec in rows:
             fields, why = _fields(rec)
             if why:
@@ -640,7 +654,7 @@ class Engine:
             return str(e)
         return None
 
-    def _text(self, data: bytes, user: str | None, bind: bool, xid: str | None) -> list[Item]:
+    def _text(self, data: bytes, user: str | None, bind: bool, xid: str | None) -> list[Piece]:
         if len(data) > self.max_body:
             why = "request of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
             return [_err(42, 1, "%s: %s" % (E42, why))]
@@ -667,7 +681,7 @@ class Engine:
             return self._register(xid, rest, user)
         return self._rows(xid, rest, user, bind)
 
-    def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
+    def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Piece]:
         if len(data) > self.max_body:
             why = "payload of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
             return [_err(42, 1, "Malformed Request: " + why)]
@@ -675,7 +689,7 @@ class Engine:
             msgs = binrest.decode(data, self._lookup)
         except binrest.Error as e:
             return [_err(e.code, e.index or 1, e.message)]
-        out: list[Item] = []
+        out: list[Piece] = []
         refused = None
         for line, (xid, tid, values) in enumerate(msgs, 1):
             mo, coll = self.collection(xid)  # decode found it, so it is cached
@@ -690,6 +704,22 @@ class Engine:
         return out
 
     # -- answers ------------------------------------------------------------------------------
+
+    def _expand(self, pieces: list[Piece]) -> list[Item]:
+        out: list[Item] = []
+        for p in pieces:
+            if isinstance(p, _Later):
+                out.extend(self._render(p.xid, p.coll, p.body, p.line))
+            else:
+                out.append(p)
+        return out
+
+    def _answer(self, pieces: list[Piece], user: str | None, what: str) -> bytes:
+        try:
+            return self._format(self._expand(pieces))
+        except Exception:
+            log.exception("rendering the answer to a %s request of %s failed", what, user)
+            return b"50,1,500,Internal Server Error"
 
     @staticmethod
     def _format(items: list[Item]) -> bytes:
@@ -719,12 +749,26 @@ class Engine:
     ) -> bytes:
         """Answer a SmartREST text request body (see the module docstring). `xid` is the X-Id
         header of `POST /s`: the body then holds no 15 row and its first row is line 1."""
+        return self.process_later(body, user, bind=bind, xid=xid)()
+
+    def process_later(
+        self,
+        body: bytes | str,
+        user: str | None = None,
+        *,
+        bind: bool = True,
+        xid: str | None = None,
+    ) -> Callable[[], bytes]:
+        """process() in two steps: the requests now, the answer (response templates rendered,
+        rows formatted) when the returned callable is called. The MQTT connector calls it after
+        its transaction's commit, which keeps the transaction short."""
         try:
             data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-            return self._format(self._text(data, user, bind, xid))
+            pieces = self._text(data, user, bind, xid)
         except Exception:
             log.exception("SmartREST request of %s failed", user)
-            return b"50,1,500,Internal Server Error"
+            return lambda: b"50,1,500,Internal Server Error"
+        return lambda: self._answer(pieces, user, "SmartREST")
 
     def serve_http(self, body: bytes, x_id: str | None, user: str | None) -> tuple[int, bytes]:
         """http.py's SmartREST callable for `POST /s`: always 200, as Cumulocity answers SmartREST
@@ -737,11 +781,18 @@ class Engine:
         self, payload: bytes, user: str | None = None, *, bind: bool = True
     ) -> bytes:
         """Answer a binary SmartREST payload with text rows (see the module docstring)."""
+        return self.process_binary_later(payload, user, bind=bind)()
+
+    def process_binary_later(
+        self, payload: bytes, user: str | None = None, *, bind: bool = True
+    ) -> Callable[[], bytes]:
+        """process_binary() in two steps, as process_later()."""
         try:
-            return self._format(self._binary(bytes(payload), user, bind))
+            pieces = self._binary(bytes(payload), user, bind)
         except Exception:
             log.exception("binary SmartREST request of %s failed", user)
-            return b"50,1,500,Internal Server Error"
+            return lambda: b"50,1,500,Internal Server Error"
+        return lambda: self._answer(pieces, user, "binary SmartREST")
 
     # -- operations ---------------------------------------------------------------------------
 

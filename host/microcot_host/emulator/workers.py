@@ -208,7 +208,12 @@ def worker_main(conn: Connection, cfg: WorkerConfig) -> None:
                 break
             if msg[0] == "stop":
                 break
-            _serve(msg, connector, engine, send)
+            try:
+                _serve(msg, connector, engine, send)
+            except Exception:  # one request's failure must not end the worker
+                log.exception("request %r from the main process failed", msg[0])
+                if msg[0] == "subscribe":
+                    send(("subscribed", msg[1], "failed; see the worker's log"))
     finally:
         connector.stop()
         activity.stop()
@@ -467,6 +472,8 @@ class SubscribingSink:
         self.workers = workers
 
     def add_device(self, device_id: str, password: str) -> None:
+        # the broker's rules first: an ID that cannot be a user cannot be a topic level either
+        self.broker.check_new_device(device_id)
         self.workers.subscribe(device_id)
         self.broker.add_device(device_id, password)
 
