@@ -332,8 +332,10 @@ class Model:
         """`shared`: other processes write to the file too (the emulator's worker processes):
         every write transaction then also holds an exclusive flock on `<path>.writers`, so a
         writer that finds another one busy waits in the kernel and runs as soon as it is done,
-        instead of in SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries
-        while this process's other threads wait behind it."""
+        instead of in SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries.
+        The flock (with a lock for this process's writers, since a flock does not exclude
+        threads that share the file) is taken before the connection's lock: while a writer
+        waits for another process, this process's other threads can still read."""
         self.path = str(path)
         self.clock = clock
         self._writers: Any = None
@@ -343,6 +345,7 @@ class Model:
                 fd = os.open(self.path + ".writers", os.O_RDWR | os.O_CREAT, 0o600)
                 self._writers = os.fdopen(fd, "r+b")
         self._lock = threading.RLock()
+        self._wlock = threading.Lock()   # this process's writers, with the flock (shared)
         self._local = threading.local()  # this thread's atomic() block
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=5.0)
@@ -360,33 +363,32 @@ class Model:
             if self._writers is not None:
                 self._writers.close()
 
-    def _begin(self) -> None:
-        """BEGIN IMMEDIATE, with the writers' flock when shared (__init__); with self._lock."""
-        if self._writers is not None:
-            fcntl.flock(self._writers, fcntl.LOCK_EX)
+    def _take_writer(self) -> None:
+        """The writers' locks when shared (__init__), before self._lock; else nothing."""
+        if self._writers is None:
+            return
+        self._wlock.acquire()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            fcntl.flock(self._writers, fcntl.LOCK_EX)
         except BaseException:
-            self._unlock_writers()
+            self._wlock.release()
             raise
 
-    def _end(self, commit: bool) -> None:
-        """COMMIT (ROLLBACK when that fails, or when not `commit`), then the writers' flock."""
-        try:
-            if commit:
-                try:
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            else:
-                self._db.execute("ROLLBACK")
-        finally:
-            self._unlock_writers()
-
-    def _unlock_writers(self) -> None:
+    def _drop_writer(self) -> None:
         if self._writers is not None:
             fcntl.flock(self._writers, fcntl.LOCK_UN)
+            self._wlock.release()
+
+    def _end(self, commit: bool) -> None:
+        """COMMIT (ROLLBACK when that fails), or ROLLBACK when not `commit`; with self._lock."""
+        if commit:
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        else:
+            self._db.execute("ROLLBACK")
 
     def __enter__(self) -> Model:
         return self
@@ -428,13 +430,19 @@ class Model:
                     raise
                 self._db.execute("RELEASE nested")
                 return
-            self._begin()
-            try:
-                yield _Cursor(self._db)
-            except BaseException:
-                self._end(commit=False)
-                raise
-            self._end(commit=True)
+        # a transaction of its own: the writers' locks first (__init__), then the connection
+        self._take_writer()
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Cursor(self._db)
+                except BaseException:
+                    self._end(commit=False)
+                    raise
+                self._end(commit=True)
+        finally:
+            self._drop_writer()
 
     @contextlib.contextmanager
     def atomic(self, outer: _Lock | None = None) -> Iterator[None]:
@@ -470,11 +478,18 @@ class Model:
             return
         if state.outer is not None:
             state.outer.acquire()
+        try:
+            self._take_writer()
+        except BaseException:
+            if state.outer is not None:
+                state.outer.release()
+            raise
         self._lock.acquire()
         try:
-            self._begin()
+            self._db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._lock.release()
+            self._drop_writer()
             if state.outer is not None:
                 state.outer.release()
             raise
@@ -487,6 +502,7 @@ class Model:
             self._end(commit)
         finally:
             self._lock.release()
+            self._drop_writer()
             if state.outer is not None:
                 state.outer.release()
 
