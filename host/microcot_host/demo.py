@@ -294,8 +294,9 @@ def run(demo: Demo, workdir: Path, keep: bool = False, board: str = "virtual") -
                          f"REST {conn['http_url']}, bootstrap auto-accept")
         history = History(emu.model)
         # count the SmartREST messages the platform gets from the device, text and binary: the
-        # REST API shows measurements, not how they came
-        for kind, attr in (("text", "process"), ("binary", "process_binary")):
+        # REST API shows measurements, not how they came (the connector, and process() itself,
+        # call the two-step forms)
+        for kind, attr in (("text", "process_later"), ("binary", "process_binary_later")):
             orig = getattr(emu.engine, attr)
 
             def counting(payload: bytes, user: str | None = None, *, _o=orig, _k=kind, **kw):
