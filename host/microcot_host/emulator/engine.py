@@ -125,6 +125,13 @@ the result on that user's `mr/` topic (b"": nothing to publish).
 Nothing escapes `process`, `process_binary`, `pending_operations` or `render_operation`: an
 unexpected failure is logged and answered `50,<line>,500,Internal Server Error` (or b"" for the
 operation calls).
+
+Two steps: `process_later` and `process_binary_later` make the requests and return a callable
+that renders and formats the answer. The MQTT connector calls it after the commit of the
+message's transaction, so the response templates' JSONPaths do not run while other threads and
+processes wait for the database (docs/guides/emulator-scaling.md). With `shared=True` (worker
+processes, workers.py) device sessions are read again while incomplete, and `on_forget` hears of
+collections deleted by their own templates.
 """
 
 from __future__ import annotations
