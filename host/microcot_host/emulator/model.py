@@ -6,7 +6,9 @@ serialises writers anyway, every call here is short, and a single connection kee
 simple (no "database is locked" between our own threads). WAL mode with `synchronous=NORMAL`: a
 crash of the emulator loses nothing committed; only a power cut may lose the last transactions,
 which is the right trade for a test platform that must take thousands of rows per second.
-`busy_timeout` covers a second process (a CLI) opening the same file.
+`busy_timeout` covers a second process (a CLI) opening the same file. With worker processes
+(workers.py) every process has its own Model with `shared=True`: writers of all processes queue
+on a flock, and SQLite keeps their transactions apart as before.
 
 Shapes follow Cumulocity's REST API: ids are strings of digits drawn from one counter for every
 kind of entity (as on the platform, an id never names two things), times are ISO 8601 with
