@@ -136,8 +136,6 @@ race-safe (of two concurrent registrations of one X-ID, the second gets 409 and 
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import json
 import logging
 import math
@@ -152,7 +150,8 @@ from .. import fleetcsv
 from . import authz, jsonsafe
 from . import availability as avail
 from .authz import ACCESS_DENIED
-from .binaries import BinaryStore, Buffer, MultipartError, Part, mapped, multipart_parts
+from .binaries import CHUNK, BinaryStore, Buffer, Stored, mapped
+from .forms import Form, FormError, FormPart, FormReader, FormTooLarge, parse_form
 from .model import (
     BadField,
     Conflict,
@@ -299,7 +298,7 @@ class Api:
     # -- entry point --------------------------------------------------------------------------
 
     def handle(self, method: str, target: str, body: bytes | str | dict[str, Any] | list[Any]
-               | Path | None = None, content_type: str | None = None,
+               | Path | Form | None = None, content_type: str | None = None,
                user: str | None = None) -> ApiResult:
         """Answer one request; never raises for bad input (errors are results)."""
         method = method.upper()
@@ -666,6 +665,12 @@ class Api:
                            "not as JSON")
         yield b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
 
+    def _store_raw(self, req: _Req, domain: str) -> Stored:
+        """A raw body (bytes, or the Path of a spooled request body) as a file of the store."""
+        with self._upload(req) as buf:
+            self._too_large(len(buf), domain)
+            return self.binaries.write(buf)
+
     def _too_large(self, n: int, domain: str = "inventory") -> None:
         if n > self.binaries.max_size:
             raise ApiError(413, f"{domain}/Request Entity Too Large",
@@ -674,21 +679,55 @@ class Api:
 
     @staticmethod
     def _is_multipart(req: _Req) -> bool:
+        if isinstance(req.body, Form):
+            return True
         return (req.content_type or "").split(";")[0].strip().lower().startswith("multipart/")
 
-    def _parts(self, buf: Buffer, req: _Req) -> list[Part]:
+    def _form(self, req: _Req) -> Form:
+        """The multipart body: a Form the HTTP layer parsed, or parsed here (python-multipart,
+        forms.py) from bytes, or from a spooled file with its file part spooled again."""
+        b = req.body
+        if isinstance(b, Form):
+            return b
+        if isinstance(b, dict | list):
+            raise ApiError(415, f"{req.domain}/Unsupported Media Type",
+                           "a multipart body was expected, not JSON")
         try:
-            return multipart_parts(buf, req.content_type or "")
-        except MultipartError as e:
+            if isinstance(b, Path):
+                reader = FormReader(req.content_type, self.binaries,
+                                    max_file=self.binaries.max_size)
+                try:
+                    with open(b, "rb") as f:
+                        while chunk := f.read(CHUNK):
+                            reader.feed(chunk)
+                    return reader.finish()
+                except BaseException:
+                    reader.abort()
+                    raise
+            raw = b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
+            return parse_form(raw, req.content_type)
+        except FormTooLarge as e:
+            raise ApiError(413, f"{req.domain}/Request Entity Too Large",
+                           f"{e}; this emulator accepts binaries of at most "
+                           f"{self.binaries.max_size} bytes (its max_binary setting)") from None
+        except FormError as e:
             raise ApiError(400, f"{req.domain}/badRequest", str(e)) from None
 
-    @staticmethod
-    def _file_part(parts: list[Part]) -> Part | None:
-        for p in parts:
-            if p.name == "file":
-                return p
-        named = [p for p in parts if p.filename]
-        return named[0] if named else None
+    def _store_part(self, part: FormPart, domain: str) -> Stored:
+        """A form's file part as a file of the store (spooled already, or written now)."""
+        self._too_large(part.length, domain)
+        if isinstance(part.content, Stored):
+            return part.content
+        return self.binaries.write(part.content)
+
+    def _object_part(self, part: FormPart, req: _Req) -> Any:
+        """The JSON of a form's `object` part."""
+        if part.length > MAX_OBJECT_PART:
+            raise ApiError(400, f"{req.domain}/badRequest",
+                           f"the object part has {part.length} bytes; at most "
+                           f"{MAX_OBJECT_PART}")
+        return self._json(_Req(req.method, req.path, {}, [], part.data(), "application/json",
+                               req.user, req.domain))
 
     def _binaries_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
@@ -704,26 +743,23 @@ class Api:
             raise ApiError(400, "inventory/badRequest",
                            "POST /inventory/binaries takes multipart/form-data with the parts "
                            "object (JSON with name and type) and file (the content)")
-        with self._upload(req) as buf:
-            parts = self._parts(buf, req)
-            obj_part = next((p for p in parts if p.name == "object"), None)
-            file_part = self._file_part(parts)
+        form = self._form(req)
+        try:
+            obj_part = form.named("object")
+            file_part = form.file()
             missing = [n for n, p in (("object", obj_part), ("file", file_part)) if p is None]
             if missing or obj_part is None or file_part is None:
                 raise Invalid("Following mandatory fields should be included: "
                               + ",".join(missing), missing[0])
-            if obj_part.length > MAX_OBJECT_PART:
-                raise ApiError(400, "inventory/badRequest",
-                               f"the object part has {obj_part.length} bytes; at most "
-                               f"{MAX_OBJECT_PART}")
-            obj = self._json(_Req(req.method, req.path, {}, [], bytes(
-                buf[obj_part.start:obj_part.end]), "application/json", req.user, "inventory"))
+            obj = self._object_part(obj_part, req)
             if not isinstance(obj, dict):
                 raise BadField("the object part must be a JSON object with name and type")
             if obj.get("name") in (None, ""):
                 raise Invalid("Following mandatory fields should be included: name", "name")
-            self._too_large(file_part.length)
-            stored = self.binaries.write(buf, file_part.start, file_part.end)
+            stored = self._store_part(file_part, "inventory")
+        except BaseException:
+            form.discard()
+            raise
         ctype = file_part.content_type or "application/octet-stream"
         data = {**obj, "type": obj.get("type") or ctype, BINARY_FRAGMENT: "",
                 "length": stored.length, "contentType": ctype,
@@ -753,18 +789,20 @@ class Api:
     def _binary_put(self, req: _Req) -> ApiResult:
         self._need_writer(req)
         mo = self._binary_mo(req.args[0])
-        with self._upload(req) as buf:
-            if self._is_multipart(req):
-                part = self._file_part(self._parts(buf, req))
+        if self._is_multipart(req):
+            form = self._form(req)
+            try:
+                part = form.file()
                 if part is None:
                     raise Invalid("Following mandatory fields should be included: file", "file")
                 ctype = part.content_type or "application/octet-stream"
-                start, end = part.start, part.end
-            else:
-                ctype = (req.content_type or "").strip() or "application/octet-stream"
-                start, end = 0, len(buf)
-            self._too_large(end - start)
-            stored = self.binaries.write(buf, start, end)
+                stored = self._store_part(part, "inventory")
+            except BaseException:
+                form.discard()
+                raise
+        else:
+            ctype = (req.content_type or "").strip() or "application/octet-stream"
+            stored = self._store_raw(req, "inventory")
         try:
             self.binaries.commit(stored, mo["id"])
         except BaseException:
@@ -960,22 +998,16 @@ class Api:
 
     def _event_binary_store(self, req: _Req, e: JSON) -> ApiResult:
         name: str | None = None
-        with self._upload(req) as buf:
-            if self._is_multipart(req):
-                parts = self._parts(buf, req)
-                part = self._file_part(parts)
+        if self._is_multipart(req):
+            form = self._form(req)
+            try:
+                part = form.file()
                 if part is None:
                     raise Invalid("Following mandatory fields should be included: file", "file")
                 ctype = part.content_type
-                obj_part = next((p for p in parts if p.name == "object"), None)
+                obj_part = form.named("object")
                 if obj_part is not None:
-                    if obj_part.length > MAX_OBJECT_PART:
-                        raise ApiError(400, "event/badRequest",
-                                       f"the object part has {obj_part.length} bytes; at most "
-                                       f"{MAX_OBJECT_PART}")
-                    obj = self._json(_Req(req.method, req.path, {}, [], bytes(
-                        buf[obj_part.start:obj_part.end]), "application/json", req.user,
-                        "event"))
+                    obj = self._object_part(obj_part, req)
                     if not isinstance(obj, dict):
                         raise BadField("the object part must be a JSON object (name, type)")
                     if isinstance(obj.get("name"), str) and obj["name"]:
@@ -983,12 +1015,13 @@ class Api:
                     if isinstance(obj.get("type"), str) and obj["type"]:
                         ctype = obj["type"]
                 name = name or part.filename
-                start, end = part.start, part.end
-            else:
-                ctype = (req.content_type or "").strip()
-                start, end = 0, len(buf)
-            self._too_large(end - start, "event")
-            stored = self.binaries.write(buf, start, end)
+                stored = self._store_part(part, "event")
+            except BaseException:
+                form.discard()
+                raise
+        else:
+            ctype = (req.content_type or "").strip()
+            stored = self._store_raw(req, "event")
         info = {"name": name or f"event-{e['id']}", "length": stored.length,
                 "type": ctype or "application/octet-stream"}
         try:
@@ -1330,13 +1363,17 @@ def _csv_payload(req: _Req) -> str:
     if isinstance(body, dict | list):
         raise ApiError(415, "devicecontrol/Unsupported Media Type",
                        "bulk registration takes a CSV file, not JSON")
-    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     ct = req.content_type or ""
-    if ct.split(";")[0].strip().lower().startswith("multipart/"):
-        raw = _multipart_file(raw, ct)
-    elif ct and "json" in ct.lower():
-        raise ApiError(415, "devicecontrol/Unsupported Media Type",
-                       "bulk registration takes a CSV file (multipart/form-data or text/csv)")
+    if isinstance(body, Form) or ct.split(";")[0].strip().lower().startswith("multipart/"):
+        raw = _multipart_file(body, ct)
+    elif isinstance(body, Path):
+        raise ApiError(400, "devicecontrol/badRequest", "bulk registration takes the CSV in "
+                                                          "the request body")
+    else:
+        if ct and "json" in ct.lower():
+            raise ApiError(415, "devicecontrol/Unsupported Media Type",
+                           "bulk registration takes a CSV file (multipart/form-data or text/csv)")
+        raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1344,29 +1381,26 @@ def _csv_payload(req: _Req) -> str:
                        f"the CSV is not UTF-8 text (byte {e.start})") from None
 
 
-def _multipart_file(raw: bytes, content_type: str) -> bytes:
-    # the email package does the MIME work; it needs the Content-Type as a header of the message
-    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
-    if not msg.is_multipart():
-        raise ApiError(400, "devicecontrol/badRequest",
-                       "multipart body without a usable boundary parameter")
-    parts = list(msg.iter_parts())
-    chosen = None
-    for p in parts:
-        if p.get_param("name", header="content-disposition") == "file":
-            chosen = p
-            break
-    if chosen is None:
-        with_name = [p for p in parts if p.get_filename()]
-        chosen = with_name[0] if with_name else (parts[0] if len(parts) == 1 else None)
-    if chosen is None:
-        raise ApiError(400, "devicecontrol/badRequest",
-                       "no part named \"file\" in the multipart body")
-    payload = chosen.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        raise ApiError(400, "devicecontrol/badRequest", "the file part is empty")
-    return payload
+def _multipart_file(body: Form | bytes | str | Path, content_type: str) -> bytes:
+    """The content of the file part of a bulk registration's multipart body."""
+    try:
+        if isinstance(body, Form):
+            form = body
+        elif isinstance(body, Path):
+            form = parse_form(body.read_bytes(), content_type)
+        else:
+            form = parse_form(body.encode("utf-8") if isinstance(body, str) else bytes(body),
+                              content_type)
+    except FormError as e:
+        raise ApiError(400, "devicecontrol/badRequest", str(e)) from None
+    try:
+        chosen = form.file() or (form.parts[0] if len(form.parts) == 1 else None)
+        if chosen is None:
+            raise ApiError(400, "devicecontrol/badRequest",
+                           "no part named \"file\" in the multipart body")
+        return chosen.data()
+    finally:
+        form.discard()
 
 
 # -- SmartREST template collections (see the module docstring) ------------------------------
