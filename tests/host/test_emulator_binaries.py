@@ -13,6 +13,7 @@ import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,12 @@ import pytest
 
 from microcot_host.emulator.api import Api, ApiResult
 from microcot_host.emulator.binaries import BinaryStore
-from microcot_host.emulator.forms import FormError, FormReader, FormTooLarge, parse_form
 from microcot_host.emulator.certs import (
     client_ssl_context,
     ensure_ca_and_server,
     server_ssl_context,
 )
+from microcot_host.emulator.forms import FormError, FormReader, FormTooLarge, parse_form
 from microcot_host.emulator.http import RestServer, parse_range
 from microcot_host.emulator.model import Model
 
@@ -211,16 +212,16 @@ def _auth(user: str, password: str) -> str:
 
 def call(url: str, method: str = "GET", data: bytes | None = None,
          headers: dict[str, str] | None = None, user: str = ADMIN, password: str = ADMIN_PW,
-         ctx: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+         ctx: ssl.SSLContext | None = None) -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Authorization", _auth(user, password))
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=20, context=ctx) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 @pytest.fixture

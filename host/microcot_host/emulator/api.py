@@ -304,8 +304,7 @@ class Api:
         method = method.upper()
         parts = urlsplit(target)
         raw_params = parse_qsl(parts.query, keep_blank_values=True)
-        segs = [unquote(s) for s in parts.path.strip("/").split("/")] if parts.path.strip("/") \
-            else []
+        segs = path_segments(parts.path)
         domain = segs[0] if segs else "general"
         req = _Req(method, parts.path, dict(raw_params), raw_params, body, content_type, user,
                    domain)
@@ -356,18 +355,11 @@ class Api:
 
     def _route(self, segs: list[str], method: str
                ) -> tuple[Handler | None, list[str], list[str], tuple[str, ...]]:
-        for pattern, methods in _ROUTES:
-            if len(pattern) != len(segs):
-                continue
-            args = []
-            for p, s in zip(pattern, segs, strict=True):
-                if p == "*":
-                    args.append(s)
-                elif p != s:
-                    break
-            else:
-                return methods.get(method), args, sorted(methods), pattern
-        return None, [], [], ()
+        found = match_route(segs)
+        if found is None:
+            return None, [], [], ()
+        pattern, methods, args = found
+        return methods.get(method), args, sorted(methods), pattern
 
     # -- request helpers ----------------------------------------------------------------------
 
@@ -1343,6 +1335,30 @@ def _list_param(req: _Req, name: str) -> list[str]:
     """A comma list parameter (status=ACTIVE,ACKNOWLEDGED), each value once."""
     values = [s.strip() for s in req.params.get(name, "").split(",") if s.strip()]
     return list(dict.fromkeys(values))
+
+
+def match_route(segs: list[str]) -> tuple[tuple[str, ...], dict[str, Handler], list[str]] | None:
+    """(pattern, its handlers by method, the `*` segments' values) of the route that the path
+    segments name (unquoted, as Api splits them), or None. The HTTP layer asks this too, to
+    validate a body before Api sees it (webapp.py)."""
+    for pattern, methods in _ROUTES:
+        if len(pattern) != len(segs):
+            continue
+        args = []
+        for p, s in zip(pattern, segs, strict=True):
+            if p == "*":
+                args.append(s)
+            elif p != s:
+                break
+        else:
+            return pattern, methods, args
+    return None
+
+
+def path_segments(path: str) -> list[str]:
+    """A request path's segments, unquoted, as Api routes them."""
+    path = path.strip("/")
+    return [unquote(s) for s in path.split("/")] if path else []
 
 
 def _failed(device_id: str, reason: str, line: int) -> JSON:
