@@ -1356,9 +1356,10 @@ def match_route(segs: list[str]) -> tuple[tuple[str, ...], dict[str, Handler], l
 
 
 def path_segments(path: str) -> list[str]:
-    """A request path's segments, unquoted, as Api routes them."""
-    path = path.strip("/")
-    return [unquote(s) for s in path.split("/")] if path else []
+    """A request path's segments, unquoted, as Api routes them. Empty segments are dropped:
+    Cumulocity takes `/alarm/alarms//{id}` for `/alarm/alarms/{id}` (its Python SDK sends
+    that), as servlet containers normalise such paths."""
+    return [unquote(s) for s in path.split("/") if s]
 
 
 def _failed(device_id: str, reason: str, line: int) -> JSON:
