@@ -1,9 +1,9 @@
 """The emulator's REST API at function level: `Api.handle(method, target, body)`.
 
-The HTTP server (http.py), the SmartREST engine and the MQTT connector all call `handle`, so a
-SmartREST template runs exactly what the same request over HTTP would, and its failures carry the
-same HTTP status and reason (`50,<line>,404,Not Found`). Bodies are Cumulocity's JSON shapes,
-`self` links are built from `base_url`.
+The HTTP layer (webapp.py on Starlette, served by http.py), the SmartREST engine and the MQTT
+connector all call `handle`, so a SmartREST template runs exactly what the same request over HTTP
+would, and its failures carry the same HTTP status and reason (`50,<line>,404,Not Found`). Bodies
+are Cumulocity's JSON shapes, `self` links are built from `base_url`.
 
 Resources
 ---------
@@ -25,7 +25,12 @@ Resources
 | /devicecontrol/bulkNewDeviceRequests                       | POST (multipart or CSV)  |
 | /devicecontrol/deviceCredentials/{id}                      | GET, DELETE (extension)  |
 | /tenant/currentTenant                                      | GET                      |
-| /s (SmartREST 1.0, header X-Id)                            | POST, served by http.py  |
+| /s (SmartREST 1.0, header X-Id)                            | POST, served by webapp.py |
+
+`GET /openapi.json` (any authenticated user) describes these resources as OpenAPI 3, generated
+from this module's route table and authz.RULES (who may call what; openapi.py); the HTTP layer
+validates request bodies against the same description before `handle` sees them. Empty path
+segments are dropped, as Cumulocity does (`/alarm/alarms//{id}` is `/alarm/alarms/{id}`).
 
 Collections page with `pageSize` (default 5, at most 2000: larger values are capped) and
 `currentPage` (from 1), `withTotalPages=true` adds `statistics.totalPages`; `next` is present when
@@ -42,7 +47,7 @@ Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unre
 field of the wrong JSON type or a malformed query parameter (the message names it; `pageSize`
 and `currentPage` take ASCII digits, the offset must fit 64 bits), 404 unknown resource or
 object, 403 `security/Forbidden` "Access is denied" (a device user outside its own objects, see
-below), 405 method (with `Allow`), 409 duplicate, 413 a body (http.py) or a binary too large,
+below), 405 method (with `Allow`), 409 duplicate, 413 a body (webapp.py) or a binary too large,
 415 a body that is not JSON, 422 valid JSON with unacceptable data (missing mandatory field,
 unknown source, bad status transition; message "Following mandatory fields should be included:
 ..." as Cumulocity; and jsonsafe.py's limits: nesting deeper than 64, NaN or Infinity, integers
@@ -92,7 +97,7 @@ Emulator behaviour worth knowing
   becomes `contentType`, default application/octet-stream) and answers 201 with a managed object
   holding `c8y_IsBinary`, `name`, `type`, `length`, `contentType` and `c8y_Checksum: {"sha256":
   <hex>}` (its `self` is the binary's URL); the bytes go to binaries.py's store (a file under the
-  data directory). GET /{id} answers with `content` set (ApiResult): http.py streams the file
+  data directory). GET /{id} answers with `content` set (ApiResult): webapp.py streams the file
   with `ETag` (the SHA-256), `Accept-Ranges: bytes` and Range/If-Range support. PUT /{id}
   replaces the content (the raw body with its Content-Type, or a multipart `file` part) and
   answers 201 as Cumulocity; DELETE removes object and file (as does DELETE of the managed
@@ -100,7 +105,9 @@ Emulator behaviour worth knowing
   is a 413. Reading is open to every authenticated user (devices download firmware with their own
   credentials); creating, replacing and deleting is refused to device users (403), through
   /inventory/managedObjects/{id} too. A body may be
-  given as bytes or as the Path of a spooled file (http.py streams uploads to disk).
+  given as bytes, as the Path of a spooled file, or as a parsed `forms.Form` whose file part is
+  spooled in the store already (webapp.py streams uploads to disk; multipart bodies are parsed
+  by python-multipart, forms.py, here too when given as bytes).
 - Event binaries (`/event/events/{id}/binaries`, Cumulocity's attachments, one per event): POST
   takes multipart/form-data (a `file` part, optionally an `object` part with `name` and `type`)
   or the raw content with its Content-Type; the event gets `c8y_IsBinary: {"name", "length",
@@ -114,7 +121,7 @@ Emulator behaviour worth knowing
   `check_availability()` raises `c8y_UnavailabilityAlarm` for devices that became unavailable.
 - `/tenant/currentTenant`: `name` is the tenant given to Api, `domainName` the host:port of
   `base_url` (where a device reaches this platform over HTTP).
-- `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). http.py hands it
+- `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). webapp.py hands it
   to the SmartREST engine's callable; `handle` itself answers 501 for it.
 
 SmartREST template collections (the representation the engine uses, through this API only)

@@ -380,14 +380,15 @@ def _domain(request: Request) -> str:
     return segs[0] if segs and segs[0] else "general"
 
 
-def _validate_type(request: Request, kind: openapi.Body) -> None:
+def _type_refusal(request: Request, kind: openapi.Body) -> Response | None:
     """A JSON route refuses another body type before Api (which would refuse it too)."""
     if kind is not openapi.Body.JSON:
-        return
+        return None
     ct = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ct and "json" not in ct:
-        raise Refused(error(415, f"{_domain(request)}/Unsupported Media Type",
-                            f"the body must be JSON (application/json), not {ct}"))
+        return error(415, f"{_domain(request)}/Unsupported Media Type",
+                     f"the body must be JSON (application/json), not {ct}")
+    return None
 
 
 # -- the application --------------------------------------------------------------------------
@@ -414,18 +415,43 @@ class RestApp:
         if method not in METHODS:
             return error(501, "general/Not Implemented", f"the method {method[:32]!r} is not "
                                                          "supported", close=True)
-        user = await self._user(request)
-        if user is None:
+        header = request.headers.get("authorization")
+        found = self.config.authenticate(header)
+        if found is None or found is False:
             return _unauthorized()
         try:
-            return await self._serve(request, method, user)
+            if isinstance(found, tuple):  # the admin: checked here, no database involved
+                return await self._serve(request, method, found[0], None)
+            if self._small(request):
+                # a device with a small body: its credentials are checked on the worker thread
+                # that then runs its request (one trip to the thread pool, not two)
+                return await self._serve(request, method, None, header)
+            user = await run_in_threadpool(self.config.check_device, header)
+            if user is None:
+                return _unauthorized()
+            return await self._serve(request, method, user, None)
         except Refused as r:
             return r.response
         except ClientDisconnect:  # nobody reads this answer
             log.debug("emulator HTTP: the client left during its request's body")
             return Response(b"", 400, {"Connection": "close"})
 
-    async def _serve(self, request: Request, method: str, user: str) -> Response:
+    def _small(self, request: Request) -> bool:
+        """True for a request whose body may be read before its user is known: at most
+        `max_body` bytes declared, not an upload (those are checked before they are spooled)."""
+        if request.headers.get("transfer-encoding"):
+            return False
+        length = _declared_length(request)
+        if length is not None and length > self.config.max_body:
+            return False
+        found = match_route(path_segments(request.url.path))
+        return found is None or openapi.body_of(found[0], request.method) \
+            is not openapi.Body.UPLOAD
+
+    async def _serve(self, request: Request, method: str, user: str | None,
+                     header: str | None) -> Response:
+        """Answer a request of `user`, or (user None) of the device whose Basic `header` is
+        checked first, on the worker thread."""
         cfg = self.config
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         path = raw_path.decode("latin-1")
@@ -434,23 +460,39 @@ class RestApp:
         found = match_route(path_segments(path))
         kind = openapi.body_of(found[0], method) if found is not None else openapi.Body.NONE
         ctype = request.headers.get("content-type")
-        _validate_type(request, kind)
+        refusal = _type_refusal(request, kind)
+        if refusal is not None and user is not None:
+            return refusal
         if kind is openapi.Body.UPLOAD:
             body: bytes | Form | Path = await spool_upload(request, cfg.api, self._upload_too_large)
         else:
             body = await read_body(request, cfg.max_body, self._body_too_large)
-        try:
+        x_id = request.headers.get("x-id")
+
+        def job() -> ApiResult | Response | None:
+            who = user if user is not None else cfg.check_device(header)
+            if who is None:
+                return None  # 401 (after the body: a small one, and the connection is kept)
+            if refusal is not None:
+                return refusal
             if kind is openapi.Body.SMARTREST:
-                return await self._smartrest(request, body, user)  # type: ignore[arg-type]
-            result = await run_in_threadpool(cfg.api.handle, "GET" if method == "HEAD" else method,
-                                             target, body, ctype, user)
+                return self._smartrest(body, x_id, who)  # type: ignore[arg-type]
+            return cfg.api.handle("GET" if method == "HEAD" else method, target, body, ctype,
+                                  who)
+
+        try:
+            out = await run_in_threadpool(job)
         finally:
             if isinstance(body, Form):
                 body.discard()
             elif isinstance(body, Path):
                 with contextlib.suppress(OSError):
                     os.unlink(body)
-        return result_response(request, result)
+        if out is None:
+            return _unauthorized()
+        if isinstance(out, Response):
+            return out
+        return result_response(request, out)
 
     def _upload_too_large(self, length: int) -> Response:
         limit = self.config.api.binaries.max_size
@@ -463,14 +505,14 @@ class RestApp:
         return error(413, "general/Request Entity Too Large",
                      f"the body has {length} bytes; at most {self.config.max_body} are accepted")
 
-    async def _smartrest(self, request: Request, body: bytes, user: str) -> Response:
+    def _smartrest(self, body: bytes, x_id: str | None, user: str) -> Response:
+        """`POST /s` by the SmartREST engine (on a worker thread)."""
         handler = self.config.smartrest
         if handler is None:
             return error(501, "smartrest/Not Implemented",
                          "this emulator runs without a SmartREST engine")
         try:
-            status, out = await run_in_threadpool(handler, body, request.headers.get("x-id"),
-                                                  user)
+            status, out = handler(body, x_id, user)
         except Exception:
             log.exception("SmartREST engine failed on POST /s")
             return error(500, "smartrest/Internal Server Error",
