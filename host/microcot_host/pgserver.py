@@ -15,8 +15,9 @@ folder, removed again by stop()):
 
 Access: `trust` over the Unix socket (the folder is the protection), a password over TCP
 (SCRAM-SHA-256) on 127.0.0.1 only; nothing listens on another address. The superuser's password
-is random per server and never written anywhere but the server's own catalogue (initdb reads it
-from a 0600 file that is removed at once).
+is random per PgServer object and never written anywhere but the server's own catalogue (initdb
+reads it from a 0600 file that is removed at once; a `base_dir` kept from an earlier object gets
+the new one over the socket at start).
 
 Root: PostgreSQL refuses to run as root ("root execution of the PostgreSQL server is not
 permitted"), and so does initdb. Run as root (containers, this project's CI), the server runs as
@@ -51,7 +52,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from psycopg.sql import Composable
 
 SUPERUSER = "microcot"
 RUN_AS_WHEN_ROOT = "postgres"  # the system user of Debian's postgresql-common
@@ -235,9 +241,10 @@ class PgServer:
         t0 = time.monotonic()
         bindir = find_bindir()
         self._run_as = run_as = _RunAs()
-        base = self._make_base(run_as)
         try:
-            if not (self.data_dir / "PG_VERSION").exists():
+            self._make_base(run_as)
+            existed = (self.data_dir / "PG_VERSION").exists()
+            if not existed:
                 self._initdb(bindir, run_as)
             attempts = 1 if self._requested_port else 5
             for attempt in range(attempts):
@@ -250,10 +257,14 @@ class PgServer:
                     if attempt == attempts - 1:
                         raise PgServerError(f"port {self._port} on {self.host} is in use; see "
                                             f"{self.log_file}") from None
+            if existed:  # a cluster of an earlier PgServer: it gets this object's password
+                self._admin_sql(lambda sql: sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(self.password)))
         except BaseException:
             self._kill()
-            if self._given_dir is None:
-                self._remove(base)
+            if self._given_dir is None and self.base_dir is not None:
+                self._remove(self.base_dir)
+                self.base_dir = None
             raise
         self.start_seconds = time.monotonic() - t0
 
@@ -270,19 +281,23 @@ class PgServer:
         """CREATE DATABASE `name` (a fresh, empty one per test); its URL."""
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
             raise ValueError(f"database name {name!r}: lower-case letters, digits and _ only")
-        self._admin(f'CREATE DATABASE "{name}"')
+        self._admin_sql(lambda sql: sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
             raise ValueError(f"database name {name!r}: lower-case letters, digits and _ only")
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self._admin_sql(lambda sql: sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
 
-    def _admin(self, sql: str) -> None:
-        import psycopg  # only what talks to the server needs the driver
+    def _admin_sql(self, build: Callable[[ModuleType], Composable]) -> None:
+        """Run `build(psycopg.sql)` as the superuser over the Unix socket (psycopg is imported
+        here: only what talks to the server needs the driver)."""
+        import psycopg
+        from psycopg import sql
 
         with psycopg.connect(self.socket_url(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.encode())
+            conn.execute(build(sql))
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ on CREATE): `meta`, `devices` and `events` as in the SQLite ledger, plus
     by the next run, as with the SQLite ledger.
 
 Connections: one per Books, shared by a station's worker threads under a lock (a statement
-takes milliseconds; a board takes seconds), and one per board being provisioned for its claim.
+takes milliseconds; a board takes seconds), and one per board being provisioned for its claim,
+kept for the next board when it is released (a new connection is a new server process).
 
 TLS: a URL without `sslmode` to a host that is not this machine gets `sslmode=verify-full`
 (libpq's own default, `prefer`, neither requires TLS nor checks the server), with the system's
@@ -158,24 +159,34 @@ class _Tx:
 
 
 class PgClaim:
-    """The row lock on `claims(device_id)`, held in an open transaction of its own connection."""
+    """The row lock on `claims(device_id)`, held in an open transaction of its own connection;
+    release() ends the transaction and gives the connection back to the PgDb's idle ones."""
 
-    def __init__(self, conn: psycopg.Connection, device_id: str) -> None:
-        self._conn = conn
+    def __init__(self, db: PgDb, conn: psycopg.Connection, device_id: str) -> None:
+        self._db = db
+        self._conn: psycopg.Connection | None = conn
         self.device_id = device_id
 
     def check(self) -> None:
         try:
+            if self._conn is None:
+                raise LedgerError("released")
             self._conn.execute("SELECT 1")
         except Exception as exc:
             raise LedgerError(f"the claim of device ID {self.device_id} was lost ({exc}); "
                               "nothing more is written for it in this run") from None
 
     def release(self) -> None:
-        with contextlib.suppress(Exception):  # a broken connection has released it already
-            self._conn.rollback()
-        with contextlib.suppress(Exception):
-            self._conn.close()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.rollback()  # the lock ends here
+        except Exception:  # a broken connection has released it already
+            with contextlib.suppress(Exception):
+                conn.close()
+            return
+        self._db.give_back(conn)
 
 
 class PgDb:
@@ -189,6 +200,8 @@ class PgDb:
         self._conninfo = secure_conninfo(url)
         self.integrity_errors: tuple[type[Exception], ...] = (psycopg.errors.UniqueViolation,)
         self._lock = threading.RLock()
+        self._idle: list[psycopg.Connection] = []  # claim connections between two boards
+        self._closed = False
         self._conn = self._connect()
         try:
             if create:
@@ -232,11 +245,32 @@ class PgDb:
         with self.tx() as c:
             return c.execute(sql, args).fetchall()
 
-    def claim(self, device_id: str) -> Claim:
+    def _claim_connection(self) -> psycopg.Connection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not (conn.broken or conn.closed):
+                    return conn
         conn = self._connect()
         try:
             # a board takes seconds; a server's idle-in-transaction limit must not end the claim
             conn.execute("SET idle_in_transaction_session_timeout = 0")
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def give_back(self, conn: psycopg.Connection) -> None:
+        with self._lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def claim(self, device_id: str) -> Claim:
+        conn = self._claim_connection()
+        try:
             conn.execute("INSERT INTO claims VALUES (%s) ON CONFLICT DO NOTHING", (device_id,))
             conn.commit()
             held = conn.execute("SELECT device_id FROM claims WHERE device_id=%s "
@@ -245,12 +279,16 @@ class PgDb:
             conn.close()
             raise
         if held is None:
-            conn.close()
+            conn.rollback()
+            self.give_back(conn)
             raise LedgerBusy(f"device ID {device_id} is being provisioned by another station "
                              "right now: two boards report this ID, or one board is on two "
                              "stations")
-        return PgClaim(conn, device_id)
+        return PgClaim(self, conn, device_id)
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._closed = True
+            for conn in [self._conn, *self._idle]:
+                conn.close()
+            self._idle.clear()

@@ -304,9 +304,12 @@ def test_a_claim_holds_a_device_id_for_one_station(postgres_url: str, tmp_path: 
         # a station that dies (its connection ends) leaves nothing claimed
         lost = a.ledger.claim("dev-3")
         with psycopg.connect(postgres_url, autocommit=True) as admin:  # pg_class: this db's
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks l JOIN pg_class c "
-                          "ON c.oid = l.relation WHERE c.relname = 'claims' AND l.mode = "
-                          "'RowShareLock' AND l.pid <> pg_backend_pid()")
+            # with a timeout it waits until the backend is gone (and its locks with it)
+            ended = admin.execute("SELECT pg_terminate_backend(pid, 30000) FROM pg_locks l "
+                                  "JOIN pg_class c ON c.oid = l.relation WHERE c.relname = "
+                                  "'claims' AND l.mode = 'RowShareLock' AND l.pid <> "
+                                  "pg_backend_pid()").fetchall()
+            assert ended == [(True,)]
         b.ledger.claim("dev-3").release()
         with pytest.raises(LedgerError, match="claim of device ID dev-3 was lost"):
             lost.check()
