@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from . import cliopts, fleetcsv, ports
+from .cliopts import F
 from .provision import DEFAULT_NAME, MASK
 
 _LEDGER_HELP = ("provisioning ledger: a SQLite file (the vault and the key live beside it), or "
@@ -48,7 +50,8 @@ class LedgerLocation(click.ParamType):
         return str(value)
 
 
-def ledger_option():  # type: ignore[no-untyped-def]
+def ledger_option() -> Callable[[F], F]:
+    """`--ledger PATH|URL` (MICROCOT_LEDGER), the same on provision, export and status."""
     return click.option("--ledger", type=LedgerLocation(), envvar=LEDGER_ENV,
                         help=_LEDGER_HELP)
 

@@ -39,6 +39,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -89,7 +90,8 @@ _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 _INSTALL_HINT = "install the PostgreSQL driver: pip install 'microcot[postgres]' (psycopg 3)"
 
 
-def _psycopg():  # type: ignore[no-untyped-def]
+def _psycopg() -> ModuleType:
+    """The driver, imported when a PostgreSQL ledger is used (an optional extra)."""
     try:
         import psycopg
     except ImportError:
@@ -269,12 +271,17 @@ class PgDb:
                 self._idle.append(conn)
 
     def claim(self, device_id: str) -> Claim:
+        psycopg = _psycopg()
         conn = self._claim_connection()
         try:
             conn.execute("INSERT INTO claims VALUES (%s) ON CONFLICT DO NOTHING", (device_id,))
             conn.commit()
             held = conn.execute("SELECT device_id FROM claims WHERE device_id=%s "
                                 "FOR UPDATE SKIP LOCKED", (device_id,)).fetchone()
+        except psycopg.Error as exc:  # a connection kept from before a server restart, say
+            conn.close()
+            raise LedgerError(f"{self.where}: claiming device ID {device_id}: "
+                              f"{str(exc).strip()}") from None
         except BaseException:
             conn.close()
             raise
