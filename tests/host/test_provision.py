@@ -526,3 +526,26 @@ def test_out_directory_is_checked_before_any_board(tmp_path: Path) -> None:
     r = invoke("--port", "/dev/null", "--out", str(tmp_path / "nope" / "fleet.csv"),
                "--ledger", str(tmp_path / "l.db"))
     assert r.exit_code == 2 and "is not a directory" in r.output
+
+
+def test_a_device_id_is_not_given_to_a_second_board_later(tmp_path: Path, fleet: Fleet,
+                                                          where: Where) -> None:
+    """A twin in a later run (a cloned ID, a SIM moved to a new board): refused, naming the board
+    the ledger has; --reassign gives the ID to the new board."""
+    (a,) = fleet.start(1)
+    assert run_cli(where, [a]).exit_code == 0
+    twin = VirtualBoard("prov-later-twin", iccid=a.iccid, flash_dir=tmp_path / "twin").start()
+    fleet.boards.append(twin)
+    r = run_cli(where, [twin])
+    assert r.exit_code == 1
+    detail = results(r)[twin.port]["detail"]
+    assert f"belongs to board {a.mac.hex()}" in detail and "--reassign" in detail
+    assert not (twin.flash_dir / "store" / "cred.a").exists()
+    with where.books() as b:  # the record stays the first board's, the refusal is an event
+        rec = b.ledger.get(a.iccid)
+        assert (rec.status, rec.board_serial) == (VERIFIED, a.mac.hex())
+        assert [e[5] for e in b.ledger.events(a.iccid)][-1] == FAILED
+    r = run_cli(where, [twin], "--reassign")
+    assert r.exit_code == 0 and results(r)[twin.port]["result"] == "written"
+    with where.books() as b:
+        assert b.ledger.get(a.iccid).board_serial == twin.mac.hex()
