@@ -69,7 +69,9 @@ class SecurityHeaders:
                 h.setdefault("Content-Security-Policy", CSP)
                 h.setdefault("X-Content-Type-Options", "nosniff")
                 h.setdefault("X-Frame-Options", "DENY")
-                h.setdefault("Referrer-Policy", "no-referrer")
+                # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on
+                # the console's own form posts, which auth.same_origin refuses
+                h.setdefault("Referrer-Policy", "same-origin")
                 h.setdefault("Cache-Control", "no-store")
             await send(message)
 

@@ -76,5 +76,6 @@ class Ui:
         request.session["flash"] = msgs
 
     def error(self, request: Request, status: int, message: str) -> Response:
-        return self.page(request, "error.html", {"status": status, "message": message},
+        return self.page(request, "error.html", {"title": str(status), "status": status,
+                                                 "message": message},
                          status)

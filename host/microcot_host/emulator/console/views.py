@@ -133,6 +133,8 @@ class DeviceHead:
         mo, out = self.mo, []
         out.append(("type", str(mo.get("type") or "—")))
         out.append(("owner", str(mo.get("owner") or "—")))
+        out.append(("created", str(mo.get("creationTime", "—"))))
+        out.append(("updated", str(mo.get("lastUpdated", "—"))))
         hw = mo.get("c8y_Hardware")
         if isinstance(hw, dict):
             out.append(("hardware", " ".join(f"{k} {v}" for k, v in hw.items())))
@@ -142,8 +144,6 @@ class DeviceHead:
         mob = mo.get("c8y_Mobile")
         if isinstance(mob, dict):
             out.append(("mobile", " ".join(f"{k} {v}" for k, v in mob.items())))
-        out.append(("created", str(mo.get("creationTime", "—"))))
-        out.append(("updated", str(mo.get("lastUpdated", "—"))))
         return out
 
 
