@@ -252,6 +252,12 @@ def test_accept_button_accepts_the_pending_request(admin, api):
         "WAITING_FOR_CONNECTION")
     post_form(admin, BASE + "/requests", BASE + "/requests/dev-5/delete", {})
     assert api.handle("GET", "/devicecontrol/newDeviceRequests/dev-5", user=ADMIN).status == 404
+    # an id with characters that mean something in a URL is quoted in the links
+    api.bootstrap_request("odd?id%1 x")
+    assert f'action="{BASE}/requests/odd%3Fid%251%20x/accept"' in admin.get(BASE + "/requests").text
+    post_form(admin, BASE + "/requests", BASE + "/requests/odd%3Fid%251%20x/accept", {})
+    assert call(api, "GET", "/devicecontrol/newDeviceRequests/odd%3Fid%251%20x")["status"] == (
+        "ACCEPTED")
 
 
 def test_operation_forms_create_operations(admin, api):

@@ -91,8 +91,7 @@ class Pages:
         page_no = int(page) if page.isdigit() and 0 < int(page) < 100_000 else 1
         text = request.query_params.get("text", "")[:200]
         listing = await views.devices(self.p, page_no, text)
-        pending = [r for r in await views.requests(self.p)
-                   if r.get("status") == "PENDING_ACCEPTANCE"]
+        pending = await views.pending_requests(self.p)
         live = self.ui.url(request, "live_devices") + f"?page={page_no}"
         if text:
             live += "&text=" + quote(text, safe="")

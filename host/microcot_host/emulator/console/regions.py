@@ -101,7 +101,7 @@ class Live:
             return ui.fragment(request, "_devices.html", {"listing": data})
 
         async def pending() -> object:
-            return [r for r in await views.requests(p) if r.get("status") == "PENDING_ACCEPTANCE"]
+            return await views.pending_requests(p)
 
         async def pending_html(rows: object) -> str:
             return ui.fragment(request, "_pending.html", {"pending": rows})

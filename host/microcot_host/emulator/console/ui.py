@@ -12,6 +12,7 @@ import datetime as dt
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from starlette.requests import HTTPConnection, Request
@@ -50,7 +51,9 @@ class Ui:
 
     def url(self, conn: HTTPConnection, name: str, **params: str) -> str:
         assert self.router is not None
-        return conn.scope.get("root_path", "") + str(self.router.url_path_for(name, **params))
+        # ids are quoted (a request id may hold `?`, `%` or spaces); a static path keeps its `/`
+        quoted = {k: quote(str(v), safe="/" if k == "path" else "") for k, v in params.items()}
+        return conn.scope.get("root_path", "") + str(self.router.url_path_for(name, **quoted))
 
     def context(self, conn: HTTPConnection) -> dict[str, Any]:
         return {"url": partial(self.url, conn), "csrf": self.auth.csrf(conn),

@@ -215,6 +215,12 @@ async def requests(p: Platform) -> list[JSON]:
     return sorted(rs, key=lambda r: (order.get(str(r.get("status")), 3), str(r.get("id"))))
 
 
+async def pending_requests(p: Platform) -> list[JSON]:
+    """The requests of devices that wait for an acceptance."""
+    return await p.items(path("devicecontrol", "newDeviceRequests", status="PENDING_ACCEPTANCE",
+                              pageSize=REQUESTS), "newDeviceRequests")
+
+
 async def pending_count(p: Platform) -> int:
     """How many devices wait for an acceptance (the navigation's badge)."""
     page = await p.get(path("devicecontrol", "newDeviceRequests", status="PENDING_ACCEPTANCE",
