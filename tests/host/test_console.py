@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from microcot import identity
 from microcot_host.emulator.api import Api
-from microcot_host.emulator.console import charts, live, operations
+from microcot_host.emulator.console import charts, create_app, live, operations
 from microcot_host.emulator.model import Model
 
 ADMIN, PASSWORD = "admin", "Adm1n-pa55word-for-tests"
@@ -96,6 +96,20 @@ def test_every_page_and_action_needs_the_login(client, api):
         "PENDING_ACCEPTANCE")
     # the root sends a visitor to the login, the admin to the devices
     assert client.get(BASE + "/", follow_redirects=False).headers["location"] == BASE + "/login"
+
+
+def test_the_console_acts_as_the_apis_admin():
+    model = Model()
+    try:
+        api = Api(model)
+        create_app(api, "boss", "Pw-for-the-boss-1")
+        assert api.admin_user == "boss"  # its REST calls are the admin's, not a fenced user's
+        with pytest.raises(ValueError, match="boss"):
+            create_app(api, "other", "Pw-for-the-other-1")
+        with pytest.raises(ValueError):
+            create_app(Api(model), "admin", "")
+    finally:
+        model.close()
 
 
 def test_login_cookie_is_signed_httponly_strict_and_logout_ends_the_session(client):

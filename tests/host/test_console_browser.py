@@ -82,7 +82,7 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def test_log_in_accept_a_device_watch_its_chart_and_run_a_command(emu, console, browser):
+def test_log_in_accept_a_device_watch_its_chart_and_run_a_command(browser, emu, console):
     conn = emu.connection
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -86,6 +86,11 @@ def create_app(api: Api, admin_user: str, admin_password: str, *, mount: str = M
     Secure (only for a console served over HTTPS alone). `app.state.streams.close()` ends the
     live streams, for a server that shuts down."""
     auth = Auth(admin_user, admin_password, max_body=1 << 20)
+    # as the REST server does: the Api tells its admin from device users by this name
+    if api.admin_user is None:
+        api.admin_user = admin_user
+    elif api.admin_user != admin_user:
+        raise ValueError(f"this Api serves the admin {api.admin_user!r} already")
     ui = Ui(auth)
     platform = Platform(api, admin_user)
     pages = Pages(platform, auth, ui)
