@@ -384,6 +384,7 @@ def test_the_stream_of_a_page_pushes_its_regions(admin, api, app):
          {"source": {"id": mo}, "type": "c8y_T", "time": "2024-05-01T10:00:00Z",
           "c8y_Temperature": {"T": {"value": 1.25, "unit": "C"}}})
     app[1].state.streams.lifetime = 0.2  # the stream ends by itself: TestClient reads it whole
+    app[1].state.streams.poll = 0.05
     r = admin.get(f"{BASE}/live/devices/{mo}")
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
