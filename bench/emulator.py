@@ -503,7 +503,7 @@ def emulator_options(args: argparse.Namespace) -> dict[str, Any]:
     params = inspect.signature(Emulator).parameters
     out: dict[str, Any] = {}
     for value, names, what in ((args.workers if args.workers != 1 else None, WORKER_PARAMETERS,
-                                "--workers: worker processes for the SMARTREST path"),
+                                "--workers: worker processes for the SmartREST path"),
                                (args.database, DATABASE_PARAMETERS,
                                 "--database: PostgreSQL storage")):
         if value is None:
@@ -725,7 +725,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase-timeout", type=float, default=600.0,
                    help="cap in seconds on the timed rows of one run")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: N = {','.join(map(str, QUICK_STEPS))}, 10 rows (~1 min)")
+                   help=f"smoke test: N = {','.join(map(str, QUICK_STEPS))}, 10 rows (under a minute)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     a = p.parse_args(argv)
     if a.devices:
