@@ -725,7 +725,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase-timeout", type=float, default=600.0,
                    help="cap in seconds on the timed rows of one run")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: N = {','.join(map(str, QUICK_STEPS))}, 10 rows (under a minute)")
+                   help=f"smoke test: N = {','.join(map(str, QUICK_STEPS))}, 10 rows "
+                   "(under a minute)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     a = p.parse_args(argv)
     if a.devices:
