@@ -4,6 +4,9 @@ set -euo pipefail
 need=()
 # the platform emulator runs a real Mosquitto broker
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# bench/emulator.py's peer: Mosquitto relaying between C clients (mosquitto_pub, mosquitto_sub)
+command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 \
+  || need+=(mosquitto-clients)
 # the faithful 32-bit boards (i386 builds of the unix port) need the 32-bit C library; Debian has it
 # for amd64 hosts only (elsewhere those boards are skipped, saying why)
 if [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] && [ ! -e /lib/ld-linux.so.2 ] \
