@@ -214,7 +214,8 @@ class ApiResult(NamedTuple):
 
 
 class CredentialSink(Protocol):
-    """Where device passwords go (the Broker); None in unit tests."""
+    """Where device passwords go (the Broker); None in unit tests. A sink that also has
+    `add_devices(pairs)` gets many devices at once through it (issue_credentials_many)."""
 
     def add_device(self, device_id: str, password: str) -> None: ...
 
@@ -1300,6 +1301,23 @@ class Api:
         if self.credentials is not None:
             self.credentials.add_device(device_id, password)
         self.model.record_credentials(device_id, password, source)
+
+    def issue_credentials_many(self, pairs: list[tuple[str, str]], source: str = "emulator"
+                               ) -> None:
+        """issue_credentials for many (ID, password) pairs: the sink's `add_devices` when it has
+        one (broker.py: batched, or written while it is stopped), one model transaction."""
+        for device_id, _ in pairs:
+            if self.admin_user is not None and device_id == self.admin_user:
+                raise Invalid(f"{device_id!r} is the platform's admin user, not a device", "id")
+        sink = self.credentials
+        if sink is not None:
+            many = getattr(sink, "add_devices", None)
+            if many is not None:
+                many(pairs)
+            else:
+                for device_id, password in pairs:
+                    sink.add_device(device_id, password)
+        self.model.record_credentials_many(pairs, source)
 
     def device_user(self, mo_id: str) -> str | None:
         """The MQTT user that serves managed object `mo_id`: the first object on the way up its
