@@ -1,8 +1,8 @@
 """The web console in a real headless browser: Debian's Chromium driven by Playwright.
 
-Beside a running `Emulator` (real Mosquitto, TLS) the console runs on its own uvicorn server
-(console_fixtures.py), mounted at /apps/console as the emulator serves it. One scenario, as a
-person would do it: log in; a device bootstraps (paho, seed 002) and its request appears on the
+A running `Emulator` (real Mosquitto, TLS) serves the console at /apps/console of its REST
+API's server (webapp.py), where `GET /` of that server leads. One scenario, as a person would do
+it: log in; a device bootstraps (paho, seed 002) and its request appears on the
 devices page by itself, where the Accept button lets it in; the device creates itself and
 measures, and the chart of its page gets the new point without a reload (Server-Sent Events);
 a c8y_Command sent from the page goes PENDING -> EXECUTING -> SUCCESSFUL as the device answers.
@@ -19,13 +19,14 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from console_fixtures import ConsoleServer
 from emulator_fixtures import REGISTRATION, WAIT, XID, device, new_iccid, rest, wait_for
 from fidelity_fixtures import unavailable
+from starlette.applications import Starlette
 from test_emulator_e2e import bootstrap, self_create
 
 from microcot_host.emulator import Emulator
@@ -71,11 +72,17 @@ def emu(tmp_path_factory) -> Iterator[Emulator]:
         yield e
 
 
+@dataclass
+class Mounted:
+    url: str  # where a person starts: the REST server's root, which leads to the console
+    console: Starlette
+
+
 @pytest.fixture(scope="module")
-def console(emu) -> Iterator[ConsoleServer]:
-    conn = emu.connection
-    with ConsoleServer(emu.api, conn["admin_user"], conn["admin_password"]) as srv:
-        yield srv
+def console(emu) -> Mounted:
+    app = emu.rest.app
+    assert app is not None and app.state.console is not None, "the emulator mounts no console"
+    return Mounted(emu.connection["http_url"] + "/", app.state.console)
 
 
 def now_iso() -> str:

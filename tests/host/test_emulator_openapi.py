@@ -5,14 +5,17 @@ console's mount point. Api, Model and RestServer in-process: no broker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import importlib.machinery
 import json
+import logging
 import socket
 import sys
+import threading
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import pytest
 from fidelity_fixtures import unavailable
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from microcot_host.emulator import authz, openapi, webapp
@@ -210,3 +213,50 @@ def test_the_console_is_mounted_when_its_module_exists(
         # the REST API beside it is unchanged
         assert call(srv, "GET", "/inventory/managedObjects")[0] == 401
         assert call(srv, "GET", "/inventory/managedObjects", headers=auth())[0] == 200
+
+
+class _Streams:
+    """What the console offers a stopping server: close() ends its live streams."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_stopping_ends_the_consoles_live_streams(api: Api, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An open Server-Sent Events stream of the console does not hold up stop(): the server
+    closes the console's streams first (else uvicorn waits, then cancels it with an error)."""
+    streams = _Streams()
+
+    def create_app(a: Api, user: str, password: str) -> Starlette:
+        async def live(request: Request) -> StreamingResponse:
+            async def events() -> AsyncIterator[str]:
+                yield "event: hello\ndata: 1\n\n"
+                while not streams.closed.is_set():
+                    await asyncio.sleep(0.02)
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        app = Starlette(routes=[Route("/live", live)])
+        app.state.streams = streams
+        return app
+
+    module = types.ModuleType(webapp.CONSOLE_MODULE)
+    module.__spec__ = importlib.machinery.ModuleSpec(webapp.CONSOLE_MODULE, None)
+    module.create_app = create_app  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, webapp.CONSOLE_MODULE, module)
+    caplog.set_level(logging.INFO)
+    srv = RestServer(api, ADMIN, ADMIN_PW)
+    srv.start()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as s:
+        s.sendall(b"GET /apps/console/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b"event: hello" not in got:
+            got += s.recv(4096)
+        srv.stop()
+        assert streams.closed.is_set()
+        while chunk := s.recv(4096):  # the stream ended, the connection with it
+            got += chunk
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

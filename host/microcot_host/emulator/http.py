@@ -9,8 +9,9 @@ connector's workers), and tests start and stop servers in-process. Each RestServ
 `uvicorn.Server` on its own event loop in a daemon thread, on a socket bound in `start()` (so a
 taken port is an OSError there, as before, and the port is known at once); `stop()` sets the
 server's exit flag and joins the thread: uvicorn stops listening, closes idle keep-alive
-connections and lets running requests finish (at most `SHUTDOWN_GRACE` seconds). No signal
-handlers are installed (uvicorn does so only on the main thread).
+connections and lets running requests finish (at most `SHUTDOWN_GRACE` seconds; the web
+console's live streams are ended first). No signal handlers are installed (uvicorn does so only
+on the main thread). `app` is the Starlette application served (webapp.create_app).
 
 TLS: with `tls` (an ssl.SSLContext for servers, see certs.server_ssl_context) the server speaks
 HTTPS with that context (uvicorn's `ssl_context_factory`); `url` then starts with https://. The
@@ -37,6 +38,7 @@ from typing import Any
 
 import h11
 import uvicorn
+from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import jsonsafe
@@ -46,6 +48,7 @@ from .webapp import (
     MULTIPART_SLACK,
     RestConfig,
     SmartRestHandler,
+    close_console,
     create_app,
     error_body,
     parse_range,
@@ -187,6 +190,7 @@ class RestServer:
         self._set_base_url = set_base_url
         self.tls = tls
         self._server: _Server | None = None
+        self._app: Starlette | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -206,6 +210,12 @@ class RestServer:
     @on_device.setter
     def on_device(self, hook: Callable[[str], None] | None) -> None:
         self.config.on_device = hook
+
+    @property
+    def app(self) -> Starlette | None:
+        """The Starlette application being served (None before start); with the web console,
+        `app.state.console` is the console's."""
+        return self._app
 
     @property
     def port(self) -> int:
@@ -240,8 +250,9 @@ class RestServer:
         self._socket = sock
         self._port = self.port  # a restart keeps the port
         tls = self.tls
+        self._app = create_app(self.config, tls=tls is not None)
         config = uvicorn.Config(
-            create_app(self.config), http=_Protocol, loop="asyncio", lifespan="off",
+            self._app, http=_Protocol, loop="asyncio", lifespan="off",
             log_config=None, log_level=logging.WARNING, access_log=False,
             server_header=False, headers=[("Server", "microcot-emulator")],
             timeout_keep_alive=self._idle_timeout,  # type: ignore[arg-type]  # a float works
@@ -264,6 +275,8 @@ class RestServer:
         server, self._server = self._server, None
         if server is None:
             return
+        if self._app is not None:
+            close_console(self._app)  # its live streams would hold the shutdown
         server.should_exit = True
         if self._thread is not None:
             self._thread.join(SHUTDOWN_GRACE + 5)

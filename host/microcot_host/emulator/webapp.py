@@ -31,8 +31,10 @@ SmartREST engine and the MQTT connector call the same way. Here:
 - `GET /openapi.json`: the OpenAPI 3 description of what is served (openapi.py), for any
   authenticated user (it holds no secret, but nothing here answers strangers).
 - The web console, when its module exists (`microcot_host.emulator.console.create_app`), is
-  mounted at `/apps/console` with its own login, and `GET /` redirects there; without it `GET
-  /` is an ordinary (authenticated) request that Api answers 404.
+  mounted at `/apps/console` with its own login (its session cookie marked Secure on an HTTPS
+  listener), and `GET /` redirects there (302, no credentials needed: a browser's way in);
+  without it `GET /` is an ordinary (authenticated) request that Api answers 404.
+  `close_console(app)` ends its live streams for a server that stops.
 
 Api runs in Starlette's thread pool (it blocks on SQLite and, for credentials, on the broker),
 never on the event loop. Every error is Cumulocity-shaped JSON (`{"error", "message", "info"}`);
@@ -47,6 +49,7 @@ import binascii
 import contextlib
 import hmac
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -548,25 +551,39 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
-def console_factory() -> Callable[[Api, str, str], Starlette] | None:
+def console_factory() -> Callable[..., Starlette] | None:
     """The web console's `create_app` if its module is installed (branch i13-console)."""
     if importlib.util.find_spec(CONSOLE_MODULE) is None:
         return None
     module = importlib.import_module(CONSOLE_MODULE)
-    factory: Callable[[Api, str, str], Starlette] = module.create_app
+    factory: Callable[..., Starlette] = module.create_app
     return factory
 
 
-def create_app(config: RestConfig, console: bool = True) -> Starlette:
-    """The Starlette application of the REST API (and the console, when it exists)."""
+def create_app(config: RestConfig, console: bool = True, tls: bool = False) -> Starlette:
+    """The Starlette application of the REST API (and the console, when it exists: then
+    `app.state.console` is its app). `tls`: the application is served over HTTPS only (the
+    console's session cookie is then marked Secure, so a browser never sends it over HTTP)."""
     app = RestApp(config)
     routes: list[BaseRoute] = [Route("/openapi.json", app.openapi_json, methods=["GET"])]
     factory = console_factory() if console else None
+    console_app: Starlette | None = None
     if factory is not None:
-        routes += [
-            Mount(CONSOLE_PATH, app=factory(config.api, config.admin_user,
-                                            config.admin_password.decode())),
-            Route("/", app.home, methods=["GET"]),
-        ]
+        extra = {"https_only": True} if tls and "https_only" in inspect.signature(
+            factory).parameters else {}
+        console_app = factory(config.api, config.admin_user, config.admin_password.decode(),
+                              **extra)
+        routes += [Mount(CONSOLE_PATH, app=console_app), Route("/", app.home, methods=["GET"])]
     routes.append(Route("/{path:path}", _AnyMethod(app.rest)))  # Api routes the rest
-    return Starlette(routes=routes, exception_handlers={Exception: _server_error})
+    starlette = Starlette(routes=routes, exception_handlers={Exception: _server_error})
+    starlette.state.console = console_app
+    return starlette
+
+
+def close_console(app: Starlette) -> None:
+    """End the console's live streams (Server-Sent Events), for a server that stops: else
+    they hold its shutdown. Any thread."""
+    console_app = getattr(app.state, "console", None)
+    streams = getattr(console_app.state, "streams", None) if console_app is not None else None
+    if streams is not None:
+        streams.close()
