@@ -35,7 +35,6 @@ server does not fsync: it is for tests, not for a ledger anyone keeps.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import grp
 import os
@@ -47,7 +46,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +53,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+from .childproc import die_with_parent, free_port, log_since, stop
 
 if TYPE_CHECKING:
     from psycopg.sql import Composable
@@ -93,12 +93,6 @@ def find_bindir() -> Path:
     where = f"MICROCOT_POSTGRES_BIN={env}" if env else f"{_BIN_GLOB} or PATH"
     raise PgServerError(f"PostgreSQL's initdb and postgres were not found in {where}: "
                         f"{_INSTALL_HINT}")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class _RunAs:
@@ -153,18 +147,8 @@ class _RunAs:
                 os.setgroups([])
                 os.setgid(gid)
                 os.setuid(uid)
-            if _prctl is not None:
-                _prctl(_PR_SET_PDEATHSIG, signal.SIGINT)  # SIGINT: a fast shutdown
-                if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                    os._exit(1)
+            die_with_parent(parent_pid, signal.SIGINT)  # SIGINT: a fast shutdown
         return setup
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError, AttributeError):
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, not after fork
 
 
 class PgServer:
@@ -249,7 +233,7 @@ class PgServer:
             attempts = 1 if self._requested_port else 5
             for attempt in range(attempts):
                 if not self._requested_port:
-                    self._port = _free_port(self.host)
+                    self._port = free_port(self.host)
                 try:
                     self._spawn(bindir, run_as)
                     break
@@ -394,26 +378,15 @@ class PgServer:
             return False
 
     def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_file, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return log_since(self.log_file, offset)
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            # we may not signal the `postgres` user's process as another user, but root may;
-            # as ourselves it is our own child
-            proc.send_signal(signal.SIGINT)  # fast shutdown: open sessions are ended
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        # we may not signal the `postgres` user's process as another user, but root may; as
+        # ourselves it is our own child. SIGINT: a fast shutdown, open sessions are ended
+        stop(proc, signal.SIGINT, 15)
 
     @staticmethod
     def _remove(path: Path) -> None:

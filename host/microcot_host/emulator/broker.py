@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import fcntl
 import glob
 import hashlib
@@ -87,7 +86,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -95,6 +93,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..childproc import die_with_parent, free_port, log_since, stop
 from ..files import private_dir, secrets_file, write_private
 from .certs import DEFAULT_IPS, TlsFiles, client_ssl_context, ensure_ca_and_server
 
@@ -296,7 +295,7 @@ class Broker:
             attempts = 5 if not self._requested_port else 1
             for attempt in range(attempts):
                 if not self._requested_port and not (attempt == 0 and self._port):
-                    self._port = _free_port(self.host)
+                    self._port = free_port(self.host)
                 self._write_conf(plugin)
                 try:
                     self._spawn(binary)
@@ -617,24 +616,13 @@ class Broker:
             return False
 
     def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_file, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return log_since(self.log_file, offset)
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: Mosquitto writes mosquitto.db before it exits
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, signal.SIGTERM, 10)  # SIGTERM: Mosquitto writes mosquitto.db before it exits
 
     # -- internals: admin client --------------------------------------------------------------
 
@@ -830,27 +818,10 @@ def _check_password(password: str) -> None:
 
 # -- process helpers --------------------------------------------------------------------------
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError, AttributeError):
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, not after fork
-
-
 def _child_setup(parent_pid: int):  # type: ignore[no-untyped-def]
     """Runs in the child before exec: private files, and die with the parent process."""
     def setup() -> None:
         os.umask(0o077)
-        if _prctl is not None:
-            # SIGTERM, not SIGKILL: Mosquitto still saves its sessions when orphaned
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
+        # SIGTERM, not SIGKILL: Mosquitto still saves its sessions when orphaned
+        die_with_parent(parent_pid, signal.SIGTERM)
     return setup
