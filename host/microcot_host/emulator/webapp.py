@@ -99,16 +99,23 @@ class RestConfig:
     device_users: bool = True
     on_device: Callable[[str], None] | None = None
 
-    def authenticate(self, header: str | None) -> tuple[str, bool] | None | bool:
-        """(user, False) for the admin; True if the header may be a device's (to be checked
-        with `check_device`, which touches the database); None if it does not check out."""
+    def _credentials(self, header: str | None) -> tuple[str, str] | None:
+        """(user, password) of a Basic header; `<tenant>/<user>` of this tenant is the user, as
+        Cumulocity allows."""
         creds = _basic(header)
         if creds is None:
             return None
         user, password = creds
         tenant, slash, bare = user.partition("/")
-        if slash and tenant == self.api.tenant:
-            user = bare
+        return (bare if slash and tenant == self.api.tenant else user), password
+
+    def authenticate(self, header: str | None) -> tuple[str, bool] | None | bool:
+        """(user, False) for the admin; True if the header may be a device's (to be checked
+        with `check_device`, which touches the database); None if it does not check out."""
+        creds = self._credentials(header)
+        if creds is None:
+            return None
+        user, password = creds
         if hmac.compare_digest(user.encode(), self.admin_user.encode()) and \
                 hmac.compare_digest(password.encode(), self.admin_password):
             return user, False
@@ -118,13 +125,10 @@ class RestConfig:
         """The device user of a Basic header whose credentials the platform issued (on a
         worker thread: the check reads the database and hashes); with `notify`, after calling
         the `on_device` hook."""
-        creds = _basic(header)
+        creds = self._credentials(header)
         if creds is None:
             return None
         user, password = creds
-        tenant, slash, bare = user.partition("/")
-        if slash and tenant == self.api.tenant:
-            user = bare
         if not self.api.model.check_credentials(user, password):
             return None
         if notify and self.on_device is not None:
