@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from agent_fixtures import read_doc
 from click.testing import CliRunner
 from fidelity_fixtures import unavailable
 
@@ -84,15 +85,7 @@ def key_files(tmp_path: Path) -> tuple[Path, Path]:
 # -- two `microcot provision` processes on virtual boards ----------------------------------------
 
 def stored_cred(vb: VirtualBoard) -> dict | None:
-    best = None
-    for slot in ("a", "b"):
-        p = vb.flash_dir / "store" / f"cred.{slot}"
-        if p.exists():
-            head, body = p.read_bytes().split(b"\n", 1)
-            seq = int(head.split()[2])
-            if best is None or seq > best[0]:
-                best = (seq, json.loads(body))
-    return best[1] if best else None
+    return read_doc(vb.flash_dir, "cred")
 
 
 def test_two_stations_with_overlapping_csvs_hand_out_each_device_once(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agent_fixtures import read_doc
 from click.testing import CliRunner, Result
 
 from microcot import identity
@@ -174,16 +175,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 def stored_cred(vb: VirtualBoard) -> dict:
     """The board's "cred" document, read from its flash directory (store.py's slot format)."""
-    best = None
-    for slot in ("a", "b"):
-        p = vb.flash_dir / "store" / f"cred.{slot}"
-        if p.exists():
-            head, body = p.read_bytes().split(b"\n", 1)
-            seq = int(head.split()[2])
-            if best is None or seq > best[0]:
-                best = (seq, json.loads(body))
-    assert best is not None, f"{vb.name}: no credentials on the board"
-    return best[1]
+    cred = read_doc(vb.flash_dir, "cred")
+    assert cred is not None, f"{vb.name}: no credentials on the board"
+    return cred
 
 
 @dataclass(frozen=True)
