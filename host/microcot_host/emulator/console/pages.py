@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from ... import fleetcsv
 from . import operations, views
 from .auth import Auth
-from .platform import Platform, PlatformError, path
+from .platform import JSON, Platform, PlatformError, path
 from .ui import Ui
 
 MAX_CSV = 1 << 20  # the REST server's body limit
@@ -137,13 +137,9 @@ class Pages:
         back = str(form.get("device") or "")
         if status not in ("ACKNOWLEDGED", "CLEARED"):
             raise HTTPException(400, "an alarm is acknowledged or cleared here")
-        try:
-            await self.p.ok("PUT", path("alarm", "alarms", request.path_params["alarm_id"]),
-                            {"status": status})
-            self.ui.flash(request, "ok", f"Alarm {request.path_params['alarm_id']} "
-                                         f"{str(status).lower()}.")
-        except PlatformError as e:
-            self.ui.flash(request, "error", f"Alarm not changed: {e.message}")
+        alarm_id = request.path_params["alarm_id"]
+        await self._act(request, "PUT", path("alarm", "alarms", alarm_id), {"status": status},
+                        f"Alarm {alarm_id} {str(status).lower()}.", "Alarm not changed")
         if back.isdigit():
             return self.ui.redirect(request, "device", "#alarms", mo_id=back)
         return self.ui.redirect(request, "devices")
@@ -158,6 +154,15 @@ class Pages:
             "pending_count": sum(r.get("status") == "PENDING_ACCEPTANCE" for r in rows),
             "live": self.ui.url(request, "live_requests")})
 
+    async def _act(self, request: Request, method: str, target: str, body: JSON | None,
+                   done: str, failed: str) -> None:
+        """One API call for a button, its outcome flashed on the next page."""
+        try:
+            await self.p.ok(method, target, body)
+            self.ui.flash(request, "ok", done)
+        except PlatformError as e:
+            self.ui.flash(request, "error", f"{failed}: {e.message}")
+
     def _back(self, request: Request, form_back: object) -> Response:
         name = "devices" if form_back == "devices" else "requests"
         return self.ui.redirect(request, name)
@@ -166,23 +171,18 @@ class Pages:
         self.need_user(request)
         form = await self.auth.form(request, ACTION_FORM)
         rid = request.path_params["request_id"]
-        try:
-            await self.p.ok("PUT", path("devicecontrol", "newDeviceRequests", rid),
-                            {"status": "ACCEPTED"})
-            self.ui.flash(request, "ok", f"Device {rid} accepted: it gets its credentials now.")
-        except PlatformError as e:
-            self.ui.flash(request, "error", f"Device {rid} not accepted: {e.message}")
+        await self._act(request, "PUT", path("devicecontrol", "newDeviceRequests", rid),
+                        {"status": "ACCEPTED"},
+                        f"Device {rid} accepted: it gets its credentials now.",
+                        f"Device {rid} not accepted")
         return self._back(request, form.get("back"))
 
     async def request_delete(self, request: Request) -> Response:
         self.need_user(request)
         form = await self.auth.form(request, ACTION_FORM)
         rid = request.path_params["request_id"]
-        try:
-            await self.p.ok("DELETE", path("devicecontrol", "newDeviceRequests", rid))
-            self.ui.flash(request, "ok", f"Request {rid} deleted.")
-        except PlatformError as e:
-            self.ui.flash(request, "error", f"Request {rid} not deleted: {e.message}")
+        await self._act(request, "DELETE", path("devicecontrol", "newDeviceRequests", rid), None,
+                        f"Request {rid} deleted.", f"Request {rid} not deleted")
         return self._back(request, form.get("back"))
 
     async def request_create(self, request: Request) -> Response:
