@@ -1119,7 +1119,11 @@ class Api:
         dev = data.get("deviceId") if isinstance(data, dict) else None
         if isinstance(dev, str | int) and not isinstance(dev, bool):
             self.fence.need_existing(req.principal, dev)
-        op = self._link_op(self.model.create_operation(data))
+        op = self.model.create_operation(data)
+        user = self.device_user(str(op["deviceId"]))
+        if user is not None and self.shell_off(user):
+            op = self.refuse_operation(op["id"], user)
+        op = self._link_op(op)
         self._fire(self._op_hooks, op)
         return self._created(op)
 
@@ -1318,6 +1322,21 @@ class Api:
                 for device_id, password in pairs:
                     sink.add_device(device_id, password)
         self.model.record_credentials_many(pairs, source)
+
+    def shell_off(self, user: str) -> bool:
+        """Whether the device was bulk-registered with SHELL 0 (seed 002: the flag says whether
+        operations are sent to it)."""
+        r = self.model.find_device_request(user)
+        frag = r.get(BULK_FRAGMENT) if r else None
+        return isinstance(frag, dict) and frag.get("shell") is False
+
+    def refuse_operation(self, op_id: str, user: str) -> JSON:
+        """Set an operation of a SHELL 0 device FAILED, saying why; the updated operation."""
+        reason = (f"device {user} was registered with SHELL=0 (bulk registration): it receives "
+                  f"no operations")
+        op = self.model.update_operation(op_id, {"status": "FAILED", "failureReason": reason})
+        log.info("operation %s FAILED at once: %s", op_id, reason)
+        return op
 
     def device_user(self, mo_id: str) -> str | None:
         """The MQTT user that serves managed object `mo_id`: the first object on the way up its
