@@ -47,13 +47,10 @@ def refs(mo: JSON, key: str) -> list[JSON]:
     return out
 
 
-@dataclass
-class DeviceRow:
+class _Device:
+    """A managed object's id and name as the pages show them."""
+
     mo: JSON
-    external_ids: list[JSON]
-    status: str
-    last_message: str | None
-    children: list[JSON]
 
     @property
     def id(self) -> str:
@@ -62,6 +59,15 @@ class DeviceRow:
     @property
     def name(self) -> str:
         return str(self.mo.get("name") or "(no name)")
+
+
+@dataclass
+class DeviceRow(_Device):
+    mo: JSON
+    external_ids: list[JSON]
+    status: str
+    last_message: str | None
+    children: list[JSON]
 
 
 @dataclass
@@ -111,7 +117,7 @@ async def devices(p: Platform, page: int, text: str, mos: list[JSON] | None = No
 
 
 @dataclass
-class DeviceHead:
+class DeviceHead(_Device):
     mo: JSON
     external_ids: list[JSON]
     status: str
@@ -119,14 +125,6 @@ class DeviceHead:
     children: list[JSON]
     parents: list[JSON]
     supported: list[str] = field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return str(self.mo.get("id", ""))
-
-    @property
-    def name(self) -> str:
-        return str(self.mo.get("name") or "(no name)")
 
     def facts(self) -> list[tuple[str, str]]:
         """The device's descriptive fragments, one line each."""
