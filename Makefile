@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/download.py
 	$(PY) bench/emulator.py
 	$(PY) bench/provision.py
+	$(PY) bench/rest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -57,6 +57,7 @@ XID_TYPE = "c8y_SmartRestDeviceIdentifier"  # how the platform files template co
 INTERVAL_S = 2  # main.py's measurement interval in the demo
 TEXT_MEASUREMENTS = 2  # wait for this many before the operation
 BINARY_VALUES = (21.5, 21.75, 22.0)  # exact in float32: what arrives is what was sent
+CONSOLE_PATH = "/apps/console/"  # where the emulator serves its web console (console.MOUNT)
 
 # Runs on the board over the raw REPL after main.py: the same agent, settings and credentials,
 # switched to binary SmartREST, until everything queued is acknowledged by the broker.
@@ -267,6 +268,11 @@ class Demo:
             self.console.print(line)
 
 
+def console_url(conn: dict[str, Any]) -> str:
+    """The emulator's web console, served beside its REST API."""
+    return conn["http_url"].rstrip("/") + CONSOLE_PATH
+
+
 def settings(conn: dict[str, Any], ca_pem: str) -> dict[str, Any]:
     """The agent's /microcot.json for the emulator (holds the bootstrap password: not printed)."""
     return {
@@ -292,6 +298,8 @@ def run(demo: Demo, workdir: Path, keep: bool = False, board: str = "virtual") -
             conn = emu.connection
             st.detail = (f"MQTT/TLS {conn['mqtt_host']}:{conn['mqtt_port']}, "
                          f"REST {conn['http_url']}, bootstrap auto-accept")
+        # a person can watch the board arrive in the browser (log in as the admin)
+        con.print(f"  console  {console_url(conn)}", highlight=False, soft_wrap=True)
         history = History(emu.model)
         # count the SmartREST messages the platform gets from the device, text and binary: the
         # REST API shows measurements, not how they came (the connector, and process() itself,
@@ -490,8 +498,9 @@ def _run_board(demo: Demo, workdir: Path, emu: Any, api: Platform, iccid: str,
                              f"the platform got {counts['binary']} binary messages")
         platform_view(con, api, iccid, mo[0], op["id"], counts)
         if keep:
-            con.print(f"\n--keep: board on {vb.port}, REST {conn['http_url']} (admin password in "
-                      f"{emu.connection_file}); Ctrl-C stops everything")
+            con.print(f"\n--keep: board on {vb.port}, REST {conn['http_url']}, console "
+                      f"{console_url(conn)} (admin password in {emu.connection_file}); Ctrl-C "
+                      "stops everything")
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)

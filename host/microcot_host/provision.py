@@ -19,6 +19,13 @@ Storing the password (vault) and the intent (ledger, pending) before touching th
 makes a run resumable: after a crash or an unplugged board the next run finds the same password
 and either sees it on the board already (the write made it) or writes it again.
 
+One device ID, one board: between steps 2 and 3 the ID is claimed in the ledger (held by another
+station sharing a PostgreSQL ledger: this board fails, "being provisioned by another station"),
+and a device the ledger records on another board (its serial) is not given to this one unless
+--reassign says the old board is gone. A CSV row's ID goes to one device only (the ledger
+refuses a second). These are what keep several stations with overlapping CSVs from handing out
+one device twice; within one run the boards are also checked against each other.
+
 The CSV for the bulk registration holds one row per board that ended up verified or unchanged:
 ID (the CSV's, or the device ID), CREDENTIALS, TYPE mqtt, NAME (the CSV's, else the template,
 else what the ledger recorded), ICCID = the device ID (the MQTT user the device connects with),
@@ -43,7 +50,7 @@ from dataclasses import dataclass, field
 
 from . import fleetcsv, ports, transport
 from .fleetcsv import FleetCsv, FleetRow
-from .provision_ledger import FAILED, PENDING, VERIFIED, WRITTEN, Books
+from .provision_ledger import FAILED, PENDING, VERIFIED, WRITTEN, Books, Claim, DeviceRecord
 
 MASK = "***"
 CRED_DOC = "cred"
@@ -228,6 +235,7 @@ class Options:
     timeout: float = 10.0  # seconds for a board's raw REPL
     modem_ms: int = 2000  # per AT command while reading the ICCID
     workers: int = 16
+    reassign: bool = False  # a device ID recorded on another board may go to this one
 
 
 @dataclass
@@ -244,6 +252,10 @@ class Outcome:
     seconds: float = 0.0
     row: FleetRow | None = field(default=None, repr=False)
     begun: bool = field(default=False, repr=False)  # the ledger has this run's pending record
+    # this run holds the device ID (claimed, and not another board's): its ledger record is ours
+    # to mark failed; otherwise a failure is only an event
+    owner: bool = field(default=False, repr=False)
+    claim: Claim | None = field(default=None, repr=False)
     note: str = field(default="", repr=False)  # a warning for the detail
 
     @property
@@ -307,6 +319,9 @@ class Provisioner:
             out.row = None
             self._record_failure(out)
         finally:
+            if out.claim is not None:  # after the failure is recorded: it is still ours then
+                out.claim.release()
+                out.claim = None
             if t is not None:
                 transport.close(t)
             out.seconds = time.monotonic() - start
@@ -335,9 +350,12 @@ class Provisioner:
         did, out.id_source, out.note = device_id(facts)
         out.device_id = did
         self._claim(did, port)
+        out.claim = books.ledger.claim(did)  # LedgerBusy: another station has it right now
+        rec = books.ledger.get(did)
+        self._check_board(did, rec, facts.get("serial"))
+        out.owner = True
 
         row = self._row_for(did)
-        rec = books.ledger.get(did)
         stored = books.vault.get(did)
         if self.opts.rotate:
             password, origin = generate_password(), "generated"
@@ -370,8 +388,11 @@ class Provisioner:
                 out.detail = "ID/NAME/SHELL changed; credentials in place, " + use
             return
 
+        # a CSV ID that is another device's fails here, before the vault has this password
+        books.ledger.check_external_id(did, external_id)
         # vault and ledger before the board: a crash from here on is resumed with this password
         books.vault.put(did, password)
+        out.claim.check()
         new = rec is None or not books.keys.matches(rec.cred_hash, did, password)
         books.ledger.begin(did, external_id=external_id, name=name, shell=shell,
                            id_source=out.id_source, board_serial=out.serial, port=port,
@@ -391,6 +412,7 @@ class Provisioner:
         self.progress(port, "verifying")
         self._verify(t, did, password)
         out.accepted = False if out.result == WRITTEN_R else out.accepted
+        out.claim.check()
         books.ledger.set_status(did, VERIFIED, port=port)
 
     def _columns(self, did: str, row: FleetRow | None, rec, out: Outcome
@@ -428,6 +450,19 @@ class Provisioner:
         bdef = boards.load(name) if name else None
         deploy.deploy_transport(t, bdef)
 
+    def _check_board(self, did: str, rec: DeviceRecord | None, serial: str | None) -> None:
+        """A device the ledger gave to another board is not given to this one as well (a twin:
+        a cloned configured ID, a SIM moved to a new board while the old one keeps its stored
+        ID). Only the board's own serial (machine.unique_id) counts: a USB adapter's serial
+        number changes with the cable."""
+        if (rec is None or self.opts.reassign or not serial or not rec.board_serial
+                or rec.board_serial == serial):
+            return
+        raise ProvisionError(f"device ID {did} belongs to board {rec.board_serial} (ledger: "
+                             f"{rec.status} on {rec.port} at {rec.updated_at}), not to this "
+                             f"board {serial}: two boards would share one identity (--reassign "
+                             "gives it to this board; the other must not connect any more)")
+
     def _claim(self, did: str, port: str) -> None:
         with self._lock:
             other = self._claims.setdefault(did, port)
@@ -448,7 +483,8 @@ class Provisioner:
     def _record_failure(self, out: Outcome) -> None:
         try:
             rec = self.books.ledger.get(out.device_id) if out.device_id else None
-            if rec is not None and (out.begun or rec.status in (PENDING, WRITTEN)):
+            if rec is not None and (out.begun or (out.owner and rec.status in (PENDING,
+                                                                                WRITTEN))):
                 self.books.ledger.set_status(out.device_id, FAILED, port=out.port,
                                              error=out.detail)
             else:

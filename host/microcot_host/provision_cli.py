@@ -1,10 +1,13 @@
 """The `microcot provision` command group (the work is in provision.py and provision_ledger.py).
 
     microcot provision --port PORT... [--csv IN] [--out fleet.csv] [--name-template T]
-                       [--shell 0|1] [--rotate] [--ledger PATH]
+                       [--shell 0|1] [--rotate] [--reassign] [--ledger PATH|URL]
     microcot provision csv validate FILE [--json]
-    microcot provision export --out FILE [--ledger PATH]
-    microcot provision status [--ledger PATH] [--json]
+    microcot provision export --out FILE [--ledger PATH|URL]
+    microcot provision status [--ledger PATH|URL] [--json]
+
+--ledger (or MICROCOT_LEDGER) is a SQLite file, or a `postgresql://` URL that several stations
+share (provision_ledger_pg.py).
 """
 
 from __future__ import annotations
@@ -12,17 +15,45 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from . import cliopts, fleetcsv, ports
+from .cliopts import F
 from .provision import DEFAULT_NAME, MASK
 
-_LEDGER_HELP = "provisioning ledger (SQLite); the vault and the key live beside it " \
-               "[default: <state dir>/provisioning.db]"
-_KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
-            "[default: beside the ledger, <name>.key]"
+_LEDGER_HELP = ("provisioning ledger: a SQLite file (the vault and the key live beside it), or "
+                "a postgresql:// URL that several stations share (env MICROCOT_LEDGER) "
+                "[default: <state dir>/provisioning.db]")
+_KEY_HELP = ("the key that encrypts the vault and keys the ledger's hashes; every station of a "
+             "shared ledger needs a copy [default: beside a ledger file, <name>.key; "
+             "<state dir>/provisioning.key for a URL]")
+LEDGER_ENV = "MICROCOT_LEDGER"
+
+
+class LedgerLocation(click.ParamType):
+    """A ledger file (a Path) or a PostgreSQL URL (kept as text)."""
+
+    name = "PATH|URL"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> Path | str:
+        from .provision_ledger import is_url
+
+        if isinstance(value, Path) or not is_url(str(value)):
+            path = Path(str(value))
+            if path.is_dir():
+                self.fail(f"{path} is a directory, not a ledger file", param, ctx)
+            return path
+        return str(value)
+
+
+def ledger_option() -> Callable[[F], F]:
+    """`--ledger PATH|URL` (MICROCOT_LEDGER), the same on provision, export and status."""
+    return click.option("--ledger", type=LedgerLocation(), envvar=LEDGER_ENV,
+                        help=_LEDGER_HELP)
 
 
 @click.group("provision", invoke_without_command=True)
@@ -40,7 +71,10 @@ _KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
                    "[default: as recorded, for new devices 0]")
 @click.option("--rotate", is_flag=True,
               help="issue new passwords, even where the board or the CSV has one")
-@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
+@click.option("--reassign", is_flag=True,
+              help="give a device ID that the ledger records on another board to this one (a "
+                   "replaced board; the old one must not connect any more)")
+@ledger_option()
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help=_KEY_HELP)
 @click.option("--board", "-b", "board_name", default=None,
               help="board file for deploying microcot where it is missing (default: guessed)")
@@ -51,7 +85,8 @@ _KEY_HELP = "the key that encrypts the vault and keys the ledger's hashes " \
 @click.pass_context
 def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | None,
               out: Path | None, name_template: str | None, shell: str | None, rotate: bool,
-              ledger: Path | None, key_file: Path | None, board_name: str | None,
+              reassign: bool, ledger: Path | str | None, key_file: Path | None,
+              board_name: str | None,
               no_deploy: bool, allow_weak: bool, timeout: float, as_json: bool) -> None:
     """Give every connected board its device ID's credentials and write the CSV for the bulk
     registration.
@@ -76,7 +111,7 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
         raise click.BadParameter(f"{out.parent} is not a directory", param_hint="--out")
     port_list = ports.resolve_for_click(port_specs)
     opts = Options(name_template=name_template, shell=shell, rotate=rotate,
-                   deploy=not no_deploy, board=board_name, timeout=timeout)
+                   deploy=not no_deploy, board=board_name, timeout=timeout, reassign=reassign)
     try:
         books = Books(ledger, key_file)
     except (LedgerError, OSError) as exc:
@@ -93,7 +128,7 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
     if as_json:
         click.echo(json.dumps({"boards": [o.as_dict() for o in outcomes],
                                "out": str(out) if out and rows else None, "rows": len(rows),
-                               "ledger": str(books.paths.ledger)}, indent=2))
+                               "ledger": books.where}, indent=2))
     else:
         _print_outcomes(outcomes)
         if out is not None:
@@ -105,16 +140,11 @@ def provision(ctx: click.Context, port_specs: tuple[str, ...], csv_path: Path | 
         raise click.ClickException(f"{len(failed)} of {len(outcomes)} board(s) failed: {names}")
 
 
-def _existing_books(ledger: Path | None, key_file: Path | None):
+def _existing_books(ledger: Path | str | None, key_file: Path | None):
     """The books of earlier runs; an error instead of new empty files (and a new key)."""
-    from .provision_ledger import Books, Paths
+    from .provision_ledger import Books
 
-    where = Paths.beside(ledger, key_file)
-    for p in (where.ledger, where.key):
-        if not p.exists():
-            raise click.ClickException(f"{p} does not exist: nothing was provisioned with it "
-                                       "(see --ledger and --key-file)")
-    return Books(ledger, key_file)
+    return Books(ledger, key_file, create=False)
 
 
 def _load_source(path: Path, allow_weak: bool) -> fleetcsv.FleetCsv:
@@ -232,9 +262,9 @@ def validate(ctx: click.Context, file: Path, as_json: bool) -> None:
 @provision.command("export")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="the CSV to write (owner-only)")
-@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
+@ledger_option()
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help=_KEY_HELP)
-def export(out: Path, ledger: Path | None, key_file: Path | None) -> None:
+def export(out: Path, ledger: Path | str | None, key_file: Path | None) -> None:
     """Write the bulk-registration CSV of every verified device in the ledger (all runs)."""
     from .provision import ProvisionError, ledger_rows, write_csv
     from .provision_ledger import LedgerError
@@ -255,10 +285,10 @@ def export(out: Path, ledger: Path | None, key_file: Path | None) -> None:
 
 
 @provision.command("status")
-@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), help=_LEDGER_HELP)
+@ledger_option()
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help=_KEY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the ledger as JSON")
-def status(ledger: Path | None, key_file: Path | None, as_json: bool) -> None:
+def status(ledger: Path | str | None, key_file: Path | None, as_json: bool) -> None:
     """The ledger: every device's board, port, status and last error (no passwords)."""
     from dataclasses import asdict
 
@@ -267,7 +297,7 @@ def status(ledger: Path | None, key_file: Path | None, as_json: bool) -> None:
     try:
         with _existing_books(ledger, key_file) as books:
             recs = books.ledger.all()
-            where = books.paths.ledger
+            where = books.where
     except (LedgerError, OSError) as exc:
         raise click.ClickException(f"ledger: {exc}") from None
     if as_json:

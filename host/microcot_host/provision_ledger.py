@@ -18,6 +18,21 @@ Three files, by default under `state_dir()`:
 All three are created owner-only (0600, directory 0700); SQLite gives its journal the mode of
 the database file.
 
+Several stations, one ledger: `--ledger postgresql://...` (or MICROCOT_LEDGER) keeps the ledger
+and the vault in one PostgreSQL database instead (provision_ledger_pg.py); the key stays a file on
+each station. What a shared ledger must add, both backends do the same way where it applies:
+
+  - a claim per device ID while a board is being provisioned (`Ledger.claim`): a row lock in
+    PostgreSQL, so a second station that meets the same ID at the same moment fails that board
+    instead of writing other credentials beside the first; with SQLite one run's own check
+    (provision.py) is all there is, as before;
+  - a CSV row's ID goes to one device only (`LedgerConflict`): two stations with overlapping CSVs
+    that disagree cannot give one ID to two ICCIDs (checked in the transaction, and in PostgreSQL
+    also by a unique index, which is what holds under concurrent transactions);
+  - the key is bound to the ledger (a keyed check value in `meta`): a station with another key
+    (or a new one made because the file was not copied) is refused before it writes anything,
+    instead of writing hashes and vault entries no other station can use.
+
 Why a keyed hash (HMAC-SHA256 over "<device ID>\\n<password>") in the ledger rather than a plain
 one: a plain SHA-256 of a password is a dictionary-attack target; without the key it is not.
 """
@@ -36,6 +51,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -91,6 +107,14 @@ CREATE TABLE IF NOT EXISTS secrets (
 
 class LedgerError(RuntimeError):
     pass
+
+
+class LedgerBusy(LedgerError):
+    """Another station is provisioning this device ID right now."""
+
+
+class LedgerConflict(LedgerError):
+    """What was asked would give one CSV row's ID to a second device."""
 
 
 def now() -> str:
@@ -165,6 +189,10 @@ class Keys:
     def __init__(self, master: bytes) -> None:
         self._mac = _subkey(master, "microcot provisioning ledger hash v1")
         self._fernet = Fernet(base64.urlsafe_b64encode(_subkey(master, "microcot vault v1")))
+        # what the ledger records to recognise its key again: a keyed value, so it says
+        # nothing about the key itself
+        self.check = "hmac-sha256:" + hmac.new(_subkey(master, "microcot ledger key check v1"),
+                                               b"key check", hashlib.sha256).hexdigest()
 
     def cred_hash(self, device_id: str, password: str) -> str:
         msg = f"{device_id}\n{password}".encode()
@@ -198,10 +226,62 @@ class DeviceRecord:
     updated_at: str
 
 
-class _Db:
+# -- the databases: what Ledger and Vault need of SQLite and of PostgreSQL ----------------------
+
+class Rows(Protocol):
+    def fetchone(self) -> tuple | None: ...
+
+    def fetchall(self) -> list[tuple]: ...
+
+
+class Tx(Protocol):
+    """One transaction: statements with `?` placeholders (SQLite's; the PostgreSQL adapter
+    translates them)."""
+
+    def execute(self, sql: str, args: tuple = ()) -> Rows: ...
+
+
+class Claim(Protocol):
+    """A device ID held for one board while it is provisioned; release() always."""
+
+    def check(self) -> None:
+        """LedgerError when the claim was lost (its connection broke): stop writing."""
+
+    def release(self) -> None: ...
+
+
+class Database(Protocol):
+    where: str  # for messages: a path, or a URL without its password
+    for_update: str  # appended to a SELECT whose rows the transaction will change
+    integrity_errors: tuple[type[Exception], ...]
+
+    def tx(self) -> contextlib.AbstractContextManager[Tx]: ...
+
+    def query(self, sql: str, args: tuple = ()) -> list[tuple]: ...
+
+    def claim(self, device_id: str) -> Claim: ...
+
+    def close(self) -> None: ...
+
+
+class NoClaim:
+    """SQLite: one station per ledger file, whose run checks its own boards (provision.py)."""
+
+    def check(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class _SqliteDb:
+    for_update = ""  # BEGIN IMMEDIATE takes the write lock for the whole transaction
+    integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+
     def __init__(self, path: Path, schema: str) -> None:
         _touch_private(path)
         self.path = path
+        self.where = str(path)
         # one connection shared by the worker threads, serialised by our lock; SQLite's own
         # locking (busy timeout) covers another process using the same file
         self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False,
@@ -225,24 +305,50 @@ class _Db:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
+    def claim(self, device_id: str) -> Claim:
+        return NoClaim()
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
 
+# -- ledger and vault ---------------------------------------------------------------------------
+
 class Ledger:
     """What was provisioned where (no passwords). Thread-safe."""
 
-    def __init__(self, path: Path) -> None:
-        self._db = _Db(Path(path), _SCHEMA)
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.where = db.where
+        with db.tx() as c:
+            # ON CONFLICT: two stations opening a new shared ledger at once
+            c.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT (key) DO NOTHING",
+                      (str(SCHEMA_VERSION),))
+            (version,) = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version != str(SCHEMA_VERSION):
+            raise LedgerError(f"{self.where}: ledger schema {version}, this microcot reads "
+                              f"{SCHEMA_VERSION}")
+
+    def key_check(self) -> str | None:
+        rows = self._db.query("SELECT value FROM meta WHERE key='key_check'")
+        return rows[0][0] if rows else None
+
+    def bind_key(self, check: str, key_path: Path) -> None:
+        """Record the key's check value in a ledger that has none; LedgerError when the ledger
+        was made with another key."""
         with self._db.tx() as c:
-            row = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                c.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise LedgerError(f"{path}: ledger schema {row[0]}, this microcot reads "
-                                  f"{SCHEMA_VERSION}")
-        self.path = Path(path)
+            c.execute("INSERT INTO meta VALUES ('key_check', ?) ON CONFLICT (key) DO NOTHING",
+                      (check,))
+            (stored,) = c.execute("SELECT value FROM meta WHERE key='key_check'").fetchone()
+        if not hmac.compare_digest(stored, check):
+            raise LedgerError(f"{key_path} is not the key of the ledger {self.where}: it was "
+                              "made with another one (copy the key file of the station that "
+                              "made the ledger, or name it with --key-file)")
+
+    def claim(self, device_id: str) -> Claim:
+        """Hold `device_id` for one board; LedgerBusy when another station holds it."""
+        return self._db.claim(device_id)
 
     def get(self, device_id: str) -> DeviceRecord | None:
         rows = self._db.query("SELECT * FROM devices WHERE device_id=?", (device_id,))
@@ -257,30 +363,67 @@ class Ledger:
             return self._db.query("SELECT * FROM events ORDER BY seq")
         return self._db.query("SELECT * FROM events WHERE device_id=? ORDER BY seq", (device_id,))
 
+    def owner_of(self, external_id: str, device_id: str) -> str | None:
+        """The other device that has this CSV ID already, if any."""
+        rows = self._db.query("SELECT device_id FROM devices WHERE external_id=? AND "
+                              "device_id<>? ORDER BY device_id", (external_id, device_id))
+        return rows[0][0] if rows else None
+
+    def check_external_id(self, device_id: str, external_id: str) -> None:
+        """LedgerConflict when `external_id` is another device's (a check before anything is
+        written; begin() and describe() check again in their transaction)."""
+        other = self.owner_of(external_id, device_id)
+        if other is not None:
+            raise self._conflict(external_id, device_id, other)
+
+    def _conflict(self, external_id: str, device_id: str, other: str) -> LedgerConflict:
+        return LedgerConflict(f"the CSV ID {external_id!r} is the ID of device {other} already, "
+                              f"not of {device_id}: one row for two devices (two CSVs that "
+                              "disagree?)")
+
+    @contextlib.contextmanager
+    def _unique_external_id(self, device_id: str, external_id: str) -> Iterator[None]:
+        # the unique index of a shared ledger: a station that checked while another's insert
+        # was not yet committed learns of it here
+        try:
+            yield
+        except self._db.integrity_errors:
+            other = self.owner_of(external_id, device_id)
+            if other is None:
+                raise
+            raise self._conflict(external_id, device_id, other) from None
+
+    def _check_in_tx(self, c: Tx, device_id: str, external_id: str) -> None:
+        row = c.execute("SELECT device_id FROM devices WHERE external_id=? AND device_id<>?",
+                        (external_id, device_id)).fetchone()
+        if row is not None:
+            raise self._conflict(external_id, device_id, row[0])
+
     def begin(self, device_id: str, *, external_id: str, name: str, shell: str,
               id_source: str | None, board_serial: str | None, port: str, cred_hash: str,
               cred_origin: str, new_password: bool) -> None:
         """Record that `device_id` is about to get these credentials (status pending)."""
         t = now()
-        with self._db.tx() as c:
-            old = c.execute("SELECT generation FROM devices WHERE device_id=?",
-                            (device_id,)).fetchone()
-            if old is None:
-                c.execute("INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,?,1,NULL,?,?)",
-                          (device_id, external_id, name, shell, id_source, board_serial, port,
-                           PENDING, cred_hash, cred_origin, t, t))
-            else:
-                c.execute("UPDATE devices SET external_id=?, name=?, shell=?, id_source=?, "
-                          "board_serial=?, port=?, status=?, cred_hash=?, cred_origin=?, "
-                          "generation=generation+?, error=NULL, updated_at=? WHERE device_id=?",
-                          (external_id, name, shell, id_source, board_serial, port, PENDING,
-                           cred_hash, cred_origin, 1 if new_password else 0, t, device_id))
+        with self._unique_external_id(device_id, external_id), self._db.tx() as c:
+            self._check_in_tx(c, device_id, external_id)
+            # one statement for a new and a known device: atomic in both databases
+            c.execute("INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,?,1,NULL,?,?) "
+                      "ON CONFLICT (device_id) DO UPDATE SET external_id=excluded.external_id, "
+                      "name=excluded.name, shell=excluded.shell, id_source=excluded.id_source, "
+                      "board_serial=excluded.board_serial, port=excluded.port, "
+                      "status=excluded.status, cred_hash=excluded.cred_hash, "
+                      "cred_origin=excluded.cred_origin, "
+                      "generation=devices.generation+?, error=NULL, "
+                      "updated_at=excluded.updated_at",
+                      (device_id, external_id, name, shell, id_source, board_serial, port,
+                       PENDING, cred_hash, cred_origin, t, t, 1 if new_password else 0))
             self._event(c, t, device_id, port, board_serial, PENDING, None)
 
     def describe(self, device_id: str, *, external_id: str, name: str, shell: str) -> None:
         """New CSV columns for a device whose credentials stay as they are."""
         t = now()
-        with self._db.tx() as c:
+        with self._unique_external_id(device_id, external_id), self._db.tx() as c:
+            self._check_in_tx(c, device_id, external_id)
             c.execute("UPDATE devices SET external_id=?, name=?, shell=?, updated_at=? "
                       "WHERE device_id=?", (external_id, name, shell, t, device_id))
             self._event(c, t, device_id, None, None, "updated",
@@ -305,7 +448,7 @@ class Ledger:
             self._event(c, t, device_id, port, board_serial, status, detail)
 
     @staticmethod
-    def _event(c: sqlite3.Connection, t: str, device_id: str | None, port: str | None,
+    def _event(c: Tx, t: str, device_id: str | None, port: str | None,
                serial: str | None, status: str, detail: str | None) -> None:
         c.execute("INSERT INTO events (time, device_id, port, board_serial, status, detail) "
                   "VALUES (?,?,?,?,?,?)", (t, device_id, port, serial, status, detail))
@@ -317,10 +460,10 @@ class Ledger:
 class Vault:
     """Each device's password, encrypted (see the module docstring). Thread-safe."""
 
-    def __init__(self, path: Path, keys: Keys) -> None:
-        self._db = _Db(Path(path), _SECRETS_SCHEMA)
+    def __init__(self, db: Database, keys: Keys) -> None:
+        self._db = db
         self._keys = keys
-        self.path = Path(path)
+        self.where = db.where
 
     def get(self, device_id: str) -> str | None:
         rows = self._db.query("SELECT token FROM secrets WHERE device_id=?", (device_id,))
@@ -329,17 +472,21 @@ class Vault:
         try:
             return self._keys.open(rows[0][0])
         except InvalidToken:
-            raise LedgerError(f"{self.path}: the password of {device_id} does not decrypt with "
+            raise LedgerError(f"{self.where}: the password of {device_id} does not decrypt with "
                               "this key (was the key file replaced?)") from None
 
     def put(self, device_id: str, password: str) -> None:
         t = now()
         token = self._keys.seal(password)
         with self._db.tx() as c:
-            old = c.execute("SELECT token FROM secrets WHERE device_id=?",
+            old = c.execute("SELECT token FROM secrets WHERE device_id=?" + self._db.for_update,
                             (device_id,)).fetchone()
             if old is None:
-                c.execute("INSERT INTO secrets VALUES (?,?,NULL,?)", (device_id, token, t))
+                # ON CONFLICT: a concurrent first put (the claim normally rules it out) counts
+                # as a change, so neither password is lost
+                c.execute("INSERT INTO secrets VALUES (?,?,NULL,?) ON CONFLICT (device_id) DO "
+                          "UPDATE SET previous=secrets.token, token=excluded.token, "
+                          "updated_at=excluded.updated_at", (device_id, token, t))
             elif self._keys.open(old[0]) != password:
                 c.execute("UPDATE secrets SET previous=token, token=?, updated_at=? "
                           "WHERE device_id=?", (token, t, device_id))
@@ -348,18 +495,71 @@ class Vault:
         self._db.close()
 
 
-class Books:
-    """Ledger, vault and keys opened together (what a provisioning run needs)."""
+def is_url(ledger: Path | str | None) -> bool:
+    """A PostgreSQL ledger's URL rather than a file (`postgresql://` or `postgres://`)."""
+    return ledger is not None and str(ledger).startswith(("postgresql://", "postgres://"))
 
-    def __init__(self, ledger: Path | None = None, key_file: Path | None = None) -> None:
-        self.paths = Paths.beside(ledger, key_file)
-        self.keys = Keys(load_key(self.paths.key))
-        self.ledger = Ledger(self.paths.ledger)
-        self.vault = Vault(self.paths.secrets, self.keys)
+
+def default_key() -> Path:
+    return state_dir() / "provisioning.key"
+
+
+class Books:
+    """Ledger, vault and keys opened together (what a provisioning run needs).
+
+    ledger: a SQLite file (default: under the state folder), or a PostgreSQL URL (both the
+    ledger and the vault live in that database). key_file: default beside a ledger file, and
+    `<state dir>/provisioning.key` for a PostgreSQL ledger. create=False: LedgerError instead of
+    making new books (export, status).
+    """
+
+    def __init__(self, ledger: Path | str | None = None, key_file: Path | None = None, *,
+                 create: bool = True) -> None:
+        self.paths: Paths | None = None
+        dbs: list[Database] = []
+        if is_url(ledger):
+            from .provision_ledger_pg import PgDb
+
+            self.key_path = Path(key_file) if key_file else default_key()
+            if not create and not self.key_path.exists():
+                raise LedgerError(f"{self.key_path} does not exist: the key of this ledger is "
+                                  "needed (see --key-file)")
+            ledger_db = secrets_db = PgDb(str(ledger), create=create)
+            dbs.append(ledger_db)
+        else:
+            self.paths = Paths.beside(Path(ledger) if ledger else None, key_file)
+            self.key_path = self.paths.key
+            if not create:
+                for p in (self.paths.ledger, self.paths.key):
+                    if not p.exists():
+                        raise LedgerError(f"{p} does not exist: nothing was provisioned with it "
+                                          "(see --ledger and --key-file)")
+            ledger_db = _SqliteDb(self.paths.ledger, _SCHEMA)
+            dbs.append(ledger_db)
+            secrets_db = _SqliteDb(self.paths.secrets, _SECRETS_SCHEMA)
+            dbs.append(secrets_db)
+        self._dbs = dbs
+        self.where = ledger_db.where
+        try:
+            self.ledger = Ledger(ledger_db)
+            self.keys = Keys(self._master_key())
+            self.ledger.bind_key(self.keys.check, self.key_path)
+            self.vault = Vault(secrets_db, self.keys)
+        except BaseException:
+            self.close()
+            raise
+
+    def _master_key(self) -> bytes:
+        if not self.key_path.exists() and self.ledger.key_check() is not None:
+            # a new key here would write hashes and passwords no other station can use
+            raise LedgerError(f"{self.key_path} does not exist, but the ledger {self.where} was "
+                              "made with a key: copy that key file here from the station that "
+                              "made the ledger (or name it with --key-file)")
+        return load_key(self.key_path)
 
     def close(self) -> None:
-        self.ledger.close()
-        self.vault.close()
+        for db in self._dbs:
+            db.close()
 
     def __enter__(self) -> Books:
         return self

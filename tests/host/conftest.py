@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from pg_fixtures import postgres_server, postgres_url  # noqa: F401  (fixtures, defined there)
 
 from microcot_host.vboard import VirtualBoard
 

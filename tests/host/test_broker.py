@@ -523,9 +523,9 @@ def test_free_port_race_is_retried(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        real = broker_mod._free_port
+        real = broker_mod.free_port
         ports = iter([taken])
-        monkeypatch.setattr(broker_mod, "_free_port", lambda host: next(ports, None) or real(host))
+        monkeypatch.setattr(broker_mod, "free_port", lambda host: next(ports, None) or real(host))
         with Broker(tmp_path) as b:
             assert b.port != taken and b.running
 

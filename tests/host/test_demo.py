@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, board: str | None) -> None:
     assert "WAITING_FOR_CONNECTION → PENDING_ACCEPTANCE → ACCEPTED" in out
     assert "PENDING → EXECUTING → SUCCESSFUL" in out
     assert "demo passed" in out and "the platform's view" in out and "timings" in out
+    assert re.search(r"^  console  http://127\.0\.0\.1:\d+/apps/console/$", out, re.M), out
     assert f"{expect} on {boards.load(expect).runtime}" in out
     assert ("64-bit developer board" in out) == (expect == "virtual"), out
     # the platform's view names the device, its external ID, measurements and the operation
@@ -194,6 +196,13 @@ def test_new_iccid_is_luhn_valid() -> None:
     for i in ids:
         assert len(i) == 20 and i.startswith("894902")
         assert identity.luhn_ok(i) and identity.normalize_iccid(i) == i
+
+
+def test_console_url_is_where_the_emulator_mounts_the_console() -> None:
+    from microcot_host.emulator.console import MOUNT
+
+    assert demo_mod.console_url({"http_url": "http://127.0.0.1:8111"}) == (
+        "http://127.0.0.1:8111" + MOUNT + "/")
 
 
 def test_settings_hold_what_the_agent_needs() -> None:

@@ -13,18 +13,20 @@ import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from microcot_host.emulator.api import Api, ApiResult
-from microcot_host.emulator.binaries import BinaryStore, multipart_parts
+from microcot_host.emulator.binaries import BinaryStore
 from microcot_host.emulator.certs import (
     client_ssl_context,
     ensure_ca_and_server,
     server_ssl_context,
 )
+from microcot_host.emulator.forms import FormError, FormReader, FormTooLarge, parse_form
 from microcot_host.emulator.http import RestServer, parse_range
 from microcot_host.emulator.model import Model
 
@@ -150,10 +152,15 @@ def test_who_may_and_bad_uploads(api: Api, store: BinaryStore) -> None:
 
 def test_multipart_parser_and_ranges() -> None:
     body, ct = multipart({"name": "n"}, b"\r\n--b0undar\r\n")
-    parts = multipart_parts(body, ct)
+    parts = parse_form(body, ct).parts
     assert [(p.name, p.filename, p.content_type) for p in parts] == [
         ("object", None, "application/json"), ("file", "fw.bin", "application/zip")]
-    assert body[parts[1].start:parts[1].end] == b"\r\n--b0undar\r\n"
+    assert parts[1].data() == b"\r\n--b0undar\r\n"
+    for bad_ct in ("multipart/form-data", "text/plain", "multipart/form-data; boundary=x"):
+        with pytest.raises(FormError):
+            parse_form(body, bad_ct)
+    with pytest.raises(FormError, match="not closed"):
+        parse_form(body[:-20], ct)
     assert parse_range(None, 10) is None
     assert parse_range("bytes=2-4", 10) == (2, 4)
     assert parse_range("bytes=7-", 10) == (7, 9)
@@ -168,6 +175,35 @@ def test_multipart_parser_and_ranges() -> None:
     assert parse_range("items=0-1", 10) is None
 
 
+def test_streamed_form_spools_its_file_part(store: BinaryStore) -> None:
+    """Fed in small chunks, the file part goes to a file of the store with its SHA-256; the
+    object part stays in memory; limits are kept and a refused form leaves no file."""
+    data = os.urandom(100_000)
+    body, ct = multipart({"name": "n"}, data)
+    reader = FormReader(ct, store, max_file=len(data))
+    for i in range(0, len(body), 777):
+        reader.feed(body[i:i + 777])
+    form = reader.finish()
+    f = form.file()
+    assert f is not None and not isinstance(f.content, bytes)
+    assert f.content.sha256 == hashlib.sha256(data).hexdigest() and f.data() == data
+    assert form.named("object").content == b'{"name": "n"}'  # type: ignore[union-attr]
+    form.discard()
+    assert list(store.directory.iterdir()) == []
+
+    reader = FormReader(ct, store, max_file=len(data) - 1)
+    with pytest.raises(FormTooLarge):
+        reader.feed(body)
+    reader.abort()
+    big_obj, ct = multipart({"name": "x" * 70_000}, b"x")
+    with pytest.raises(FormError, match="object"):
+        FormReader(ct, store).feed(big_obj)
+    many = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % i
+                    for i in range(20)) + b"--b--\r\n"
+    with pytest.raises(FormError, match="parts"):
+        parse_form(many, "multipart/form-data; boundary=b")
+
+
 # -- over HTTP and HTTPS ----------------------------------------------------------------------
 
 def _auth(user: str, password: str) -> str:
@@ -176,16 +212,16 @@ def _auth(user: str, password: str) -> str:
 
 def call(url: str, method: str = "GET", data: bytes | None = None,
          headers: dict[str, str] | None = None, user: str = ADMIN, password: str = ADMIN_PW,
-         ctx: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+         ctx: ssl.SSLContext | None = None) -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Authorization", _auth(user, password))
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=20, context=ctx) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import http.client
 import json
 import ssl
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ def https(api: Api, tmp_path: Path) -> Iterator[tuple[RestServer, ssl.SSLContext
 
 def _call(srv: RestServer, ctx: ssl.SSLContext, method: str, path: str, user: str,
           password: str, body: bytes | None = None, ctype: str | None = None
-          ) -> tuple[int, dict[str, str], bytes]:
+          ) -> tuple[int, Message, bytes]:
     c = http.client.HTTPSConnection("localhost", srv.port, context=ctx, timeout=20)
     try:
         headers = {"Authorization": "Basic " + base64.b64encode(
@@ -162,7 +163,7 @@ def _call(srv: RestServer, ctx: ssl.SSLContext, method: str, path: str, user: st
             headers["Content-Type"] = ctype
         c.request(method, path, body=body, headers=headers)
         r = c.getresponse()
-        return r.status, dict(r.headers), r.read()
+        return r.status, r.headers, r.read()
     finally:
         c.close()
 

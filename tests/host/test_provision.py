@@ -1,6 +1,7 @@
 """`microcot provision`: CSV validation, and provisioning virtual boards (idempotence, --rotate,
 resuming after a crash, an unplugged board, a CSV given as input) with the secrets kept out of
-every output, log and ledger."""
+every output, log and ledger. The tests marked `both` run with the SQLite ledger and with the
+PostgreSQL ledger (a throwaway server, tests/host/pg_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import logging
 import sqlite3
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agent_fixtures import read_doc
 from click.testing import CliRunner, Result
 
 from microcot import identity
@@ -172,20 +175,39 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 def stored_cred(vb: VirtualBoard) -> dict:
     """The board's "cred" document, read from its flash directory (store.py's slot format)."""
-    best = None
-    for slot in ("a", "b"):
-        p = vb.flash_dir / "store" / f"cred.{slot}"
-        if p.exists():
-            head, body = p.read_bytes().split(b"\n", 1)
-            seq = int(head.split()[2])
-            if best is None or seq > best[0]:
-                best = (seq, json.loads(body))
-    assert best is not None, f"{vb.name}: no credentials on the board"
-    return best[1]
+    cred = read_doc(vb.flash_dir, "cred")
+    assert cred is not None, f"{vb.name}: no credentials on the board"
+    return cred
 
 
-def run_cli(tmp_path: Path, boards: list[VirtualBoard], *extra: str) -> Result:
-    args = ["--ledger", str(tmp_path / "ledger" / "provisioning.db"), "--json"]
+@dataclass(frozen=True)
+class Where:
+    """The books a test provisions into: a SQLite file, or a PostgreSQL database."""
+
+    ledger: str  # a path or a URL
+    key: Path
+
+    def args(self) -> list[str]:
+        return ["--ledger", self.ledger, "--key-file", str(self.key)]
+
+    def books(self) -> Books:
+        return Books(self.ledger, self.key)
+
+
+@pytest.fixture
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Where:
+    """SQLite unless a test is parametrized with `both` (indirect)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return Where(request.getfixturevalue("postgres_url"), tmp_path / "ledger" / "pg.key")
+    return Where(str(tmp_path / "ledger" / "provisioning.db"),
+                 tmp_path / "ledger" / "provisioning.key")
+
+
+both = pytest.mark.parametrize("where", ["sqlite", "postgresql"], indirect=True)
+
+
+def run_cli(where: Where, boards: list[VirtualBoard], *extra: str) -> Result:
+    args = [*where.args(), "--json"]
     for vb in boards:
         args += ["--port", vb.port]
     return CliRunner().invoke(provision_cli, args + list(extra), catch_exceptions=False)
@@ -201,16 +223,13 @@ def read_csv(path: Path) -> dict[str, fleetcsv.FleetRow]:
     return {r.iccid: r for r in parsed.rows}
 
 
-def books(tmp_path: Path) -> Books:
-    return Books(tmp_path / "ledger" / "provisioning.db")
-
-
-def test_provision_then_again_changes_nothing(tmp_path: Path, fleet: Fleet,
+@both
+def test_provision_then_again_changes_nothing(tmp_path: Path, fleet: Fleet, where: Where,
                                               caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     boards = fleet.start(3, mac_only=2)
     out = tmp_path / "fleet.csv"
-    r1 = run_cli(tmp_path, boards, "--out", str(out), "--name-template", "Device {id}",
+    r1 = run_cli(where, boards, "--out", str(out), "--name-template", "Device {id}",
                  "--shell", "1")
     assert r1.exit_code == 0, r1.output
     res = results(r1)
@@ -231,7 +250,7 @@ def test_provision_then_again_changes_nothing(tmp_path: Path, fleet: Fleet,
                         "ok": False}
         passwords.append(row.credentials)
     assert len(set(passwords)) == 3
-    with books(tmp_path) as b:
+    with where.books() as b:
         recs = {r.device_id: r for r in b.ledger.all()}
         assert {r.status for r in recs.values()} == {VERIFIED}
         assert recs[ids[0]].board_serial == boards[0].mac.hex() and recs[ids[0]].port == boards[0].port
@@ -239,7 +258,7 @@ def test_provision_then_again_changes_nothing(tmp_path: Path, fleet: Fleet,
                                                                              strict=True))
     first_csv = out.read_bytes()
 
-    r2 = run_cli(tmp_path, boards, "--out", str(out), "--name-template", "Device {id}",
+    r2 = run_cli(where, boards, "--out", str(out), "--name-template", "Device {id}",
                  "--shell", "1")
     assert r2.exit_code == 0, r2.output
     assert {b["result"] for b in results(r2).values()} == {"unchanged"}
@@ -248,29 +267,40 @@ def test_provision_then_again_changes_nothing(tmp_path: Path, fleet: Fleet,
     assert [stored_cred(vb)["password"] for vb in boards] == passwords
 
     # the human-readable form and the status listing mask them too
-    r3 = CliRunner().invoke(provision_cli, ["--ledger", str(tmp_path / "ledger" /
-                                                           "provisioning.db"),
-                                            "-p", boards[0].port])
+    r3 = CliRunner().invoke(provision_cli, [*where.args(), "-p", boards[0].port])
     assert r3.exit_code == 0 and "unchanged" in r3.stdout and "***" in r3.stdout
     # a new NAME changes the ledger and the CSV, not the board
-    r5 = run_cli(tmp_path, boards[:1], "--out", str(out), "--name-template", "Boiler {id}")
+    r5 = run_cli(where, boards[:1], "--out", str(out), "--name-template", "Boiler {id}")
     assert results(r5)[boards[0].port]["result"] == "updated"
     assert read_csv(out)[ids[0]].name == f"Boiler {ids[0]}"
     assert stored_cred(boards[0])["password"] == passwords[0]
-    r4 = invoke("status", "--ledger", str(tmp_path / "ledger" / "provisioning.db"))
+    r4 = invoke("status", *where.args())
     assert r4.exit_code == 0 and "verified" in r4.stdout
-    ledger_dir = tmp_path / "ledger"
     no_secret([r1.output, r2.output, r3.output, r4.output, r5.output, caplog.text,
-               (ledger_dir / "provisioning.db").read_bytes(),
-               (ledger_dir / "provisioning.secrets.db").read_bytes()], passwords)
+               *stored_bytes(where)], passwords)
 
 
-def test_rotate_issues_new_passwords(tmp_path: Path, fleet: Fleet) -> None:
+def stored_bytes(where: Where) -> list[bytes]:
+    """Everything the ledger and the vault hold, as bytes: the files, or every table's rows."""
+    if not where.ledger.startswith("postgresql://"):
+        ledger = Path(where.ledger)
+        return [ledger.read_bytes(), ledger.with_name("provisioning.secrets.db").read_bytes()]
+    import psycopg
+
+    with psycopg.connect(where.ledger) as conn:
+        tables = [t for (t,) in conn.execute("SELECT tablename FROM pg_tables WHERE "
+                                             "schemaname = 'public'")]
+        assert {"devices", "events", "secrets", "claims", "meta"} <= set(tables)
+        return [repr(conn.execute(f"SELECT * FROM {t}").fetchall()).encode() for t in tables]
+
+
+@both
+def test_rotate_issues_new_passwords(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     boards = fleet.start(2)
     out = tmp_path / "fleet.csv"
-    assert run_cli(tmp_path, boards, "--out", str(out)).exit_code == 0
+    assert run_cli(where, boards, "--out", str(out)).exit_code == 0
     before = read_csv(out)
-    r = run_cli(tmp_path, boards, "--out", str(out), "--rotate")
+    r = run_cli(where, boards, "--out", str(out), "--rotate")
     assert r.exit_code == 0, r.output
     assert {b["result"] for b in results(r).values()} == {"written"}
     after = read_csv(out)
@@ -281,17 +311,18 @@ def test_rotate_issues_new_passwords(tmp_path: Path, fleet: Fleet) -> None:
                                                  before[did].shell)
     for vb in boards:
         assert stored_cred(vb)["password"] == after[vb.iccid].credentials
-    with books(tmp_path) as b:
+    with where.books() as b:
         assert {r.generation for r in b.ledger.all()} == {2}
         assert {b.vault.get(d) for d in after} == {r.credentials for r in after.values()}
     # and rotating settles: the next plain run changes nothing
-    r = run_cli(tmp_path, boards, "--out", str(out))
+    r = run_cli(where, boards, "--out", str(out))
     assert {b["result"] for b in results(r).values()} == {"unchanged"}
     assert read_csv(out) == after
     no_secret([r.output], [x.credentials for x in (*before.values(), *after.values())])
 
 
-def test_csv_rows_are_used_and_checked(tmp_path: Path, fleet: Fleet) -> None:
+@both
+def test_csv_rows_are_used_and_checked(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     boards = fleet.start(3)
     src = tmp_path / "in.csv"
     other = iccid(999)  # a device that is not connected: ignored
@@ -300,7 +331,7 @@ def test_csv_rows_are_used_and_checked(tmp_path: Path, fleet: Fleet) -> None:
                    f"{boards[1].iccid};{GOOD_PW}2;mqtt;Kessel 2;{boards[1].iccid};0\n"
                    f"x;{GOOD_PW}3;mqtt;Elsewhere;{other};0\n")
     out = tmp_path / "fleet.csv"
-    r = run_cli(tmp_path, boards, "--csv", str(src), "--out", str(out))
+    r = run_cli(where, boards, "--csv", str(src), "--out", str(out))
     assert r.exit_code == 0, r.output
     res = results(r)
     assert [res[vb.port]["origin"] for vb in boards] == ["csv", "csv", "generated"]
@@ -312,37 +343,37 @@ def test_csv_rows_are_used_and_checked(tmp_path: Path, fleet: Fleet) -> None:
     assert rows[boards[1].iccid].credentials == GOOD_PW + "2"
     assert stored_cred(boards[0])["password"] == GOOD_PW
     # the same again, now without the input CSV: the vault remembers
-    r = run_cli(tmp_path, boards, "--out", str(out))
+    r = run_cli(where, boards, "--out", str(out))
     assert {b["result"] for b in results(r).values()} == {"unchanged"}
     assert read_csv(out) == rows
     no_secret([r.output], [GOOD_PW])
 
     # export writes every verified device of the ledger, also without the boards
     exported = tmp_path / "all.csv"
-    e = invoke("export", "--out", str(exported), "--ledger",
-               str(tmp_path / "ledger" / "provisioning.db"))
+    e = invoke("export", "--out", str(exported), *where.args())
     assert e.exit_code == 0, e.output
     assert read_csv(exported) == rows and stat.S_IMODE(exported.stat().st_mode) == 0o600
 
 
-def test_bad_input_csv_touches_no_board(tmp_path: Path, fleet: Fleet) -> None:
+def test_bad_input_csv_touches_no_board(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     (vb,) = fleet.start(1)
     src = tmp_path / "in.csv"
     src.write_text(f"{HEADER}\nd1;weakweakweak;mqtt;N;{vb.iccid};1\n")
-    r = run_cli(tmp_path, [vb], "--csv", str(src))
+    r = run_cli(where, [vb], "--csv", str(src))
     assert r.exit_code == 1
     assert "line 2, column CREDENTIALS: weak" in r.output and "--allow-weak" in r.output
     assert not (vb.flash_dir / "store").exists()
     no_secret([r.output], ["weakweakweak"])
-    r = run_cli(tmp_path, [vb], "--csv", str(src), "--allow-weak")
+    r = run_cli(where, [vb], "--csv", str(src), "--allow-weak")
     assert r.exit_code == 0 and stored_cred(vb)["password"] == "weakweakweak"
 
 
-def test_csv_row_with_another_iccid_fails_that_board(tmp_path: Path, fleet: Fleet) -> None:
+def test_csv_row_with_another_iccid_fails_that_board(tmp_path: Path, fleet: Fleet,
+                                                    where: Where) -> None:
     a, b = fleet.start(2)
     src = tmp_path / "in.csv"
     src.write_text(f"{HEADER}\n{a.iccid};{GOOD_PW};mqtt;N;{iccid(4242)};1\n")
-    r = run_cli(tmp_path, [a, b], "--csv", str(src))
+    r = run_cli(where, [a, b], "--csv", str(src))
     assert r.exit_code == 1
     res = results(r)
     assert res[a.port]["result"] == "failed" and "fix the ICCID column" in res[a.port]["detail"]
@@ -354,9 +385,10 @@ class Crash(BaseException):
     """A crash of the provisioning process (not an Exception: nothing catches it)."""
 
 
+@both
 @pytest.mark.parametrize("after_write", [False, True])
 def test_resume_after_a_crash(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
-                              after_write: bool) -> None:
+                              after_write: bool, where: Where) -> None:
     (vb,) = fleet.start(1)
     real = provision.write_credentials
 
@@ -366,9 +398,9 @@ def test_resume_after_a_crash(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.
         raise Crash
 
     monkeypatch.setattr(provision, "write_credentials", crashing)
-    with books(tmp_path) as b, pytest.raises(Crash):
+    with where.books() as b, pytest.raises(Crash):
         Provisioner(b, options=Options()).run([vb.port])
-    with books(tmp_path) as b:
+    with where.books() as b:
         assert b.ledger.get(vb.iccid).status == PENDING
         pending_pw = b.vault.get(vb.iccid)
     assert pending_pw
@@ -376,18 +408,19 @@ def test_resume_after_a_crash(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.
     monkeypatch.setattr(provision, "write_credentials", real)
 
     out = tmp_path / "fleet.csv"
-    r = run_cli(tmp_path, [vb], "--out", str(out))
+    r = run_cli(where, [vb], "--out", str(out))
     assert r.exit_code == 0, r.output
     assert results(r)[vb.port]["result"] == ("confirmed" if after_write else "written")
     # the password of the interrupted run is the one that ends up on the board and in the CSV
     assert stored_cred(vb)["password"] == pending_pw == read_csv(out)[vb.iccid].credentials
-    with books(tmp_path) as b:
+    with where.books() as b:
         assert b.ledger.get(vb.iccid).status == VERIFIED
         assert b.ledger.get(vb.iccid).generation == 1
         assert [e[5] for e in b.ledger.events(vb.iccid)][-1] == VERIFIED
 
 
-def test_an_unplugged_board_fails_alone(tmp_path: Path, fleet: Fleet,
+@both
+def test_an_unplugged_board_fails_alone(tmp_path: Path, fleet: Fleet, where: Where,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     boards = fleet.start(3)
     victim = boards[1]
@@ -400,14 +433,14 @@ def test_an_unplugged_board_fails_alone(tmp_path: Path, fleet: Fleet,
 
     monkeypatch.setattr(provision, "write_credentials", unplug_victim)
     out = tmp_path / "fleet.csv"
-    r = run_cli(tmp_path, boards, "--out", str(out))
+    r = run_cli(where, boards, "--out", str(out))
     assert r.exit_code == 1
     res = results(r)
     assert [res[vb.port]["result"] for vb in boards] == ["written", "failed", "written"]
     assert "unplugged?" in res[victim.port]["detail"]
     assert f"1 of 3 board(s) failed: {victim.port} ({victim.iccid})" in r.stderr
     assert sorted(read_csv(out)) == sorted([boards[0].iccid, boards[2].iccid])
-    with books(tmp_path) as b:
+    with where.books() as b:
         rec = b.ledger.get(victim.iccid)
         assert rec.status == FAILED and "unplugged" in rec.error
         pw = b.vault.get(victim.iccid)
@@ -415,7 +448,7 @@ def test_an_unplugged_board_fails_alone(tmp_path: Path, fleet: Fleet,
 
     # plugged in again (a new port): only it is provisioned, the others are unchanged
     boards[1] = fleet.restart(victim)
-    r = run_cli(tmp_path, boards, "--out", str(out))
+    r = run_cli(where, boards, "--out", str(out))
     assert r.exit_code == 0, r.output
     assert [results(r)[vb.port]["result"] for vb in boards] == ["unchanged", "written",
                                                                "unchanged"]
@@ -423,27 +456,27 @@ def test_an_unplugged_board_fails_alone(tmp_path: Path, fleet: Fleet,
     no_secret([r.output], [pw])
 
 
-def test_two_boards_with_one_id(tmp_path: Path, fleet: Fleet) -> None:
+def test_two_boards_with_one_id(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     a = fleet.start(1)[0]
     twin = VirtualBoard("prov-twin", iccid=a.iccid, flash_dir=tmp_path / "twin").start()
     fleet.boards.append(twin)
-    r = run_cli(tmp_path, [a, twin])
+    r = run_cli(where, [a, twin])
     assert r.exit_code == 1
     got = sorted(b["result"] for b in results(r).values())
     assert got == ["failed", "written"]
     assert "two boards would share one identity" in r.stderr
 
 
-def test_no_deploy_fails_a_bare_board(tmp_path: Path, fleet: Fleet) -> None:
+def test_no_deploy_fails_a_bare_board(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     (vb,) = fleet.start(1)
-    r = run_cli(tmp_path, [vb], "--no-deploy")
+    r = run_cli(where, [vb], "--no-deploy")
     assert r.exit_code == 1
     assert "microcot is not deployed" in results(r)[vb.port]["detail"]
 
 
-def test_ledger_is_readable_sql(tmp_path: Path, fleet: Fleet) -> None:
+def test_ledger_is_readable_sql(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     (vb,) = fleet.start(1)
-    assert run_cli(tmp_path, [vb]).exit_code == 0
+    assert run_cli(where, [vb]).exit_code == 0
     con = sqlite3.connect(tmp_path / "ledger" / "provisioning.db")
     (row,) = con.execute("SELECT device_id, status, port, board_serial, cred_hash "
                          "FROM devices").fetchall()
@@ -454,7 +487,7 @@ def test_ledger_is_readable_sql(tmp_path: Path, fleet: Fleet) -> None:
     con.close()
 
 
-def test_the_stored_id_wins_as_in_the_agent(tmp_path: Path, fleet: Fleet) -> None:
+def test_the_stored_id_wins_as_in_the_agent(tmp_path: Path, fleet: Fleet, where: Where) -> None:
     """The agent keeps the ID it stored ("dev") even when the SIM changed: the credentials must
     belong to that ID, or the agent would ignore them and bootstrap."""
     from microcot_host import deploy, transport
@@ -468,7 +501,7 @@ def test_the_stored_id_wins_as_in_the_agent(tmp_path: Path, fleet: Fleet) -> Non
                          "'src': 'iccid'})" % old)
     finally:
         transport.close(t)
-    r = run_cli(tmp_path, [vb])
+    r = run_cli(where, [vb])
     assert r.exit_code == 0, r.output
     got = results(r)[vb.port]
     assert (got["device_id"], got["id_source"]) == (old, "iccid")
@@ -487,3 +520,26 @@ def test_out_directory_is_checked_before_any_board(tmp_path: Path) -> None:
     r = invoke("--port", "/dev/null", "--out", str(tmp_path / "nope" / "fleet.csv"),
                "--ledger", str(tmp_path / "l.db"))
     assert r.exit_code == 2 and "is not a directory" in r.output
+
+
+def test_a_device_id_is_not_given_to_a_second_board_later(tmp_path: Path, fleet: Fleet,
+                                                          where: Where) -> None:
+    """A twin in a later run (a cloned ID, a SIM moved to a new board): refused, naming the board
+    the ledger has; --reassign gives the ID to the new board."""
+    (a,) = fleet.start(1)
+    assert run_cli(where, [a]).exit_code == 0
+    twin = VirtualBoard("prov-later-twin", iccid=a.iccid, flash_dir=tmp_path / "twin").start()
+    fleet.boards.append(twin)
+    r = run_cli(where, [twin])
+    assert r.exit_code == 1
+    detail = results(r)[twin.port]["detail"]
+    assert f"belongs to board {a.mac.hex()}" in detail and "--reassign" in detail
+    assert not (twin.flash_dir / "store" / "cred.a").exists()
+    with where.books() as b:  # the record stays the first board's, the refusal is an event
+        rec = b.ledger.get(a.iccid)
+        assert (rec.status, rec.board_serial) == (VERIFIED, a.mac.hex())
+        assert [e[5] for e in b.ledger.events(a.iccid)][-1] == FAILED
+    r = run_cli(where, [twin], "--reassign")
+    assert r.exit_code == 0 and results(r)[twin.port]["result"] == "written"
+    with where.books() as b:
+        assert b.ledger.get(a.iccid).board_serial == twin.mac.hex()

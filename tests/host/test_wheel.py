@@ -41,6 +41,18 @@ for p in [[]] + list(walk(cli.main, click.Context(cli.main), [])):
 print(n)
 """
 
+# the web console's templates and static files come with the package (package-data)
+CONSOLE = """
+from microcot_host.emulator.api import Api
+from microcot_host.emulator.console import create_app, ui
+from microcot_host.emulator.model import Model
+for f in ("templates/base.html", "templates/device.html", "templates/_charts.html",
+          "static/console.css", "static/console.js"):
+    assert (ui.HERE / f).is_file(), f
+create_app(Api(Model()), "admin", "pw")
+print("console ok")
+"""
+
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -89,6 +101,8 @@ def test_without_the_unix_port(venv: Path, tmp_path: Path) -> None:
                    "89490200001234567892;Xy9-secret-Pw;mqtt;dev1;89490200001234567892;0\n")
     r = run(venv, "microcot", "provision", "csv", "validate", str(csv), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+    r = run(venv, py, "-c", CONSOLE, cwd=tmp_path)
+    assert r.stdout.strip() == "console ok", r.stdout + r.stderr
     # a virtual board names the extra it needs
     r = run(venv, "microcot", "board", "virtual", "--name", "w1", cwd=tmp_path)
     assert r.returncode == 1 and "microcot[virtual]" in r.stderr, r.stderr

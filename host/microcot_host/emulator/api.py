@@ -1,9 +1,9 @@
 """The emulator's REST API at function level: `Api.handle(method, target, body)`.
 
-The HTTP server (http.py), the SmartREST engine and the MQTT connector all call `handle`, so a
-SmartREST template runs exactly what the same request over HTTP would, and its failures carry the
-same HTTP status and reason (`50,<line>,404,Not Found`). Bodies are Cumulocity's JSON shapes,
-`self` links are built from `base_url`.
+The HTTP layer (webapp.py on Starlette, served by http.py), the SmartREST engine and the MQTT
+connector all call `handle`, so a SmartREST template runs exactly what the same request over HTTP
+would, and its failures carry the same HTTP status and reason (`50,<line>,404,Not Found`). Bodies
+are Cumulocity's JSON shapes, `self` links are built from `base_url`.
 
 Resources
 ---------
@@ -25,7 +25,12 @@ Resources
 | /devicecontrol/bulkNewDeviceRequests                       | POST (multipart or CSV)  |
 | /devicecontrol/deviceCredentials/{id}                      | GET, DELETE (extension)  |
 | /tenant/currentTenant                                      | GET                      |
-| /s (SmartREST 1.0, header X-Id)                            | POST, served by http.py  |
+| /s (SmartREST 1.0, header X-Id)                            | POST, served by webapp.py |
+
+`GET /openapi.json` (any authenticated user) describes these resources as OpenAPI 3, generated
+from this module's route table and authz.RULES (who may call what; openapi.py); the HTTP layer
+validates request bodies against the same description before `handle` sees them. Empty path
+segments are dropped, as Cumulocity does (`/alarm/alarms//{id}` is `/alarm/alarms/{id}`).
 
 Collections page with `pageSize` (default 5, at most 2000: larger values are capped) and
 `currentPage` (from 1), `withTotalPages=true` adds `statistics.totalPages`; `next` is present when
@@ -42,7 +47,7 @@ Errors are `{"error": "<domain>/<code>", "message": ..., "info": ...}`: 400 unre
 field of the wrong JSON type or a malformed query parameter (the message names it; `pageSize`
 and `currentPage` take ASCII digits, the offset must fit 64 bits), 404 unknown resource or
 object, 403 `security/Forbidden` "Access is denied" (a device user outside its own objects, see
-below), 405 method (with `Allow`), 409 duplicate, 413 a body (http.py) or a binary too large,
+below), 405 method (with `Allow`), 409 duplicate, 413 a body (webapp.py) or a binary too large,
 415 a body that is not JSON, 422 valid JSON with unacceptable data (missing mandatory field,
 unknown source, bad status transition; message "Following mandatory fields should be included:
 ..." as Cumulocity; and jsonsafe.py's limits: nesting deeper than 64, NaN or Infinity, integers
@@ -92,7 +97,7 @@ Emulator behaviour worth knowing
   becomes `contentType`, default application/octet-stream) and answers 201 with a managed object
   holding `c8y_IsBinary`, `name`, `type`, `length`, `contentType` and `c8y_Checksum: {"sha256":
   <hex>}` (its `self` is the binary's URL); the bytes go to binaries.py's store (a file under the
-  data directory). GET /{id} answers with `content` set (ApiResult): http.py streams the file
+  data directory). GET /{id} answers with `content` set (ApiResult): webapp.py streams the file
   with `ETag` (the SHA-256), `Accept-Ranges: bytes` and Range/If-Range support. PUT /{id}
   replaces the content (the raw body with its Content-Type, or a multipart `file` part) and
   answers 201 as Cumulocity; DELETE removes object and file (as does DELETE of the managed
@@ -100,7 +105,9 @@ Emulator behaviour worth knowing
   is a 413. Reading is open to every authenticated user (devices download firmware with their own
   credentials); creating, replacing and deleting is refused to device users (403), through
   /inventory/managedObjects/{id} too. A body may be
-  given as bytes or as the Path of a spooled file (http.py streams uploads to disk).
+  given as bytes, as the Path of a spooled file, or as a parsed `forms.Form` whose file part is
+  spooled in the store already (webapp.py streams uploads to disk; multipart bodies are parsed
+  by python-multipart, forms.py, here too when given as bytes).
 - Event binaries (`/event/events/{id}/binaries`, Cumulocity's attachments, one per event): POST
   takes multipart/form-data (a `file` part, optionally an `object` part with `name` and `type`)
   or the raw content with its Content-Type; the event gets `c8y_IsBinary: {"name", "length",
@@ -114,7 +121,7 @@ Emulator behaviour worth knowing
   `check_availability()` raises `c8y_UnavailabilityAlarm` for devices that became unavailable.
 - `/tenant/currentTenant`: `name` is the tenant given to Api, `domainName` the host:port of
   `base_url` (where a device reaches this platform over HTTP).
-- `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). http.py hands it
+- `POST /s`: SmartREST 1.0 over HTTP (body `15,<X-ID>` rows, or header `X-Id`). webapp.py hands it
   to the SmartREST engine's callable; `handle` itself answers 501 for it.
 
 SmartREST template collections (the representation the engine uses, through this API only)
@@ -136,8 +143,6 @@ race-safe (of two concurrent registrations of one X-ID, the second gets 409 and 
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import json
 import logging
 import math
@@ -152,7 +157,8 @@ from .. import fleetcsv
 from . import authz, jsonsafe
 from . import availability as avail
 from .authz import ACCESS_DENIED
-from .binaries import BinaryStore, Buffer, MultipartError, Part, mapped, multipart_parts
+from .binaries import CHUNK, BinaryStore, Buffer, Stored, mapped
+from .forms import Form, FormError, FormPart, FormReader, FormTooLarge, parse_form
 from .model import (
     BadField,
     Conflict,
@@ -208,7 +214,8 @@ class ApiResult(NamedTuple):
 
 
 class CredentialSink(Protocol):
-    """Where device passwords go (the Broker); None in unit tests."""
+    """Where device passwords go (the Broker); None in unit tests. A sink that also has
+    `add_devices(pairs)` gets many devices at once through it (issue_credentials_many)."""
 
     def add_device(self, device_id: str, password: str) -> None: ...
 
@@ -299,14 +306,13 @@ class Api:
     # -- entry point --------------------------------------------------------------------------
 
     def handle(self, method: str, target: str, body: bytes | str | dict[str, Any] | list[Any]
-               | Path | None = None, content_type: str | None = None,
+               | Path | Form | None = None, content_type: str | None = None,
                user: str | None = None) -> ApiResult:
         """Answer one request; never raises for bad input (errors are results)."""
         method = method.upper()
         parts = urlsplit(target)
         raw_params = parse_qsl(parts.query, keep_blank_values=True)
-        segs = [unquote(s) for s in parts.path.strip("/").split("/")] if parts.path.strip("/") \
-            else []
+        segs = path_segments(parts.path)
         domain = segs[0] if segs else "general"
         req = _Req(method, parts.path, dict(raw_params), raw_params, body, content_type, user,
                    domain)
@@ -357,18 +363,11 @@ class Api:
 
     def _route(self, segs: list[str], method: str
                ) -> tuple[Handler | None, list[str], list[str], tuple[str, ...]]:
-        for pattern, methods in _ROUTES:
-            if len(pattern) != len(segs):
-                continue
-            args = []
-            for p, s in zip(pattern, segs, strict=True):
-                if p == "*":
-                    args.append(s)
-                elif p != s:
-                    break
-            else:
-                return methods.get(method), args, sorted(methods), pattern
-        return None, [], [], ()
+        found = match_route(segs)
+        if found is None:
+            return None, [], [], ()
+        pattern, methods, args = found
+        return methods.get(method), args, sorted(methods), pattern
 
     # -- request helpers ----------------------------------------------------------------------
 
@@ -666,6 +665,12 @@ class Api:
                            "not as JSON")
         yield b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
 
+    def _store_raw(self, req: _Req, domain: str) -> Stored:
+        """A raw body (bytes, or the Path of a spooled request body) as a file of the store."""
+        with self._upload(req) as buf:
+            self._too_large(len(buf), domain)
+            return self.binaries.write(buf)
+
     def _too_large(self, n: int, domain: str = "inventory") -> None:
         if n > self.binaries.max_size:
             raise ApiError(413, f"{domain}/Request Entity Too Large",
@@ -674,21 +679,55 @@ class Api:
 
     @staticmethod
     def _is_multipart(req: _Req) -> bool:
+        if isinstance(req.body, Form):
+            return True
         return (req.content_type or "").split(";")[0].strip().lower().startswith("multipart/")
 
-    def _parts(self, buf: Buffer, req: _Req) -> list[Part]:
+    def _form(self, req: _Req) -> Form:
+        """The multipart body: a Form the HTTP layer parsed, or parsed here (python-multipart,
+        forms.py) from bytes, or from a spooled file with its file part spooled again."""
+        b = req.body
+        if isinstance(b, Form):
+            return b
+        if isinstance(b, dict | list):
+            raise ApiError(415, f"{req.domain}/Unsupported Media Type",
+                           "a multipart body was expected, not JSON")
         try:
-            return multipart_parts(buf, req.content_type or "")
-        except MultipartError as e:
+            if isinstance(b, Path):
+                reader = FormReader(req.content_type, self.binaries,
+                                    max_file=self.binaries.max_size)
+                try:
+                    with open(b, "rb") as f:
+                        while chunk := f.read(CHUNK):
+                            reader.feed(chunk)
+                    return reader.finish()
+                except BaseException:
+                    reader.abort()
+                    raise
+            raw = b.encode("utf-8") if isinstance(b, str) else bytes(b or b"")
+            return parse_form(raw, req.content_type)
+        except FormTooLarge as e:
+            raise ApiError(413, f"{req.domain}/Request Entity Too Large",
+                           f"{e}; this emulator accepts binaries of at most "
+                           f"{self.binaries.max_size} bytes (its max_binary setting)") from None
+        except FormError as e:
             raise ApiError(400, f"{req.domain}/badRequest", str(e)) from None
 
-    @staticmethod
-    def _file_part(parts: list[Part]) -> Part | None:
-        for p in parts:
-            if p.name == "file":
-                return p
-        named = [p for p in parts if p.filename]
-        return named[0] if named else None
+    def _store_part(self, part: FormPart, domain: str) -> Stored:
+        """A form's file part as a file of the store (spooled already, or written now)."""
+        self._too_large(part.length, domain)
+        if isinstance(part.content, Stored):
+            return part.content
+        return self.binaries.write(part.content)
+
+    def _object_part(self, part: FormPart, req: _Req) -> Any:
+        """The JSON of a form's `object` part."""
+        if part.length > MAX_OBJECT_PART:
+            raise ApiError(400, f"{req.domain}/badRequest",
+                           f"the object part has {part.length} bytes; at most "
+                           f"{MAX_OBJECT_PART}")
+        return self._json(_Req(req.method, req.path, {}, [], part.data(), "application/json",
+                               req.user, req.domain))
 
     def _binaries_get(self, req: _Req) -> ApiResult:
         page, current, size = self._paging(req)
@@ -704,26 +743,23 @@ class Api:
             raise ApiError(400, "inventory/badRequest",
                            "POST /inventory/binaries takes multipart/form-data with the parts "
                            "object (JSON with name and type) and file (the content)")
-        with self._upload(req) as buf:
-            parts = self._parts(buf, req)
-            obj_part = next((p for p in parts if p.name == "object"), None)
-            file_part = self._file_part(parts)
+        form = self._form(req)
+        try:
+            obj_part = form.named("object")
+            file_part = form.file()
             missing = [n for n, p in (("object", obj_part), ("file", file_part)) if p is None]
             if missing or obj_part is None or file_part is None:
                 raise Invalid("Following mandatory fields should be included: "
                               + ",".join(missing), missing[0])
-            if obj_part.length > MAX_OBJECT_PART:
-                raise ApiError(400, "inventory/badRequest",
-                               f"the object part has {obj_part.length} bytes; at most "
-                               f"{MAX_OBJECT_PART}")
-            obj = self._json(_Req(req.method, req.path, {}, [], bytes(
-                buf[obj_part.start:obj_part.end]), "application/json", req.user, "inventory"))
+            obj = self._object_part(obj_part, req)
             if not isinstance(obj, dict):
                 raise BadField("the object part must be a JSON object with name and type")
             if obj.get("name") in (None, ""):
                 raise Invalid("Following mandatory fields should be included: name", "name")
-            self._too_large(file_part.length)
-            stored = self.binaries.write(buf, file_part.start, file_part.end)
+            stored = self._store_part(file_part, "inventory")
+        except BaseException:
+            form.discard()
+            raise
         ctype = file_part.content_type or "application/octet-stream"
         data = {**obj, "type": obj.get("type") or ctype, BINARY_FRAGMENT: "",
                 "length": stored.length, "contentType": ctype,
@@ -753,18 +789,20 @@ class Api:
     def _binary_put(self, req: _Req) -> ApiResult:
         self._need_writer(req)
         mo = self._binary_mo(req.args[0])
-        with self._upload(req) as buf:
-            if self._is_multipart(req):
-                part = self._file_part(self._parts(buf, req))
+        if self._is_multipart(req):
+            form = self._form(req)
+            try:
+                part = form.file()
                 if part is None:
                     raise Invalid("Following mandatory fields should be included: file", "file")
                 ctype = part.content_type or "application/octet-stream"
-                start, end = part.start, part.end
-            else:
-                ctype = (req.content_type or "").strip() or "application/octet-stream"
-                start, end = 0, len(buf)
-            self._too_large(end - start)
-            stored = self.binaries.write(buf, start, end)
+                stored = self._store_part(part, "inventory")
+            except BaseException:
+                form.discard()
+                raise
+        else:
+            ctype = (req.content_type or "").strip() or "application/octet-stream"
+            stored = self._store_raw(req, "inventory")
         try:
             self.binaries.commit(stored, mo["id"])
         except BaseException:
@@ -960,22 +998,16 @@ class Api:
 
     def _event_binary_store(self, req: _Req, e: JSON) -> ApiResult:
         name: str | None = None
-        with self._upload(req) as buf:
-            if self._is_multipart(req):
-                parts = self._parts(buf, req)
-                part = self._file_part(parts)
+        if self._is_multipart(req):
+            form = self._form(req)
+            try:
+                part = form.file()
                 if part is None:
                     raise Invalid("Following mandatory fields should be included: file", "file")
                 ctype = part.content_type
-                obj_part = next((p for p in parts if p.name == "object"), None)
+                obj_part = form.named("object")
                 if obj_part is not None:
-                    if obj_part.length > MAX_OBJECT_PART:
-                        raise ApiError(400, "event/badRequest",
-                                       f"the object part has {obj_part.length} bytes; at most "
-                                       f"{MAX_OBJECT_PART}")
-                    obj = self._json(_Req(req.method, req.path, {}, [], bytes(
-                        buf[obj_part.start:obj_part.end]), "application/json", req.user,
-                        "event"))
+                    obj = self._object_part(obj_part, req)
                     if not isinstance(obj, dict):
                         raise BadField("the object part must be a JSON object (name, type)")
                     if isinstance(obj.get("name"), str) and obj["name"]:
@@ -983,12 +1015,13 @@ class Api:
                     if isinstance(obj.get("type"), str) and obj["type"]:
                         ctype = obj["type"]
                 name = name or part.filename
-                start, end = part.start, part.end
-            else:
-                ctype = (req.content_type or "").strip()
-                start, end = 0, len(buf)
-            self._too_large(end - start, "event")
-            stored = self.binaries.write(buf, start, end)
+                stored = self._store_part(part, "event")
+            except BaseException:
+                form.discard()
+                raise
+        else:
+            ctype = (req.content_type or "").strip()
+            stored = self._store_raw(req, "event")
         info = {"name": name or f"event-{e['id']}", "length": stored.length,
                 "type": ctype or "application/octet-stream"}
         try:
@@ -1086,7 +1119,11 @@ class Api:
         dev = data.get("deviceId") if isinstance(data, dict) else None
         if isinstance(dev, str | int) and not isinstance(dev, bool):
             self.fence.need_existing(req.principal, dev)
-        op = self._link_op(self.model.create_operation(data))
+        op = self.model.create_operation(data)
+        user = self.device_user(str(op["deviceId"]))
+        if user is not None and self.shell_off(user):
+            op = self.refuse_operation(op["id"], user)
+        op = self._link_op(op)
         self._fire(self._op_hooks, op)
         return self._created(op)
 
@@ -1269,6 +1306,38 @@ class Api:
             self.credentials.add_device(device_id, password)
         self.model.record_credentials(device_id, password, source)
 
+    def issue_credentials_many(self, pairs: list[tuple[str, str]], source: str = "emulator"
+                               ) -> None:
+        """issue_credentials for many (ID, password) pairs: the sink's `add_devices` when it has
+        one (broker.py: batched, or written while it is stopped), one model transaction."""
+        for device_id, _ in pairs:
+            if self.admin_user is not None and device_id == self.admin_user:
+                raise Invalid(f"{device_id!r} is the platform's admin user, not a device", "id")
+        sink = self.credentials
+        if sink is not None:
+            many = getattr(sink, "add_devices", None)
+            if many is not None:
+                many(pairs)
+            else:
+                for device_id, password in pairs:
+                    sink.add_device(device_id, password)
+        self.model.record_credentials_many(pairs, source)
+
+    def shell_off(self, user: str) -> bool:
+        """Whether the device was bulk-registered with SHELL 0 (seed 002: the flag says whether
+        operations are sent to it)."""
+        r = self.model.find_device_request(user)
+        frag = r.get(BULK_FRAGMENT) if r else None
+        return isinstance(frag, dict) and frag.get("shell") is False
+
+    def refuse_operation(self, op_id: str, user: str) -> JSON:
+        """Set an operation of a SHELL 0 device FAILED, saying why; the updated operation."""
+        reason = (f"device {user} was registered with SHELL=0 (bulk registration): it receives "
+                  f"no operations")
+        op = self.model.update_operation(op_id, {"status": "FAILED", "failureReason": reason})
+        log.info("operation %s FAILED at once: %s", op_id, reason)
+        return op
+
     def device_user(self, mo_id: str) -> str | None:
         """The MQTT user that serves managed object `mo_id`: the first object on the way up its
         device parents that has an external ID or an owner with device credentials (the user
@@ -1312,6 +1381,31 @@ def _list_param(req: _Req, name: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def match_route(segs: list[str]) -> tuple[tuple[str, ...], dict[str, Handler], list[str]] | None:
+    """(pattern, its handlers by method, the `*` segments' values) of the route that the path
+    segments name (unquoted, as Api splits them), or None. The HTTP layer asks this too, to
+    validate a body before Api sees it (webapp.py)."""
+    for pattern, methods in _ROUTES:
+        if len(pattern) != len(segs):
+            continue
+        args = []
+        for p, s in zip(pattern, segs, strict=True):
+            if p == "*":
+                args.append(s)
+            elif p != s:
+                break
+        else:
+            return pattern, methods, args
+    return None
+
+
+def path_segments(path: str) -> list[str]:
+    """A request path's segments, unquoted, as Api routes them. Empty segments are dropped:
+    Cumulocity takes `/alarm/alarms//{id}` for `/alarm/alarms/{id}` (its Python SDK sends
+    that), as servlet containers normalise such paths."""
+    return [unquote(s) for s in path.split("/") if s]
+
+
 def _failed(device_id: str, reason: str, line: int) -> JSON:
     d: JSON = {"bulkNewDeviceStatus": "FAILED", "creationStatus": "FAILED"}
     if device_id:
@@ -1330,13 +1424,17 @@ def _csv_payload(req: _Req) -> str:
     if isinstance(body, dict | list):
         raise ApiError(415, "devicecontrol/Unsupported Media Type",
                        "bulk registration takes a CSV file, not JSON")
-    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     ct = req.content_type or ""
-    if ct.split(";")[0].strip().lower().startswith("multipart/"):
-        raw = _multipart_file(raw, ct)
-    elif ct and "json" in ct.lower():
-        raise ApiError(415, "devicecontrol/Unsupported Media Type",
-                       "bulk registration takes a CSV file (multipart/form-data or text/csv)")
+    if isinstance(body, Form) or ct.split(";")[0].strip().lower().startswith("multipart/"):
+        raw = _multipart_file(body, ct)
+    elif isinstance(body, Path):
+        raise ApiError(400, "devicecontrol/badRequest", "bulk registration takes the CSV in "
+                                                          "the request body")
+    else:
+        if ct and "json" in ct.lower():
+            raise ApiError(415, "devicecontrol/Unsupported Media Type",
+                           "bulk registration takes a CSV file (multipart/form-data or text/csv)")
+        raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1344,29 +1442,26 @@ def _csv_payload(req: _Req) -> str:
                        f"the CSV is not UTF-8 text (byte {e.start})") from None
 
 
-def _multipart_file(raw: bytes, content_type: str) -> bytes:
-    # the email package does the MIME work; it needs the Content-Type as a header of the message
-    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
-    if not msg.is_multipart():
-        raise ApiError(400, "devicecontrol/badRequest",
-                       "multipart body without a usable boundary parameter")
-    parts = list(msg.iter_parts())
-    chosen = None
-    for p in parts:
-        if p.get_param("name", header="content-disposition") == "file":
-            chosen = p
-            break
-    if chosen is None:
-        with_name = [p for p in parts if p.get_filename()]
-        chosen = with_name[0] if with_name else (parts[0] if len(parts) == 1 else None)
-    if chosen is None:
-        raise ApiError(400, "devicecontrol/badRequest",
-                       "no part named \"file\" in the multipart body")
-    payload = chosen.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        raise ApiError(400, "devicecontrol/badRequest", "the file part is empty")
-    return payload
+def _multipart_file(body: Form | bytes | str | Path, content_type: str) -> bytes:
+    """The content of the file part of a bulk registration's multipart body."""
+    try:
+        if isinstance(body, Form):
+            form = body
+        elif isinstance(body, Path):
+            form = parse_form(body.read_bytes(), content_type)
+        else:
+            form = parse_form(body.encode("utf-8") if isinstance(body, str) else bytes(body),
+                              content_type)
+    except FormError as e:
+        raise ApiError(400, "devicecontrol/badRequest", str(e)) from None
+    try:
+        chosen = form.file() or (form.parts[0] if len(form.parts) == 1 else None)
+        if chosen is None:
+            raise ApiError(400, "devicecontrol/badRequest",
+                           "no part named \"file\" in the multipart body")
+        return chosen.data()
+    finally:
+        form.discard()
 
 
 # -- SmartREST template collections (see the module docstring) ------------------------------

@@ -1,20 +1,19 @@
-"""The bytes of `/inventory/binaries`: files under the data directory, and multipart parsing.
+"""The bytes of `/inventory/binaries`: files under the data directory.
 
 The metadata of a binary is a managed object (api.py); its content is the file `<directory>/<id>`,
 written to a temporary file in the same directory first (with its SHA-256 computed on the way) and
 renamed into place, so a reader never sees half a file and a download that has the old file open
 keeps reading the old content after a replacement.
 
-Uploads are streamed: http.py spools a request body to a file here (`spool_path()`), and the
-multipart parser (`multipart_parts`) works on a buffer that may be an mmap of that file, so a
-large firmware image is never held in memory. `max_size` bounds a file's length (413).
+Uploads are streamed: the HTTP layer (webapp.py) spools a raw request body to a file here
+(`spool_path()`, read by Api through an mmap), and the multipart parser (forms.py) spools a
+form's file part here with its SHA-256, committed by a rename; a large firmware image is never
+held in memory. `max_size` bounds a file's length (413).
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import hashlib
 import mmap
 import os
@@ -27,28 +26,8 @@ from ..files import private_dir
 
 DEFAULT_MAX_SIZE = 64 << 20  # 64 MiB: firmware images of the boards are a few MiB
 CHUNK = 1 << 16
-MAX_PART_HEADERS = 16 << 10
 
 Buffer = bytes | mmap.mmap
-
-
-class MultipartError(ValueError):
-    """The body is not usable multipart/form-data (the message says why)."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """One part of a multipart body: its headers and where its content lies in the buffer."""
-
-    name: str | None
-    filename: str | None
-    content_type: str | None
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -58,50 +37,6 @@ class Stored:
     temp: Path
     length: int
     sha256: str
-
-
-def boundary_of(content_type: str) -> str | None:
-    """The boundary parameter of a multipart Content-Type, or None."""
-    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    msg = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head)
-    b = msg.get_param("boundary")
-    return b if isinstance(b, str) and b else None
-
-
-def multipart_parts(buf: Buffer, content_type: str) -> list[Part]:
-    """The parts of a multipart/form-data body held in `buf` (bytes, or an mmap of a file)."""
-    boundary = boundary_of(content_type)
-    if boundary is None:
-        raise MultipartError("multipart body without a boundary parameter in its Content-Type")
-    delim = b"--" + boundary.encode("latin-1", "replace")
-    pos = buf.find(delim)
-    if pos < 0:
-        raise MultipartError("the multipart body does not contain its boundary")
-    parts = []
-    parser = email.parser.BytesHeaderParser(policy=email.policy.HTTP)
-    while True:
-        pos += len(delim)
-        if buf[pos:pos + 2] == b"--":
-            return parts
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            raise MultipartError("the multipart body ends after a boundary")
-        if buf[eol:eol + 4] == b"\r\n\r\n":
-            raw, start = b"", eol + 4
-        else:
-            end = buf.find(b"\r\n\r\n", eol)
-            if end < 0 or end - eol > MAX_PART_HEADERS:
-                raise MultipartError("a part of the multipart body has no end of its headers")
-            raw, start = bytes(buf[eol + 2:end]), end + 4
-        nxt = buf.find(b"\r\n" + delim, start)
-        if nxt < 0:
-            raise MultipartError("the multipart body is not closed by its boundary")
-        msg = parser.parsebytes(raw + b"\r\n\r\n")
-        name = msg.get_param("name", header="content-disposition")
-        ctype = msg.get("content-type")
-        parts.append(Part(name if isinstance(name, str) else None, msg.get_filename(),
-                          str(ctype) if ctype else None, start, nxt))
-        pos = nxt + 2
 
 
 @contextlib.contextmanager

@@ -134,8 +134,9 @@ is sent
   or while one sent to this device is still PENDING after `redeliver_after` seconds: those not
   sent since the connector started, or not for `redeliver_after` seconds.
 A device registered by bulk registration with SHELL 0 ("ob Operations an ein Gerät gesendet
-werden sollen", seed 002) gets none: an operation for it (or one of its child devices) is set
-FAILED at once, with a reason naming the flag (in the answer to its POST too).
+werden sollen", seed 002) gets none: the API creates an operation for it (or one of its child
+devices) FAILED, with a reason naming the flag (`Api.refuse_operation`); PENDING ones found at a
+synchronisation are refused the same way.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .api import BULK_FRAGMENT, Api
+from .api import Api
 from .bootstrap import Bootstrap, SecretStore
 from .engine import Engine
 
@@ -960,13 +961,12 @@ class Connector:
             self._schedule(user, functools.partial(self._sync, user, True))
 
     def _operation_created(self, op: dict[str, Any]) -> None:
-        """Api hook (the REST caller's thread): refuse it for a SHELL=0 device, or route it to
-        its device's lane (route_operation: the lane of another process)."""
+        """Api hook (the REST caller's thread): route a new PENDING operation to its device's
+        lane (route_operation: the lane of another process)."""
+        if op.get("status") != "PENDING":
+            return  # refused by the platform (a SHELL 0 device): nothing to deliver
         op_id = str(op.get("id"))
         user = self.api.device_user(str(op.get("deviceId")))
-        if user is not None and self._shell_off(user):
-            self._refuse_operation(op, user)
-            return
         if self.route_operation is not None:
             self.route_operation(user, op_id)
             return
@@ -984,25 +984,13 @@ class Connector:
             return
         self._schedule(user, functools.partial(self._deliver_new, user, op_id))
 
-    def _shell_off(self, user: str) -> bool:
-        """Whether the device was bulk-registered with SHELL 0 (seed 002: no operations)."""
-        r = self.api.model.find_device_request(user)
-        frag = r.get(BULK_FRAGMENT) if r else None
-        return isinstance(frag, dict) and frag.get("shell") is False
-
-    def _refuse_operation(self, op: dict[str, Any], user: str) -> None:
-        reason = (f"device {user} was registered with SHELL=0 (bulk registration): it receives "
-                  f"no operations")
-        try:
-            done = self.api.model.update_operation(op.get("id"), {"status": "FAILED",
-                                                                  "failureReason": reason})
-        except Exception:
-            log.exception("operation %s for SHELL=0 device %s could not be set FAILED",
-                          op.get("id"), user)
-            return
-        # the API answers the POST with this very dict after its hooks: it says FAILED too
-        op.update(status=done["status"], failureReason=done["failureReason"])
-        log.info("operation %s FAILED at once: %s", op.get("id"), reason)
+    def _refuse_operations(self, ops: list[dict[str, Any]], user: str) -> None:
+        for op in ops:
+            try:
+                self.api.refuse_operation(str(op.get("id")), user)
+            except Exception:
+                log.exception("operation %s for SHELL=0 device %s could not be set FAILED",
+                              op.get("id"), user)
 
     def _deliver_new(self, user: str, op_id: str) -> None:
         try:
@@ -1074,9 +1062,8 @@ class Connector:
         ops = self._pending_ops(user)
         if ops is None:
             return
-        if ops and self._shell_off(user):
-            for op in ops:
-                self._refuse_operation(op, user)
+        if ops and self.api.shell_off(user):
+            self._refuse_operations(ops, user)
             return
         now = time.monotonic()
         with self._lock:

@@ -421,25 +421,40 @@ class Workers:
     def subscribe(self, device_id: str, timeout: float = SUBSCRIBE_TIMEOUT) -> None:
         """Have the device's worker subscribe its topics; return once the broker granted them
         (WorkerError otherwise). Waits for a worker that is being started again."""
-        k = partition(device_id, self.count)
-        req = next(self._reqs)
-        event = threading.Event()
-        box: list[str | None] = []
-        with self._lock:
-            self._pending[req] = (k, [device_id], event, box)
+        self.subscribe_many([device_id], timeout)
+
+    def subscribe_many(self, device_ids: list[str], timeout: float = SUBSCRIBE_TIMEOUT) -> None:
+        """subscribe() for many devices: one request per worker holding all of its devices (one
+        SUBSCRIBE each), sent at once and waited for together."""
+        groups: dict[int, list[str]] = {}
+        for device_id in device_ids:
+            groups.setdefault(partition(device_id, self.count), []).append(device_id)
+        waits: list[tuple[int, int, threading.Event, list[str | None]]] = []
         try:
-            slot = self._slots[k]
-            if slot.ready.is_set():
-                self._send(slot, ("subscribe", req, [device_id]))
-            # else: sent when the worker reports ready (_take)
-            if not event.wait(timeout):
-                raise WorkerError(f"worker {k + 1} did not subscribe device {device_id} within "
-                                  f"{timeout:.0f} s")
+            for k, ids in groups.items():
+                req = next(self._reqs)
+                event = threading.Event()
+                box: list[str | None] = []
+                with self._lock:
+                    self._pending[req] = (k, ids, event, box)
+                waits.append((req, k, event, box))
+                slot = self._slots[k]
+                if slot.ready.is_set():
+                    self._send(slot, ("subscribe", req, ids))
+                # else: sent when the worker reports ready (_take)
+            deadline = time.monotonic() + timeout
+            for _, k, event, box in waits:
+                what = f"device {groups[k][0]}" if len(groups[k]) == 1 else \
+                    f"{len(groups[k])} devices"
+                if not event.wait(max(0.0, deadline - time.monotonic())):
+                    raise WorkerError(f"worker {k + 1} did not subscribe {what} within "
+                                      f"{timeout:.0f} s")
+                if box and box[0] is not None:
+                    raise WorkerError(f"worker {k + 1} could not subscribe {what}: {box[0]}")
         finally:
             with self._lock:
-                self._pending.pop(req, None)
-        if box and box[0] is not None:
-            raise WorkerError(f"worker {k + 1} could not subscribe device {device_id}: {box[0]}")
+                for req, *_ in waits:
+                    self._pending.pop(req, None)
 
     def operation(self, user: str | None, op_id: str) -> None:
         """A new operation for device `user`: to its worker (a worker that is down gets it from
@@ -470,14 +485,38 @@ class SubscribingSink:
     def __init__(self, broker: Any, workers: Workers) -> None:
         self.broker = broker
         self.workers = workers
+        # granted subscriptions stay in the workers' persistent sessions (and a restarted worker
+        # subscribes every broker user): a device is subscribed once
+        self._subscribed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def subscribe(self, device_ids: list[str]) -> None:
+        """Have the workers subscribe these devices' topics (those not subscribed before); a
+        caller that stops the broker to add users does this first (Emulator.add_devices)."""
+        for device_id in device_ids:
+            # the broker's rules first: an ID that cannot be a user cannot be a topic level
+            self.broker.check_new_device(device_id)
+        with self._lock:
+            todo = [d for d in dict.fromkeys(device_ids) if d not in self._subscribed]
+        if todo:
+            self.workers.subscribe_many(todo)
+            with self._lock:
+                self._subscribed.update(todo)
 
     def add_device(self, device_id: str, password: str) -> None:
-        # the broker's rules first: an ID that cannot be a user cannot be a topic level either
-        self.broker.check_new_device(device_id)
-        self.workers.subscribe(device_id)
+        self.subscribe([device_id])
         self.broker.add_device(device_id, password)
 
+    def add_devices(self, devices: list[tuple[str, str]]) -> None:
+        """add_device for many: every worker subscribes its share in one request, then the
+        broker gets the users in its batched way (Broker.add_devices)."""
+        pairs = list(devices)
+        self.subscribe([device_id for device_id, _ in pairs])
+        self.broker.add_devices(pairs)
+
     def remove_device(self, device_id: str) -> bool:
+        with self._lock:
+            self._subscribed.discard(device_id)
         return bool(self.broker.remove_device(device_id))
 
 

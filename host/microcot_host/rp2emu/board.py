@@ -36,10 +36,11 @@ from pathlib import Path
 from types import TracebackType
 
 from .. import fidelity
+from ..childproc import die_with_parent
 from ..fidelity import FidelityMissing
 from ..files import narrow_mode, private_dir
 from ..paths import state_dir
-from ..vboard.ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
+from ..vboard.ptys import check_name, link_to, open_pty, unlink_if_ours, wake_pipe
 
 __all__ = ["EmulatedRP2040", "BoardStartError", "RP2040jsMissing", "ensure_rp2040js",
            "find_node", "parse_uid", "default_uid", "runner_script"]

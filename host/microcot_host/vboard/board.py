@@ -41,9 +41,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from ..childproc import die_with_parent
 from ..files import narrow_tree, private_dir, write_private
 from ..paths import state_dir
-from .ptys import check_name, die_with_parent, link_to, open_pty, unlink_if_ours, wake_pipe
+from .ptys import check_name, link_to, open_pty, unlink_if_ours, wake_pipe
 
 __all__ = ["VirtualBoard", "BoardStartError", "parse_heap", "parse_mac", "default_mac",
            "find_micropython", "board_flash_dir"]

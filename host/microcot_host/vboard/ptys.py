@@ -1,19 +1,16 @@
 """What every board on a pseudo-terminal needs, the virtual board and the emulated RP2040 alike:
 a valid name, the pty in raw mode, a wake-up pipe for the bridge thread, an optional stable
-symlink, and a child process that dies with the host."""
+symlink (the child that dies with the host: childproc.die_with_parent)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
-import signal
 import tty
 from pathlib import Path
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PR_SET_PDEATHSIG = 1
 
 
 def check_name(name: str) -> str:
@@ -64,9 +61,3 @@ def unlink_if_ours(link: Path | None, port: str | None) -> None:
             link.unlink()
 
 
-def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
-    """Between fork and exec: the child gets `sig` when the thread that forked it ends."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
