@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from emulator_fixtures import WAIT, Device, device, new_iccid, rest, wait_for
 
-from microcot_host.emulator import Emulator
+from microcot_host.emulator import Emulator, service
 from microcot_host.emulator.model import SINGLE_CONNECTOR, Model
 from microcot_host.emulator.sessions import SETTING, layout
 from microcot_host.emulator.workers import partition, worker_client_id
@@ -70,7 +70,10 @@ def ids_for_both(per_worker: int, n: int = 2) -> list[str]:
 class Fleet:
     """Devices with credentials, a managed object and a bound session, connected."""
 
-    def __init__(self, emu: Emulator, ids: list[str]) -> None:
+    def __init__(self, emu: Emulator, ids: list[str],
+                 passwords: dict[str, str] | None = None, register: bool = True) -> None:
+        """`passwords`: of devices already given credentials (else add_device here);
+        `register`: the first device registers the template collection."""
         assert emu.api is not None
         self.conn = emu.connection
         self.mo: dict[str, str] = {}
@@ -78,14 +81,14 @@ class Fleet:
         self.dev: dict[str, Device] = {}
         self.infos: list[Any] = []
         for n, i in enumerate(ids):
-            self.pw[i] = emu.add_device(i)
+            self.pw[i] = passwords[i] if passwords else emu.add_device(i)
             r = emu.api.handle("POST", "/inventory/managedObjects",
                                {"name": i, "c8y_IsDevice": {}}, user=i)
             self.mo[i] = str(r.body["id"])
             emu.api.handle("POST", f"/identity/globalIds/{self.mo[i]}/externalIds",
                            {"type": "c8y_Serial", "externalId": i}, user=i)
             d = device(self.conn, i, self.pw[i])
-            if n == 0:
+            if n == 0 and register:
                 assert d.request(REGISTRATION).startswith("20,")
             self.dev[i] = d
             # the first request row binds the device to the collection (its template 500)
@@ -232,6 +235,40 @@ def test_two_workers_keep_each_devices_order(tmp_path: Path):
             assert wait_for(lambda: "lastMessage" in rest(
                 fleet.conn, "GET", f"/inventory/managedObjects/{watched}")[1].get(
                     "c8y_Availability", {}), WAIT)
+        finally:
+            fleet.close()
+
+
+def test_bulk_added_devices_are_served_by_their_workers(tmp_path: Path, monkeypatch):
+    """Emulator.add_devices with workers: the quiet path (broker restarted with the users in its
+    file) and the batched commands; in both, each worker subscribed its share before the users
+    existed, so the devices' first rows are served, once and in order."""
+    monkeypatch.setattr(service, "QUIET_RESTART_AT", 4)
+    rows = 10
+    with Emulator(tmp_path / "emu", worker_processes=2) as emu:
+        quiet = {i: f"Quiet-Password-{k}" for k, i in enumerate(ids_for_both(3))}
+        pid = emu.broker.pid
+        emu.add_devices(list(quiet.items()))
+        assert emu.broker.pid != pid  # the quiet path: restarted with the users
+        fleet = Fleet(emu, list(quiet), quiet)
+        try:
+            # a device is connected now: the next batch goes in commands to the running broker
+            batched = {i: f"Batch-Password-{k}" for k, i in enumerate(ids_for_both(2))}
+            pid = emu.broker.pid
+            emu.add_devices(list(batched.items()))
+            assert emu.broker.pid == pid
+            more = Fleet(emu, list(batched), batched, register=False)
+            try:
+                for seq in range(rows):
+                    for f in (fleet, more):
+                        for i in f.mo:
+                            f.send(i, seq, "c8y_Bulk")
+                for f in (fleet, more):
+                    for i in f.mo:
+                        assert f.answers(i, rows) == list(range(rows)), i
+                    check_once_in_order(f, "c8y_Bulk", rows)
+            finally:
+                more.close()
         finally:
             fleet.close()
 
