@@ -492,7 +492,7 @@ class Fake:
     def client(self, **kw) -> mqtt.MQTTClient:
         kw.setdefault("timeout", 3)
         c = mqtt.MQTTClient("fake-client", "127.0.0.1", self.port, **kw)
-        c.log = self.log.append
+        c.note = self.log.append
         return c
 
 
