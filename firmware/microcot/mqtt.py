@@ -221,9 +221,12 @@ class MQTTClient:
         ctx = self._context()
         try:
             ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
-        except OSError as e:
+        except (OSError, IndexError) as e:  # IndexError: no address at all
             raise MQTTConnectionError("cannot resolve %s: %s" % (self.server, _text(e)))
-        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        try:
+            s = socket.socket(ai[0], socket.SOCK_STREAM)
+        except OSError as e:  # out of sockets or buffers (lwIP: ENFILE, ENOBUFS)
+            raise MQTTConnectionError("no socket for %s: %s" % (where, _text(e)))
         raw = s
         try:
             s.settimeout(ms / 1000)
