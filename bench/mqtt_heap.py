@@ -3,11 +3,12 @@
 
 One round, as a device makes it: import, a client with a verified TLS context (the broker's CA),
 connect, subscribe (QoS 1), publish (QoS 1, PUBACK), receive the echo a connector sends back,
-disconnect; with a 64 B message and with the largest the default max_packet (16 KiB) admits; against Mosquitto over TLS (the emulator's broker, microcot_host.emulator.broker) with
-paho as the echoing connector. The firmware is compiled to .mpy for the model's architecture, as
+disconnect; with a 64 B message and with the largest the default max_packet (16 KiB) admits;
+against Mosquitto over TLS (the emulator's broker, microcot_host.emulator.broker) with paho as
+the echoing connector. The firmware is compiled to .mpy for the model's architecture, as
 deployed. Reported: what each step holds after a collection (gc.mem_alloc deltas) and the
-smallest interpreter heap with which the round passes (bisected to 1 KiB, confirmed 3 times) with the free heap after boot it
-means. The same for umqtt.robust's client (firmware/umqtt) on top.
+smallest interpreter heap with which the round passes (bisected to 1 KiB, confirmed 3 times),
+with the free heap after boot it means. The same for umqtt.robust's client (firmware/umqtt).
 
     python bench/mqtt_heap.py [--runtimes i386-esp32,i386-rp2] [--json]
 

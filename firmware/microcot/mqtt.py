@@ -39,10 +39,11 @@
 #   (at least once) and which loses nothing. drop_pending() forgets them.
 # - QoS 1 and 2 receive; QoS 2 ids awaiting PUBREL are remembered (bounded) so a DUP is delivered
 #   once; they are kept across a reconnect that finds the session present.
-# - A PUBACK, PUBREC, PUBCOMP, SUBACK or UNSUBACK for an id we do not wait for is ignored and
-#   logged (self.note, print by default: `log` is umqtt.robust's method) and counted in self.stray: after a reconnect a late or
-#   repeated acknowledgement is harmless, and closing a working link over it would be worse. A
-#   PUBREL for an unknown id is answered with PUBCOMP, as the protocol asks.
+# - A PUBACK, PUBREC, PUBCOMP, SUBACK or UNSUBACK for an id we do not wait for is ignored,
+#   noted (self.note, print by default; `log` is umqtt.robust's method) and counted in
+#   self.stray: after a reconnect a late or repeated acknowledgement is harmless, and closing a
+#   working link over it would be worse. A PUBREL for an unknown id is answered with PUBCOMP, as
+#   the protocol asks.
 # - Incoming packets are bounded by max_packet (whole packet, default 16 KiB): a larger one is
 #   refused (MQTTPacketTooLarge, connection closed) once its remaining length is read, before
 #   anything is allocated for it; an outgoing PUBLISH over the limit is refused before sending.
@@ -98,9 +99,9 @@ from .mqttpkt import unsubscribe as _unsubscribe_pkt
 from .tlsctx import _text, tls_context  # noqa: F401 (mqtt.tls_context: the old name)
 
 __all__ = (
-    "MQTTClient", "BOARD_CONFIG", "tls_context", "MQTTException", "MQTTProtocolError", "MQTTPacketTooLarge",
-    "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError", "MQTTTLSError", "MQTTTimeout",
-    "MQTTMemoryError",
+    "MQTTClient", "BOARD_CONFIG", "tls_context", "MQTTException", "MQTTProtocolError",
+    "MQTTPacketTooLarge", "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError",
+    "MQTTTLSError", "MQTTTimeout", "MQTTMemoryError",
 )
 
 try:
