@@ -99,7 +99,7 @@ from .mqttpkt import unsubscribe as _unsubscribe_pkt
 from .tlsctx import _text, tls_context  # noqa: F401 (mqtt.tls_context: the old name)
 
 __all__ = (
-    "MQTTClient", "BOARD_CONFIG", "tls_context", "MQTTException", "MQTTProtocolError",
+    "MQTTClient", "BOARD_CONFIG", "ERRORS", "tls_context", "MQTTException", "MQTTProtocolError",
     "MQTTPacketTooLarge", "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError",
     "MQTTTLSError", "MQTTTimeout", "MQTTMemoryError",
 )
@@ -110,6 +110,9 @@ except ImportError:  # pragma: no cover
     EAGAIN, ETIMEDOUT = 11, 110
 
 _MP = hal.family() != "cpython"
+# what a broker, however hostile, can make connect(), poll() and the calls that wait raise (the
+# connection is then closed); the callback's own exceptions pass through as they are
+ERRORS = (MQTTException, MQTTMemoryError)
 # the agent's settings: ssl=True without a CA takes the board's from its "ca"
 BOARD_CONFIG = "/microcot.json"
 _SSL_KEYS = ("cadata", "cafile", "ca_certs", "cert_reqs", "verify", "server_hostname", "cert",

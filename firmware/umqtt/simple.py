@@ -7,9 +7,10 @@
 # - MQTTClient(client_id, server, port=0, user=None, password=None, keepalive=0, ssl=None,
 #   ssl_params={}); set_callback, set_last_will, connect(clean_session=True, timeout=None) ->
 #   session present, disconnect, ping, publish, subscribe, unsubscribe, wait_msg, check_msg.
-# - publish(qos=1) returns once the PUBACK came. If the link fails first, the message is the
-#   caller's again (a later connect() does not send it): a retry, as umqtt.robust makes, sends
-#   it once more, not twice.
+# - publish(qos=1) returns once the PUBACK came. If the link fails first, or no PUBACK comes
+#   within `timeout` (10 s; umqtt would wait for ever; the connection is closed: ETIMEDOUT), the
+#   message is the caller's again (a later connect() does not send it): a retry, as umqtt.robust
+#   makes, sends it once more, not twice.
 # - A refusal raises MQTTException with the return code as args[0] (and .code): CONNACK 1..5
 #   from connect() (5: not authorized; a broker that refuses a will answers so), SUBACK 0x80
 #   from subscribe(). str() says what it means.

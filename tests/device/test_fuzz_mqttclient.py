@@ -2,7 +2,8 @@
 # runtimes: every input is a CONNACK and a stream of packets a broker could send, mutated (bit
 # flips, truncation, splicing, huge declared lengths, duplication), played through the scripted
 # network of fakenet.py. The driver's documented outcome for anything it cannot take is an
-# MQTTException or MQTTMemoryError with the connection closed; any other exception fails the run.
+# MQTTException or MQTTMemoryError (mqtt.ERRORS) with the connection closed; any other exception
+# fails the run.
 # The packet codec's own fuzz is test_fuzz_mqtt.py's; tools/fuzz.py runs fuzz_client with big
 # counts.
 from dt import Rng
@@ -91,7 +92,7 @@ def fuzz_client(rng, n):
                     if c.poll(0) is None:
                         break
                 accepted += 1
-            except (mqtt.MQTTException, mqtt.MQTTMemoryError):
+            except mqtt.ERRORS:
                 if c.isconnected():
                     raise AssertionError("an error left the connection open: %r" % stream)
                 rejected += 1

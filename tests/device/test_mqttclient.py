@@ -282,6 +282,12 @@ def test_umqtt_simple_turns_a_broken_link_into_oserror_and_keeps_refusals_apart(
         conn.feed(EOF)
         raises(OSError, c.publish, "ms/id", b"m", qos=1)
         assert c.pending() == 0
+        # no PUBACK within `timeout`: OSError ETIMEDOUT, connection closed, the message dropped
+        c, conn, got = _connected(net, MQTTClient)
+        c.timeout = 0.05
+        e = raises(OSError, c.publish, "ms/id", b"m", qos=1)
+        assert e.args[0] == 110 and "no PUBACK" in str(e) and c.pending() == 0, e
+        assert not c.isconnected() and conn.closed
         # an oversized publish is refused before sending, the link stays up
         e = raises(MQTTException, _connected(net, MQTTClient, max_packet=64)[0].publish,
                    "t", b"x" * 100)
