@@ -15,14 +15,15 @@
 #   from connect() (5: not authorized; a broker that refuses a will answers so), SUBACK 0x80
 #   from subscribe(). str() says what it means.
 # - A link that fails raises OSError, as umqtt's socket does: ETIMEDOUT for a timeout, ENOMEM
-#   for a packet the heap had no room for, else ECONNRESET; the text names the cause and .error
+#   for a packet the heap had no room for, ECONNABORTED for TLS (the handshake failed, or no CA
+#   to verify the broker with), else ECONNRESET; the text names the cause and .error
 #   is the client's own exception. A broker that sends a malformed or oversized packet, or
 #   garbage for a CONNACK, has broken the link: the connection is closed and OSError raised.
 #   Other errors (ValueError for a bad argument, the callback's own) pass unchanged.
 # Better than umqtt.simple: TLS is verified (ssl=True takes ssl_params' CA or the board's, see
 # microcot/mqtt.py), wait_msg/check_msg send the keep-alive pings, timeouts bound every wait,
 # and a broker's packet is bounded by max_packet (16 KiB) before anything is allocated for it.
-from errno import ECONNRESET, ENOMEM, ETIMEDOUT
+from errno import ECONNABORTED, ECONNRESET, ENOMEM, ETIMEDOUT
 
 from microcot.mqtt import MQTTClient as _Client
 from microcot.mqttpkt import (
@@ -31,6 +32,7 @@ from microcot.mqttpkt import (
     MQTTMemoryError,
     MQTTSubscribeError,
     MQTTTimeout,
+    MQTTTLSError,
 )
 
 __all__ = ("MQTTClient", "MQTTException", "MQTTRefused", "MQTTLinkError")
@@ -70,8 +72,12 @@ class MQTTClient(_Client):
             return e
         if isinstance(e, MQTTMemoryError):
             return MQTTLinkError(ENOMEM, e)
+        if isinstance(e, MQTTTimeout):
+            return MQTTLinkError(ETIMEDOUT, e)
+        if isinstance(e, MQTTTLSError):  # a handshake refused, or no CA to verify with
+            return MQTTLinkError(ECONNABORTED, e)
         if isinstance(e, MQTTException):
-            return MQTTLinkError(ETIMEDOUT if isinstance(e, MQTTTimeout) else ECONNRESET, e)
+            return MQTTLinkError(ECONNRESET, e)
         return e
 
     def _forget(self, pid):

@@ -129,6 +129,11 @@ def test_ssl_true_without_a_ca_never_skips_verification():
             e = raises(mqtt.MQTTTLSError, c.connect)
             assert "no CA certificate" in str(e) and "broker:8883" in str(e), str(e)
             assert net.used == []
+            # umqtt.simple's client: an OSError, as a failed handshake is in umqtt
+            from umqtt.simple import MQTTClient
+
+            e = raises(OSError, MQTTClient("id", "broker", ssl=True).connect)
+            assert e.args[0] == 103 and "no CA certificate" in str(e), e
         else:  # CPython: its default trust store, verified
             assert c._ssl_params_context().verify_mode == 2
         # the board's configured CA (the agent's settings: PEM text or a path)
