@@ -56,6 +56,7 @@ from . import front_wire as wire
 from .broker import RESERVED_USERS, valid_device_id
 from .certs import TlsFiles, server_ssl_context
 from .front_bootstrap import BootstrapConnection, BootstrapHub
+from .front_tls import TlsServer
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,12 @@ class Front:
 
     async def _listen(self) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: _Client(self), self.host, self.requested_port or 0, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.connect_timeout if self.ssl_context else None,
-            reuse_address=True)
+        factory: Callable[[], asyncio.BaseProtocol] = lambda: _Client(self)  # noqa: E731
+        if self.ssl_context is not None:  # not asyncio's TLS: see front_tls.py
+            factory = TlsServer(self.ssl_context, lambda: _Client(self),
+                                handshake_timeout=self.connect_timeout)
+        return await loop.create_server(factory, self.host, self.requested_port or 0,
+                                        reuse_address=True)
 
     async def _close(self) -> None:
         if self._server is not None:
