@@ -9,7 +9,8 @@ asyncio.Transport, with what asyncio's own TLS gave the front kept.
   reads); an application that pauses reading stops the socket, so a flooding peer blocks and the
   memory held is bounded, and everything arrives once it resumes;
 - ends: close() sends close_notify (the client sees a clean TLS end, not a truncation) after what
-  was written, and drops later writes; the peer's close_notify or TCP EOF gives eof_received,
+  was written, drops later writes, and waits for the peer's close_notify, dropping what comes
+  before it; the peer's close_notify or TCP EOF gives eof_received,
   then the connection closes; abort() and a reset after the handshake give connection_lost;
 - the front itself (Front with TLS, a stub broker that echoes): a 2 MB message through a joined
   connection and back, byte for byte.
@@ -366,8 +367,10 @@ def test_close_sends_close_notify_after_what_was_written_and_drops_later_writes(
             got += chunk
         assert got == b"bye"
         assert app.events == ["made", "closing=True"]  # it waits for our close_notify
+        t.sendall(b"said before it saw the close_notify")  # read and dropped by the server
         t.unwrap()  # ours: the server can close now
         wait_for(lambda: app.events[-1] == "lost")
+    assert app.received == 0
 
 
 @pytest.mark.parametrize("how", ["close_notify", "tcp_eof"])

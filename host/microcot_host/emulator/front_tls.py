@@ -224,16 +224,23 @@ class TlsProtocol(asyncio.BufferedProtocol):
     # -- closing ---------------------------------------------------------------------------------------
 
     def _await_close_notify(self) -> None:
-        # after our close_notify: the peer's, dropping the application data still coming
+        # after our close_notify: the peer's. What else comes is read and dropped (the
+        # application closed); SSLObject.unwrap() would fail on it ("application data after
+        # close notify") and leave only an abort, whose reset can destroy our last records
+        incoming, tls, buf = self.incoming, self.tls, self.server.plain
         try:
-            self.tls.unwrap()
+            while incoming.pending or tls.pending():
+                if not tls.read(RECORD, buf):
+                    break
+            else:
+                return  # the BIO is empty: the close_notify is still to come
         except ssl.SSLWantReadError:
-            self._flush()
             return
+        except ssl.SSLZeroReturnError:
+            pass  # the close_notify
         except ssl.SSLError:
             self.app_abort()
             return
-        self._flush()
         self._closed(gracefully=True)
 
     def _closed(self, gracefully: bool) -> None:
