@@ -161,7 +161,7 @@ class Server:
                                suppress_ragged_eofs=False)
 
     def close(self) -> None:
-        self.server.close()
+        self.loop.call(self.server.close)  # on its loop: asyncio.Server is not thread-safe
         self.loop.close()
 
 
@@ -293,6 +293,7 @@ def test_a_peer_that_reads_nothing_pauses_the_writer_until_it_reads(server):
     srv = server()
     total = 16 * 1024 * 1024
     with srv.tls() as t:
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # so that 16 MB cannot fit
         wait_for(lambda: srv.apps and srv.apps[0].transport is not None)
         app = srv.apps[0]
 
@@ -366,6 +367,7 @@ def test_close_sends_close_notify_after_what_was_written_and_drops_later_writes(
                 break
             got += chunk
         assert got == b"bye"
+        wait_for(lambda: len(app.events) > 1)  # bye() has returned on the loop's thread
         assert app.events == ["made", "closing=True"]  # it waits for our close_notify
         t.sendall(b"said before it saw the close_notify")  # read and dropped by the server
         t.unwrap()  # ours: the server can close now
@@ -444,5 +446,5 @@ def test_a_large_message_through_a_joined_connection_both_ways(tls_files):
         assert bytes(got) == connect + data
     finally:
         front.stop()
-        stub.close()
+        loop.call(stub.close)
         loop.close()
