@@ -5,6 +5,7 @@ asyncio.Transport, with what asyncio's own TLS gave the front kept.
   instead of a ClientHello, and a reset halfway, end the connection at once; the application
   protocol never hears of any of them, and the server keeps serving;
 - data: megabytes both ways byte for byte, handed over in pieces of at most one socket read;
+  records that arrive together are all handed over at once;
 - back-pressure: a peer that reads nothing pauses the application's writing (resumed once it
   reads); an application that pauses reading stops the socket, so a flooding peer blocks and the
   memory held is bounded, and everything arrives once it resumes;
@@ -285,6 +286,35 @@ def test_megabytes_both_ways_byte_for_byte(server):
     app = srv.apps[0]
     assert app.digest.digest() == hashlib.sha256(data).digest()
     assert max(app.chunks) <= SCRATCH  # handed over a socket read at a time, not gathered
+
+
+def test_records_that_arrive_in_one_read_are_all_handed_over(server, tls_files):
+    """Several TLS records in one TCP segment: every one is decrypted at once (the read loop
+    stops on an empty BIO, so a record left inside OpenSSL would wait for the next segment)."""
+    srv = server(lambda: App(echo=True))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_ssl_context(tls_files.ca_cert).wrap_bio(incoming, outgoing,
+                                                         server_hostname="localhost")
+    with srv.tcp() as s:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        # first with the client's Finished in the same segment, then alone
+        for words in ([b"one", b"two"], [b"three", b"four" * 5000, b"five"]):
+            for w in words:
+                obj.write(w)  # a record each (20,000 bytes are two)
+            s.sendall(outgoing.read())
+            got = b""
+            while len(got) < len(b"".join(words)):
+                try:
+                    got += obj.read(65536)
+                except ssl.SSLWantReadError:
+                    incoming.write(s.recv(65536))
+            assert got == b"".join(words)
 
 
 # -- back-pressure ---------------------------------------------------------------------------------
