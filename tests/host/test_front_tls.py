@@ -273,7 +273,7 @@ def test_a_reset_during_the_handshake_or_after_it(server, tls_files):
     still_serves(srv)
 
 
-def test_peer_address_and_tls_details(server):
+def test_peer_address_tls_details_and_write_buffer_limits(server):
     srv = server()
     with srv.tls() as t:
         wait_for(lambda: srv.apps and srv.apps[0].transport is not None)
@@ -283,6 +283,12 @@ def test_peer_address_and_tls_details(server):
         assert isinstance(tr.get_extra_info("ssl_object"), ssl.SSLObject)
         assert tr.get_extra_info("no such thing", "dflt") == "dflt"
         assert not tr.can_write_eof()
+
+        async def limits() -> tuple[int, int]:
+            tr.set_write_buffer_limits(high=4096, low=1024)  # the socket transport's
+            return tr.get_write_buffer_limits()
+
+        assert srv.loop.run(limits()) == (1024, 4096)
 
 
 # -- data ------------------------------------------------------------------------------------------
