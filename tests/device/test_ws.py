@@ -220,12 +220,82 @@ def test_reader_limits_decided_from_the_header():
     e = raises(F.ProtocolError, _feed_all, r, frag)
     assert e.code == 1009 and e.status == S
     assert len(r.buf) <= 250
-    # the buffer grows only with the data (doubling, at least 256)
+    # the buffer grows only with the data, never past the frame's declared end
     r = F.Reader(0x10000, 0x100000)
     _feed_all(r, H("8205") + b"12345")
-    assert len(r.buf) == 256
+    assert len(r.buf) == 5
     _feed_all(r, H("827e0400") + bytes(1024))
     assert len(r.buf) == 1024
+
+
+def test_reader_never_allocates_what_a_header_declares():
+    # issue 14: a header claiming 32 or 64 KiB (within the limits) used to allocate it at once
+    for head in (H("827e8000"), H("827f0000000000010000"), H("017f0000000000010000")):
+        r = F.Reader()
+        used, ev = r.feed(memoryview(head + b"abcd"))
+        assert ev is None and len(r.buf) <= 256, (head, len(r.buf))
+    # as the payload arrives, through feed() or straight into target(), the buffer stays within
+    # what arrived plus GROW_MAX, and the message comes out whole
+    size = 0x10000
+    data = bytes(i * 7 & 0xFF for i in range(size))
+    for direct in (False, True):
+        r = F.Reader()
+        r.feed(memoryview(H("827f0000000000010000")))
+        got = 0
+        ev = None
+        while got < size:
+            if direct:
+                t = r.target()
+                k = len(t) if len(t) < 3000 else 3000
+                t[:k] = data[got:got + k]
+                ev = r.got(k)
+            else:
+                k = 3000 if size - got > 3000 else size - got
+                used, ev = r.feed(memoryview(data)[got:got + k])
+                assert used == k
+            got += k
+            assert len(r.buf) <= got + F.Reader.GROW_MAX, (direct, got, len(r.buf))
+        assert ev == ("msg", 2, size, False)
+        assert bytes(r.buf[:size]) == data
+
+
+def test_reader_hostile_header_heap_cost():
+    # the heap itself, where it can be measured: a 64 KiB header and 4 bytes cost little
+    try:
+        import gc
+
+        gc.mem_free
+    except (ImportError, AttributeError):
+        return  # CPython: the buffer sizes above tell the same
+    r = F.Reader()
+    gc.collect()
+    f0 = gc.mem_free()
+    r.feed(memoryview(H("827f0000000000010000") + b"abcd"))
+    gc.collect()
+    assert f0 - gc.mem_free() < 2048, f0 - gc.mem_free()
+
+
+def test_response_status_must_be_ascii_digits():
+    # "²²²" passed str.isdigit() and made int() raise ValueError (an undocumented error)
+    for line in ("HTTP/1.1 ²²² x", "HTTP/1.1 １０１ OK", "HTTP/1.1 1٠1 x"):
+        e = raises(F.HandshakeError, F.parse_response, line.encode())
+        assert e.status == F.WS_STATUS_CONNECT_RES_PARSE_ERROR
+
+
+def test_pmd_window_bits_must_be_ascii_digits():
+    for v in ("²", "1²", "９"):
+        e = raises(F.HandshakeError, P.accept, "permessage-deflate; server_max_window_bits=" + v,
+                   {"client_max_window_bits": True})
+        assert e.status == F.WS_STATUS_CONNECT_RES_INVALID_EXTENSION
+
+
+def test_tls_any_value_but_none_or_false_means_tls():
+    from microcot import wstls
+
+    assert wstls.tls_of(None) is None and wstls.tls_of(False) is None
+    for v in ({}, True, wstls.Tls(), {"ca": "/x.der"}):
+        t = wstls.tls_of(v)
+        assert t is not None and not t.no_server_cert_check, v
 
 
 def test_fragmented_text_with_interleaved_controls_and_utf8_across_fragments():
