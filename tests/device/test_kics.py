@@ -439,8 +439,14 @@ def test_integer_limits_and_unicode_digits():
     # "²" passed str.isdigit(), and int() refused it: the field then held the text "²"
     for v in ("²", "1²", "٣"):
         raises(k.KicsDecodeError, _field, {"t": "u", "v": v})
-    # an integer beyond any double for a d field raised OverflowError
-    raises(k.KicsDecodeError, _field, {"t": "d", "v": 10 ** 400})
+    # an integer beyond any double for a d field raised OverflowError on CPython (MicroPython
+    # makes it inf, as it does 1e999)
+    try:
+        f = _field({"t": "d", "v": 10 ** 400})
+    except k.KicsDecodeError:
+        pass
+    else:
+        assert f.value == float("inf")
 
 
 def test_hostile_values_give_bounded_messages():
@@ -458,4 +464,4 @@ def test_hostile_values_give_bounded_messages():
     for ti in ({"assetName": [1], "tagName": "T"}, {"assetName": "A", "tagName": {"x": 1}}):
         raises(k.KicsDecodeError, k.parse_item, {"confirmation": {"result": "ok",
                                                                   "tagIdentifier": ti}})
-    assert k.ERRORS == (k.KicsError,)
+    assert (k.KicsError,) == k.ERRORS

@@ -260,7 +260,7 @@ def test_deep_json_refused_before_parsing_with_the_path():
     # MicroPython); now a SignalRError naming the path, at any depth over MAX_DEPTH
     ok = '{"type":1,"target":"t","arguments":%s}' % _nested(s.MAX_DEPTH - 1)
     assert s.parse(ok.encode()).arguments
-    for depth in (s.MAX_DEPTH, 100, 5000):
+    for depth in (s.MAX_DEPTH, 100, 1500):
         rec = '{"type":1,"target":"t","arguments":[{"a":%s}]}' % _nested(depth)
         e = raises(s.SignalRError, s.parse, rec.encode())
         assert "deeper than %d" % s.MAX_DEPTH in str(e) and "$.arguments[0].a" in str(e), str(e)
@@ -286,4 +286,4 @@ def test_records_from_a_memoryview_without_copying_the_message():
     assert r.pending() == 4
     big = bytearray(b"x" * 1500 + RS)
     assert r.feed(memoryview(big)[:1501]) == [b'{"ty' + b"x" * 1500]
-    assert s.ERRORS == (s.SignalRError,)
+    assert (s.SignalRError,) == s.ERRORS
