@@ -559,6 +559,9 @@ class HubConnection:
             recs = self.records.feed(data)
         except SignalRError as exc:
             return [self._closed(str(exc), False, True)]
+        except MemoryError:  # a record this heap cannot hold: a retry may find more room
+            self.records.reset()
+            return [self._closed("a record does not fit in memory", True, True)]
         for rec in recs:
             try:
                 if self.state == HANDSHAKING:

@@ -593,7 +593,7 @@ class Reader:
     negotiated (RSV1 marks a compressed message).
     """
 
-    GROW_MAX = 0x8000
+    GROW_MAX = 0x4000
 
     def __init__(self, max_frame=0x10000, max_msg=0x100000, rsv1=False):
         self.max_frame = max_frame

@@ -3,13 +3,15 @@
 # messages, the hub state machine), kics (stream items, tag values, the session); the drivers are
 # in test_fuzz_wsclient.py, the seeds and mutations in wsfuzz.py. Each fuzz_<name>(rng, n) feeds
 # n random and mutated inputs (bit flips, truncation, splicing, huge declared lengths, deep
-# nesting, 5000-digit integers, non-ASCII digits) and takes the module's documented errors (its ERRORS) as a rejection; anything else propagates. Each returns
-# {"inputs", "accepted", "rejected"}. The tests below run a seeded subset on both runtimes;
-# tools/fuzz.py runs the big counts.
+# nesting, 5000-digit integers, non-ASCII digits) and takes the module's documented errors (its
+# ERRORS) as a rejection; anything else propagates. Each returns {"inputs", "accepted",
+# "rejected"}. The tests below run a seeded subset on both runtimes; tools/fuzz.py runs the big
+# counts (bench/ws_fuzz.py runs these alone).
+import gc
 import json
 import sys
 
-from dt import Rng, free
+from dt import Rng, free, skip
 from wsfuzz import (
     _CONFIRMATION,
     _FRAME_TOKENS,
@@ -157,9 +159,16 @@ def fuzz_kics(rng, n):
     from microcot import signalr as S
 
     accepted = 0
-    errors = []
+    errors = [0]
+
+    def on_error(e):  # counted, not kept: a board's heap
+        assert isinstance(e, K.KicsError), e
+        errors[0] += 1
+
     ses = None
     for i in range(n):
+        if _MP:
+            gc.collect()
         text = _mutated_value(rng)
         try:
             if i % 3 == 0:
@@ -177,14 +186,73 @@ def fuzz_kics(rng, n):
             pass
         # the session: the record in its stream, never an exception out of receive()
         if ses is None or ses.close_requested:
-            ses = K.Session([("Asset 079", "Asdu_1_object_1001")], on_error=errors.append)
+            ses = K.Session([("Asset 079", "Asdu_1_object_1001")], on_error=on_error)
             ses.connection_made(0)
             ses.receive(b"{}" + RS, 1)
             ses.receive(S.stream_item("0", _CONFIRMATION), 2)
         ses.receive(_item_record(text), 3)
         assert ses.error is None or isinstance(ses.error, K.KicsError)
-    assert all(isinstance(e, K.KicsError) for e in errors)
     return _count(n, accepted)
+
+
+# -- the issue's memory case (here rather than in test_ws.py: a small board's heap) ----------------
+
+def test_reader_never_allocates_what_a_header_declares():
+    from microcot import wsframe as F
+
+    gc.collect()
+    # issue 14: a header claiming 32 or 64 KiB (within the limits) used to allocate it at once
+    for head in (H("827e8000"), H("827f0000000000010000"), H("017f0000000000010000")):
+        r = F.Reader()
+        used, ev = r.feed(memoryview(head + b"abcd"))
+        assert ev is None and len(r.buf) <= 256, (head, len(r.buf))
+    # as the payload arrives, through feed() or straight into target(), the buffer stays within
+    # what arrived plus GROW_MAX (and twice what arrived), and a whole message comes out whole
+    piece = bytes(i * 7 & 0xFF for i in range(1000))
+    for head, size, whole in ((H("827f0000000000010000"), 6000, False),
+                              (H("827e1000"), 0x1000, True)):
+        for direct in (False, True):
+            gc.collect()
+            r = F.Reader()
+            r.feed(memoryview(head))
+            got = 0
+            ev = None
+            while got < size:
+                k = 1000 if size - got > 1000 else size - got
+                if direct:
+                    t = r.target()
+                    k = len(t) if len(t) < k else k
+                    t[:k] = piece[:k]
+                    ev = r.got(k)
+                else:
+                    used, ev = r.feed(memoryview(piece)[:k])
+                    assert used == k
+                got += k
+                assert len(r.buf) <= got + F.Reader.GROW_MAX and len(r.buf) <= 2 * got + 256, \
+                    (direct, got, len(r.buf))
+            if whole:
+                assert ev == ("msg", 2, size, False) and len(r.buf) == size
+            else:
+                assert ev is None and len(r.buf) < 0x4000
+            r = None
+
+
+def test_reader_hostile_header_heap_cost():
+    from microcot import wsframe as F
+
+    # the heap itself, where it can be measured: a 64 KiB header and 4 bytes cost little
+    try:
+        import gc
+
+        gc.mem_free
+    except (ImportError, AttributeError):
+        return  # CPython: the buffer sizes above tell the same
+    r = F.Reader()
+    gc.collect()
+    f0 = gc.mem_free()
+    r.feed(memoryview(H("827f0000000000010000") + b"abcd"))
+    gc.collect()
+    assert f0 - gc.mem_free() < 2048, f0 - gc.mem_free()
 
 
 # -- the suite's seeded subset ---------------------------------------------------------------------
@@ -209,6 +277,13 @@ def test_fuzz_signalr():
 
 def test_fuzz_kics():
     free("wsframe", "wspmd")
+    from microcot import kics  # noqa: F401 - loaded before measuring the room left
+
+    gc.collect()
+    if _MP and gc.mem_free() < 40000:
+        # the esp32-generic model: kics, signalr and the unfrozen test modules leave about 31 KB,
+        # which inputs of a few KB fragment within 30 runs (test_kics.py still runs there)
+        skip("the kics fuzz needs 40 KB free beside its modules, %d left" % gc.mem_free())
     r = fuzz_kics(Rng(14004), 120)
     assert r["accepted"] and r["rejected"], r
 

@@ -64,7 +64,10 @@ def fuzz_ws_client(rng, n, deflate=True):
         pmd = wspmd.inflate_available()
     seeds = _frame_seeds()
     accepted = 0
+    F.mask_variant()  # the viper loops compiled before the heap is cut up by the inputs
+    F.utf8_variant()
     for i in range(n):
+        gc.collect()
         data = b"".join(mutate(rng, _pick(rng, seeds), seeds, _FRAME_TOKENS)
                         for _ in range(1 + rng.below(4)))
         cuts = []
@@ -79,7 +82,9 @@ def fuzz_ws_client(rng, n, deflate=True):
         assert c.state in WS_END_STATES, (c.state, c.error_msg)
         assert "internal error" not in c.error_msg, c.error_msg  # an undocumented exception
         assert not c.active or c.state == F.WS_STATUS_SUCCESS
-        if c.error and c.state != F.WS_STATUS_SOCK_CONN_LOST:  # EOF after the script: fine
+        if c.state == F.WS_STATUS_SOCK_NOMEM:  # a heap too small to connect: documented too
+            pass
+        elif c.error and c.state != F.WS_STATUS_SOCK_CONN_LOST:  # EOF after the script: fine
             assert c.close_reason in (1002, 1007, 1009, 1011), c.close_reason
         else:
             accepted += 1

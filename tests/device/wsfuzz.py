@@ -1,7 +1,14 @@
 # Seeds and mutations shared by the WebSocket/SignalR/KICS fuzz modules (test_fuzz_ws.py for the
 # decoders, test_fuzz_wsclient.py for the drivers): plain byte and JSON-text mutations over the
 # RFC 6455, SignalR specification and seed 001 examples, with no microcot import of their own.
+import gc
 import json
+import sys
+
+_MP = sys.implementation.name == "micropython"
+# the longest digit string: 5000 on CPython (beyond its 4300-digit int limit); 1000 on a board,
+# whose heap must also hold the copies the mutations make
+_DIGITS = 1000 if _MP else 5000
 
 H = bytes.fromhex
 RS = b"\x1e"
@@ -42,8 +49,12 @@ def mutate(rng, data, seeds, tokens):
 
 
 def inputs(rng, n, seeds, tokens):
-    """n inputs: mostly mutated seeds, some random bytes, some soups of tokens."""
+    """n inputs: mostly mutated seeds, some random bytes, some soups of tokens. On a board the
+    garbage of the last input is collected first: a fragmented small heap fails large
+    allocations that the decoders themselves would not."""
     for _ in range(n):
+        if _MP:
+            gc.collect()
         k = rng.below(10)
         if k == 0:
             yield rng.bytes(rng.below(48))
@@ -102,14 +113,15 @@ _BIG = []
 
 def _tokens():
     if not _BIG:
-        _BIG.extend([b"9" * 5000, b"-" + b"1" * 400, b"[" * 200, b"{" * 100, b'{"a":' * 60,
+        _BIG.extend([b"9" * _DIGITS, b"-" + b"1" * 400, b"[" * 200, b"{" * 100, b'{"a":' * 60,
                      b"]" * 50, b"1e999", b'"\\u0000"', b'"\xc2\xb2"', b"\xff", RS, b"\\",
                      b'"', b"null", b"true", b"18446744073709551616", b"NaN", b"-Infinity"])
     return _BIG
 
 
 def _deep_json(rng):
-    d = 20 + rng.below(300) if rng.below(8) else 1000 + rng.below(3000)
+    # thousands of levels reach CPython's recursion limit; a board's heap takes hundreds
+    d = 20 + rng.below(100 if _MP else 300) if rng.below(8) or _MP else 1000 + rng.below(3000)
     kind = rng.below(3)
     if kind == 0:
         return "[" * d + "]" * d
@@ -158,7 +170,7 @@ def _mutated_value(rng):
     parent[key] = _REPLACEMENTS[k] if k < len(_REPLACEMENTS) else _PLACE
     text = json.dumps(tv)
     if k == len(_REPLACEMENTS):
-        text = text.replace('"%s"' % _PLACE, "9" * (20 + rng.below(5000)))
+        text = text.replace('"%s"' % _PLACE, "9" * (20 + rng.below(_DIGITS)))
     elif k > len(_REPLACEMENTS):
         text = text.replace('"%s"' % _PLACE, _deep_json(rng))
     if rng.below(4) == 0:
