@@ -56,7 +56,8 @@ _MP = sys.implementation.name == "micropython"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 _RESPONSE = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat")
-_ODD_DIGITS = ["²²²".encode(), "１０１".encode(), "1٠1".encode(), b"+10", b" 10", b"1e2", b"-01"]
+_ODD_DIGITS = ["²²²".encode(), "１０１".encode(), "1٠1".encode(), b"+10", b" 10", b"1e2",
+               b"-01"]
 _RESP_TOKENS = [b"\r\n", b": ", b"\xc2\xb2\xc2\xb2\xc2\xb2", b"\xef\xbc\x91", b"\xff", b"101",
                 b"HTTP/1.1 ", b"Sec-WebSocket-Accept: x", b"9" * 300]
 

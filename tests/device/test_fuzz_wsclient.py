@@ -17,7 +17,8 @@ H = bytes.fromhex
 # -- the drivers through a fake socket --------------------------------------------------------
 
 # where a connection fed hostile bytes may end (the module docstring of microcot.ws)
-WS_END_STATES = (F.WS_STATUS_SOCK_NOMEM, F.WS_STATUS_SUCCESS, F.WS_STATUS_SOCK_NO_CONN, F.WS_STATUS_SOCK_CONN_LOST,
+WS_END_STATES = (F.WS_STATUS_SOCK_NOMEM, F.WS_STATUS_SUCCESS, F.WS_STATUS_SOCK_NO_CONN,
+                 F.WS_STATUS_SOCK_CONN_LOST,
                  F.WS_STATUS_FINALIZE_DISCONNECT, F.WS_STATUS_PROTOCOL_ERROR,
                  F.WS_STATUS_INVALID_MSG_SIZE, F.WS_STATUS_DECOMPRESS_ERROR,
                  F.WS_STATUS_NOMEMORY, F.WS_STATUS_INTERNAL_ERROR)
@@ -155,7 +156,7 @@ def fuzz_tagvalue_client(rng, n):
     return _count(n, accepted)
 
 
-# -- the cases at the driver level ----------------------------------------------------------
+# -- the cases at the driver level ---------------------------------------------------
 
 def _room_for_kics():
     # kics + signalr loaded as .mpy take about 30 KB beside ws and wsframe, and a connection

@@ -142,7 +142,7 @@ _TAG_VALUE = {"n": "TagStructure1", "ts": 18446744073709551616, "dn": "r", "mp":
     "ts2": {"t": "t", "v": "1700000000000000"}, "b": {"t": "b", "v": 1}}}
 _CONFIRMATION = {"confirmation": {"result": "ok", "tagIdentifier": {
     "tagName": "Asdu_1_object_1001", "assetName": "Asset 079"}, "tagId": 102}}
-_REPLACEMENTS = (None, True, 0, -1, 1.5, 1e308, "x", "²", "9999999999999999999999999999999999999999999",
+_REPLACEMENTS = (None, True, 0, -1, 1.5, 1e308, "x", "²", "9" * 43,
                  [], {}, [1, [2]], {"t": "st", "v": {}}, {"t": "e", "v": "On"}, "NaN", "-Infinity")
 _PLACE = "@@HUGE@@"
 
