@@ -89,14 +89,15 @@ class _SocketModule:
     SOL_SOCKET = 1
     SO_ERROR = 4
 
-    def __init__(self, sock):
-        self.sock = sock
+    def __init__(self, socks):
+        self.socks = list(socks)
 
     def getaddrinfo(self, host, port, af=0, kind=0):
         return [(2, 1, 0, "", ("127.0.0.1", port))]
 
     def socket(self, *a):
-        return self.sock
+        # one scripted socket per connection; the last one serves any further connection
+        return self.socks.pop(0) if len(self.socks) > 1 else self.socks[0]
 
 
 class _SelectModule:
@@ -105,16 +106,16 @@ class _SelectModule:
 
 
 class Patched:
-    """with Patched(sock): microcot.ws uses the fake socket and poll."""
+    """with Patched(sock, ...): microcot.ws uses the fake sockets (one per connection) and poll."""
 
-    def __init__(self, sock):
-        self.sock = sock
+    def __init__(self, *socks):
+        self.socks = socks
 
     def __enter__(self):
         self.saved = (W.socket, W.select)
-        W.socket = _SocketModule(self.sock)
+        W.socket = _SocketModule(self.socks)
         W.select = _SelectModule()
-        return self.sock
+        return self.socks[0]
 
     def __exit__(self, *exc):
         W.socket, W.select = self.saved
