@@ -18,6 +18,7 @@ from wsfuzz import (
     _REPLACEMENTS,
     _SIGNALR,
     RS,
+    SLOW,
     H,
     _count,
     _deep_json,
@@ -260,19 +261,19 @@ def test_reader_hostile_header_heap_cost():
 
 def test_fuzz_wsframe():
     free("wsframe")
-    r = fuzz_wsframe(Rng(14001), 300)
-    assert r["inputs"] == 300 and r["accepted"] and r["rejected"], r
+    r = fuzz_wsframe(Rng(14001), 300 // SLOW)
+    assert r["inputs"] == 300 // SLOW and r["accepted"] and r["rejected"], r
 
 
 def test_fuzz_wspmd():
-    r = fuzz_wspmd(Rng(14002), 200)
+    r = fuzz_wspmd(Rng(14002), 200 // SLOW)
     free("wspmd", "wsframe")
     assert r["accepted"] and r["rejected"], r
 
 
 def test_fuzz_signalr():
     free("wsframe")
-    r = fuzz_signalr(Rng(14003), 200)
+    r = fuzz_signalr(Rng(14003), 200 // SLOW)
     assert r["accepted"] and r["rejected"], r
 
 
@@ -286,7 +287,7 @@ def test_fuzz_kics():
         # the esp32-generic model: kics, signalr and the unfrozen test modules leave about 31 KB,
         # which inputs of a few KB fragment within 30 runs (test_kics.py still runs there)
         skip("the kics fuzz needs 40 KB free beside its modules, %d left" % gc.mem_free())
-    r = fuzz_kics(Rng(14004), 120)
+    r = fuzz_kics(Rng(14004), 120 // SLOW)
     assert r["accepted"] and r["rejected"], r
 
 

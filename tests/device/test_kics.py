@@ -401,6 +401,11 @@ def _deep_st(levels):
     return f
 
 
+def _deep_st_text(levels):
+    # json.dumps' spacing: 100 levels make the issue's 3 KB record
+    return '{"t": "st", "v": {"a": ' * levels + '{"t": "u", "v": 1}' + "}}" * levels
+
+
 def test_deep_st_record_is_a_kics_error():
     # issue 14: a tag value of 100 nested `st` levels (3 KB) raised RuntimeError (recursion) on
     # MicroPython and escaped Session.receive; now a KicsDecodeError naming the path
@@ -410,7 +415,8 @@ def test_deep_st_record_is_a_kics_error():
         assert "deeper than %d" % k.MAX_DEPTH in str(e) and "f.a.a" in str(e), str(e)
     # the 3 KB record of the issue through SignalR and the Session: no exception, and the
     # client goes to reconnect (the JSON is deeper than signalr.MAX_DEPTH too)
-    text = json.dumps({"value": {"tagId": 7, "tagValue": {"d": {"f": _deep_st(100)}}}})
+    # (as text: MicroPython's json.dumps itself runs out of stack on 200 levels)
+    text = '{"value":{"tagId":7,"tagValue":{"d":{"f":%s}}}}' % _deep_st_text(100)
     assert len(text) > 2500
     errors = []
     ses = k.Session([("A", "T")], on_error=errors.append)
@@ -420,14 +426,15 @@ def test_deep_st_record_is_a_kics_error():
     ses.receive(rec, 2)
     assert ses.close_requested and ses.retry and isinstance(ses.error, k.KicsConnectionError)
     # the same value as JSON text inside the item: the JSON limit of that text applies
-    item = {"value": {"tagId": 7, "tagValue": json.dumps({"d": {"f": _deep_st(100)}})}}
+    item = {"value": {"tagId": 7, "tagValue": '{"d":{"f":%s}}' % _deep_st_text(100)}}
     raises(k.KicsDecodeError, k.parse_item, item)
     # a value within the JSON limit but over the field limit: skipped, the stream goes on
     ses = k.Session([("A", "T")], on_error=errors.append)
     ses.connection_made(0)
     ses.receive(b"{}" + RS, 1)
-    item = {"value": {"tagId": 7, "tagValue": {"d": {"f": _deep_st(k.MAX_DEPTH + 2)}}}}
-    ses.receive(s.stream_item("0", item), 2)
+    rec = ('{"type":2,"invocationId":"0","item":{"value":{"tagId":7,"tagValue":{"d":{"f":%s}}}}}'
+           % _deep_st_text(k.MAX_DEPTH + 2)).encode() + RS
+    ses.receive(rec, 2)
     assert not ses.close_requested and isinstance(ses.error, k.KicsDecodeError)
 
 
