@@ -23,10 +23,11 @@ BOARD = r"""
 import sys, time
 sys.path[:0] = [%(fw)r, %(dev)r]
 from dt import Rng
-import test_fuzz_ws, test_fuzz_wsclient
+import test_fuzz_ws, test_fuzz_wsclient, test_fuzz_kicsclient
+mods = (test_fuzz_ws, test_fuzz_wsclient, test_fuzz_kicsclient)
 for mod, name, n in %(jobs)r:
     t0 = time.ticks_ms()
-    r = getattr(test_fuzz_ws if mod == 0 else test_fuzz_wsclient, name)(Rng(%(seed)d), n)
+    r = getattr(mods[mod], name)(Rng(%(seed)d), n)
     print(name, r, time.ticks_diff(time.ticks_ms(), t0) / 1000, "s")
 """
 
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--heap", default="1m")
     a = ap.parse_args()
-    jobs = [(0, d, a.n) for d in DECODERS] + [(1, d, max(1, a.n // 10)) for d in DRIVERS]
+    jobs = [(0, d, a.n) for d in DECODERS] + [(i + 1, d, max(1, a.n // 10))
+                                              for i, d in enumerate(DRIVERS)]
     if a.board:
         fid = Path(os.environ.get("MICROCOT_FIDELITY_DIR", ROOT.parent / "shared" / "fidelity"))
         code = BOARD % {"fw": str(ROOT / "firmware"), "dev": str(ROOT / "tests" / "device"),
@@ -48,13 +50,15 @@ def main() -> None:
         sys.stdout.write(r.stdout + r.stderr)
         sys.exit(r.returncode)
     sys.path[:0] = [str(ROOT / "firmware"), str(ROOT / "tests" / "device")]
+    import test_fuzz_kicsclient
     import test_fuzz_ws
     import test_fuzz_wsclient
     from dt import Rng
 
+    mods = (test_fuzz_ws, test_fuzz_wsclient, test_fuzz_kicsclient)
     for mod, name, n in jobs:
         t0 = time.monotonic()
-        r = getattr(test_fuzz_ws if mod == 0 else test_fuzz_wsclient, name)(Rng(a.seed), n)
+        r = getattr(mods[mod], name)(Rng(a.seed), n)
         print(name, r, "%.1f s" % (time.monotonic() - t0))
 
 
