@@ -119,7 +119,7 @@ def test_tagvalue_client_deep_record_reconnects():
 def test_tagvalue_client_resubscribes_after_a_bad_record():
     # the KICS error state is not the end: the next connection subscribes again
     _room_for_kics()
-    from wsfuzz import _CONFIRMATION, RS
+    from wsfuzz import _CONFIRMATION, RS, _item_record
 
     from microcot import kics as K
     from microcot import signalr as S
@@ -129,7 +129,11 @@ def test_tagvalue_client_resubscribes_after_a_bad_record():
         return wsfake.Sock([F.encode(F.OP_TEXT, r) for r in recs], after_client=True, eof=False)
 
     first = script("0", [b'{"type":2,"invocationId":"0","item":' + b"[" * 40 + RS])
-    second = script("1", [])
+    # and a value nested as deep as accepted (kics.MAX_DEPTH levels) decodes inside the whole
+    # driver's call stack (ws.execute, the handler, the session), on a board's recursion limit
+    deep = '{"t": "st", "v": {"a": ' * (K.MAX_DEPTH - 1) + '{"t": "u", "v": 7, "x": 1}' + \
+        "}}" * (K.MAX_DEPTH - 1)
+    second = script("1", [_item_record('{"d": {"f": %s}}' % deep, 102, "1")])
     c = K.TagValueClient("fuzz.invalid", "token", [("Asset 079", "Asdu_1_object_1001")],
                          port=80, tls=None, reconnect_interval=0)
     states = []
@@ -139,13 +143,14 @@ def test_tagvalue_client_resubscribes_after_a_bad_record():
             c.execute(0)
             if not states or states[-1] != c.state:
                 states.append(c.state)
-            if c.state == K.SUBSCRIBED and c.attempts == 2:
+            if c.state == K.SUBSCRIBED and c.attempts == 2 and c.values:
                 break
     free("kics", "signalr")
     sys.modules.pop("wsfuzz", None)
     assert K.WAITING in states and c.state == K.SUBSCRIBED and c.attempts == 2, states
     assert first.closed and len(second.out) > second.req  # subscribed over the new socket
     assert c.tag_status[("Asset 079", "Asdu_1_object_1001")] == "ok"
+    assert c.values[("Asset 079", "Asdu_1_object_1001")].x == 7 and c.error is None
 
 
 # -- the suite's seeded subset ---------------------------------------------------------------------

@@ -181,7 +181,7 @@ def _mutated_value(rng):
     return text
 
 
-def _item_record(text, tag_id=102):
+def _item_record(text, tag_id=102, iid="0"):
     """A SignalR stream item record carrying a tag value (JSON text)."""
-    return ('{"type":2,"invocationId":"0","item":{"value":{"tagId":%d,"tagValue":%s}}}'
-            % (tag_id, text)).encode() + RS
+    return ('{"type":2,"invocationId":"%s","item":{"value":{"tagId":%d,"tagValue":%s}}}'
+            % (iid, tag_id, text)).encode() + RS
