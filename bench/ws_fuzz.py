@@ -3,7 +3,7 @@ CPython or on an i386 board model (issue 14). tools/fuzz.py runs every project f
 runs only these, e.g. while working on them.
 
     python bench/ws_fuzz.py 100000                 # CPython, n per decoder (drivers: n / 10)
-    python bench/ws_fuzz.py 5000 --board micropython-i386-rp2
+    python bench/ws_fuzz.py 5000 --board micropython-i386-rp2 --driver-n 5000
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ def main() -> None:
     ap.add_argument("--board", help="an i386 model of MICROCOT_FIDELITY_DIR")
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--heap", default="1m")
+    ap.add_argument("--driver-n", type=int, help="inputs per driver fuzz (default n / 10)")
+    ap.add_argument("--only", help="comma-separated fuzz function names")
     a = ap.parse_args()
-    jobs = [(0, d, a.n) for d in DECODERS] + [(i + 1, d, max(1, a.n // 10))
-                                              for i, d in enumerate(DRIVERS)]
+    dn = a.driver_n or max(1, a.n // 10)
+    jobs = [(0, d, a.n) for d in DECODERS] + [(i + 1, d, dn) for i, d in enumerate(DRIVERS)]
+    if a.only:
+        jobs = [j for j in jobs if j[1] in a.only.split(",")]
     if a.board:
         fid = Path(os.environ.get("MICROCOT_FIDELITY_DIR", ROOT.parent / "shared" / "fidelity"))
         code = BOARD % {"fw": str(ROOT / "firmware"), "dev": str(ROOT / "tests" / "device"),

