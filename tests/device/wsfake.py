@@ -16,6 +16,7 @@ class Sock:
         self.answer = answer
         self.req = 0  # length of the request head, once it is complete
         self.pending = []  # the handshake answer, then the chunks once released
+        self.at = 0  # bytes of pending[0] already handed out
         self.closed = False
 
     def setsockopt(self, *a):
@@ -62,12 +63,14 @@ class Sock:
             else:
                 raise OSError(11, "EAGAIN")
         c = q[0]
-        k = len(c) if len(c) < len(mv) else len(mv)
-        mv[:k] = c[:k]
-        if k < len(c):
-            q[0] = c[k:]
+        i = self.at
+        k = len(c) - i if len(c) - i < len(mv) else len(mv)
+        mv[:k] = memoryview(c)[i:i + k]  # no copies of the rest: heaps are measured through this
+        if i + k < len(c):
+            self.at = i + k
         else:
             q.pop(0)
+            self.at = 0
         return k
 
     readinto = recv_into
