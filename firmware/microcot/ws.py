@@ -68,10 +68,9 @@ Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 byte
 message buffer, which grows with the bytes that arrive (never with the length a header declares:
 at most wsframe.Reader.GROW_MAX ahead of them) up to max_recv_msg_size and is kept for the next
 messages; a frame or message over the limits is refused from its header (close 1009), never
-stored. A TLS handshake
-that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg naming the handshake, the
-free heap and what mbedTLS could not allocate, also where mbedTLS calls it an untrusted
-certificate (hal.tls_oom).
+stored. A TLS handshake that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg
+naming the handshake, the free heap and what mbedTLS could not allocate, also where mbedTLS calls
+it an untrusted certificate (hal.tls_oom).
 """
 
 import socket
@@ -334,6 +333,9 @@ class WebSocketClient:
             self._error(F.WS_STATUS_SOCK_NOMEM, "out of memory while connecting")
             self._close_sock()
             return False
+        except Exception as e:  # check_protocol raising on an answer already there: as execute()
+            self._failed(e)
+            return not self.error
         return True
 
     def _start(self):
@@ -752,7 +754,7 @@ class WebSocketClient:
                        "internal error: %r" % (e,))
 
     def _user(self, fn, *args):
-        """Call a handler; its exception is marked so that execute() passes it on."""
+        """Call a handler; its exception is marked so that _failed() tells it from ours."""
         try:
             return fn(*args)
         except Exception as e:

@@ -125,6 +125,19 @@ def test_ws_handler_exception_closes_1011_and_execute_goes_on():
     assert c.got == 1 and not c.active
 
 
+def test_check_protocol_raising_fails_the_connect_without_an_exception():
+    class Picky(W.WebSocketClient):
+        def check_protocol(self, protocol):
+            raise KeyError("handler bug")
+
+    c = Picky("fuzz.invalid", 80, "/", keep_alive=False)
+    with wsfake.Patched(wsfake.Sock([])):  # the answer is there at once: checked in connect()
+        ok = c.connect()
+        c.execute(0)
+    assert not ok and not c.active and c.state == F.WS_STATUS_INTERNAL_ERROR, (ok, c.state)
+    assert isinstance(c.handler_error, KeyError) and "handler bug" in c.error_msg
+
+
 def test_ws_hostile_header_then_silence_costs_little():
     # a server declaring 64 KiB (within the default limit) and sending 4 bytes of it
     c = run_ws([H("827f0000000000010000") + b"abcd"], cycles=5)
