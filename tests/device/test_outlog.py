@@ -6,6 +6,7 @@
 # write; after each cut a new Log on the same files must deliver every row that put() accepted
 # and that the broker had not acknowledged, in order, nothing torn, few duplicates.
 import os
+import sys
 
 from dt import Rng, free, raises, rmtree, scratch_dir
 
@@ -58,13 +59,13 @@ class Flash:
     (negative: all but that many), and raises PowerCut; so does every step after it. fat: rename
     onto an existing file fails, as on FAT."""
 
-    def __init__(self, cut=-1, tear=0, fat=False):
+    def __init__(self, cut=-1, tear=0, fat=False, record=False):
         self.files = {}
         self.cut = cut
         self.tear = tear
         self.fat = fat
         self.steps = 0
-        self.kinds = []  # (kind, bytes) of each step, for choosing the cuts
+        self.kinds = [] if record else None  # (kind, bytes) of each step: the cuts to make
         self.wbytes = 0
 
     def power_on(self):
@@ -76,7 +77,8 @@ class Flash:
             self.steps += 1
             return True
         self.steps += 1
-        self.kinds.append((kind, n))
+        if self.kinds is not None:
+            self.kinds.append((kind, n))
         return False
 
     def torn_at(self, n):
@@ -327,6 +329,9 @@ def check_after_cut(fl, seen, where):
 
 
 STEPS = 100
+# every cut on CPython and the unix-port models; a microcontroller (the RP2040 firmware in its
+# emulator runs about 100x slower) makes every STRIDE-th, from a seeded start
+STRIDE = 1 if sys.platform in ("linux", "darwin", "win32") else 5
 
 
 def run_cut(cut, tear, fat):
@@ -342,7 +347,7 @@ def run_cut(cut, tear, fat):
 
 def test_a_power_cut_at_every_step_of_a_workload_loses_nothing_accepted():
     for fat in (False, True):
-        dry = Flash(fat=fat)
+        dry = Flash(fat=fat, record=True)
         seen = {"accepted": 0, "trying": -1, "acked": [], "fly": []}
         workload(Log(P, 1000, dry), STEPS, seen)
         kinds = dry.kinds
@@ -350,14 +355,14 @@ def test_a_power_cut_at_every_step_of_a_workload_loses_nothing_accepted():
         assert seen["accepted"] > 25 and len(seen["acked"]) > 25
         assert ("rename", 0) in kinds and ("remove", 0) in kinds, kinds
         cuts = dups = 0
-        for k in range(len(kinds) + 1):
+        for k in range(Rng(len(kinds)).below(STRIDE), len(kinds) + 1, STRIDE):
             tears = (0,)
             if k < len(kinds) and kinds[k][0] == "write":
                 tears = (0, 1, 9, -1)  # nothing, the checksum cut, the kind, all but the end
             for tear in tears:
                 dups += run_cut(k, tear, fat)
                 cuts += 1
-        assert cuts > 150, cuts
+        assert cuts * STRIDE > 150, cuts
         print("durable queue: %d cuts (fat=%s), %d rows sent again in all" % (cuts, fat, dups))
 
 
