@@ -243,6 +243,7 @@ def flush(s):
             continue
         if enc is None:
             return
+        sent = True
         try:
             c.publish(enc[0], enc[1], qos=1)
         except Exception as e:
@@ -250,7 +251,6 @@ def flush(s):
                 if type(e).__name__ != "MQTTPacketTooLarge":
                     raise
                 s.log("queue: row too large, dropped")
-                q.pop(False)
-                continue
-        q.pop()
+                sent = False
+        q.pop(sent)
         s.stats["sent"] += 1

@@ -424,3 +424,52 @@ def test_on_the_real_filesystem():
         assert os.listdir(d) == []
     finally:
         rmtree(d)
+
+
+class _Client:
+    """The MQTT client as link.flush uses it: publish() takes a message, pending() counts the
+    ones awaiting PUBACK."""
+
+    max_inflight = 8
+
+    def __init__(self):
+        self.out = []
+
+    def publish(self, topic, msg, qos=0):
+        self.out.append(msg)
+        return len(self.out)
+
+    def pending(self):
+        return len(self.out)
+
+
+def test_the_agent_in_durable_mode_keeps_a_row_on_flash_until_its_puback():
+    from microcot import link
+    from microcot.agent import Agent
+
+    d = scratch_dir("adur")
+    try:
+        with open(d + "/t.csv", "w") as f:
+            f.write("15,microcotT\n10,110,POST,/measurement/measurements,application/json,,%%,"
+                    "UNSIGNED STRING STRING NUMBER STRING DATE STRING,\"{}\"\n")
+        a = Agent({"store": d, "xid": "microcotT", "log": False, "queue": [4, 100],
+                   "templates": d + "/t.csv", "reserve": 0, "durable": True})
+        assert isinstance(a.q, Log)
+        a.s.id = "TESTDEV1"
+        a.s.mo = "10"
+        for i in range(3):
+            a.measure("c8y_T", "T", i, "C", t=1505392620)
+            with open(d + "/queue.log", "rb") as f:  # on flash when measure() returns
+                assert f.read().count(b"\n") == i + 1
+        a.s.c = c = _Client()
+        link.flush(a.s)
+        assert len(c.out) == 3 and len(a.q) == 0 and a.q.in_flight() == 3
+        assert os.stat(d + "/queue.log")[6] > 0  # sent, not acknowledged: still on flash
+        c.out.pop(0)  # a PUBACK
+        link.flush(a.s)
+        assert a.q.in_flight() == 2
+        c.out = []
+        link.flush(a.s)
+        assert a.q.in_flight() == 0 and "queue.log" not in os.listdir(d)
+    finally:
+        rmtree(d)
