@@ -12,6 +12,8 @@ and on two filesystems:
             size 32) on a flash in RAM that counts block erases and programmed bytes, so the
             wear is littlefs's own; 64 blocks (256 KiB)
   dir       the board's own filesystem (the host folder of a virtual board)
+--alt also measures the design not taken: one file per row on the same littlefs (N files of 96
+bytes created in one folder, then removed): erases, bytes and time per row.
 Runs of the two modes alternate (RAM, durable, RAM, ...; --reps of each); medians are reported.
 The time is the median of N single measure() calls (time.ticks_us) in a run, then the median
 over the runs. What real flash adds is not in these times: a NOR sector erase takes tens of ms
@@ -121,6 +123,46 @@ print("RESULT", json.dumps(r))
 """
 
 
+ALT = """
+import os, time, vfs
+""" + RUN.split("where = ")[0].split("from microcot.agent import Agent")[1] + """
+try:
+    vfs.umount("/lfs")
+except OSError:
+    pass
+fl = Flash(64)
+vfs.VfsLfs2.mkfs(fl)
+vfs.mount(vfs.VfsLfs2(fl), "/lfs")
+os.mkdir("/lfs/q")
+rec = b"x" * 95 + b"\\n"
+N = %(n)d
+t = time.ticks_us()
+for i in range(N):
+    f = open("/lfs/q/%%d" %% i, "wb")
+    f.write(rec)
+    f.close()
+us = time.ticks_diff(time.ticks_us(), t) // N
+e, p = fl.erases, fl.prog
+for i in range(N):
+    os.remove("/lfs/q/%%d" %% i)
+vfs.umount("/lfs")
+print("RESULT", '{"us": %%d, "erases": %%d, "prog": %%d, "rm_erases": %%d, "rm_prog": %%d}'
+      %% (us, e, p, fl.erases - e, fl.prog - p))
+"""
+
+
+def alt(t: Any, board: str, n: int, reps: int) -> dict[str, float]:
+    rs = []
+    for _ in range(reps):
+        out = transport.run(t, ALT % {"n": n}, timeout=300).decode(errors="replace")
+        rs.append(json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][0][7:]))
+    med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    print(f"{board:14} lfs file per row          create {med['us']:7.0f} us, erases/row "
+          f"{med['erases'] / n:.3f}, programmed B/row {med['prog'] / n:.0f}; remove: erases/row "
+          f"{med['rm_erases'] / n:.3f}, programmed B/row {med['rm_prog'] / n:.0f}", flush=True)
+    return med
+
+
 def run(t: Any, where: str, durable: bool, online: bool, n: int) -> dict[str, Any]:
     out = transport.run(t, RUN % {"where": where, "durable": durable, "online": online, "n": n},
                         timeout=300).decode(errors="replace")
@@ -130,7 +172,7 @@ def run(t: Any, where: str, durable: bool, online: bool, n: int) -> dict[str, An
     return json.loads(line[0][7:])
 
 
-def bench_board(board: str, n: int, reps: int) -> dict[str, Any]:
+def bench_board(board: str, n: int, reps: int, alternative: bool) -> dict[str, Any]:
     import tempfile
 
     results: dict[str, Any] = {}
@@ -140,6 +182,8 @@ def bench_board(board: str, n: int, reps: int) -> dict[str, Any]:
             t = transport.open_board(vb.port)
             try:
                 deploy.deploy_transport(t, boards.load(board))
+                if alternative:
+                    results["lfs file per row"] = alt(t, board, n, reps)
                 for where in ("lfs", "dir"):
                     for online in (False, True):
                         runs: dict[str, list[dict[str, Any]]] = {"ram": [], "durable": []}
@@ -177,9 +221,10 @@ def main() -> None:
     ap.add_argument("--boards", default="virtual,esp32-generic")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--alt", action="store_true", help="also one file per row (not taken)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    out = {b: bench_board(b, a.n, a.reps) for b in a.boards.split(",")}
+    out = {b: bench_board(b, a.n, a.reps, a.alt) for b in a.boards.split(",")}
     if a.json:
         print(json.dumps(out, indent=1))
 
