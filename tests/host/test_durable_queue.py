@@ -102,10 +102,11 @@ def test_power_cuts_lose_no_accepted_row(tmp_path: Path) -> None:
                                      "source": "provisioned", "ok": False})
         finally:
             host_store.root(old)
-        (flash / "main.py").write_text(MAIN % {"id": device_id})
+        (flash / "main.py").unlink()  # its first boot must be one the console sees
         vb = make_board(BOARD, name="t-durable", flash_dir=flash).start()
         con = Console(vb.port).start()
         try:
+            (flash / "main.py").write_text(MAIN % {"id": device_id})
             power_cycle(vb)  # main.py runs, with the console listening
             rng = random.Random(14)
             t0 = time.monotonic()
@@ -132,7 +133,9 @@ def test_power_cuts_lose_no_accepted_row(tmp_path: Path) -> None:
             got = wait_for(lambda: (lambda r: r if set(r) >= accepted else None)(rows(emu, mo)),
                            10) if MODE == "durable" else rows(emu, mo)
         except AssertionError:
-            print("\n".join([x for x in con.text.splitlines() if not x.startswith("A ")][-80:]))
+            lines = con.text.splitlines()
+            print("\n".join([x for x in lines if not x.startswith("A ")][-60:]))
+            print("-- the console's last lines:\n" + "\n".join(lines[-15:]))
             raise
         finally:
             con.stop()
