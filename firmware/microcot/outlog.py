@@ -33,6 +33,8 @@
 # rewrites), `wbytes` the bytes written (bench/durable.py).
 import os
 
+from .store import _OsFs
+
 try:
     from binascii import crc32
 except ImportError:  # a port without binascii.crc32: store.py has it in software
@@ -45,17 +47,9 @@ ITEM = b" "
 MARK = b"#"
 
 
-class _Os:
-    """The filesystem as the log uses it; tests swap in one that cuts the power."""
-
-    def open(self, path, mode):
-        return open(path, mode)
-
-    def remove(self, path):
-        os.remove(path)
-
-    def rename(self, old, new):
-        os.rename(old, new)
+class _Os(_OsFs):
+    """The filesystem as the log uses it (the store's, and sync); tests swap in one that cuts
+    the power."""
 
     def sync(self, f):
         f.flush()
