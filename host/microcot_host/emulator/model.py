@@ -10,6 +10,12 @@ which is the right trade for a test platform that must take thousands of rows pe
 (workers.py) every process has its own Model with `shared=True`: writers of all processes queue
 on a flock, and SQLite keeps their transactions apart as before.
 
+The same class's logic runs on PostgreSQL (model_pg.PgModel, `open_model("postgresql://...")`):
+its SQL is written for both, and the few forms that differ are class attributes and hooks here
+(`_BEGIN`, `_FOR_UPDATE`, `_HAS_KEY`, `_next_id`, ...) that PgModel overrides. Keep new SQL to
+what both accept (ON CONFLICT upserts, no INSERT OR IGNORE, no SQLite-only functions), and read
+a row that is then written with `+ self._FOR_UPDATE`.
+
 Shapes follow Cumulocity's REST API: ids are strings of digits drawn from one counter for every
 kind of entity (as on the platform, an id never names two things), times are ISO 8601 with
 milliseconds. Times given without a zone are taken as UTC. Every method returns plain dicts
