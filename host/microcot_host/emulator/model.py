@@ -634,14 +634,15 @@ class Model:
         d["creationTime"] = row["creation_time"]
         d["lastUpdated"] = row["last_updated"]
         d.update(json.loads(row["fragments"]))
-        children = self._db.execute(
-            "SELECT m.id, m.name FROM child_devices c JOIN managed_objects m ON m.id = c.child "
-            "WHERE c.parent = ? ORDER BY c.added_ms, m.id", (i,)).fetchall()
-        parents = self._db.execute(
-            "SELECT m.id, m.name FROM child_devices c JOIN managed_objects m ON m.id = c.parent "
-            "WHERE c.child = ? ORDER BY c.added_ms, m.id", (i,)).fetchall()
-        d["childDevices"] = {"references": [_ref(r) for r in children]}
-        d["deviceParents"] = {"references": [_ref(r) for r in parents]}
+        # children and parents in one statement (one round trip on a database server)
+        refs = self._db.execute(
+            "SELECT m.id, m.name, 0 AS k, c.added_ms AS t FROM child_devices c "
+            "JOIN managed_objects m ON m.id = c.child WHERE c.parent = ? UNION ALL "
+            "SELECT m.id, m.name, 1 AS k, c.added_ms AS t FROM child_devices c "
+            "JOIN managed_objects m ON m.id = c.parent WHERE c.child = ? ORDER BY k, t, id",
+            (i, i)).fetchall()
+        d["childDevices"] = {"references": [_ref(r) for r in refs if r[2] == 0]}
+        d["deviceParents"] = {"references": [_ref(r) for r in refs if r[2] == 1]}
         return d
 
     def update_managed_object(self, mo_id: Any, data: Any) -> JSON:

@@ -44,6 +44,7 @@ another machine without `sslmode` gets TLS with the server's certificate verifie
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -333,6 +334,17 @@ class PgModel(Model):
         except BaseException:
             self._pool.close()
             raise
+
+    @contextlib.contextmanager
+    def atomic(self, outer: Any = None) -> Iterator[None]:
+        """Model.atomic without `outer`: that lock (the SmartREST engine's) is held across the
+        transaction on SQLite only so that it and the model's one lock are always taken in the
+        same order. Here the model's lock is a connection of the thread's own, which waits for
+        no other thread, so there is no order to keep, and holding the engine's lock across
+        the transaction's round trips would serialise every lane of the process on it (it
+        stays what it is for: the engine's own records, taken by the engine where it needs it)."""
+        with super().atomic():
+            yield
 
     @property  # type: ignore[override]
     def _db(self) -> _Conn:  # the connection of the thread that holds the lock
