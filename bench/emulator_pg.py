@@ -12,7 +12,9 @@ may lose the last transactions), so the two stores are compared at the same guar
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,6 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emulator  # noqa: E402  (bench/emulator.py)
 
 from microcot_host.pgserver import PgServer  # noqa: E402
+
+
+def server_cpu_seconds(postmaster: int) -> float:
+    """CPU time of the server so far: the postmaster, its live processes, and those ended
+    (reaped children's time is in the postmaster's cutime/cstime)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int) -> list[str]:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    total = 0.0
+    top = stat(postmaster)
+    total += sum(int(x) for x in top[11:15]) / tick  # utime stime cutime cstime
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != postmaster:
+            try:
+                st = stat(int(name))
+            except OSError:
+                continue
+            if int(st[1]) == postmaster:  # ppid
+                total += (int(st[11]) + int(st[12])) / tick
+    return total
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +59,14 @@ def main(argv: list[str]) -> int:
         url = pg.create_database("bench")
         print(f"PostgreSQL: throwaway server on port {pg.port}, synchronous_commit "
               f"{settings['synchronous_commit']}", file=sys.stderr, flush=True)
-        return emulator.main([*argv, "--database", url])
+        assert pg._proc is not None
+        cpu0, t0 = server_cpu_seconds(pg._proc.pid), time.monotonic()
+        rc = emulator.main([*argv, "--database", url])
+        cpu = server_cpu_seconds(pg._proc.pid) - cpu0
+        print(f"PostgreSQL server CPU over the whole run: {cpu:.1f} s in {time.monotonic() - t0:.0f}"
+              f" s of wall time ({100 * cpu / (time.monotonic() - t0):.0f}% of one core on "
+              "average, setup and relay phases included)")
+        return rc
 
 
 if __name__ == "__main__":
