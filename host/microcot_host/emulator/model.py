@@ -390,6 +390,8 @@ class Model:
         The flock (with a lock for this process's writers, since a flock does not exclude
         threads that share the file) is taken before the connection's lock: while a writer
         waits for another process, this process's other threads can still read."""
+        if is_database_url(path):  # a file named after the URL would hold its password
+            raise ValueError("Model is SQLite: open a database URL with open_model()")
         self.path = str(path)
         self.where = self.path  # for messages (PgModel: the URL without its password)
         self.clock = clock

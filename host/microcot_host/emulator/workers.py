@@ -335,8 +335,12 @@ class Workers:
         # and the configuration (with the connector's password) its first message
         parent, child = mp.Pipe()
         fd = child.fileno()
+        # the parent's import path as the child's: a parent that found this package through a
+        # path it inserted itself (bench/*.py, a checkout beside an installed copy) must not
+        # get workers running another copy of the code (an editable install's, say)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         proc = subprocess.Popen([sys.executable, "-m", __name__, str(fd)], pass_fds=(fd,),
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
         child.close()
         parent.send(cfg)
         slot.ready.clear()
