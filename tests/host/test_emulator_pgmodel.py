@@ -202,3 +202,26 @@ def test_two_emulators_share_one_database(tmp_path: Path, postgres_url: str):
         assert rest(a.connection, "GET", f"/inventory/managedObjects/{other['id']}")[0] == 200
         status, ms = rest(a.connection, "GET", f"/measurement/measurements?source={mo}")
         assert [m["c8y_T"]["T"]["value"] for m in ms["measurements"]] == [21.5]
+
+
+def test_connections_ended_by_the_server_are_replaced(postgres_url: str):
+    """A server restart or an administrator's pg_terminate_backend ends the pooled connections:
+    the call that finds its connection ended fails, and the next one gets a new connection."""
+    import psycopg
+
+    with open_model(postgres_url) as m:
+        mo = m.create_managed_object({"name": "before"})["id"]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                "application_name = 'microcot emulator' AND datname = current_database()"
+            ).fetchone()
+        assert ended is not None and ended[0] >= 1
+        failed = 0
+        for _ in range(3):  # one thread used the model: one idle connection, one failure
+            try:
+                assert m.get_managed_object(mo)["name"] == "before"
+            except psycopg.OperationalError:
+                failed += 1
+        assert failed == 1
+        assert m.update_managed_object(mo, {"name": "after"})["name"] == "after"
