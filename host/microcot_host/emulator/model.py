@@ -370,7 +370,8 @@ class Model:
     # appended to a read whose row is then written (PostgreSQL's row lock; SQLite's writers
     # are serialised anyway)
     _FOR_UPDATE = ""
-    # SQLite's LIKE ignores the case of ASCII letters; PostgreSQL's ILIKE is the same
+    # SQLite's LIKE ignores the case of ASCII letters; PostgreSQL's LIKE does not, its ILIKE
+    # ignores the case of every letter
     _LIKE = "LIKE"
     _GREATEST = "max"
     # a condition with one parameter: the row's fragments have this top-level key
