@@ -115,6 +115,7 @@ from _mqttload import proc_cpu, proc_rss, raise_fd_limit  # noqa: E402
 from microcot import identity  # noqa: E402
 from microcot_host.emulator import Emulator  # noqa: E402
 from microcot_host.emulator.broker import Broker, BrokerError, find_mosquitto  # noqa: E402
+from microcot_host.emulator.model_pg import display  # noqa: E402
 
 XID = "mcBench1"
 TID = 901
@@ -704,8 +705,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS),
                    help=f"phases to run, a comma list of {', '.join(KINDS)} (default all)")
     p.add_argument("--workers", type=int, default=1,
-                   help="emulator worker processes, once the emulator has them (default 1)")
-    p.add_argument("--database", help="PostgreSQL URL for the emulator's storage, once it has it")
+                   help="emulator worker processes (default 1)")
+    p.add_argument("--database", help="PostgreSQL URL for the emulator's storage "
+                   "(bench/emulator_pg.py runs this on a throwaway server)")
     p.add_argument("--row-timeout", type=float, default=30.0,
                    help="seconds after which an incomplete row counts as timed out")
     p.add_argument("--phase-timeout", type=float, default=600.0,
@@ -799,7 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     print_report(args, setup, steps, peaks, time.monotonic() - t_start)
     if args.json:
         args.json.write_text(json.dumps({
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            # the database URL without its password
+            "args": {k: (display(v) if k == "database" and v else v)
+                     for k, v in vars(args).items() if k != "json"},
             "setup_s": setup, "peak_rss": peaks,
             "steps": [{"n": s.n, "runs": {k: [r.__dict__ for r in v] for k, v in s.runs.items()}}
                       for s in steps]}, indent=1, default=str) + "\n")

@@ -490,9 +490,10 @@ def test_mass_registration_devices_connect_with_their_csv_credentials(emu, conn,
 
 # -- durability -------------------------------------------------------------------------------------
 
-def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path):
+def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path, database_url):
+    """On both stores (`database_url`: SQLite in the data folder, and PostgreSQL)."""
     iccid, boot_id = new_iccid(), new_iccid()
-    with Emulator(tmp_path / "data") as emu:
+    with Emulator(tmp_path / "data", database_url=database_url) as emu:
         conn = emu.connection
         password = emu.add_device(iccid)
         d = device(conn, iccid, password)
@@ -548,7 +549,7 @@ def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path):
         assert o.ask("100," + other) == f"87,1,{XID}\n200,2,{other},{pre['id']}"
         assert o.get("mr/" + other).decode() == f"87,1,{XID}\n202,1,{op3['id']},{pre['id']},early"
         o.close()
-    with Emulator(tmp_path / "data") as emu:  # a new process would see the same
+    with Emulator(tmp_path / "data", database_url=database_url) as emu:  # a new process
         assert raw_connack(emu.connection, boot_id, new_pw) == 0
         assert raw_connack(emu.connection, iccid, password) == 0
     assert restart_seconds < 5.0

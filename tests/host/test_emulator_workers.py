@@ -14,6 +14,9 @@ device's stored values sorted by id must be its sequence, and every value must b
 - a layout change (1 -> 2 -> 1 processes) while the broker holds queued messages for the old
   sessions: they are served, once and in order, and the old sessions are gone;
 - an operation created over REST reaches the device through its worker.
+
+The tests of worker processes run on both stores (the `database_url` fixture): SQLite, whose
+writers queue on a flock, and PostgreSQL, whose transactions run side by side (model_pg.py).
 """
 
 from __future__ import annotations
@@ -214,9 +217,9 @@ def test_shared_models_queue_writers_on_a_flock(tmp_path: Path):
 
 # -- two worker processes -----------------------------------------------------------------------
 
-def test_two_workers_keep_each_devices_order(tmp_path: Path):
+def test_two_workers_keep_each_devices_order(tmp_path: Path, database_url: str | None):
     rows = 40
-    with Emulator(tmp_path / "emu", worker_processes=2) as emu:
+    with Emulator(tmp_path / "emu", worker_processes=2, database_url=database_url) as emu:
         assert emu.pool is not None and all(emu.pool.pids())
         fleet = Fleet(emu, ids_for_both(3))
         try:
@@ -273,8 +276,9 @@ def test_bulk_added_devices_are_served_by_their_workers(tmp_path: Path, monkeypa
             fleet.close()
 
 
-def test_an_operation_reaches_its_device_through_its_worker(tmp_path: Path):
-    with Emulator(tmp_path / "emu", worker_processes=2) as emu:
+def test_an_operation_reaches_its_device_through_its_worker(tmp_path: Path,
+                                                           database_url: str | None):
+    with Emulator(tmp_path / "emu", worker_processes=2, database_url=database_url) as emu:
         fleet = Fleet(emu, ids_for_both(1))
         try:
             for i, mo in fleet.mo.items():
@@ -304,10 +308,11 @@ def test_a_collection_deleted_in_one_worker_is_gone_in_the_other(tmp_path: Path)
             fleet.close()
 
 
-def test_kill_9_of_a_worker_loses_and_duplicates_nothing(tmp_path: Path):
+def test_kill_9_of_a_worker_loses_and_duplicates_nothing(tmp_path: Path,
+                                                         database_url: str | None):
     rnd = random.Random(SEED)
     rows, burst = 60, 10
-    with Emulator(tmp_path / "emu", worker_processes=2) as emu:
+    with Emulator(tmp_path / "emu", worker_processes=2, database_url=database_url) as emu:
         pool = emu.pool
         assert pool is not None
         fleet = Fleet(emu, ids_for_both(4))
@@ -330,10 +335,11 @@ def test_kill_9_of_a_worker_loses_and_duplicates_nothing(tmp_path: Path):
             fleet.close()
 
 
-def test_changing_the_number_of_workers_serves_what_old_sessions_held(tmp_path: Path):
+def test_changing_the_number_of_workers_serves_what_old_sessions_held(
+        tmp_path: Path, database_url: str | None):
     data = tmp_path / "emu"
     rows = 8
-    with Emulator(data) as emu:
+    with Emulator(data, database_url=database_url) as emu:
         fleet = Fleet(emu, ids_for_both(2))
         ids, mos, pws = list(fleet.mo), dict(fleet.mo), dict(fleet.pw)
         assert emu.connector is not None
@@ -344,7 +350,7 @@ def test_changing_the_number_of_workers_serves_what_old_sessions_held(tmp_path: 
         fleet.wait_acked()  # every row is at the broker
         fleet.close()
 
-    with Emulator(data, worker_processes=2) as emu:
+    with Emulator(data, worker_processes=2, database_url=database_url) as emu:
         fleet = reconnect(emu, ids, mos, pws)
         try:
             for i in ids:  # the answers queued for the devices' sessions, then new rows
@@ -361,7 +367,7 @@ def test_changing_the_number_of_workers_serves_what_old_sessions_held(tmp_path: 
         finally:
             fleet.close()
 
-    with Emulator(data) as emu:
+    with Emulator(data, database_url=database_url) as emu:
         fleet = reconnect(emu, ids, mos, pws)
         try:
             for i in ids:

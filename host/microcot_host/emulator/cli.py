@@ -2,6 +2,7 @@
 
     microcot emulator [--data-dir DIR] [--mqtt-port P] [--http-port P] [--https-port P]
                       [--max-binary MIB] [--auto-accept] [--bind ADDR] [--host NAME ...]
+                      [--workers N] [--database postgresql://...]
     microcot emulator board-config [--out F] what a real board needs (host, port, CA, user)
     microcot emulator accept ID             accept a device's bootstrap request
     microcot emulator register fleet.csv    bulk registration (seed 002's CSV)
@@ -35,6 +36,7 @@ import click
 from .. import cliopts, paths
 
 MASK = "********"
+DATABASE_ENV = "MICROCOT_EMULATOR_DATABASE"
 
 
 def default_data() -> Path:
@@ -81,23 +83,29 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
               help="Processes that serve the devices' SmartREST messages, the devices "
                    "partitioned between them (docs: emulator-scaling); 1 serves them in this "
                    "process.")
+@click.option("--database", metavar="URL", envvar=DATABASE_ENV, default=None,
+              help="The platform's data in PostgreSQL (postgresql://USER@HOST/DB; the password "
+                   f"best in ~/.pgpass) instead of SQLite in the data directory (env "
+                   f"{DATABASE_ENV}; docs: emulator-scaling).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.pass_context
 def emulator(ctx: click.Context, data: Path | None, mqtt_port: int, http_port: int,
              https_port: int, max_binary: int, auto_accept: bool, bind: str,
-             names: tuple[str, ...], worker_processes: int, verbose: bool) -> None:
+             names: tuple[str, ...], worker_processes: int, database: str | None,
+             verbose: bool) -> None:
     """The Cloud of Things platform emulator: Mosquitto with TLS, the SmartREST connector and
     the REST API. Without a subcommand it runs until Ctrl-C or SIGTERM."""
     ctx.obj = {"data": data}
     if ctx.invoked_subcommand is not None:
         return
     _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose, https_port,
-         max_binary, bind, names, worker_processes)
+         max_binary, bind, names, worker_processes, database or None)
 
 
 def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool,
          https_port: int = 0, max_binary: int = 64, bind: str = "127.0.0.1",
-         names: tuple[str, ...] = (), worker_processes: int = 1) -> None:
+         names: tuple[str, ...] = (), worker_processes: int = 1,
+         database: str | None = None) -> None:
     from .broker import BrokerError
     from .connector import ConnectorError
     from .service import Emulator, EmulatorError
@@ -116,7 +124,7 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
         emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
                        auto_accept=auto_accept, https_port=https_port,
                        max_binary=max_binary << 20, host=bind, names=names,
-                       worker_processes=worker_processes)
+                       worker_processes=worker_processes, database_url=database)
         emu.start()
     except (BrokerError, ConnectorError, EmulatorError, WorkerError, OSError) as e:
         raise click.ClickException(f"the emulator could not start: {e}") from None
@@ -125,6 +133,7 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
         click.echo("\n".join([
             "microcot platform emulator",
             f"  data        {emu.data_dir}",
+            f"  database    {emu.database}",
             f"  MQTT        {c['mqtt_host']}:{c['mqtt_port']} (TLS; devices trust the CA "
             f"{c['ca_cert']})",
             f"  REST API    {c['http_url']} (admin user {c['admin_user']!r}, password {MASK})",

@@ -11,6 +11,7 @@ as the real platform's single broker URL. Everything that must survive a restart
     connection.json        where to connect, with the passwords (0600, rewritten on every start)
     emulator-secrets.json  the admin's and the bootstrap user's passwords (0600, made once)
     platform.sqlite        the platform's data (model.py), engine and connector state included
+                           (not made with `database_url`: the data is in PostgreSQL then)
     binaries/              the content of /inventory/binaries, one file per managed object id
     connector.key          the key that encrypts stored bootstrap secrets (0600, bootstrap.py)
     bootstrap-sessions.json  the bootstrap user's persistent sessions (0600, front_bootstrap.py)
@@ -32,6 +33,11 @@ NOW and availability, so tests can move time.
 
 The broker is a child process that gets SIGTERM when the thread that started it ends (broker.py):
 start the emulator from a thread that lives as long as it should, normally the main thread.
+
+`database_url="postgresql://..."` keeps the platform's data in PostgreSQL instead of
+platform.sqlite (model_pg.py): for many worker processes, and for several emulators sharing one
+database (docs/guides/emulator-scaling.md says what that does and does not share). The URL's
+password is never logged; `database` is the URL without it.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ from .engine import Engine
 from .front import Front, server_context
 from .front_bootstrap import BootstrapHub
 from .http import RestServer
-from .model import Model
+from .model import Model, is_database_url, open_model
+from .model_pg import StoreError, display
 from .sessions import delete_session, layout, settle
 from .workers import BrokerAccess, SubscribingSink, WorkerConfig, Workers
 
@@ -95,12 +102,13 @@ class Emulator:
                  max_message: int = 64 * 1024, https: bool = True, https_port: int = 0,
                  max_binary: int = DEFAULT_MAX_SIZE, clock: Callable[[], float] = time.time,
                  availability_interval: float = 10.0, names: tuple[str, ...] = (),
-                 worker_processes: int = 1) -> None:
+                 worker_processes: int = 1, database_url: str | None = None) -> None:
         """host: the address to listen on (0.0.0.0 for every IPv4 address); names: the host
         names and addresses real boards use to reach this machine. The server certificate
         carries them all (with localhost, 127.0.0.1 and ::1); the first is what connection.json
         tells devices. workers: threads per connector; worker_processes: connector processes
-        (workers.py; 1 is the single connector in this process)."""
+        (workers.py; 1 is the single connector in this process). database_url: a
+        postgresql:// URL for the platform's data instead of platform.sqlite in data_dir."""
         self._temp = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="microcot-emulator-") if data_dir is None
                              else data_dir).resolve()
@@ -122,6 +130,10 @@ class Emulator:
             # worker processes keep their own time; a moved clock would differ between them
             raise EmulatorError("a clock of its own needs worker_processes=1")
         self.worker_processes = worker_processes
+        if database_url is not None and not is_database_url(database_url):
+            raise EmulatorError("database_url: a postgresql:// URL (SQLite is the default, in "
+                                "the data directory)")
+        self._database_url = database_url
         self.max_message = max_message
         self.https = https
         self.https_port = https_port
@@ -168,6 +180,21 @@ class Emulator:
         return [*dns, *ips]
 
     @property
+    def database(self) -> str:
+        """Where the platform's data is: the SQLite file, or the URL without its password."""
+        if self._database_url is not None:
+            return display(self._database_url)
+        return str(self._sqlite_file)
+
+    @property
+    def _sqlite_file(self) -> Path:
+        return self.data_dir / "platform.sqlite"
+
+    def _store(self) -> str:
+        """What open_model and the worker processes open (the URL with its password)."""
+        return self._database_url or str(self._sqlite_file)
+
+    @property
     def connection_file(self) -> Path:
         return self.data_dir / "connection.json"
 
@@ -204,8 +231,11 @@ class Emulator:
         try:
             self.broker = self._start_broker()
             tls = self._tls_files()
-            self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock,
-                               shared=self.worker_processes > 1)
+            try:
+                self.model = open_model(self._store(), clock=self.clock,
+                                        shared=self.worker_processes > 1)
+            except StoreError as exc:
+                raise EmulatorError(str(exc)) from None
             # before anything can reach the broker: sessions of another layout are served and
             # deleted (sessions.py)
             self._settle_sessions()
@@ -257,8 +287,8 @@ class Emulator:
             "bootstrap_password": passwords["bootstrap_password"],
         }
         write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
-        log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.public_host,
-                 self.front.port, self.rest.url, self.data_dir)
+        log.info("emulator running: MQTT %s:%d, REST %s, data %s, database %s",
+                 self.public_host, self.front.port, self.rest.url, self.data_dir, self.database)
 
     def stop(self) -> None:
         self._stop_parts()
@@ -345,7 +375,7 @@ class Emulator:
         def config(k: int, devices: tuple[str, ...]) -> WorkerConfig:
             # no key file: a worker never keeps bootstrap secrets (the main process does), and
             # two processes must not both create the one key
-            return WorkerConfig(k, n, str(self.data_dir / "platform.sqlite"),
+            return WorkerConfig(k, n, self._store(),
                                 str(self.data_dir / "binaries"), self.max_binary, self.tenant,
                                 self.admin_user, self.max_message, self.workers, "", access,
                                 devices, level)

@@ -112,7 +112,7 @@ class WorkerConfig:
     """Everything a worker process is started with."""
     index: int
     count: int
-    database: str
+    database: str = field(repr=False)  # a PostgreSQL URL may carry a password
     binaries: str
     max_binary: int
     tenant: str
@@ -177,13 +177,13 @@ def worker_main(conn: Connection, cfg: WorkerConfig) -> None:
     from .binaries import BinaryStore
     from .connector import Connector
     from .engine import Engine
-    from .model import Model
+    from .model import open_model
 
     logging.basicConfig(level=cfg.log_level,
                         format=f"%(asctime)s %(levelname)s worker {cfg.index + 1}/{cfg.count} "
                                "%(name)s: %(message)s")
     send = _Sender(conn)
-    model = Model(cfg.database, shared=True)
+    model = open_model(cfg.database, shared=True)
     api = Api(model, credentials=None, tenant=cfg.tenant, admin_user=cfg.admin_user,
               binaries=BinaryStore(Path(cfg.binaries), cfg.max_binary))
     engine = Engine(api, max_body=cfg.max_message, shared=True)
@@ -335,8 +335,12 @@ class Workers:
         # and the configuration (with the connector's password) its first message
         parent, child = mp.Pipe()
         fd = child.fileno()
+        # the parent's import path as the child's: a parent that found this package through a
+        # path it inserted itself (bench/*.py, a checkout beside an installed copy) must not
+        # get workers running another copy of the code (an editable install's, say)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         proc = subprocess.Popen([sys.executable, "-m", __name__, str(fd)], pass_fds=(fd,),
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
         child.close()
         parent.send(cfg)
         slot.ready.clear()
