@@ -24,6 +24,8 @@ import click
 
 from microcot import settings
 
+from .cliopts import HELP
+
 SECRET_MASK = settings.MASK
 
 # settings.KINDS' codes as the reference names them
@@ -157,7 +159,7 @@ def _secret(what: str, file: Path | None, env: str, prompt: bool) -> str | None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 
-@click.group("config")
+@click.group("config", context_settings=HELP)
 def config() -> None:
     """The agent's settings, /microcot.json: write one, check one, list the keys."""
 

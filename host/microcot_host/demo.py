@@ -573,7 +573,7 @@ def timings(con: Console, steps: list[Step], total: float) -> None:
     con.print(t)
 
 
-@click.command()
+@click.command(context_settings=cliopts.HELP)
 @cliopts.timeout_option(default=60.0, old=("--step-timeout",), dest="step_timeout",
                         help="how long each step may take before the demo gives up")
 @click.option("--keep", is_flag=True, help="Leave the emulator and the board running at the "

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from . import boards, ports, transport
+from .cliopts import HELP
 from .paths import firmware_dir
 from .transport import BoardError, BoardInfo, TransportError, TransportExecError
 
@@ -311,7 +312,7 @@ def _guess_board(info: BoardInfo) -> str | None:
     return {"linux": "virtual", "rp2": "rp2-pico-w", "esp32": "esp32-generic"}.get(info.platform)
 
 
-@click.command("deploy")
+@click.command("deploy", context_settings=HELP)
 @ports.port_option()
 @click.option("--board", "-b", "board_name", default=None,
               help=f"board definition from boards/ ({', '.join(boards.names())})")

@@ -57,7 +57,7 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
     return parent if parent is not None else default_data()
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, context_settings=cliopts.HELP)
 @cliopts.option("--data-dir", "data", type=click.Path(file_okay=False, path_type=Path),
                 default=None, old=("--data",),
                 help="Data directory: SQLite platform data, broker state, TLS files, "
