@@ -12,10 +12,23 @@ such as `_` `-` `.` are let through.
 CSV rules (both directions): fields are separated by `,`, rows by `\\n` (`\\r\\n` tolerated when
 parsing). A field is quoted when it holds `"` `,` `\\n` `\\r` tab or leading/trailing whitespace;
 a quote inside is doubled. Quoted fields may hold commas and line breaks. Blank lines are skipped.
-Parsing is strict, and every defect is a ValueError naming the body's 1-based line and column
-(in characters): an unterminated quote, text after a closing quote, a quote or a bare CR inside an
-unquoted field, a message identifier that is not an unsigned integer, a line number field that is
-not one, or bytes that are not UTF-8.
+Parsing is strict, and every defect is an `Error` (a ValueError) naming the body's 1-based line
+and column (in characters, also as `.line` and `.column`): an unterminated quote, text after a
+closing quote, a quote or a bare CR inside an unquoted field, a message identifier that is not an
+unsigned integer, a line number field that is not one, bytes that are not UTF-8, and the limits:
+a row of more than MAX_FIELDS fields, or (parse only, `max_rows`) a body of more than that many
+rows. An unsigned integer (message identifier, line number) has at most MAX_DIGITS significant
+digits: a longer one is refused by its length before int() sees it (CPython refuses int() over
+4300 digits, MicroPython would build a bignum).
+
+Errors (`ERRORS`): parse(), records() and parse_rows() raise `Error` and nothing else, for any
+bytes or str. The encoders (quote, row, request, check_xid) raise plain ValueError for values a
+caller passed.
+
+Memory: records() yields one Record per row, holding one row's fields at a time (a caller that
+keeps only some rows, as the agent does, needs no list of the whole body); parse() and
+parse_rows() build the list, so their memory follows the body's size (the caller bounds that,
+e.g. the MQTT client's max_packet) and `max_rows`.
 
 Response records, `parse(body)` -> [Record(code, line, values)]. Whether the second field is the
 line number of the request line being answered depends on the message identifier:
@@ -38,6 +51,23 @@ row whose line field is empty gets line None. If the caller passes `response_ids
 response templates), a row whose identifier is neither built-in nor among them is kept with
 line None and all of its fields as values, since nothing says what its second field means.
 """
+
+MAX_FIELDS = 256  # fields of one row: a template has far fewer parameters or value paths
+MAX_DIGITS = 10  # significant digits of an unsigned integer: template ids go up to 4294967295
+MAX_ROWS = 256  # rows parse() takes from one body by default (records() has no such limit)
+
+
+class Error(ValueError):
+    """A defect of a SmartREST body: `.line` and `.column` (1-based, characters) and `.what`."""
+
+    def __init__(self, line, column, what):
+        super().__init__("line %d column %d: %s" % (line, column, what))
+        self.line = line
+        self.column = column
+        self.what = what
+
+
+ERRORS = (Error,)
 
 # message id -> does field 2 hold a line number: 1 yes, 0 no, 2 optional
 _BUILTIN = {20: 0, 40: 0, 41: 2, 42: 1, 43: 1, 45: 1, 50: 1, 70: 1, 86: 0, 87: 0}
@@ -70,14 +100,28 @@ class Record:
         return "Record(%d, %r, %r)" % (self.code, self.line, self.values)
 
 
-def _uint(s):
+def _digits(s):
     # int() would also take ' 5', '+5', '5_0' and non-ASCII digits; the wire format has none of them
     if not s:
-        return None
+        return False
     for c in s:
         if c < "0" or c > "9":
-            return None
-    return int(s)
+            return False
+    return True
+
+
+def _uint(s):
+    """s as an int when it is ASCII digits with at most MAX_DIGITS significant ones, else None:
+    counted before int() sees it, so no input makes a bignum or hits CPython's digit limit."""
+    if not _digits(s):
+        return None
+    i = 0
+    n = len(s) - 1
+    while i < n and s[i] == "0":
+        i += 1
+    if n + 1 - i > MAX_DIGITS:
+        return None
+    return int(s[i:]) if i else int(s)
 
 
 def quote(value):
@@ -118,7 +162,7 @@ def check_xid(xid):
     for c in xid:
         if c in _WS or c in ',"\0':
             raise ValueError("X-ID %r holds %r, which a SmartREST row or binary message cannot carry" % (xid, c))
-    if _uint(xid) is not None:
+    if _digits(xid):
         raise ValueError("X-ID %r is all digits; it needs at least one letter" % xid)
 
 
@@ -147,7 +191,12 @@ def request(xid, rows):
 
 
 def _err(line, col, what):
-    return ValueError("line %d column %d: %s" % (line, col, what))
+    return Error(line, col, what)
+
+
+def _clip(v):
+    # a field quoted in an error message: a hostile one could be 16 KiB long
+    return v if len(v) <= 40 else v[:37] + "..."
 
 
 def _bad_utf8(b):
@@ -187,9 +236,8 @@ def _text(body):
         raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off]) from None
 
 
-def _scan(s):
-    # -> list of (fields, line, cols): the physical line a row starts on and each field's column
-    rows = []
+def _scan(s, max_fields):
+    # yields (fields, line, cols) per row: the physical line it starts on and each field's column
     n = len(s)
     pos = 0
     line = 1
@@ -209,6 +257,8 @@ def _scan(s):
         cols = []
         row_line = line
         while True:
+            if len(cols) >= max_fields:
+                raise _err(line, pos - ls + 1, "more than %d fields in a row" % max_fields)
             cols.append(pos - ls + 1)
             if pos < n and s[pos] == '"':
                 qline = line
@@ -274,40 +324,63 @@ def _scan(s):
             line += 1
             ls = pos
             break
-        rows.append((fields, row_line, cols))
-    return rows
+        yield fields, row_line, cols
 
 
-def parse_rows(body):
-    """Plain CSV split of a body (bytes or str) -> list of rows, each a list of str."""
-    return [r[0] for r in _scan(_text(body))]
-
-
-def parse(body, response_ids=None):
-    """Response body (bytes or str) -> list of Record; see the module docstring for which codes
-    carry a line number."""
+def parse_rows(body, max_rows=None, max_fields=MAX_FIELDS):
+    """Plain CSV split of a body (bytes or str) -> list of rows, each a list of str; Error for a
+    defect, or for more than max_rows rows (None: no limit) or max_fields fields in a row."""
     out = []
-    for fields, line, cols in _scan(_text(body)):
+    for fields, line, cols in _scan(_text(body), max_fields):
+        if max_rows is not None and len(out) >= max_rows:
+            raise _err(line, 1, "more than %d rows" % max_rows)
+        out.append(fields)
+    return out
+
+
+def parse(body, response_ids=None, max_rows=MAX_ROWS):
+    """Response body (bytes or str) -> list of Record, all or nothing; see the module docstring
+    for which codes carry a line number. Error for any defect, or for more than max_rows rows
+    (None: no limit)."""
+    out = []
+    for r, line in _records(body, response_ids, MAX_FIELDS):
+        if max_rows is not None and len(out) >= max_rows:
+            raise _err(line, 1, "more than %d rows" % max_rows)
+        out.append(r)
+    return out
+
+
+def records(body, response_ids=None, max_fields=MAX_FIELDS):
+    """The Records of a response body one by one (a generator): Error at the first defect, after
+    the rows before it were yielded."""
+    for r, _ in _records(body, response_ids, max_fields):
+        yield r
+
+
+def _records(body, response_ids, max_fields):
+    # (Record, physical line it starts on) per row
+    for fields, line, cols in _scan(_text(body), max_fields):
         code = _uint(fields[0])
         if code is None:
-            raise _err(line, cols[0], "message identifier %r is not an unsigned integer" % fields[0])
+            raise _err(line, cols[0], "message identifier %r is not an unsigned integer of at "
+                       "most %d digits" % (_clip(fields[0]), MAX_DIGITS))
         kind = _BUILTIN.get(code)
         if kind is None:
             kind = 1 if response_ids is None or code in response_ids else 0
         if kind == 0:
-            out.append(Record(code, None, fields[1:]))
+            yield Record(code, None, fields[1:]), line
             continue
         if len(fields) < 2:
             if kind == 2:
-                out.append(Record(code, None, []))
+                yield Record(code, None, []), line
                 continue
             raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code)
         num = _uint(fields[1])
         if num is None:
             if kind == 2:
-                out.append(Record(code, None, fields[1:]))
+                yield Record(code, None, fields[1:]), line
                 continue
             if fields[1] or code in _BUILTIN:
-                raise _err(line, cols[1], "line number %r is not an unsigned integer" % fields[1])
-        out.append(Record(code, num, fields[2:]))
-    return out
+                raise _err(line, cols[1], "line number %r is not an unsigned integer of at most "
+                           "%d digits" % (_clip(fields[1]), MAX_DIGITS))
+        yield Record(code, num, fields[2:]), line
