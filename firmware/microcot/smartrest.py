@@ -54,7 +54,7 @@ line None and all of its fields as values, since nothing says what its second fi
 
 MAX_FIELDS = 256  # fields of one row: a template has far fewer parameters or value paths
 MAX_DIGITS = 10  # significant digits of an unsigned integer: template ids go up to 4294967295
-MAX_ROWS = 256  # rows parse() takes from one body by default (records() has no such limit)
+MAX_ROWS = 64  # rows parse() takes from one body by default (records() has no such limit)
 
 
 class Error(ValueError):
@@ -102,12 +102,7 @@ class Record:
 
 def _digits(s):
     # int() would also take ' 5', '+5', '5_0' and non-ASCII digits; the wire format has none of them
-    if not s:
-        return False
-    for c in s:
-        if c < "0" or c > "9":
-            return False
-    return True
+    return bool(s) and all("0" <= c <= "9" for c in s)
 
 
 def _uint(s):
