@@ -5,7 +5,7 @@
 # huge declared lengths, 5000-digit integers, rows of hundreds of fields) to its decoder, takes
 # the decoder's documented errors (its module's ERRORS) as a rejection and lets anything else
 # propagate; it returns {"inputs", "accepted", "rejected"}. The tests below run a seeded subset on
-# both runtimes; tools/fuzz.py runs the big counts (docs/testing.md).
+# both runtimes; tools/fuzz.py runs the big counts (docs/guides/device-tests.md).
 from dt import Rng, raises
 
 from microcot import binrest, mqttpkt, smartrest, templates

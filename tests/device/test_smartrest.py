@@ -138,8 +138,11 @@ def test_parse_errors_name_line_and_column():
         (b"20,1\n511,1,\xc3(", "line 2 column 7", "UTF-8"),
     )
     for body, where, what in cases:
-        e = raises(ValueError, sr.parse, body)
+        e = raises(sr.Error, sr.parse, body)
         assert where in str(e) and what in str(e), (body, str(e))
+        assert "line %d column %d: %s" % (e.line, e.column, e.what) == str(e)
+        e2 = raises(sr.Error, lambda: list(sr.records(body)))
+        assert str(e2) == str(e)
 
 
 def test_record_repr_and_equality():
