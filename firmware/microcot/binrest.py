@@ -37,6 +37,8 @@ MQTT client's max_packet, the emulator's max_body).
 
 from struct import pack_into, unpack_from
 
+from .smartrest import _bad_utf8
+
 STRING = "STRING"
 UNSIGNED = "UNSIGNED"
 INTEGER = "INTEGER"
@@ -183,9 +185,12 @@ def encode_many(messages):
 
 def _utf8(mv, a, b):
     try:
-        return str(mv[a:b], "utf-8")
+        s = str(mv[a:b], "utf-8")
     except Exception:  # UnicodeError on both runtimes, named differently
         return None
+    if len(s) != b - a and _bad_utf8(mv[a:b]) >= 0:
+        return None  # MicroPython's decoder lets surrogates through; CPython's does not
+    return s
 
 
 def decode(payload, lookup):

@@ -194,8 +194,14 @@ def _clip(v):
     return v if len(v) <= 40 else v[:37] + "..."
 
 
+# the second byte of a 3- or 4-byte sequence, by its lead byte, where it is narrower than 80..BF:
+# no overlong forms, no surrogates (ED A0..BF), nothing past U+10FFFF (RFC 3629, section 4)
+_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
 def _bad_utf8(b):
-    # index of the first byte that breaks UTF-8 (only to point at it; the decoder decides validity)
+    # index of the first byte that breaks UTF-8, or -1: MicroPython's decoder lets surrogates
+    # through where CPython's refuses them, so both runtimes take this one's word
     i = 0
     n = len(b)
     while i < n:
@@ -211,11 +217,14 @@ def _bad_utf8(b):
             k = 3
         else:
             return i
-        for j in range(i + 1, i + k + 1):
+        lo, hi = _SECOND.get(c, (0x80, 0xBF))
+        if i + 1 >= n or not lo <= b[i + 1] <= hi:
+            return i
+        for j in range(i + 2, i + k + 1):
             if j >= n or b[j] & 0xC0 != 0x80:
                 return i
         i += k + 1
-    return 0
+    return -1
 
 
 def _text(body):
@@ -223,12 +232,17 @@ def _text(body):
         return body
     body = bytes(body)
     try:
-        return body.decode()
-    except Exception:
-        off = _bad_utf8(body)
-        line = body.count(b"\n", 0, off) + 1
-        col = off - body.rfind(b"\n", 0, off)
-        raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off]) from None
+        s = body.decode()
+    except Exception:  # UnicodeError on both runtimes, named differently
+        s = None
+    if s is not None and len(s) == len(body):
+        return s  # ASCII: nothing to check
+    off = _bad_utf8(body)
+    if off < 0:
+        return s
+    line = body.count(b"\n", 0, off) + 1
+    col = off - body.rfind(b"\n", 0, off)
+    raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off])
 
 
 def _scan(s, max_fields):
