@@ -58,7 +58,7 @@ def parse(row):
     does not carry an operation id and a device id."""
     code, v = row
     if len(v) < 2 or not _digits(v[0]) or not _digits(v[1]):
-        r = repr(v)  # the row came from the platform: bounded in the log
+        r = repr(v[:3])  # the row came from the platform: bounded in the log
         raise ValueError("operation row %d: expected <operation id>,<device id>,..., got %s"
                          % (code, r if len(r) <= 80 else r[:77] + "..."))
     return Op(v[0], code, v[1], v[2:])

@@ -13,7 +13,8 @@ CSV rules (both directions): fields are separated by `,`, rows by `\\n` (`\\r\\n
 parsing). A field is quoted when it holds `"` `,` `\\n` `\\r` tab or leading/trailing whitespace;
 a quote inside is doubled. Quoted fields may hold commas and line breaks. Blank lines are skipped.
 Parsing is strict, and every defect is an `Error` (a ValueError) naming the body's 1-based line
-and column (in characters, also as `.line` and `.column`): an unterminated quote, text after a
+and column (in characters, also as `.line` and `.column`; for a defect inside a row `.field`
+is its field, from 1): an unterminated quote, text after a
 closing quote, a quote or a bare CR inside an unquoted field, a message identifier that is not an
 unsigned integer, a line number field that is not one, bytes that are not UTF-8, and the limits:
 a row of more than MAX_FIELDS fields, or (parse only, `max_rows`) a body of more than that many
@@ -58,12 +59,14 @@ MAX_ROWS = 64  # rows parse() takes from one body by default (records() has no s
 
 
 class Error(ValueError):
-    """A defect of a SmartREST body: `.line` and `.column` (1-based, characters) and `.what`."""
+    """A defect of a SmartREST body: `.line` and `.column` (1-based, characters), `.field` (the
+    1-based field of the row, or None where the defect is not in one) and `.what`."""
 
-    def __init__(self, line, column, what):
+    def __init__(self, line, column, what, field=None):
         super().__init__("line %d column %d: %s" % (line, column, what))
         self.line = line
         self.column = column
+        self.field = field
         self.what = what
 
 
@@ -185,8 +188,8 @@ def request(xid, rows):
     return "\n".join(out).encode()
 
 
-def _err(line, col, what):
-    return Error(line, col, what)
+def _err(line, col, what, field=None):
+    return Error(line, col, what, field)
 
 
 def _clip(v):
@@ -267,7 +270,8 @@ def _scan(s, max_fields):
         row_line = line
         while True:
             if len(cols) >= max_fields:
-                raise _err(line, pos - ls + 1, "more than %d fields in a row" % max_fields)
+                raise _err(line, pos - ls + 1, "more than %d fields in a row" % max_fields,
+                           max_fields + 1)
             cols.append(pos - ls + 1)
             if pos < n and s[pos] == '"':
                 qline = line
@@ -278,7 +282,7 @@ def _scan(s, max_fields):
                 while True:
                     q = s.find('"', pos)
                     if q < 0:
-                        raise _err(qline, qcol, "unterminated quoted field")
+                        raise _err(qline, qcol, "unterminated quoted field", len(cols))
                     k = s.find("\n", pos, q)
                     while k >= 0:
                         line += 1
@@ -309,7 +313,7 @@ def _scan(s, max_fields):
                     line += 1
                     ls = pos
                     break
-                raise _err(line, pos - ls + 1, "text after closing quote")
+                raise _err(line, pos - ls + 1, "text after closing quote", len(cols))
             if nl < pos:
                 nl = s.find("\n", pos)
                 if nl < 0:
@@ -321,10 +325,11 @@ def _scan(s, max_fields):
                 f = f[:-1]
             q = f.find('"')
             if q >= 0:
-                raise _err(line, pos - ls + 1 + q, "quote inside an unquoted field")
+                raise _err(line, pos - ls + 1 + q, "quote inside an unquoted field", len(cols))
             q = f.find("\r")
             if q >= 0:
-                raise _err(line, pos - ls + 1 + q, "carriage return inside an unquoted field")
+                raise _err(line, pos - ls + 1 + q, "carriage return inside an unquoted field",
+                           len(cols))
             fields.append(f)
             if k >= 0:
                 pos = k + 1
@@ -372,7 +377,7 @@ def _records(body, response_ids, max_fields):
         code = _uint(fields[0])
         if code is None:
             raise _err(line, cols[0], "message identifier %r is not an unsigned integer of at "
-                       "most %d digits" % (_clip(fields[0]), MAX_DIGITS))
+                       "most %d digits" % (_clip(fields[0]), MAX_DIGITS), 1)
         kind = _BUILTIN.get(code)
         if kind is None:
             kind = 1 if response_ids is None or code in response_ids else 0
@@ -383,7 +388,8 @@ def _records(body, response_ids, max_fields):
             if kind == 2:
                 yield Record(code, None, []), line
                 continue
-            raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code)
+            raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code,
+                       2)
         num = _uint(fields[1])
         if num is None:
             if kind == 2:
@@ -391,5 +397,5 @@ def _records(body, response_ids, max_fields):
                 continue
             if fields[1] or code in _BUILTIN:
                 raise _err(line, cols[1], "line number %r is not an unsigned integer of at most "
-                           "%d digits" % (_clip(fields[1]), MAX_DIGITS))
+                           "%d digits" % (_clip(fields[1]), MAX_DIGITS), 2)
         yield Record(code, num, fields[2:]), line

@@ -21,10 +21,11 @@ registration body (the `15,` line is line 1) when known, and `.detail` what exac
 Decisions where the platform documents no rule: template ids are integers 0..4294967295 and must
 not be one of the built-in message identifiers (10, 11, 15, 20, 40-43, 45, 50, 61, 70, 80-84, 86, 87), which
 keeps smartrest.parse unambiguous; an unknown method is a "Bad request template definition";
-JsonPaths must start with `$`. A registration body that is not valid SmartREST CSV (smartrest.Error:
-an unterminated quote, bytes that are not UTF-8, a row of over smartrest.MAX_FIELDS fields, ...)
-is E_CSV with that error's line and `column N: what` as detail, and a missing or bad `15,<X-ID>`
-line is E_XID on line 1: the platform documents no text for either.
+JsonPaths must start with `$`. A registration body that is not valid SmartREST CSV
+(smartrest.Error: an unterminated quote, bytes that are not UTF-8, a row of over
+smartrest.MAX_FIELDS fields, ...) is E_CSV with that error's line and `column C, field F: what`
+as detail, and a missing or bad `15,<X-ID>` line is E_XID on line 1: the platform documents no
+text for either.
 
 Errors (`ERRORS`): from_body(), from_rows(), add_row(), add_request() and add_response() raise
 TemplateError and nothing else, for any body or rows of str fields (a template id is refused by
@@ -302,7 +303,10 @@ class Collection:
         try:
             rows = smartrest.parse_rows(body)
         except smartrest.Error as e:
-            raise TemplateError(E_CSV, e.line, "column %d: %s" % (e.column, e.what)) from None
+            where = "column %d" % e.column
+            if e.field is not None:
+                where += ", field %d" % e.field
+            raise TemplateError(E_CSV, e.line, "%s: %s" % (where, e.what)) from None
         return cls.from_rows(rows)
 
     # -- using ------------------------------------------------------------------------------

@@ -294,17 +294,17 @@ def test_every_decoder_documents_its_errors():
 
 def test_every_csv_defect_of_a_registration_is_a_template_error():
     TE = templates.TemplateError
-    for body, line in (
-        (b'15,X1\n10,100,GET,"/a,,,,,', 2),  # unterminated quote
-        (b'15,X1\n10,100,GET,"/a"x,,,,,', 2),  # text after the closing quote
-        (b'15,X1\n10,100,GET,/a",,,,,', 2),  # quote inside an unquoted field
-        (b"15,X1\n10,100,GET,/a\r,,,,,", 2),  # bare CR
-        (b"15,X1\n10,100,GET,/\xff,,,,,", 2),  # not UTF-8
-        (b"15,X1\n11,100,,$.a" + b",$.b" * 300, 2),  # a row over MAX_FIELDS
+    for body, line, where in (
+        (b'15,X1\n10,100,GET,"/a,,,,,', 2, "column 12, field 4"),  # unterminated quote
+        (b'15,X1\n10,100,GET,"/a"x,,,,,', 2, "column 16, field 4"),  # text after the quote
+        (b'15,X1\n10,100,GET,/a",,,,,', 2, "column 14, field 4"),  # quote in an unquoted field
+        (b"15,X1\n10,100,GET,/a\r,,,,,", 2, "column 14, field 4"),  # bare CR
+        (b"15,X1\n10,100,GET,/\xff,,,,,", 2, "column 13"),  # not UTF-8
+        (b"15,X1\n11,100,,$.a" + b",$.b" * 300, 2, "field 257"),  # a row over MAX_FIELDS
     ):
         e = raises(TE, templates.Collection.from_body, body)
         assert e.message == templates.E_CSV and e.line == line, (body[:30], str(e))
-        assert "column " in e.detail
+        assert e.detail.startswith(where) or where in e.detail, (where, e.detail)
     for body in (b"10,100,GET,/a,,,,,", b"15,X1,extra\n10,100,GET,/a,,,,,", b"15,12345",
                  b"15,", b"", b"15,my XID"):
         e = raises(TE, templates.Collection.from_body, body)
