@@ -324,7 +324,9 @@ class Reader:
     packet is complete, then (first byte, body bytearray). The body is refused once its size is
     known and over `limit` (bytes of the whole packet, fixed header included); within it, the body
     buffer grows as bytes arrive, by at most `chunk` bytes ahead of them. A view from want()
-    is only good until the next got(): the buffer may move when it grows.
+    is only good until the next got(): the buffer may move when it grows. A MemoryError from
+    got() (no heap for the buffer) leaves the reader reset, between packets; the stream it read
+    is broken all the same (the packet's bytes are lost): close the connection.
     """
 
     def __init__(self, limit=16384, chunk=CHUNK):
@@ -369,6 +371,7 @@ class Reader:
                 try:
                     b.extend(bytes(k))  # MicroPython grows it in place when the heap allows
                 except MemoryError:
+                    self.reset()  # the packet is lost: the stream is broken, and so is this
                     raise
                 except Exception:  # CPython's BufferError (a caller holds a view): a new one
                     nb = bytearray(len(b) + k)
@@ -393,10 +396,14 @@ class Reader:
             rl = rl << 7 | (h[i] & 0x7F)
         if hn + rl > self.limit:
             raise MQTTPacketTooLarge(hn + rl, self.limit, "incoming packet 0x%02x" % h[0])
-        self.rl = rl
         if rl == 0:
             return self._done()
-        self._body = bytearray(min(rl, self.chunk))
+        try:
+            self._body = bytearray(min(rl, self.chunk))
+        except MemoryError:
+            self.reset()  # not left mid-packet without a buffer
+            raise
+        self.rl = rl
         return None
 
     def _done(self):

@@ -353,6 +353,29 @@ def test_rows_and_fields_are_bounded():
     assert got == [20, 21] and e.line == 3  # records() yields the rows before the defect
 
 
+def test_a_reader_out_of_memory_is_left_between_packets():
+    import sys
+
+    if sys.implementation.name == "cpython":
+        return  # CPython would allocate the 64 MiB; a board's heap cannot
+    r = mqttpkt.Reader(limit=1 << 27, chunk=1 << 27)  # the whole declared body at once
+    hdr = b"\x30\x80\x80\x80\x20"  # 64 MiB declared
+    try:
+        for k in range(len(hdr)):
+            r.want()[:1] = hdr[k:k + 1]
+            r.got(1)
+    except MemoryError:
+        pass
+    else:
+        raise AssertionError("64 MiB allocated")
+    assert not r.busy() and r.rl == -1 and r._body is None  # before: rl set, no buffer
+    pkt = None
+    for b in b"\xd0\x00":
+        r.want()[:1] = bytes((b,))
+        pkt = r.got(1)
+    assert pkt == (0xD0, b"")
+
+
 def test_utf8_is_strict_alike_on_both_runtimes():
     # MicroPython's decoder takes surrogates (ED A0 80), which CPython's refuses: the decoders
     # check for themselves, so a body is text or not the same way on a board and on a host
