@@ -31,7 +31,7 @@ PINGRESP = 0xD0
 DISCONNECT = 0xE0
 
 MAX_RL = 268435455  # the largest remaining length 4 bytes can carry
-CHUNK = 1024  # bytes a packet body grows by, at most, beyond what has arrived (Reader)
+CHUNK = 2048  # bytes a packet body grows by, at most, beyond what has arrived (Reader)
 SUBACK_FAILURE = 0x80
 
 CONNACK_TEXT = (
