@@ -171,12 +171,22 @@ class FuzzPlugin:
         row.seconds = ms / 1000
 
     def pytest_runtest_logreport(self, report) -> None:
+        name = report.nodeid.rsplit("::", 1)[-1]
         if report.skipped and report.when in ("setup", "call"):
-            name = report.nodeid.rsplit("::", 1)[-1]
             why = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             why = why[len("Skipped: "):] if why.startswith("Skipped: ") else why
             row = Row(name[len("fuzz_"):], Path(report.fspath).stem, skipped=why)
             self.rows.append(row)
+        elif report.failed and report.when in ("setup", "call"):
+            # not the decoder's exception (that one is recorded already): the board or the run
+            # failed (a timeout, a board that stopped answering); the row says so
+            rows = [r for r in self.rows if "fuzz_" + r.decoder == name]
+            if not rows:
+                rows = [Row(name[len("fuzz_"):], Path(report.fspath).stem)]
+                self.rows.extend(rows)
+            if not rows[-1].error:
+                lines = [ln for ln in str(report.longrepr).splitlines() if ln.strip()]
+                rows[-1].error = "run failed: " + (lines[-1] if lines else "?")[:200]
 
 
 def run_board(board: str, port: str, runtime: str | None, count: int, seed: int,
@@ -185,7 +195,8 @@ def run_board(board: str, port: str, runtime: str | None, count: int, seed: int,
     import pytest
 
     plugin = FuzzPlugin(count, seed, only)
-    args = ["-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(ROOT),
+    # pytest-timeout's limit (the project's ini sets one) is not for these: --board-timeout is
+    args = ["-p", "no:cacheprovider", "-p", "no:timeout", "-o", "addopts=", "--rootdir", str(ROOT),
             "--port", port, "--board", board, "--board-timeout", str(timeout),
             "-q" if not quiet else "-qq", *[str(p) for p in modules()]]
     if runtime:
