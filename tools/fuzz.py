@@ -196,7 +196,7 @@ def run_board(board: str, port: str, runtime: str | None, count: int, seed: int,
 
     plugin = FuzzPlugin(count, seed, only)
     # pytest-timeout's limit (the project's ini sets one) is not for these: --board-timeout is
-    args = ["-p", "no:cacheprovider", "-p", "no:timeout", "-o", "addopts=", "--rootdir", str(ROOT),
+    args = ["-p", "no:cacheprovider", "-o", "timeout=0", "-o", "addopts=", "--rootdir", str(ROOT),
             "--port", port, "--board", board, "--board-timeout", str(timeout),
             "-q" if not quiet else "-qq", *[str(p) for p in modules()]]
     if runtime:
