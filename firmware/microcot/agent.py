@@ -143,6 +143,10 @@ _MANAGED = (("firmware", tpl.R_FIRMWARE, "c8y_Firmware", "opfw"),
 # connected agent there cannot spare, and the log upload's code does not fit beside it anyway
 # (tests/host/test_agent_logs.py runs on the Pico W model); the Pico W model has 150 KB.
 _RING = (100000, 2048)
+# inbound rows kept per message (operations waiting, answer rows) and alarm ids remembered: a
+# message's rows are bounded by the client's max_packet, what is kept of them by these
+_MAX_KEPT = 64
+_MAX_ALARMS = 32
 # what they load, unloaded once no operation runs
 _OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch", "apptar",
            "settings", "tlsctx")
@@ -560,40 +564,57 @@ class Agent:
     def _on_msg(self, topic, msg):
         """The device client's callback (mr/ and br/): operation rows wait for link.py; errors
         (40-50) are counted, logged, kept and passed to on_error (except the answers that
-        create.ask waits for); tenant and alarm answers are noted."""
-        from .smartrest import parse
+        create.ask waits for); tenant and alarm answers are noted.
 
-        try:
-            recs = parse(msg)
-        except ValueError as e:
-            self.log("unreadable on %s: %s" % (topic, e))
-            return
+        Inbound data never raises out of here: a message that is not valid SmartREST
+        (smartrest.ERRORS) is handled up to its first defect and the rest is dropped and logged
+        ("unreadable on <topic>"), and so is one that fails in any other way (out of memory on a
+        board, say). The client then acknowledges it: an exception would leave poll(), the step
+        would reconnect and the broker would deliver the same message again, for ever. Rows are
+        read one at a time (smartrest.records), and what is kept of them is bounded: _MAX_KEPT
+        operation rows and answer rows, _MAX_ALARMS alarm ids."""
+        from .smartrest import ERRORS, records
+
         s = self.s
         asking = s.ans is not None
         ans = []
-        for r in recs:
-            code = r.code
-            v = r.values
-            if code in s.handlers:
-                if len(s.ops) < 64:
-                    s.ops.append((code, v))
-            elif code != 87:
-                ans.append(r)
-                if 40 <= code <= 50 and not asking:
-                    self.errors += 1
-                    self.last_error = e = (code, r.line, ",".join(v))
-                    self.log("error on %s: %d line %s: %s" % (topic, code, r.line, e[2]))
-                    if self.on_error is not None:
-                        try:
-                            self.on_error(*e)
-                        except Exception as x:
-                            self.log("on_error: %r" % x)
-                elif code == tpl.R_TENANT and v:
-                    self.s.tenant = v[0]
-                elif code == tpl.R_ALARM and len(v) > 3:
-                    self.alarms[(v[3], v[1])] = [v[0], v[2]]
+        try:
+            for r in records(msg):
+                self._row(topic, r, asking, ans)
+        except ERRORS as e:
+            self.log("unreadable on %s: %s" % (topic, e))
+        except Exception as e:  # see above: nothing may leave the callback
+            self.log("message on %s dropped: %r" % (topic, e))
         if ans and asking:
             s.ans = ans
+
+    def _row(self, topic, r, asking, ans):
+        s = self.s
+        code = r.code
+        v = r.values
+        if code in s.handlers:
+            if len(s.ops) < _MAX_KEPT:
+                s.ops.append((code, v))
+        elif code != 87:
+            if asking and len(ans) < _MAX_KEPT:
+                ans.append(r)
+            if 40 <= code <= 50 and not asking:
+                self.errors += 1
+                self.last_error = e = (code, r.line, ",".join(v))
+                self.log("error on %s: %d line %s: %s" % (topic, code, r.line, e[2]))
+                if self.on_error is not None:
+                    try:
+                        self.on_error(*e)
+                    except Exception as x:
+                        self.log("on_error: %r" % x)
+            elif code == tpl.R_TENANT and v:
+                s.tenant = v[0]
+            elif code == tpl.R_ALARM and len(v) > 3:
+                al = self.alarms
+                k = (v[3], v[1])
+                if k not in al and len(al) >= _MAX_ALARMS:
+                    al.pop(next(iter(al)))  # any one: a hostile stream must not grow it
+                al[k] = [v[0], v[2]]
 
     def _put(self, tid, source, values):
         import json

@@ -27,9 +27,17 @@ read successfully before the element that could not be read (so it is the offset
 X-ID, TID or value starts). An empty X-ID, an X-ID without its NUL or not in UTF-8, and an empty
 payload are 42 "no X-Id found"; a STRING without NUL or not in UTF-8, a value cut short and a
 non-finite NUMBER are 45.
+
+Errors (`ERRORS`): decode() raises `Error` and nothing else for any payload, given a lookup that
+returns None or a list of TYPES (a type outside them is the lookup's bug: plain ValueError).
+Nothing is allocated by a size read from the payload (there is none: strings end at their NUL);
+the result holds every message, so its size follows the payload's, which the caller bounds (the
+MQTT client's max_packet, the emulator's max_body).
 """
 
 from struct import pack_into, unpack_from
+
+from .smartrest import _bad_utf8
 
 STRING = "STRING"
 UNSIGNED = "UNSIGNED"
@@ -58,6 +66,9 @@ class Error(ValueError):
 
     def __str__(self):
         return "%d %s" % (self.code, self.message)
+
+
+ERRORS = (Error,)
 
 
 def _bad_type(p, t):
@@ -174,9 +185,12 @@ def encode_many(messages):
 
 def _utf8(mv, a, b):
     try:
-        return str(mv[a:b], "utf-8")
+        s = str(mv[a:b], "utf-8")
     except Exception:  # UnicodeError on both runtimes, named differently
         return None
+    if len(s) != b - a and _bad_utf8(mv[a:b]) >= 0:
+        return None  # MicroPython's decoder lets surrogates through; CPython's does not
+    return s
 
 
 def decode(payload, lookup):

@@ -5,6 +5,14 @@
 #
 # Reader refuses a packet larger than its limit as soon as the remaining length is known, before
 # anything is allocated for it, and a remaining length longer than 4 bytes as a protocol error.
+# Within the limit, a body is not allocated at the size its header declares either: it grows by
+# at most `chunk` bytes beyond what has arrived, so four bytes claiming 16 KiB cost a chunk, not
+# 16 KiB (a small board's heap is the budget; the sender has to send what it declared).
+#
+# Errors (ERRORS): the decoders (Reader.got, parse_connack, parse_pid, parse_suback,
+# parse_publish) raise MQTTProtocolError (MQTTPacketTooLarge is one) and nothing else, for any
+# bytes; a driver treats it as a broken stream: close the connection, connect again. The encoders
+# raise ValueError for arguments out of range (a caller's bug, not the broker's).
 
 # first byte of each packet type, with the flags the protocol fixes
 CONNECT = 0x10
@@ -23,6 +31,7 @@ PINGRESP = 0xD0
 DISCONNECT = 0xE0
 
 MAX_RL = 268435455  # the largest remaining length 4 bytes can carry
+CHUNK = 2048  # bytes a packet body grows by, at most, beyond what has arrived (Reader)
 SUBACK_FAILURE = 0x80
 
 CONNACK_TEXT = (
@@ -48,6 +57,9 @@ class MQTTPacketTooLarge(MQTTProtocolError):
         super().__init__("%s of %d bytes exceeds the limit of %d bytes" % (what, size, limit))
         self.size = size
         self.limit = limit
+
+
+ERRORS = (MQTTProtocolError,)
 
 
 class MQTTConnectError(MQTTException):
@@ -309,12 +321,17 @@ class Reader:
     """Incremental reader of one packet at a time.
 
     Loop: `mv = r.want()`, read up to len(mv) bytes into it, `pkt = r.got(n)`; pkt is None until a
-    packet is complete, then (first byte, body bytearray). The body is allocated only once its
-    size is known and within `limit` (bytes of the whole packet, fixed header included).
+    packet is complete, then (first byte, body bytearray). The body is refused once its size is
+    known and over `limit` (bytes of the whole packet, fixed header included); within it, the body
+    buffer grows as bytes arrive, by at most `chunk` bytes ahead of them. A view from want()
+    is only good until the next got(): the buffer may move when it grows. A MemoryError from
+    got() (no heap for the buffer) leaves the reader reset, between packets; the stream it read
+    is broken all the same (the packet's bytes are lost): close the connection.
     """
 
-    def __init__(self, limit=16384):
+    def __init__(self, limit=16384, chunk=CHUNK):
         self.limit = limit
+        self.chunk = chunk
         self._h = bytearray(5)
         self._hm = memoryview(self._h)
         self.reset()
@@ -323,7 +340,6 @@ class Reader:
         self._hn = 0  # fixed header bytes read
         self.rl = -1  # remaining length once known
         self._body = None
-        self._bm = None
         self._bn = 0  # body bytes read
 
     def busy(self):
@@ -338,7 +354,8 @@ class Reader:
 
     def want(self):
         if self.rl >= 0:
-            return self._bm[self._bn:]
+            # a fresh view each time: CPython refuses to grow a bytearray a view still holds
+            return memoryview(self._body)[self._bn:]
         if self._hn == 0:
             return self._hm[0:2]  # every packet has at least 2 bytes
         return self._hm[self._hn:self._hn + 1]
@@ -346,7 +363,21 @@ class Reader:
     def got(self, n):
         if self.rl >= 0:
             self._bn += n
-            return self._done() if self._bn == self.rl else None
+            if self._bn == self.rl:
+                return self._done()
+            b = self._body
+            if self._bn == len(b):
+                k = min(self.chunk, self.rl - self._bn)
+                try:
+                    b.extend(bytes(k))  # MicroPython grows it in place when the heap allows
+                except MemoryError:
+                    self.reset()  # the packet is lost: the stream is broken, and so is this
+                    raise
+                except Exception:  # CPython's BufferError (a caller holds a view): a new one
+                    nb = bytearray(len(b) + k)
+                    nb[:len(b)] = b
+                    self._body = nb
+            return None
         h = self._h
         if self._hn == 0 and n:
             t = h[0] >> 4
@@ -365,11 +396,14 @@ class Reader:
             rl = rl << 7 | (h[i] & 0x7F)
         if hn + rl > self.limit:
             raise MQTTPacketTooLarge(hn + rl, self.limit, "incoming packet 0x%02x" % h[0])
-        self.rl = rl
         if rl == 0:
             return self._done()
-        self._body = bytearray(rl)
-        self._bm = memoryview(self._body)
+        try:
+            self._body = bytearray(min(rl, self.chunk))
+        except MemoryError:
+            self.reset()  # not left mid-packet without a buffer
+            raise
+        self.rl = rl
         return None
 
     def _done(self):

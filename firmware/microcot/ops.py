@@ -58,13 +58,15 @@ def parse(row):
     does not carry an operation id and a device id."""
     code, v = row
     if len(v) < 2 or not _digits(v[0]) or not _digits(v[1]):
-        raise ValueError("operation row %d: expected <operation id>,<device id>,..., got %r"
-                         % (code, v))
+        r = repr(v[:3])  # the row came from the platform: bounded in the log
+        raise ValueError("operation row %d: expected <operation id>,<device id>,..., got %s"
+                         % (code, r if len(r) <= 80 else r[:77] + "..."))
     return Op(v[0], code, v[1], v[2:])
 
 
 def _digits(s):
-    return bool(s) and all("0" <= c <= "9" for c in s)
+    # ids are the platform's longs (19 digits at most): a longer one is refused before any int()
+    return bool(s) and len(s) <= 20 and all("0" <= c <= "9" for c in s)
 
 
 def sha256(v, what):

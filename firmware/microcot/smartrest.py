@@ -12,10 +12,24 @@ such as `_` `-` `.` are let through.
 CSV rules (both directions): fields are separated by `,`, rows by `\\n` (`\\r\\n` tolerated when
 parsing). A field is quoted when it holds `"` `,` `\\n` `\\r` tab or leading/trailing whitespace;
 a quote inside is doubled. Quoted fields may hold commas and line breaks. Blank lines are skipped.
-Parsing is strict, and every defect is a ValueError naming the body's 1-based line and column
-(in characters): an unterminated quote, text after a closing quote, a quote or a bare CR inside an
-unquoted field, a message identifier that is not an unsigned integer, a line number field that is
-not one, or bytes that are not UTF-8.
+Parsing is strict, and every defect is an `Error` (a ValueError) naming the body's 1-based line
+and column (in characters, also as `.line` and `.column`; for a defect inside a row `.field`
+is its field, from 1): an unterminated quote, text after a
+closing quote, a quote or a bare CR inside an unquoted field, a message identifier that is not an
+unsigned integer, a line number field that is not one, bytes that are not UTF-8, and the limits:
+a row of more than MAX_FIELDS fields, or (parse only, `max_rows`) a body of more than that many
+rows. An unsigned integer (message identifier, line number) has at most MAX_DIGITS significant
+digits: a longer one is refused by its length before int() sees it (CPython refuses int() over
+4300 digits, MicroPython would build a bignum).
+
+Errors (`ERRORS`): parse(), records() and parse_rows() raise `Error` and nothing else, for any
+bytes or str. The encoders (quote, row, request, check_xid) raise plain ValueError for values a
+caller passed.
+
+Memory: records() yields one Record per row, holding one row's fields at a time (a caller that
+keeps only some rows, as the agent does, needs no list of the whole body); parse() and
+parse_rows() build the list, so their memory follows the body's size (the caller bounds that,
+e.g. the MQTT client's max_packet) and `max_rows`.
 
 Response records, `parse(body)` -> [Record(code, line, values)]. Whether the second field is the
 line number of the request line being answered depends on the message identifier:
@@ -38,6 +52,25 @@ row whose line field is empty gets line None. If the caller passes `response_ids
 response templates), a row whose identifier is neither built-in nor among them is kept with
 line None and all of its fields as values, since nothing says what its second field means.
 """
+
+MAX_FIELDS = 256  # fields of one row: a template has far fewer parameters or value paths
+MAX_DIGITS = 10  # significant digits of an unsigned integer: template ids go up to 4294967295
+MAX_ROWS = 64  # rows parse() takes from one body by default (records() has no such limit)
+
+
+class Error(ValueError):
+    """A defect of a SmartREST body: `.line` and `.column` (1-based, characters), `.field` (the
+    1-based field of the row, or None where the defect is not in one) and `.what`."""
+
+    def __init__(self, line, column, what, field=None):
+        super().__init__("line %d column %d: %s" % (line, column, what))
+        self.line = line
+        self.column = column
+        self.field = field
+        self.what = what
+
+
+ERRORS = (Error,)
 
 # message id -> does field 2 hold a line number: 1 yes, 0 no, 2 optional
 _BUILTIN = {20: 0, 40: 0, 41: 2, 42: 1, 43: 1, 45: 1, 50: 1, 70: 1, 86: 0, 87: 0}
@@ -70,14 +103,23 @@ class Record:
         return "Record(%d, %r, %r)" % (self.code, self.line, self.values)
 
 
-def _uint(s):
+def _digits(s):
     # int() would also take ' 5', '+5', '5_0' and non-ASCII digits; the wire format has none of them
-    if not s:
+    return bool(s) and all("0" <= c <= "9" for c in s)
+
+
+def _uint(s):
+    """s as an int when it is ASCII digits with at most MAX_DIGITS significant ones, else None:
+    counted before int() sees it, so no input makes a bignum or hits CPython's digit limit."""
+    if not _digits(s):
         return None
-    for c in s:
-        if c < "0" or c > "9":
-            return None
-    return int(s)
+    i = 0
+    n = len(s) - 1
+    while i < n and s[i] == "0":
+        i += 1
+    if n + 1 - i > MAX_DIGITS:
+        return None
+    return int(s[i:]) if i else int(s)
 
 
 def quote(value):
@@ -118,7 +160,7 @@ def check_xid(xid):
     for c in xid:
         if c in _WS or c in ',"\0':
             raise ValueError("X-ID %r holds %r, which a SmartREST row or binary message cannot carry" % (xid, c))
-    if _uint(xid) is not None:
+    if _digits(xid):
         raise ValueError("X-ID %r is all digits; it needs at least one letter" % xid)
 
 
@@ -146,12 +188,23 @@ def request(xid, rows):
     return "\n".join(out).encode()
 
 
-def _err(line, col, what):
-    return ValueError("line %d column %d: %s" % (line, col, what))
+def _err(line, col, what, field=None):
+    return Error(line, col, what, field)
+
+
+def _clip(v):
+    # a field quoted in an error message: a hostile one could be 16 KiB long
+    return v if len(v) <= 40 else v[:37] + "..."
+
+
+# the second byte of a 3- or 4-byte sequence, by its lead byte, where it is narrower than 80..BF:
+# no overlong forms, no surrogates (ED A0..BF), nothing past U+10FFFF (RFC 3629, section 4)
+_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
 
 
 def _bad_utf8(b):
-    # index of the first byte that breaks UTF-8 (only to point at it; the decoder decides validity)
+    # index of the first byte that breaks UTF-8, or -1: MicroPython's decoder lets surrogates
+    # through where CPython's refuses them, so both runtimes take this one's word
     i = 0
     n = len(b)
     while i < n:
@@ -167,11 +220,14 @@ def _bad_utf8(b):
             k = 3
         else:
             return i
-        for j in range(i + 1, i + k + 1):
+        lo, hi = _SECOND.get(c, (0x80, 0xBF))
+        if i + 1 >= n or not lo <= b[i + 1] <= hi:
+            return i
+        for j in range(i + 2, i + k + 1):
             if j >= n or b[j] & 0xC0 != 0x80:
                 return i
         i += k + 1
-    return 0
+    return -1
 
 
 def _text(body):
@@ -179,17 +235,21 @@ def _text(body):
         return body
     body = bytes(body)
     try:
-        return body.decode()
-    except Exception:
-        off = _bad_utf8(body)
-        line = body.count(b"\n", 0, off) + 1
-        col = off - body.rfind(b"\n", 0, off)
-        raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off]) from None
+        s = body.decode()
+    except Exception:  # UnicodeError on both runtimes, named differently
+        s = None
+    if s is not None and len(s) == len(body):
+        return s  # ASCII: nothing to check
+    off = _bad_utf8(body)
+    if off < 0:
+        return s
+    line = body.count(b"\n", 0, off) + 1
+    col = off - body.rfind(b"\n", 0, off)
+    raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off])
 
 
-def _scan(s):
-    # -> list of (fields, line, cols): the physical line a row starts on and each field's column
-    rows = []
+def _scan(s, max_fields):
+    # yields (fields, line, cols) per row: the physical line it starts on and each field's column
     n = len(s)
     pos = 0
     line = 1
@@ -209,6 +269,9 @@ def _scan(s):
         cols = []
         row_line = line
         while True:
+            if len(cols) >= max_fields:
+                raise _err(line, pos - ls + 1, "more than %d fields in a row" % max_fields,
+                           max_fields + 1)
             cols.append(pos - ls + 1)
             if pos < n and s[pos] == '"':
                 qline = line
@@ -219,7 +282,7 @@ def _scan(s):
                 while True:
                     q = s.find('"', pos)
                     if q < 0:
-                        raise _err(qline, qcol, "unterminated quoted field")
+                        raise _err(qline, qcol, "unterminated quoted field", len(cols))
                     k = s.find("\n", pos, q)
                     while k >= 0:
                         line += 1
@@ -250,7 +313,7 @@ def _scan(s):
                     line += 1
                     ls = pos
                     break
-                raise _err(line, pos - ls + 1, "text after closing quote")
+                raise _err(line, pos - ls + 1, "text after closing quote", len(cols))
             if nl < pos:
                 nl = s.find("\n", pos)
                 if nl < 0:
@@ -262,10 +325,11 @@ def _scan(s):
                 f = f[:-1]
             q = f.find('"')
             if q >= 0:
-                raise _err(line, pos - ls + 1 + q, "quote inside an unquoted field")
+                raise _err(line, pos - ls + 1 + q, "quote inside an unquoted field", len(cols))
             q = f.find("\r")
             if q >= 0:
-                raise _err(line, pos - ls + 1 + q, "carriage return inside an unquoted field")
+                raise _err(line, pos - ls + 1 + q, "carriage return inside an unquoted field",
+                           len(cols))
             fields.append(f)
             if k >= 0:
                 pos = k + 1
@@ -274,40 +338,64 @@ def _scan(s):
             line += 1
             ls = pos
             break
-        rows.append((fields, row_line, cols))
-    return rows
+        yield fields, row_line, cols
 
 
-def parse_rows(body):
-    """Plain CSV split of a body (bytes or str) -> list of rows, each a list of str."""
-    return [r[0] for r in _scan(_text(body))]
-
-
-def parse(body, response_ids=None):
-    """Response body (bytes or str) -> list of Record; see the module docstring for which codes
-    carry a line number."""
+def parse_rows(body, max_rows=None, max_fields=MAX_FIELDS):
+    """Plain CSV split of a body (bytes or str) -> list of rows, each a list of str; Error for a
+    defect, or for more than max_rows rows (None: no limit) or max_fields fields in a row."""
     out = []
-    for fields, line, cols in _scan(_text(body)):
+    for fields, line, cols in _scan(_text(body), max_fields):
+        if max_rows is not None and len(out) >= max_rows:
+            raise _err(line, 1, "more than %d rows" % max_rows)
+        out.append(fields)
+    return out
+
+
+def parse(body, response_ids=None, max_rows=MAX_ROWS):
+    """Response body (bytes or str) -> list of Record, all or nothing; see the module docstring
+    for which codes carry a line number. Error for any defect, or for more than max_rows rows
+    (None: no limit)."""
+    out = []
+    for r, line in _records(body, response_ids, MAX_FIELDS):
+        if max_rows is not None and len(out) >= max_rows:
+            raise _err(line, 1, "more than %d rows" % max_rows)
+        out.append(r)
+    return out
+
+
+def records(body, response_ids=None, max_fields=MAX_FIELDS):
+    """The Records of a response body one by one (a generator): Error at the first defect, after
+    the rows before it were yielded."""
+    for r, _ in _records(body, response_ids, max_fields):
+        yield r
+
+
+def _records(body, response_ids, max_fields):
+    # (Record, physical line it starts on) per row
+    for fields, line, cols in _scan(_text(body), max_fields):
         code = _uint(fields[0])
         if code is None:
-            raise _err(line, cols[0], "message identifier %r is not an unsigned integer" % fields[0])
+            raise _err(line, cols[0], "message identifier %r is not an unsigned integer of at "
+                       "most %d digits" % (_clip(fields[0]), MAX_DIGITS), 1)
         kind = _BUILTIN.get(code)
         if kind is None:
             kind = 1 if response_ids is None or code in response_ids else 0
         if kind == 0:
-            out.append(Record(code, None, fields[1:]))
+            yield Record(code, None, fields[1:]), line
             continue
         if len(fields) < 2:
             if kind == 2:
-                out.append(Record(code, None, []))
+                yield Record(code, None, []), line
                 continue
-            raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code)
+            raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code,
+                       2)
         num = _uint(fields[1])
         if num is None:
             if kind == 2:
-                out.append(Record(code, None, fields[1:]))
+                yield Record(code, None, fields[1:]), line
                 continue
             if fields[1] or code in _BUILTIN:
-                raise _err(line, cols[1], "line number %r is not an unsigned integer" % fields[1])
-        out.append(Record(code, num, fields[2:]))
-    return out
+                raise _err(line, cols[1], "line number %r is not an unsigned integer of at most "
+                           "%d digits" % (_clip(fields[1]), MAX_DIGITS), 2)
+        yield Record(code, num, fields[2:]), line

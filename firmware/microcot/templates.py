@@ -21,7 +21,16 @@ registration body (the `15,` line is line 1) when known, and `.detail` what exac
 Decisions where the platform documents no rule: template ids are integers 0..4294967295 and must
 not be one of the built-in message identifiers (10, 11, 15, 20, 40-43, 45, 50, 61, 70, 80-84, 86, 87), which
 keeps smartrest.parse unambiguous; an unknown method is a "Bad request template definition";
-JsonPaths must start with `$`.
+JsonPaths must start with `$`. A registration body that is not valid SmartREST CSV
+(smartrest.Error: an unterminated quote, bytes that are not UTF-8, a row of over
+smartrest.MAX_FIELDS fields, ...) is E_CSV with that error's line and `column C, field F: what`
+as detail, and a missing or bad `15,<X-ID>` line is E_XID on line 1: the platform documents no
+text for either.
+
+Errors (`ERRORS`): from_body(), from_rows(), add_row(), add_request() and add_response() raise
+TemplateError and nothing else, for any body or rows of str fields (a template id is refused by
+its length before int() sees it: smartrest.MAX_DIGITS). Collection(xid) raises plain ValueError
+for a bad X-ID passed by a caller; types_of() KeyError for an id not registered.
 
 The collection used first must hold a GET template 500 (pending operations) for the device to
 receive operations: `has_operations_template()`.
@@ -43,6 +52,8 @@ E_JSONPATH = "Invalid JsonPath"
 E_LIST = "Using JsonPath to refer to a list of objects is not allowed for SmartRest"
 E_FILTER = "Using Filters (?) in JsonPath is not allowed for SmartRest"
 E_VALUES = "Values are only supported for templates with placeholder."
+E_CSV = "Malformed template line"
+E_XID = "Bad X-ID line"
 
 
 class TemplateError(ValueError):
@@ -70,6 +81,9 @@ class TemplateError(ValueError):
         if self.line is None:
             return smartrest.row((41, self.message))
         return smartrest.row((41, self.line, self.message))
+
+
+ERRORS = (TemplateError,)
 
 
 class Request:
@@ -129,6 +143,10 @@ class Response:
         return "Response(%r)" % (self.row(),)
 
 
+def _clip(v):
+    return smartrest._clip(v) if isinstance(v, str) else v
+
+
 def _text(v, err, line, what):
     if v is None:
         return ""
@@ -176,7 +194,7 @@ class Collection:
         else:
             t = None
         if t is None or t > 0xFFFFFFFF or t in RESERVED_IDS:
-            raise TemplateError(E_ID, line, "id %r" % (tid,))
+            raise TemplateError(E_ID, line, "id %r" % (_clip(tid),))
         if t in self._ids:
             raise TemplateError(E_DUPLICATE, line, "id %d" % t)
         return t
@@ -257,7 +275,7 @@ class Collection:
                                     % len(fields))
             return self.add_response(fields[1], fields[2], fields[3], list(fields[4:]), line)
         raise TemplateError(E_ID, line, "row starts with %r; a registration has only 10 and 11 rows"
-                            % kind)
+                            % _clip(kind))
 
     @classmethod
     def from_rows(cls, rows, xid=None):
@@ -266,12 +284,15 @@ class Collection:
         rows = list(rows)
         if rows and rows[0] and str(rows[0][0]).strip() == "15":
             if len(rows[0]) != 2:
-                raise ValueError("line 1: expected 15,<X-ID>, got %d fields" % len(rows[0]))
+                raise TemplateError(E_XID, 1, "expected 15,<X-ID>, got %d fields" % len(rows[0]))
             xid = rows[0][1]
             rows = rows[1:]
         if xid is None:
-            raise ValueError("line 1: a registration starts with 15,<X-ID>")
-        c = cls(xid)
+            raise TemplateError(E_XID, 1, "a registration starts with 15,<X-ID>")
+        try:
+            c = cls(xid)
+        except ValueError as e:
+            raise TemplateError(E_XID, 1, str(e)) from None
         for i, fields in enumerate(rows, 2):
             c.add_row(fields, i)
         return c
@@ -279,7 +300,14 @@ class Collection:
     @classmethod
     def from_body(cls, body):
         """A collection from a registration body (bytes or str) `15,<X-ID>\\n10,...\\n11,...`."""
-        return cls.from_rows(smartrest.parse_rows(body))
+        try:
+            rows = smartrest.parse_rows(body)
+        except smartrest.Error as e:
+            where = "column %d" % e.column
+            if e.field is not None:
+                where += ", field %d" % e.field
+            raise TemplateError(E_CSV, e.line, "%s: %s" % (where, e.what)) from None
+        return cls.from_rows(rows)
 
     # -- using ------------------------------------------------------------------------------
 

@@ -126,6 +126,9 @@ def test_parse_csv_rules():
 
 
 def test_parse_errors_name_line_and_column():
+    e = raises(sr.Error, sr.parse, '20,1\n511,1,"a"b,c')
+    assert (e.line, e.column, e.field) == (2, 10, 3)
+    assert raises(sr.Error, sr.parse, b"20,1\n\xff").field is None  # not inside a row
     cases = (
         ('20,1\n511,1,"abc', "line 2 column 7", "unterminated"),
         ('20,1\n\n511,1,"a"b', "line 3 column 10", "after closing quote"),
@@ -138,8 +141,11 @@ def test_parse_errors_name_line_and_column():
         (b"20,1\n511,1,\xc3(", "line 2 column 7", "UTF-8"),
     )
     for body, where, what in cases:
-        e = raises(ValueError, sr.parse, body)
+        e = raises(sr.Error, sr.parse, body)
         assert where in str(e) and what in str(e), (body, str(e))
+        assert "line %d column %d: %s" % (e.line, e.column, e.what) == str(e)
+        e2 = raises(sr.Error, lambda: list(sr.records(body)))
+        assert str(e2) == str(e)
 
 
 def test_record_repr_and_equality():

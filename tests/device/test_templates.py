@@ -167,8 +167,8 @@ def test_template_error_text_and_row():
 def test_api_errors():
     raises(ValueError, Collection, "12345")
     raises(ValueError, Collection, "")
-    raises(ValueError, Collection.from_body, b"10,100,GET,/a,,,,,")
-    raises(ValueError, Collection.from_rows, [["10", "100", "GET", "/a", "", "", "", "", ""]])
+    raises(TemplateError, Collection.from_body, b"10,100,GET,/a,,,,,")
+    raises(TemplateError, Collection.from_rows, [["10", "100", "GET", "/a", "", "", "", "", ""]])
     c = Collection("X1")
     raises(TemplateError, c.add_request, True, "GET", "/a")
     raises(TemplateError, c.add_request, 100, "GET", 5)
