@@ -6,7 +6,7 @@
 # nesting, 5000-digit integers, non-ASCII digits) and takes the module's documented errors (its
 # ERRORS) as a rejection; anything else propagates. Each returns {"inputs", "accepted",
 # "rejected"}. The tests below run a seeded subset on both runtimes; tools/fuzz.py runs the big
-# counts (bench/ws_fuzz.py runs these alone).
+# counts (`--only wsframe,wspmd,signalr,kics` for these alone).
 import gc
 import json
 import sys
