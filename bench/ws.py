@@ -58,8 +58,8 @@ from microcot_host.vboard.board import find_micropython  # noqa: E402
 
 SIZES = (16, 1024, 65536, 1048576)
 MORE_SIZES = (256, 16384)
-# round trips per run: each run takes roughly 0.2-1 s for the slowest client
-COUNTS = {16: 2000, 256: 2000, 1024: 2000, 16384: 600, 65536: 200, 1048576: 16}
+# round trips per run: about 0.3-1 s each, enough clock ticks for the CPU times
+COUNTS = {16: 5000, 256: 5000, 1024: 4000, 16384: 2000, 65536: 1000, 1048576: 60}
 WAIT_MS = 100  # execute()'s wait: poll() returns as soon as the echo is there
 # the MicroPython heap (-X heapsize): a 1 MiB echo needs its message, the client's 1 MiB buffer
 # and, while that buffer grows, the half-size one it replaces
@@ -88,9 +88,13 @@ TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_us(pid: int) -> int:
-    """A process's user + system CPU time so far (Linux /proc, clock-tick resolution)."""
-    f = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
-    return int((int(f[11]) + int(f[12])) * TICK_US)
+    """A process's CPU time so far: the scheduler's own count (Linux /proc/PID/schedstat, in
+    ns), else user + system time from /proc/PID/stat (clock-tick resolution)."""
+    try:
+        return int(Path("/proc/%d/schedstat" % pid).read_text().split()[0]) // 1000
+    except (OSError, ValueError, IndexError):
+        f = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+        return int((int(f[11]) + int(f[12])) * TICK_US)
 
 
 @dataclass
@@ -176,12 +180,12 @@ class EchoServer:
 
 
 def specs(port: int, tls_port: int | None, ca: Path | None, max_msg: int,
-          esp32: Path | None, with_cpython: bool) -> list[Spec]:
+          esp32: Path | None, with_cpython: bool, other: Path | None) -> list[Spec]:
     mp = find_micropython()
     out: list[Spec] = []
 
-    def mc(key: str, label: str, interp: list[str], kind: str) -> None:
-        script = [str(HERE / "_ws_microcot.py"), str(FIRMWARE)]
+    def mc(key: str, label: str, interp: list[str], kind: str, fw: Path = FIRMWARE) -> None:
+        script = [str(HERE / "_ws_microcot.py"), str(fw)]
         out.append(Spec(key, label, interp + script + [str(port), str(max_msg), str(WAIT_MS)],
                         kind))
         if tls_port and ca:
@@ -191,6 +195,9 @@ def specs(port: int, tls_port: int | None, ca: Path | None, max_msg: int,
 
     mc("mp-unix", "microcot.ws, MicroPython %s unix (virtual board)",
        [mp, "-X", "heapsize=" + MP_HEAP], "mp")
+    if other:
+        mc("mp-unix-other", "microcot.ws of %s, MicroPython %%s unix" % other,
+           [mp, "-X", "heapsize=" + MP_HEAP], "mp", other)
     if esp32:
         mc("mp-esp32", "microcot.ws, MicroPython %s i386 ESP32 model",
            [str(esp32), "-X", "heapsize=" + MP_HEAP], "mp")
@@ -314,6 +321,21 @@ def report(results: dict[str, Result], sizes: list[int], counts: dict[int, int],
                 rates = [counts[size] / (r.us / 1e6) for r in runs]
                 rng.append(f"%s {min(rates):,.0f}-{max(rates):,.0f}" % size_name(size))
         lines.append("- %s: %s" % (res.spec.key, "; ".join(rng)))
+    lines.append("")
+    lines.append("CPU time per echo (us, median of the runs; /proc/PID/schedstat): "
+                 "the client's process / the echo server's:")
+    lines.append("")
+    lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
+    lines.append("| --- |" + " ---: |" * len(sizes))
+    for res in results.values():
+        cells = []
+        for size in sizes:
+            runs = res.runs.get(size, [])
+            n = counts[size]
+            cells.append("%.0f / %.0f" % (statistics.median(r.cpu_us / n for r in runs),
+                                          statistics.median(r.srv_us / n for r in runs))
+                         if runs else "-")
+        lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(cells)))
     heap_rows = [res for res in results.values() if res.heap]
     if heap_rows:
         lines.append("")
@@ -346,6 +368,8 @@ def main() -> int:
     ap.add_argument("--no-heap", action="store_true", help="skip the heap figures")
     ap.add_argument("--quick", action="store_true",
                     help="1 KiB, 20 round trips, one run each, virtual board and peer only")
+    ap.add_argument("--compare", type=Path, metavar="FIRMWARE_DIR",
+                    help="also microcot.ws from another checkout's firmware/ (virtual board)")
     ap.add_argument("--corrupt", type=int, default=0, metavar="N",
                     help="the server flips a byte of every Nth echo (checks the checking)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -381,7 +405,8 @@ def main() -> int:
             files = ensure_ca_and_server(Path(tmp.name))
             servers.append(EchoServer(files.server_cert, files.server_key, args.corrupt))
             tls_port, ca = servers[1].port, files.ca_cert
-        sp = specs(servers[0].port, tls_port, ca, max_msg, esp32, not args.no_cpython)
+        sp = specs(servers[0].port, tls_port, ca, max_msg, esp32, not args.no_cpython,
+                   args.compare.resolve() if args.compare else None)
         t0 = time.monotonic()
         pids = {False: servers[0].proc.pid, True: servers[-1].proc.pid}
         results = timed(sp, pids, sizes, counts, repeat, args.verbose)
