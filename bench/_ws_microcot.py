@@ -7,7 +7,7 @@ models) and on CPython, in a process of its own, driven over stdin/stdout one co
                      answers "HEAP SIZE HELD ALLOC" (see heap())
     quit             close the connection and exit
 
-    micropython _ws_microcot.py FIRMWARE_DIR PORT MAX_MSG WAIT_MS [CA_FILE]
+    micropython _ws_microcot.py FIRMWARE_DIR PORT MAX_FRAME WAIT_MS [CA_FILE]
 
 Waiting is done where an application would: in execute(WAIT_MS), which sleeps in poll() until
 the echo arrives, so the echo server keeps the other core. Every echo is compared byte for byte
@@ -34,7 +34,7 @@ except ImportError:  # CPython
 
 _MP = sys.implementation.name == "micropython"
 PORT = int(sys.argv[2])
-MAX_MSG = int(sys.argv[3])
+MAX_FRAME = int(sys.argv[3])
 WAIT = int(sys.argv[4])
 CA = sys.argv[5] if len(sys.argv) > 5 else None
 BINARY = W.WS_CONTENT_BINARY  # once: module __getattr__ is a function call on each use
@@ -69,10 +69,10 @@ def alloc():
 
 base = alloc() if _MP else 0
 # the client's settings are the defaults but for two: no keep-alive pings (websocket-client sends
-# none either) and frames up to MAX_MSG (the server echoes a message as one frame, which the
+# none either) and frames up to MAX_FRAME (the server echoes a message as one frame, which the
 # default max_recv_frame_size of 64 KiB would refuse with 1009 above that)
 c = Client("localhost" if CA else "127.0.0.1", PORT, "/", keep_alive=False,
-           max_recv_frame_size=MAX_MSG, max_recv_msg_size=MAX_MSG,
+           max_recv_frame_size=MAX_FRAME, max_recv_msg_size=max(MAX_FRAME, 0x100000),
            tls={"ca": CA} if CA else None)
 c.connect()
 while c.state == W.WS_STATUS_BUSY:

@@ -3,9 +3,15 @@
 Who: microcot.ws on the virtual board (the 64-bit unix port from PyPI), on the i386 ESP32 model
 (`micropython-i386-esp32` of the faithful boards, when MICROCOT_FIDELITY_DIR has it) and on
 CPython; the peer is the `websocket-client` library (PyPI, its defaults) on CPython. Every client
-is a process of its own (bench/_ws_microcot.py, bench/_ws_peer.py) and all talk to one echo
-server, the `websockets` library's asyncio server in yet another process (bench/_ws_echo.py), over
-plain ws:// on 127.0.0.1 (with --tls, also wss:// rows against a second server).
+is a process of its own (bench/_ws_microcot.py, bench/_ws_peer.py), started afresh for each
+message size, and all talk to one echo server, the `websockets` library's asyncio server in yet
+another process (bench/_ws_echo.py), over plain ws:// on 127.0.0.1 (with --tls, also wss://
+rows against a second server; TLS 1.2+/1.3 as negotiated, the server certificate verified).
+microcot.ws runs with its defaults but keep_alive=False (websocket-client sends no pings
+either) and max_recv_frame_size raised to the message size above 64 KiB (the server echoes a
+message as one frame). MicroPython runs with the port's default heap (2 MB on 64-bit, 1 MB on
+i386) unless a size needs more (1 MiB: 4 MiB, see mp_heap()); the i386 model is a model of the
+ESP32's CPU and object sizes here, not of its heap.
 
 What: for each size, COUNT round trips of a binary message, one in flight (send, wait for the
 echo, compare it byte for byte with what was sent, next), after two untimed ones; the clock runs
@@ -14,23 +20,28 @@ application waits, in execute(WAIT_MS), which sleeps in poll() until the echo is
 spins, so the echo server keeps the second core. Runs are interleaved: for each size, REPEAT
 rounds, each giving every client one run, the order rotated per round; the tables give the median
 run. A run with a mismatched echo is invalid: it is counted, the row says so, and the exit status
-is 1. The load average is recorded before every run.
+is 1 (--corrupt N makes the server spoil every Nth echo, to check the checking). The load average
+is recorded before every run, and the CPU time the client and the server spent on it
+(/proc/PID/schedstat): on a shared machine the CPU time per echo is steadier than the rate.
 
 msgs/s = echoes per second; MB/s = message bytes per second one way (10**6 bytes; the same bytes
-come back); ratio = msgs/s over websocket-client's median at that size.
+come back); ratio = msgs/s over websocket-client's median at that size (wss:// rows over
+websocket-client's wss:// row).
 
 Heap, in separate fresh processes (not timed), sizes ascending:
 - microcot on MicroPython: HELD = gc.mem_alloc() after gc.collect() inside on_message (the echo
   in the client's buffer), above the heap before connect() (imports excluded), the benchmark's
   own message not counted; PEAK <= HELD + the bytes allocated during one more round trip with
   the GC off (garbage included), an upper bound of the peak.
-- websocket-client: tracemalloc from before connecting; HELD = traced size with recv()'s echo in
-  hand, PEAK = tracemalloc's peak over one round trip, both above the size before connecting and
-  without the benchmark's own message.
-- RSS = the process's peak resident set (VmHWM) after its timed runs, interpreter included.
+- websocket-client: tracemalloc from before connecting (after a first connection, so that what
+  it imports lazily is not counted); HELD = traced size with recv()'s echo in hand, PEAK =
+  tracemalloc's peak over one round trip, both above the size before connecting and without the
+  benchmark's own message. Kernel socket buffers count for neither.
+- RSS = each timed process's peak resident set (VmHWM), interpreter included.
 
-    python bench/ws.py [--repeat 5] [--sizes 16,1024,65536,1048576] [--tls] [--json]
+    python bench/ws.py [--repeat 5] [--sizes 16,1024,65536,1048576] [--more] [--tls] [--json]
     python bench/ws.py --quick      # one size, few messages, one run each (a smoke test)
+    python bench/ws.py --compare ../other/firmware   # A/B against another checkout's microcot
 """
 
 from __future__ import annotations
@@ -61,18 +72,43 @@ MORE_SIZES = (256, 16384)
 # round trips per run: about 0.3-1 s each, enough clock ticks for the CPU times
 COUNTS = {16: 5000, 256: 5000, 1024: 4000, 16384: 2000, 65536: 1000, 1048576: 60}
 WAIT_MS = 100  # execute()'s wait: poll() returns as soon as the echo is there
-# the MicroPython heap (-X heapsize): a 1 MiB echo needs its message, the client's 1 MiB buffer
-# and, while that buffer grows, the half-size one it replaces
-MP_HEAP = "6M"
+DEFAULT_FRAME = 0x10000  # microcot.ws's default max_recv_frame_size
+DEFAULT_MSG = 0x100000  # and max_recv_msg_size
+
+
+def mp_heap(size: int) -> int | None:
+    """-X heapsize for a MicroPython client echoing `size` bytes: None (the port's default, 2 MB
+    on the 64-bit port, 1 MB on i386) while the echo fits it; else room for the message, the
+    client's buffer of that size and, while that buffer grows, the half-size one it replaces.
+    (MicroPython allocates more slowly in a larger heap: gc_alloc searches from the first free
+    block, so the heap is not made larger than a size needs.)"""
+    need = 3 * size + (512 << 10)
+    return None if need <= (1 << 20) else 1 << (need - 1).bit_length()
 
 
 @dataclass
 class Spec:
     key: str
     label: str
-    argv: list[str]
+    interp: list[str]  # the interpreter (and options); the script and its arguments follow
     kind: str  # "mp" (heap through gc), "cpy" (microcot on CPython), "peer"
-    tls: bool = False
+    port: int
+    ca: Path | None = None
+    firmware: Path = FIRMWARE
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
+
+    def argv(self, size: int) -> list[str]:
+        """The client's command line for messages of `size` bytes."""
+        if self.kind == "peer":
+            return self.interp + [str(HERE / "_ws_peer.py"), str(self.port)] + (
+                ["--ca", str(self.ca)] if self.ca else [])
+        heap = mp_heap(size) if self.kind == "mp" else None
+        return self.interp + (["-X", "heapsize=%d" % heap] if heap else []) + [
+            str(HERE / "_ws_microcot.py"), str(self.firmware), str(self.port),
+            str(max(size, DEFAULT_FRAME)), str(WAIT_MS)] + ([str(self.ca)] if self.ca else [])
 
 
 @dataclass
@@ -103,7 +139,7 @@ class Result:
     version: str = ""
     runs: dict[int, list[Run]] = field(default_factory=dict)
     heap: dict[int, tuple[int, int]] = field(default_factory=dict)
-    rss_kb: int = 0
+    rss_kb: dict[int, int] = field(default_factory=dict)  # per size: fresh processes
 
 
 class Client:
@@ -179,35 +215,25 @@ class EchoServer:
             self.proc.wait()
 
 
-def specs(port: int, tls_port: int | None, ca: Path | None, max_msg: int,
-          esp32: Path | None, with_cpython: bool, other: Path | None) -> list[Spec]:
+def specs(port: int, tls_port: int | None, ca: Path | None, esp32: Path | None,
+          with_cpython: bool, other: Path | None) -> list[Spec]:
     mp = find_micropython()
     out: list[Spec] = []
 
-    def mc(key: str, label: str, interp: list[str], kind: str, fw: Path = FIRMWARE) -> None:
-        script = [str(HERE / "_ws_microcot.py"), str(fw)]
-        out.append(Spec(key, label, interp + script + [str(port), str(max_msg), str(WAIT_MS)],
-                        kind))
+    def add(key: str, label: str, interp: list[str], kind: str, fw: Path = FIRMWARE) -> None:
+        out.append(Spec(key, label, interp, kind, port, None, fw))
         if tls_port and ca:
-            out.append(Spec(key + "-tls", label + ", wss://",
-                            interp + script + [str(tls_port), str(max_msg), str(WAIT_MS),
-                                               str(ca)], kind, True))
+            out.append(Spec(key + "-tls", label + ", wss://", interp, kind, tls_port, ca, fw))
 
-    mc("mp-unix", "microcot.ws, MicroPython %s unix (virtual board)",
-       [mp, "-X", "heapsize=" + MP_HEAP], "mp")
+    add("mp-unix", "microcot.ws, MicroPython %s unix (virtual board)", [mp], "mp")
     if other:
-        mc("mp-unix-other", "microcot.ws of %s, MicroPython %%s unix" % other,
-           [mp, "-X", "heapsize=" + MP_HEAP], "mp", other)
+        add("mp-unix-other", "microcot.ws of %s, MicroPython %%s unix" % other, [mp], "mp",
+            other)
     if esp32:
-        mc("mp-esp32", "microcot.ws, MicroPython %s i386 ESP32 model",
-           [str(esp32), "-X", "heapsize=" + MP_HEAP], "mp")
+        add("mp-esp32", "microcot.ws, MicroPython %s i386 ESP32 model", [str(esp32)], "mp")
     if with_cpython:
-        mc("cpy", "microcot.ws, CPython %s", [sys.executable], "cpy")
-    peer = [sys.executable, str(HERE / "_ws_peer.py")]
-    out.append(Spec("peer", "websocket-client %s, CPython", peer + [str(port)], "peer"))
-    if tls_port and ca:
-        out.append(Spec("peer-tls", "websocket-client %s, CPython, wss://",
-                        peer + [str(tls_port), "--ca", str(ca)], "peer", True))
+        add("cpy", "microcot.ws, CPython %s", [sys.executable], "cpy")
+    add("peer", "websocket-client %s, CPython", [sys.executable], "peer")
     return out
 
 
@@ -215,12 +241,12 @@ def timed(specs_: list[Spec], servers: dict[bool, int], sizes: list[int],
           counts: dict[int, int], repeat: int, log: bool) -> dict[str, Result]:
     """The interleaved runs; `servers` maps tls to the echo server's pid."""
     results = {s.key: Result(s) for s in specs_}
-    clients: dict[str, Client] = {}
-    try:
-        for s in specs_:
-            clients[s.key] = c = Client(s.argv)
-            results[s.key].version = c.ready[0]
-        for size in sizes:
+    for size in sizes:
+        clients: dict[str, Client] = {}
+        try:
+            for s in specs_:  # fresh processes per size: each MicroPython with its heap
+                clients[s.key] = c = Client(s.argv(size))
+                results[s.key].version = c.ready[0]
             n = counts[size]
             for r in range(repeat):
                 order = specs_[r % len(specs_):] + specs_[:r % len(specs_)]
@@ -236,11 +262,11 @@ def timed(specs_: list[Spec], servers: dict[bool, int], sizes: list[int],
                               "server %5.0f us, load %.2f"
                               % (s.key, size, n, us / 1e6, bad, run.cpu_us / n, run.srv_us / n,
                                  load), file=sys.stderr)
-        for s in specs_:
-            results[s.key].rss_kb = clients[s.key].peak_rss_kb()
-    finally:
-        for c in clients.values():
-            c.close()
+            for s in specs_:
+                results[s.key].rss_kb[size] = clients[s.key].peak_rss_kb()
+        finally:
+            for c in clients.values():
+                c.close()
     return results
 
 
@@ -248,7 +274,7 @@ def heaps(specs_: list[Spec], sizes: list[int], results: dict[str, Result]) -> N
     for s in specs_:
         if s.kind == "cpy":
             continue  # CPython's heap says nothing about a board
-        argv = s.argv + (["--trace"] if s.kind == "peer" else [])
+        argv = s.argv(max(sizes)) + (["--trace"] if s.kind == "peer" else [])
         c = Client(argv)
         try:
             for size in sorted(sizes):
@@ -339,18 +365,27 @@ def report(results: dict[str, Result], sizes: list[int], counts: dict[int, int],
     heap_rows = [res for res in results.values() if res.heap]
     if heap_rows:
         lines.append("")
-        lines.append("Heap (bytes; see the script's docstring for what each figure is):")
+        lines.append("Heap, bytes, held / peak (see the script's docstring for what each is):")
         lines.append("")
-        lines.append("| client | " + " | ".join("%s held | peak" % size_name(s) for s in sizes)
-                     + " | process peak RSS |")
-        lines.append("| --- |" + " ---: | ---: |" * len(sizes) + " ---: |")
+        lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
+        lines.append("| --- |" + " ---: |" * len(sizes))
         for res in heap_rows:
             cells = []
             for size in sizes:
                 h = res.heap.get(size)
-                cells += [f"{h[0]:,}", f"{h[1]:,}"] if h else ["-", "-"]
-            lines.append("| %s | %s | %s |" % (res.spec.label % res.version, " | ".join(cells),
-                                              f"{res.rss_kb:,} kB"))
+                cells.append(f"{h[0]:,} / {h[1]:,}" if h else "-")
+            lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(cells)))
+    lines.append("")
+    lines.append("Peak RSS of each timed client process (VmHWM, kB, interpreter included; "
+                 "MicroPython heap: %s):" % ", ".join(
+                     "%s %s" % (size_name(s), "%d MiB" % (mp_heap(s) >> 20) if mp_heap(s)
+                                else "default") for s in sizes))
+    lines.append("")
+    lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
+    lines.append("| --- |" + " ---: |" * len(sizes))
+    for res in results.values():
+        lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(
+            f"{res.rss_kb[s]:,}" if s in res.rss_kb else "-" for s in sizes)))
     return "\n".join(lines), bad_total
 
 
@@ -391,7 +426,6 @@ def main() -> int:
             esp32 = fidelity.i386_binary("i386-esp32")
         except fidelity.FidelityMissing as e:
             print("(no i386 ESP32 model: %s)" % e, file=sys.stderr)
-    max_msg = max(max(sizes), 0x10000)
 
     loads = {"before": os.getloadavg()}
     servers = [EchoServer(corrupt=args.corrupt)]
@@ -405,7 +439,7 @@ def main() -> int:
             files = ensure_ca_and_server(Path(tmp.name))
             servers.append(EchoServer(files.server_cert, files.server_key, args.corrupt))
             tls_port, ca = servers[1].port, files.ca_cert
-        sp = specs(servers[0].port, tls_port, ca, max_msg, esp32, not args.no_cpython,
+        sp = specs(servers[0].port, tls_port, ca, esp32, not args.no_cpython,
                    args.compare.resolve() if args.compare else None)
         t0 = time.monotonic()
         pids = {False: servers[0].proc.pid, True: servers[-1].proc.pid}
@@ -423,7 +457,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({
             "sizes": sizes, "counts": counts, "repeat": repeat, "wait_ms": WAIT_MS,
-            "mp_heap": MP_HEAP, "loadavg": loads, "seconds": wall, "mismatches": bad,
+            "mp_heap": {str(sz): mp_heap(sz) for sz in sizes}, "loadavg": loads, "seconds": wall, "mismatches": bad,
             "clients": {k: {"label": r.spec.label % r.version, "version": r.version,
                             "tls": r.spec.tls, "rss_kb": r.rss_kb,
                             "runs": {str(sz): [vars(x) for x in rs] for sz, rs in r.runs.items()},
@@ -433,7 +467,7 @@ def main() -> int:
                         for k, r in results.items()}}, indent=2))
     else:
         print(text)
-        print("\n(%.0f s; MicroPython heap %s, execute(%d))" % (wall, MP_HEAP, WAIT_MS))
+        print("\n(%.0f s; execute(%d))" % (wall, WAIT_MS))
     return 1 if bad else 0
 
 
