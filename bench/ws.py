@@ -408,6 +408,7 @@ def main() -> int:
     ap.add_argument("--corrupt", type=int, default=0, metavar="N",
                     help="the server flips a byte of every Nth echo (checks the checking)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON to FILE")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every run on stderr")
     args = ap.parse_args()
 
@@ -454,17 +455,21 @@ def main() -> int:
         tmp.cleanup()
 
     text, bad = report(results, sizes, counts, repeat, loads)
+    data = {
+        "sizes": sizes, "counts": counts, "repeat": repeat, "wait_ms": WAIT_MS,
+        "mp_heap": {str(sz): mp_heap(sz) for sz in sizes}, "loadavg": loads, "seconds": wall,
+        "mismatches": bad,
+        "clients": {k: {"label": r.spec.label % r.version, "version": r.version,
+                        "tls": r.spec.tls, "rss_kb": r.rss_kb,
+                        "runs": {str(sz): [vars(x) for x in rs] for sz, rs in r.runs.items()},
+                        "msgs_per_s": {str(sz): median_rate(rs, counts[sz])
+                                       for sz, rs in r.runs.items()},
+                        "heap": {str(sz): h for sz, h in r.heap.items()}}
+                    for k, r in results.items()}}
+    if args.save:
+        args.save.write_text(json.dumps(data, indent=2))
     if args.json:
-        print(json.dumps({
-            "sizes": sizes, "counts": counts, "repeat": repeat, "wait_ms": WAIT_MS,
-            "mp_heap": {str(sz): mp_heap(sz) for sz in sizes}, "loadavg": loads, "seconds": wall, "mismatches": bad,
-            "clients": {k: {"label": r.spec.label % r.version, "version": r.version,
-                            "tls": r.spec.tls, "rss_kb": r.rss_kb,
-                            "runs": {str(sz): [vars(x) for x in rs] for sz, rs in r.runs.items()},
-                            "msgs_per_s": {str(sz): median_rate(rs, counts[sz])
-                                           for sz, rs in r.runs.items()},
-                            "heap": {str(sz): h for sz, h in r.heap.items()}}
-                        for k, r in results.items()}}, indent=2))
+        print(json.dumps(data, indent=2))
     else:
         print(text)
         print("\n(%.0f s; execute(%d))" % (wall, WAIT_MS))
