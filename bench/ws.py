@@ -300,92 +300,54 @@ def size_name(n: int) -> str:
 
 
 def report(results: dict[str, Result], sizes: list[int], counts: dict[int, int], repeat: int,
-           loads: dict[str, tuple[float, float, float]]) -> tuple[str, int]:
-    """The tables as Markdown, and the number of mismatched echoes."""
+           loads: dict[str, tuple[float, ...]]) -> tuple[str, int]:
+    """One Markdown table, a row per size and client, and the number of mismatched echoes."""
     peer_of = {False: "peer", True: "peer-tls"}
-    lines = []
     bad_total = sum(r.bad for res in results.values() for rs in res.runs.values() for r in rs)
+    compared = sum(len(rs) * (counts[sz] + 2) for res in results.values()
+                   for sz, rs in res.runs.items())
     run_loads = [r.load for res in results.values() for rs in res.runs.values() for r in rs]
-    lines.append("Echo round trips (one message in flight) against one `websockets` server, "
-                 "ws:// on 127.0.0.1 unless marked wss://; median of %d interleaved runs; "
-                 "mismatched echoes: %d of %d compared." % (
-                     repeat, bad_total,
-                     sum(len(rs) * (counts[sz] + 2) for res in results.values()
-                         for sz, rs in res.runs.items())))
-    lines.append("Load average (1 min) before the runs %.2f, during %.2f-%.2f, after %.2f "
-                 "(2 cores)." % (loads["before"][0], min(run_loads, default=0),
-                                 max(run_loads, default=0), loads["after"][0]))
-    lines.append("")
-    head = "| client | " + " | ".join("%s msgs/s | MB/s | ratio" % size_name(s) for s in sizes)
-    lines.append(head + " |")
-    lines.append("| --- |" + " ---: | ---: | ---: |" * len(sizes))
-    for res in results.values():
-        s = res.spec
-        peer = results.get(peer_of[s.tls])
-        cells = []
-        for size in sizes:
+    lines = [
+        "Echo round trips, one message in flight, against one `websockets` server on 127.0.0.1 "
+        "(ws:// unless marked wss://); median of %d interleaved runs; mismatched echoes: %d of "
+        "%d compared. Load average (1 min, 2 cores) before %.2f, during the runs %.2f-%.2f, "
+        "after %.2f." % (repeat, bad_total, compared, loads["before"][0],
+                         min(run_loads, default=0), max(run_loads, default=0),
+                         loads["after"][0]),
+        "",
+        "| size | client | msgs/s | MB/s | ratio | runs, msgs/s | CPU us/echo, client / "
+        "server | heap held / peak, B | RSS, kB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size in sizes:
+        n = counts[size]
+        for res in results.values():
             runs = res.runs.get(size, [])
             if not runs:
-                cells += ["-", "-", "-"]
                 continue
+            label = res.spec.label % res.version
             if any(r.bad for r in runs):
-                cells += ["INVALID (%d bad)" % sum(r.bad for r in runs), "-", "-"]
+                lines.append("| %s | %s | INVALID: %d mismatched echoes | | | | | | |"
+                             % (size_name(size), label, sum(r.bad for r in runs)))
                 continue
-            rate = median_rate(runs, counts[size])
-            ratio = "-"
-            if peer and peer.runs.get(size):
-                ratio = "%.2fx" % (rate / median_rate(peer.runs[size], counts[size]))
-            cells += [f"{rate:,.0f}", "%.2f" % (rate * size / 1e6), ratio]
-        lines.append("| %s | %s |" % (s.label % res.version, " | ".join(cells)))
+            rate = median_rate(runs, n)
+            peer = results.get(peer_of[res.spec.tls])
+            ratio = "%.2fx" % (rate / median_rate(peer.runs[size], n)) \
+                if peer and peer.runs.get(size) else "-"
+            rates = [n / (r.us / 1e6) for r in runs]
+            cpu = "%.0f / %.0f" % (statistics.median(r.cpu_us / n for r in runs),
+                                   statistics.median(r.srv_us / n for r in runs))
+            h = res.heap.get(size)
+            heap = f"{h[0]:,} / {h[1]:,}" if h else "-"
+            rss = f"{res.rss_kb[size]:,}" if size in res.rss_kb else "-"
+            lines.append(f"| {size_name(size)} | {label} | {rate:,.0f} | {rate * size / 1e6:.2f} "
+                         f"| {ratio} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu} | {heap} "
+                         f"| {rss} |")
     lines.append("")
-    lines.append("Runs (msgs/s, slowest-fastest of the %d):" % repeat)
-    for res in results.values():
-        rng = []
-        for size in sizes:
-            runs = res.runs.get(size, [])
-            if runs:
-                rates = [counts[size] / (r.us / 1e6) for r in runs]
-                rng.append(f"%s {min(rates):,.0f}-{max(rates):,.0f}" % size_name(size))
-        lines.append("- %s: %s" % (res.spec.key, "; ".join(rng)))
-    lines.append("")
-    lines.append("CPU time per echo (us, median of the runs; /proc/PID/schedstat): "
-                 "the client's process / the echo server's:")
-    lines.append("")
-    lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
-    lines.append("| --- |" + " ---: |" * len(sizes))
-    for res in results.values():
-        cells = []
-        for size in sizes:
-            runs = res.runs.get(size, [])
-            n = counts[size]
-            cells.append("%.0f / %.0f" % (statistics.median(r.cpu_us / n for r in runs),
-                                          statistics.median(r.srv_us / n for r in runs))
-                         if runs else "-")
-        lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(cells)))
-    heap_rows = [res for res in results.values() if res.heap]
-    if heap_rows:
-        lines.append("")
-        lines.append("Heap, bytes, held / peak (see the script's docstring for what each is):")
-        lines.append("")
-        lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
-        lines.append("| --- |" + " ---: |" * len(sizes))
-        for res in heap_rows:
-            cells = []
-            for size in sizes:
-                h = res.heap.get(size)
-                cells.append(f"{h[0]:,} / {h[1]:,}" if h else "-")
-            lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(cells)))
-    lines.append("")
-    lines.append("Peak RSS of each timed client process (VmHWM, kB, interpreter included; "
-                 "MicroPython heap: %s):" % ", ".join(
+    lines.append("MicroPython heap (-X heapsize): %s. Heap held / peak: see the docstring of "
+                 "bench/ws.py." % ", ".join(
                      "%s %s" % (size_name(s), "%d MiB" % (mp_heap(s) >> 20) if mp_heap(s)
                                 else "default") for s in sizes))
-    lines.append("")
-    lines.append("| client | " + " | ".join(size_name(s) for s in sizes) + " |")
-    lines.append("| --- |" + " ---: |" * len(sizes))
-    for res in results.values():
-        lines.append("| %s | %s |" % (res.spec.label % res.version, " | ".join(
-            f"{res.rss_kb[s]:,}" if s in res.rss_kb else "-" for s in sizes)))
     return "\n".join(lines), bad_total
 
 
