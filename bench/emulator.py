@@ -66,14 +66,13 @@ Stepping stops after the first N where the emulator lost a row.
 
 Memory (RSS, sampled at the end of each phase's timed rows; peak = VmHWM at the end): the
 emulator's process, i.e. this bench's process, which hosts it, plus any process it starts itself
-(worker processes, once it has them), against each Mosquitto. CPU is given in % of wall time of one
+(its worker processes with --workers), against each Mosquitto. CPU is given in % of wall time of one
 core, per process group, during the timed rows.
 
 N devices need N+ file descriptors in each Mosquitto, in the front and in a load process (a socket
 or a pipe per device): the soft RLIMIT_NOFILE is raised to the hard limit at start, and the brokers
-and load processes inherit it. --workers N and --database URL go to the emulator when it has
-worker processes and PostgreSQL storage (issue 13); this version runs the SmartREST path in one
-process on SQLite, so only --workers 1 and no --database run, and the report says so.
+and load processes inherit it. --workers N runs the emulator's SmartREST path in N worker
+processes (`microcot emulator --workers`); --database URL puts its storage on PostgreSQL.
 
 Setup, the first table: one emulator on a temporary data directory; the template collection
 registered through `Emulator.engine.process` (what the first device would send); every device's
@@ -116,6 +115,7 @@ from _mqttload import proc_cpu, proc_rss, raise_fd_limit  # noqa: E402
 from microcot import identity  # noqa: E402
 from microcot_host.emulator import Emulator  # noqa: E402
 from microcot_host.emulator.broker import Broker, BrokerError, find_mosquitto  # noqa: E402
+from microcot_host.emulator.model_pg import display  # noqa: E402
 
 XID = "mcBench1"
 TID = 901
@@ -135,11 +135,6 @@ DEFAULT_STEPS = (100, 1000, 5000)
 QUICK_STEPS = (10, 100)
 INFLIGHT = 20   # QoS 1 messages in flight per device: paho's default, given to mosquitto_pub too
 OBSERVER_ROLE = "mcbench-observer"
-# Emulator keyword arguments that would take --workers / --database, first found wins: issue 13's
-# worker processes and PostgreSQL storage do not exist in this version (`workers` is the
-# connector's thread count, not this)
-WORKER_PARAMETERS = ("worker_processes", "processes")
-DATABASE_PARAMETERS = ("database_url", "database")
 LOG_PATTERNS = {  # Mosquitto log line fragment -> short name in the report
     "Outgoing messages are being dropped": "dropped",
     "exceeded timeout": "keepalive timeout",
@@ -499,20 +494,12 @@ def setup_devices(emu: Emulator, relay: Broker, n: int) -> tuple[list[tuple[str,
 
 
 def emulator_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for Emulator from --workers and --database, or exit saying why not."""
-    params = inspect.signature(Emulator).parameters
-    out: dict[str, Any] = {}
-    for value, names, what in ((args.workers if args.workers != 1 else None, WORKER_PARAMETERS,
-                                "--workers: worker processes for the SmartREST path"),
-                               (args.database, DATABASE_PARAMETERS,
-                                "--database: PostgreSQL storage")):
-        if value is None:
-            continue
-        name = next((x for x in names if x in params), None)
-        if name is None:
-            raise SystemExit(f"{what} are not in this emulator (issue 13); it runs one process "
-                             "on SQLite: run without the option")
-        out[name] = value
+    """Keyword arguments for Emulator from --workers and --database."""
+    out: dict[str, Any] = {"worker_processes": args.workers}
+    if args.database:
+        if "database_url" not in inspect.signature(Emulator).parameters:
+            raise SystemExit("--database: PostgreSQL storage is not in this emulator yet")
+        out["database_url"] = args.database
     return out
 
 
@@ -718,8 +705,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS),
                    help=f"phases to run, a comma list of {', '.join(KINDS)} (default all)")
     p.add_argument("--workers", type=int, default=1,
-                   help="emulator worker processes, once the emulator has them (default 1)")
-    p.add_argument("--database", help="PostgreSQL URL for the emulator's storage, once it has it")
+                   help="emulator worker processes (default 1)")
+    p.add_argument("--database", help="PostgreSQL URL for the emulator's storage "
+                   "(bench/emulator_pg.py runs this on a throwaway server)")
     p.add_argument("--row-timeout", type=float, default=30.0,
                    help="seconds after which an incomplete row counts as timed out")
     p.add_argument("--phase-timeout", type=float, default=600.0,
@@ -813,7 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     print_report(args, setup, steps, peaks, time.monotonic() - t_start)
     if args.json:
         args.json.write_text(json.dumps({
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            # the database URL without its password
+            "args": {k: (display(v) if k == "database" and v else v)
+                     for k, v in vars(args).items() if k != "json"},
             "setup_s": setup, "peak_rss": peaks,
             "steps": [{"n": s.n, "runs": {k: [r.__dict__ for r in v] for k, v in s.runs.items()}}
                       for s in steps]}, indent=1, default=str) + "\n")

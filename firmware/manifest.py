@@ -6,3 +6,6 @@
 # requests) on top of the port's, which the example application needs to set its clock.
 include("$(BOARD_DIR)/manifest.py")
 package("microcot")
+# firmware/umqtt (umqtt.simple/robust over microcot's client) is not frozen here: the board's
+# manifest may freeze micropython-lib's umqtt under the same names (the ESP32's does), and the
+# freezer keeps both. `microcot deploy` puts ours at /umqtt, which comes first in sys.path.

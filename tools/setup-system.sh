@@ -13,7 +13,8 @@ if [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] && [ ! -e /lib/ld-linu
     && [ ! -e /lib32/ld-linux.so.2 ]; then
   need+=(libc6-i386)
 fi
-# the shared provisioning ledger's tests run a throwaway PostgreSQL server (initdb, postgres)
+# the shared provisioning ledger's and the emulator's PostgreSQL tests run a throwaway
+# PostgreSQL server (initdb, postgres)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
   || need+=(postgresql)
 # the emulated RP2040 (microcot board rp2) runs rp2040js under node

@@ -68,6 +68,8 @@
 #   op     {"id", "kind", "rtid", "stage", "started", "child"} while an operation is under way
 #          (ops.py): found at boot, it is reported (SUCCESSFUL or FAILED) and deleted
 #   queue.txt   rows of the offline queue that did not fit in memory (outq.py)
+#   queue.log   with "durable": every row of the queue, on flash before measure() returns
+#               (outlog.py), until its PUBACK
 #
 #   disconnected  wait for the next attempt (back-off with jitter, outq.Backoff), then connect
 #                 as user = ID, clean_session=False, subscribe mr/ and br/ (QoS 1), then create.
@@ -86,7 +88,7 @@
 import os
 
 from . import hal, tpl
-from .outq import Backoff, Queue
+from .outq import Backoff, make
 from .state import OFF, UP, AgentError, Restart, State, iso, js, now, unload  # noqa: F401
 
 CONFIG = "/microcot.json"
@@ -112,6 +114,7 @@ DEFAULTS = {
     "timeout": 15,  # seconds: connect, and each answer during the setup
     "backoff": [2, 300],  # seconds: first and largest reconnect delay
     "queue": [16, 500],  # rows in memory, rows on flash (0: none)
+    "durable": False,  # every row on flash before measure() returns (outlog.py; docs/agent.md)
     "store": "/store",
     "reserve": 12288,  # bytes held for the few large allocations (0: none; see above)
     # the other heap measures, switchable so that bench/agent.py can tell which a board needs:
@@ -241,7 +244,7 @@ class Agent:
                 except OSError:
                     pass
         n = cfg["queue"]
-        q = Queue(n[0], st.rstrip("/") + "/queue.txt", n[1])
+        q = make(n[0], st, n[1], cfg["durable"])
         n = cfg["backoff"]
         s = self.s = State(cfg, self.log, q, Backoff(int(n[0] * 1000), int(n[1] * 1000)))
         self.q = q

@@ -31,6 +31,18 @@ Pieces, all without I/O except TagValueClient:
   Session                 SignalR connection + subscription state, fed with bytes and ticks
   TagValueClient          Session over microcot.ws.WebSocketClient, cyclic execute()
 Tags are named by (assetName, tagName) tuples; dicts with those keys are accepted too.
+
+Errors (ERRORS): the decoders (parse_item, decode_tag_value, decode_field) raise only
+KicsDecodeError (a KicsError) for any input, naming the field path. Limits, checked before the
+work they bound: st/un fields nested deeper than MAX_DEPTH (10) levels are refused before
+recursing into them (MicroPython's recursion limit is far below CPython's: a 100-level record
+must not reach it); an integer (u, i, t, ts, tagId, mp) of more than MAX_INT_DIGITS (40) digits is
+refused before it is converted. Error messages show a bounded summary of the offending value,
+never the repr of a whole hostile structure. Records are parsed by signalr.loads (its own
+MAX_DEPTH on JSON nesting). TagValueClient never raises out of execute(): a record that breaks
+the protocol ends the connection as KicsConnectionError (state WAITING, then reconnect and
+subscribe again); an item that does not decode is skipped with a KicsDecodeError in `error` and
+on_error, and the stream goes on.
 """
 
 from microcot import signalr
@@ -42,6 +54,12 @@ OK = "ok"
 NOT_FOUND = "notFound"
 
 FIELD_TYPES = ("u", "i", "b", "d", "s", "t", "e", "st", "un")
+MAX_DEPTH = 10  # st/un nesting levels accepted (a top-level field is level 1)
+MAX_INT_DIGITS = 40  # UINT64/INT64 need 20; more is refused before int() sees it
+try:
+    _INT_LIM = 10 ** MAX_INT_DIGITS
+except OverflowError:  # a port whose ints stop at 64 bits: its json cannot make bigger ones
+    _INT_LIM = None
 MARKERS = ("q", "ts", "ds", "o", "t", "ct")
 
 # Session / TagValueClient states
@@ -86,6 +104,23 @@ class KicsConnectionError(KicsError):
 
 class KicsDecodeError(KicsError):
     """A stream item or tag value that does not follow the seed's format; names the field path."""
+
+
+ERRORS = (KicsError,)
+
+
+def _show(v):
+    """A short description of a received value for an error message (bounded, no recursion)."""
+    if isinstance(v, dict):
+        return "an object of %d keys" % len(v)
+    if isinstance(v, (list, tuple)):
+        return "an array of %d items" % len(v)
+    if isinstance(v, str):
+        return repr(v[:40]) + ("..." if len(v) > 40 else "")
+    if isinstance(v, int) and not isinstance(v, bool) and _INT_LIM is not None \
+            and not -_INT_LIM < v < _INT_LIM:
+        return "an integer of more than %d digits" % MAX_INT_DIGITS
+    return repr(v)
 
 
 # -- tags and the subscription argument -------------------------------------------------------
@@ -292,35 +327,46 @@ class Confirmation:
 
 def _int(v, path, what="integer"):
     """An exact int from a JSON integer or a decimal string (kept as the string if the port
-    cannot hold it); integral floats only while a double is exact (2**53)."""
+    cannot hold it); integral floats only while a double is exact (2**53). At most
+    MAX_INT_DIGITS digits."""
     if isinstance(v, bool):
         raise KicsDecodeError("%s: expected an %s, got a boolean" % (path, what))
     if isinstance(v, int):
+        if _INT_LIM is not None and not -_INT_LIM < v < _INT_LIM:
+            raise KicsDecodeError("%s: %s of more than %d digits" % (path, what, MAX_INT_DIGITS))
         return v
     if isinstance(v, str):
         s = v[1:] if v[:1] == "-" else v
-        if not s or not s.isdigit():
-            raise KicsDecodeError("%s: expected an %s, got %r" % (path, what, v))
+        if not s or not _digits(s):
+            raise KicsDecodeError("%s: expected an %s, got %s" % (path, what, _show(v)))
+        if len(s) > MAX_INT_DIGITS:
+            raise KicsDecodeError("%s: %s of %d digits, at most %d" % (path, what, len(s),
+                                                                     MAX_INT_DIGITS))
         try:
             return int(v)
         except (ValueError, OverflowError):
             return v  # beyond this port's ints: the exact decimal text
     if isinstance(v, float) and v == v and abs(v) <= 9007199254740992.0 and v == int(v):
         return int(v)
-    raise KicsDecodeError("%s: expected an %s, got %r" % (path, what, v))
+    raise KicsDecodeError("%s: expected an %s, got %s" % (path, what, _show(v)))
+
+
+def _digits(s):
+    # ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses
+    return all("0" <= c <= "9" for c in s)
 
 
 _SPECIAL_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
 
-def decode_field(name, obj, path=None):
-    """One field object -> Field (recursively for st/un)."""
+def decode_field(name, obj, path=None, depth=1):
+    """One field object -> Field (recursively for st/un, at most MAX_DEPTH levels deep)."""
     path = path or name
     if not isinstance(obj, dict):
-        raise KicsDecodeError("%s: a field must be an object, got %r" % (path, obj))
+        raise KicsDecodeError("%s: a field must be an object, got %s" % (path, _show(obj)))
     t = obj.get("t")
-    if t not in FIELD_TYPES:
-        raise KicsDecodeError("%s: unknown field type 't'=%r" % (path, t))
+    if not isinstance(t, str) or t not in FIELD_TYPES:
+        raise KicsDecodeError("%s: unknown field type 't'=%s" % (path, _show(t)))
     if "v" not in obj:
         raise KicsDecodeError("%s: field without 'v'" % path)
     v = obj["v"]
@@ -336,17 +382,20 @@ def decode_field(name, obj, path=None):
         elif v == 0 or v == 1:
             v = v == 1
         else:
-            raise KicsDecodeError("%s: expected a boolean, got %r" % (path, v))
+            raise KicsDecodeError("%s: expected a boolean, got %s" % (path, _show(v)))
     elif t == "d":
         if isinstance(v, str) and v in _SPECIAL_FLOATS:
             v = _SPECIAL_FLOATS[v]
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an integer beyond any double
+                raise KicsDecodeError("%s: number %s out of range" % (path, _show(v)))
         else:
-            raise KicsDecodeError("%s: expected a number, got %r" % (path, v))
+            raise KicsDecodeError("%s: expected a number, got %s" % (path, _show(v)))
     elif t == "s":
         if not isinstance(v, str):
-            raise KicsDecodeError("%s: expected a string, got %r" % (path, v))
+            raise KicsDecodeError("%s: expected a string, got %s" % (path, _show(v)))
     elif t == "e":
         n = obj.get("n")
         s = obj.get("s")
@@ -359,16 +408,22 @@ def decode_field(name, obj, path=None):
             except KicsDecodeError:
                 pass  # a non-numeric original value stays as it came
         elif not isinstance(v, float):
-            raise KicsDecodeError("%s: enum value 'v' must be a number or string, got %r" % (path, v))
+            raise KicsDecodeError("%s: enum value 'v' must be a number or string, got %s"
+                                  % (path, _show(v)))
         v = EnumValue(n, v, s)
     else:  # st, un
         if not isinstance(v, dict):
             raise KicsDecodeError("%s: a %s field needs an object of fields in 'v'" % (path, t))
-        v = dict((k, decode_field(k, sub, path + "." + k)) for k, sub in v.items())
+        if v and depth >= MAX_DEPTH:  # checked before recursing
+            raise KicsDecodeError("%s: fields nested deeper than %d levels" % (path, MAX_DEPTH))
+        sub = {}
+        for k, f in v.items():
+            sub[k] = decode_field(k, f, "%s.%s" % (path, k), depth + 1)
+        v = sub
     x = obj.get("x")
     m = obj.get("m")
     if m is not None and not isinstance(m, str):
-        raise KicsDecodeError("%s: marker 'm' must be a string, got %r" % (path, m))
+        raise KicsDecodeError("%s: marker 'm' must be a string, got %s" % (path, _show(m)))
     return Field(name, t, v, bool(x), m, path)
 
 
@@ -384,7 +439,9 @@ def decode_tag_value(tag_value, tag_id=None, tag=None):
     d = tag_value.get("d")
     if not isinstance(d, dict):
         raise KicsDecodeError("tagValue of tag %r: 'd' must be an object of fields" % (tag_id,))
-    fields = dict((k, decode_field(k, f)) for k, f in d.items())
+    fields = {}
+    for k, f in d.items():
+        fields[k] = decode_field(k, f)
     ts = tag_value.get("ts")
     if ts is not None:
         ts = _int(ts, "ts")
@@ -396,7 +453,8 @@ def decode_tag_value(tag_value, tag_id=None, tag=None):
     if n is not None and not isinstance(n, str):
         raise KicsDecodeError("tagValue of tag %r: 'n' must be a string" % (tag_id,))
     if dn is not None and dn not in ("r", "w", "rw"):
-        raise KicsDecodeError("tagValue of tag %r: 'dn' must be r, w or rw, got %r" % (tag_id, dn))
+        raise KicsDecodeError("tagValue of tag %r: 'dn' must be r, w or rw, got %s"
+                              % (tag_id, _show(dn)))
     return TagValue(tag_id, n, ts, dn, mp, fields, tag)
 
 
@@ -409,7 +467,7 @@ def _tag_id(v, what):
 def parse_item(item, tags_by_id=None):
     """A GetTagValuesStream item -> Confirmation or TagValue; KicsDecodeError otherwise."""
     if not isinstance(item, dict):
-        raise KicsDecodeError("stream item must be an object, got %r" % (item,))
+        raise KicsDecodeError("stream item must be an object, got %s" % _show(item))
     if "confirmation" in item:
         c = item["confirmation"]
         if not isinstance(c, dict) or not isinstance(c.get("result"), str):
@@ -420,6 +478,10 @@ def parse_item(item, tags_by_id=None):
             if not isinstance(ti, dict):
                 raise KicsDecodeError("confirmation: 'tagIdentifier' must be an object")
             tag = tag_key(ti)
+            for part in tag:  # a tag is a dict key and compared: strings only
+                if part is not None and not isinstance(part, str):
+                    raise KicsDecodeError("confirmation: tagIdentifier names must be strings, "
+                                          "got %s" % _show(part))
         return Confirmation(c["result"], tag, _tag_id(c.get("tagId"), "confirmation.tagId"))
     if "value" in item:
         v = item["value"]
@@ -428,8 +490,9 @@ def parse_item(item, tags_by_id=None):
         tid = _tag_id(v.get("tagId"), "value.tagId")
         tag = tags_by_id.get(tid) if tags_by_id else None
         return decode_tag_value(v["tagValue"], tid, tag)
-    raise KicsDecodeError("stream item with neither 'confirmation' nor 'value': keys %s"
-                          % sorted(item))
+    keys = sorted(item)
+    raise KicsDecodeError("stream item with neither 'confirmation' nor 'value': keys %s%s"
+                          % (keys[:5], " ..." if len(keys) > 5 else ""))
 
 
 # -- the subscription, sans-I/O ----------------------------------------------------------------
@@ -548,11 +611,9 @@ class Session:
             else:
                 self._fail(KicsConnectionError("the server ended the subscription"), True)
         elif t == signalr.CLOSE:
-            if ev.local:
-                text = ev.error or "connection closed"
-                retry = ev.allow_reconnect
-                if text.startswith("handshake refused"):
-                    retry = False
+            if ev.local:  # a timeout, or a record breaking the protocol: reconnect and
+                text = ev.error or "connection closed"  # subscribe again
+                retry = not text.startswith("handshake refused")
             else:
                 text = "server closed the connection" + (": %s" % ev.error if ev.error else "")
                 retry = ev.allow_reconnect
@@ -563,6 +624,7 @@ class Session:
         try:
             obj = parse_item(item, self.tag_ids)
         except KicsError as exc:
+            self.error = exc
             if self.on_error:
                 self.on_error(exc)
             return
@@ -647,8 +709,9 @@ class TagValueClient:
         self.session.on_error = self._on_error
         self.on_error = on_error
         self.server = server
-        self.port = port or (443 if tls else 80)
-        self.tls = tls or None
+        tls = None if tls is False else tls  # anything but None/False: TLS ({} the defaults)
+        self.port = port or (80 if tls is None else 443)
+        self.tls = tls
         self.path = path
         self._token = token
         self.ws_options = ws_options or {}

@@ -233,15 +233,17 @@ def flush(s):
         c.publish("ms/" + s.id, s.st[0], qos=1)
         s.st.pop(0)
     q = s.q
+    q.done(c.pending())  # the durable queue lets go of acknowledged rows
     while len(q) and c.pending() < room:
         try:
             enc = encode(s, q.peek())
         except ValueError as e:
             s.log("queue: bad row dropped: %s" % e)
-            q.pop()
+            q.pop(False)
             continue
         if enc is None:
             return
+        sent = True
         try:
             c.publish(enc[0], enc[1], qos=1)
         except Exception as e:
@@ -249,5 +251,6 @@ def flush(s):
                 if type(e).__name__ != "MQTTPacketTooLarge":
                     raise
                 s.log("queue: row too large, dropped")
-        q.pop()
+                sent = False
+        q.pop(sent)
         s.stats["sent"] += 1

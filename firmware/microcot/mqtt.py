@@ -3,15 +3,27 @@
 #   c = MQTTClient("ID", "broker", user="ID", password=pw, keepalive=60,
 #                  ssl=tls_context(cafile="/ca.pem"))       # port defaults to 8883 with TLS
 #   c.set_callback(lambda topic, msg: ...)                    # both bytes
+#   c.set_last_will("st/ID", b"gone", retain=False, qos=0)   # before connect(), as in umqtt
 #   c.connect(clean_session=False)                            # -> session present
 #   c.subscribe("mr/ID", qos=1)                               # -> granted QoS, or MQTTSubscribeError
 #   pid = c.publish("ms/ID", b"200,1", qos=1)                 # QoS 1: returns at once with the id
 #   c.poll(100)                                               # never blocks longer than asked
 #
+# umqtt's forms of TLS, always verified unless switched off explicitly:
+# - ssl=<SSLContext>: used as given (wrap_socket with server_hostname = server); a context that
+#   does not verify gets a warning at the first connect.
+# - ssl=True with ssl_params: a context made at connect() from "cadata" (PEM or DER), "cafile" or
+#   "ca_certs" (a path), "cert_reqs" (ssl.CERT_NONE switches verification off, with a warning;
+#   CERT_OPTIONAL verifies like CERT_REQUIRED: a handshake never goes on past a failed check),
+#   "verify" (False: off), "server_hostname", "cert"/"key" (a client certificate: passed to
+#   load_cert_chain), "do_handshake" (accepted; the handshake is always done in connect()).
+#   Another key is a ValueError at connect(). Without a CA: the board's configured CA ("ca" of
+#   BOARD_CONFIG, the agent's settings: a path or the PEM text), else CPython's default trust
+#   store; on MicroPython, which has none, connect() fails with MQTTTLSError before a socket is
+#   opened. Verification is never skipped for want of a CA.
+# - A broker that refuses the will (or anything) with CONNACK n raises MQTTConnectError, .code n.
+#
 # Beyond umqtt:
-# - TLS verifies the broker by default (tls_context(): CERT_REQUIRED, CA from a file or bytes,
-#   server_hostname = server); verification is off only with tls_context(verify=False) or a
-#   context without it, and then a warning is printed.
 # - poll(timeout_ms) / check_msg() read non-blocking (select.poll on the socket; TLS data already
 #   decrypted is read before waiting, so nothing stays stuck in the TLS layer), send PINGREQ when
 #   nothing was sent or received for `keepalive` seconds, and declare the link dead (MQTTTimeout)
@@ -27,22 +39,29 @@
 #   (at least once) and which loses nothing. drop_pending() forgets them.
 # - QoS 1 and 2 receive; QoS 2 ids awaiting PUBREL are remembered (bounded) so a DUP is delivered
 #   once; they are kept across a reconnect that finds the session present.
-# - A PUBACK, PUBREC, PUBCOMP, SUBACK or UNSUBACK for an id we do not wait for is ignored and
-#   logged (self.log, print by default) and counted in self.stray: after a reconnect a late or
-#   repeated acknowledgement is harmless, and closing a working link over it would be worse. A
-#   PUBREL for an unknown id is answered with PUBCOMP, as the protocol asks.
+# - A PUBACK, PUBREC, PUBCOMP, SUBACK or UNSUBACK for an id we do not wait for is ignored,
+#   noted (self.note, print by default; `log` is umqtt.robust's method) and counted in
+#   self.stray: after a reconnect a late or repeated acknowledgement is harmless, and closing a
+#   working link over it would be worse. A PUBREL for an unknown id is answered with PUBCOMP, as
+#   the protocol asks.
 # - Incoming packets are bounded by max_packet (whole packet, default 16 KiB): a larger one is
 #   refused (MQTTPacketTooLarge, connection closed) once its remaining length is read, before
 #   anything is allocated for it; an outgoing PUBLISH over the limit is refused before sending.
 #   A packet is read with readinto into one bytearray of its size; the callback gets topic and
 #   message as bytes copied from it, so a message costs about twice its size while delivered.
+#   When even that allocation fails the connection is closed and MQTTMemoryError raised.
+# - A hostile or broken broker (a malformed or oversized packet, garbage for a CONNACK, a close in
+#   the middle of a packet) costs the connection, never the client: the connection is closed and
+#   the error raised is an MQTTException (MQTTProtocolError, MQTTPacketTooLarge,
+#   MQTTConnectionError, MQTTTimeout) or MQTTMemoryError; the next connect() starts clean.
 # - The callback runs inside poll(); if it raises, the exception leaves poll() and the message is
 #   not acknowledged (QoS 1/2: the broker delivers it again after the next reconnect).
 # - All errors are MQTTException subclasses (mqttpkt.py); I/O errors close the connection, and
 #   the in-flight messages stay for the next connect(). Out of memory is a MemoryError; in the
 #   TLS handshake it is MQTTMemoryError naming the handshake, the free heap and what mbedTLS
 #   could not allocate, also where mbedTLS reports it as an untrusted certificate (hal.tls_oom).
-# - No last will (the Cloud of Things broker does not support it), no QoS 2 publish.
+# - No QoS 2 publish. A will is sent as set; the Cloud of Things broker refuses it (seed 002),
+#   so the agent never sets one.
 import select
 import socket
 
@@ -80,9 +99,9 @@ from .mqttpkt import unsubscribe as _unsubscribe_pkt
 from .tlsctx import _text, tls_context  # noqa: F401 (mqtt.tls_context: the old name)
 
 __all__ = (
-    "MQTTClient", "tls_context", "MQTTException", "MQTTProtocolError", "MQTTPacketTooLarge",
-    "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError", "MQTTTLSError", "MQTTTimeout",
-    "MQTTMemoryError",
+    "MQTTClient", "BOARD_CONFIG", "ERRORS", "tls_context", "MQTTException", "MQTTProtocolError",
+    "MQTTPacketTooLarge", "MQTTConnectError", "MQTTSubscribeError", "MQTTConnectionError",
+    "MQTTTLSError", "MQTTTimeout", "MQTTMemoryError",
 )
 
 try:
@@ -91,6 +110,13 @@ except ImportError:  # pragma: no cover
     EAGAIN, ETIMEDOUT = 11, 110
 
 _MP = hal.family() != "cpython"
+# what a broker, however hostile, can make connect(), poll() and the calls that wait raise (the
+# connection is then closed); the callback's own exceptions pass through as they are
+ERRORS = (MQTTException, MQTTMemoryError)
+# the agent's settings: ssl=True without a CA takes the board's from its "ca"
+BOARD_CONFIG = "/microcot.json"
+_SSL_KEYS = ("cadata", "cafile", "ca_certs", "cert_reqs", "verify", "server_hostname", "cert",
+             "key", "do_handshake")
 _PINGREQ = bytes((PINGREQ, 0))
 _DISCONNECT = bytes((DISCONNECT, 0))
 _Q2_MAX = 32
@@ -102,6 +128,18 @@ _NAMES = {0x40: "PUBACK", 0x50: "PUBREC", 0x60: "PUBREL", 0x70: "PUBCOMP", 0xB0:
 
 def _log(msg):
     print("mqtt:", msg)
+
+
+def _board_ca():
+    """The CA the board's settings name ("ca": a path or PEM text), or None."""
+    try:
+        import json
+
+        with open(BOARD_CONFIG) as f:
+            ca = json.load(f).get("ca")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
+        return None
+    return ca if isinstance(ca, str) and ca else None
 
 
 def _would_block(e):
@@ -128,7 +166,11 @@ class MQTTClient:
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.cb = None
-        self.log = _log
+        self.note = _log
+        self.lw_topic = None  # the last will (set_last_will), umqtt's attribute names
+        self.lw_msg = None
+        self.lw_qos = 0
+        self.lw_retain = False
         self.stray = 0  # acknowledgements for ids we were not waiting for
         self.sock = None
         self._po = None  # the object registered with select.poll
@@ -152,6 +194,19 @@ class MQTTClient:
     def set_callback(self, f):
         self.cb = f
 
+    def set_last_will(self, topic, msg, retain=False, qos=0):
+        """The message the broker publishes when the connection ends without DISCONNECT; sent
+        with every connect() from now on. ValueError for a topic or QoS the protocol forbids."""
+        if qos not in (0, 1, 2):
+            raise ValueError("will qos %r: expected 0, 1 or 2" % (qos,))
+        t = topic.encode() if isinstance(topic, str) else topic
+        if not t or b"+" in t or b"#" in t:
+            raise ValueError("will topic %r: empty or with a wildcard" % (topic,))
+        self.lw_topic = t
+        self.lw_msg = msg.encode() if isinstance(msg, str) else msg
+        self.lw_qos = qos
+        self.lw_retain = retain
+
     def connect(self, clean_session=True, timeout=None):
         """Open the connection and return the session-present flag of CONNACK.
 
@@ -162,13 +217,20 @@ class MQTTClient:
         deadline = hal.ticks_add(hal.ticks_ms(), ms)
         where = "%s:%d" % (self.server, self.port)
         # what can fail without the network fails before a socket exists
-        pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session)
+        will = None
+        if self.lw_topic:
+            will = (self.lw_topic, self.lw_msg, self.lw_qos, self.lw_retain)
+        pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session,
+                           will)
         ctx = self._context()
         try:
             ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
-        except OSError as e:
+        except (OSError, IndexError) as e:  # IndexError: no address at all
             raise MQTTConnectionError("cannot resolve %s: %s" % (self.server, _text(e)))
-        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        try:
+            s = socket.socket(ai[0], socket.SOCK_STREAM)
+        except OSError as e:  # out of sockets or buffers (lwIP: ENFILE, ENOBUFS)
+            raise MQTTConnectionError("no socket for %s: %s" % (where, _text(e)))
         raw = s
         try:
             s.settimeout(ms / 1000)
@@ -373,12 +435,42 @@ class MQTTClient:
         if not ctx:
             return None
         if ctx is True:
-            p = self.ssl_params
-            ctx = tls_context(p.get("cafile"), p.get("cadata"), p.get("verify", True))
-            self.ssl = ctx
+            ctx = self.ssl = self._ssl_params_context()
         if not self._warned and ctx.verify_mode == 0:  # CERT_NONE
             self._warned = True
-            self.log("WARNING: TLS to %s without certificate verification" % self.server)
+            self.note("WARNING: TLS to %s without certificate verification" % self.server)
+        return ctx
+
+    def _ssl_params_context(self):
+        # ssl=True: umqtt's legacy form; the context is made here, at connect(), so that a
+        # missing CA is an error of the connection, never of the constructor
+        p = self.ssl_params
+        for k in p:
+            if k not in _SSL_KEYS:
+                raise ValueError("ssl_params: unknown key %r (known: %s)"
+                                 % (k, ", ".join(_SSL_KEYS)))
+        verify = p.get("verify", True) and p.get("cert_reqs", 2) != 0  # 0: CERT_NONE
+        cafile = p.get("cafile", p.get("ca_certs"))
+        cadata = p.get("cadata")
+        if verify and cafile is None and cadata is None:
+            ca = _board_ca()
+            if ca is not None:
+                if ca.startswith("-----"):
+                    cadata = ca
+                else:
+                    cafile = ca
+            elif _MP:
+                raise MQTTTLSError(
+                    "TLS to %s:%d: no CA certificate to verify the broker with: give "
+                    "ssl_params={'cadata': ...} or {'cafile': ...}, an SSLContext as ssl=, or "
+                    "the board's CA (\"ca\" in %s)" % (self.server, self.port, BOARD_CONFIG))
+        ctx = tls_context(cafile, cadata, verify)
+        if "cert" in p or "key" in p:
+            try:
+                ctx.load_cert_chain(p.get("cert"), p.get("key"))
+            except (OSError, ValueError) as e:  # CPython: ssl.SSLError
+                raise ValueError("ssl_params cert/key: not a usable client certificate: %s"
+                                 % _text(e))
         return ctx
 
     def _connected(self):
@@ -484,6 +576,13 @@ class MQTTClient:
                 pkt = rx.got(k)
             except MQTTException as e:
                 self._fail(e)
+            except MemoryError:
+                # the body's allocation (within max_packet) failed: the reader is mid-packet
+                # without a buffer, so only a new connection goes on from here
+                got, exp = rx.progress()
+                self._fail(MQTTMemoryError("incoming packet of %d bytes (within max_packet %d): "
+                                           "no memory for it; connection closed"
+                                           % (exp, rx.limit)))
             if pkt is not None:
                 return pkt
 
@@ -574,7 +673,7 @@ class MQTTClient:
 
     def _stray(self, name, pid):
         self.stray += 1
-        self.log("%s for unknown packet id %d ignored" % (name, pid))
+        self.note("%s for unknown packet id %d ignored" % (name, pid))
 
     def _on_publish(self, first, body):
         qos, pid, end, start = parse_publish(first, body)
@@ -585,10 +684,17 @@ class MQTTClient:
             if len(self._q2) >= _Q2_MAX:
                 raise MQTTProtocolError("more than %d QoS 2 messages await PUBREL" % _Q2_MAX)
         mv = memoryview(body)
+        try:
+            topic = bytes(mv[2:end])
+            msg = bytes(mv[start:]) if self.cb is not None else None
+        except MemoryError:
+            self._fail(MQTTMemoryError("PUBLISH of %d bytes: no memory to deliver it; connection "
+                                       "closed (QoS 1/2: delivered again after a reconnect)"
+                                       % len(body)))
         if self.cb is not None:
-            self.cb(bytes(mv[2:end]), bytes(mv[start:]))
+            self.cb(topic, msg)
         else:
-            self.log("message on %r dropped: no callback set" % bytes(mv[2:end]))
+            self.note("message on %r dropped: no callback set" % topic)
         if qos == 1:
             self._ack(PUBACK, pid)
         elif qos == 2:

@@ -134,7 +134,8 @@ def _check_str(s, what):
     return s
 
 
-def connect(client_id, user=None, password=None, keepalive=0, clean=True):
+def connect(client_id, user=None, password=None, keepalive=0, clean=True, will=None):
+    """CONNECT; will: None or (topic, message, qos, retain), the last will."""
     cid = _check_str(_b(client_id), "client id")
     if not 0 <= keepalive <= 65535:
         raise ValueError("keepalive %r out of range 0..65535 s" % (keepalive,))
@@ -142,6 +143,13 @@ def connect(client_id, user=None, password=None, keepalive=0, clean=True):
         raise ValueError("MQTT 3.1.1 has no password without a user name")
     flags = 0x02 if clean else 0
     n = 12 + len(cid)
+    if will is not None:
+        wt = _topic(will[0], False)
+        wm = _check_str(_b(will[1]), "will message")
+        if will[2] not in (0, 1, 2):
+            raise ValueError("will qos %r: expected 0, 1 or 2" % (will[2],))
+        flags |= 0x04 | will[2] << 3 | (0x20 if will[3] else 0)
+        n += 4 + len(wt) + len(wm)
     if user is not None:
         user = _check_str(_b(user), "user name")
         flags |= 0x80
@@ -156,6 +164,8 @@ def connect(client_id, user=None, password=None, keepalive=0, clean=True):
     buf[o + 8] = keepalive >> 8
     buf[o + 9] = keepalive & 0xFF
     o = _put_str(buf, o + 10, cid)
+    if will is not None:
+        o = _put_str(buf, _put_str(buf, o, wt), wm)
     if user is not None:
         o = _put_str(buf, o, user)
     if password is not None:

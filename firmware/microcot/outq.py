@@ -15,6 +15,8 @@
 #   reboot). flush() moves memory to the file, e.g. before a restart. A line torn by a power cut
 #   while spilling is cut off when the file is taken up again.
 #   An item is a str without a line break, at most MAX_ITEM bytes as UTF-8.
+#   pop(sent) and done(pending) are the durable queue's interface (outlog.Log, the setting
+#   "durable"); here `sent` is ignored and done() does nothing. make() builds the agent's queue.
 #
 # Backoff: exponential back-off with "equal jitter": the n-th delay is drawn uniformly from
 #   [d/2, d] with d = min(cap, base * 2**n), from os.urandom (hal.random_bytes); reset() after a
@@ -73,7 +75,7 @@ class Queue:
             return self._rd[0].decode()
         return self._m[0] if self._m else None
 
-    def pop(self):
+    def pop(self, sent=True):
         """Remove the oldest item (what peek() returned)."""
         if self._fn:
             if not self._rd:
@@ -96,6 +98,9 @@ class Queue:
         self._rd = []
         if self.path:
             self._remove()
+
+    def done(self, pending):
+        pass
 
     # -- the file -------------------------------------------------------------------------------
 
@@ -189,6 +194,36 @@ class Queue:
             self._rewrite(0, last)
         self._fn = n
         self._size = last
+
+
+def make(mem, folder, file_max, durable=False):
+    """The agent's queue in `folder`: a Queue spilling to queue.txt, or with durable a Log in
+    queue.log (outlog.py, imported only then). Items the other kind left on flash (the setting
+    changed) are moved over first, oldest first; a power cut while moving may send some twice."""
+    folder = folder.rstrip("/")
+    txt = folder + "/queue.txt"
+    log = folder + "/queue.log"
+    if durable:
+        from .outlog import Log
+
+        q = Log(log, file_max)
+        old = Queue(1, txt, 1 << 30)
+    else:
+        q = Queue(mem, txt, file_max)
+        old = None
+        try:
+            os.stat(log)
+        except OSError:
+            return q
+        from .outlog import Log
+
+        old = Log(log, 1 << 30)
+    while len(old):
+        q.put(old.peek())
+        old.pop(False)
+    q.flush()
+    old.clear()
+    return q
 
 
 class Backoff:

@@ -17,7 +17,7 @@ KINDS = {
     "host": "s", "port": "p", "tls": "t", "ca": "n", "bootstrap_user": "n",
     "bootstrap_password": "n", "bootstrap_delay": "r", "bootstrap_repeat": "F", "device_id": "n",
     "xid": "n", "templates": "s", "name": "s", "interval": "F", "binary": "b", "keepalive": "p",
-    "timeout": "F", "backoff": "r", "queue": "q", "store": "s", "reserve": "i", "restarts": "b",
+    "timeout": "F", "backoff": "r", "queue": "q", "durable": "b", "store": "s", "reserve": "i", "restarts": "b",
     "unload": "b", "log": "b", "manage": "m", "availability": "i", "log_ring": "I",
     "rest_url": "n", "http_user": "s", "app_trial": "F", "wlan": "w",
 }
@@ -92,6 +92,8 @@ def check(cfg, cur=None):
         cfg = cur
     if cfg.get("tls", True) is True and cfg.get("ca") == "":
         return "ca: TLS is verified: give the broker's CA"
+    if cfg.get("durable") is True and cfg.get("queue", [1, 1])[1] < 1:
+        return "durable: the durable queue needs rows on flash (queue's second number >= 1)"
     return None
 
 

@@ -22,6 +22,16 @@ The builders (`invocation`, `stream_invocation`, ...) return the bytes of one re
 included; the server-side ones (`handshake_response`, `stream_item`, `completion`, `close`) serve
 emulators and tests.
 
+Errors (ERRORS): the decoders (`Records.feed`, `loads`, `parse`, `parse_handshake_response`)
+raise only SignalRError (HandshakeError is one) for any input, and HubConnection.receive turns
+those into a local CLOSE event, never an exception. Limits, checked before the work they bound:
+a record over `max_size` bytes is refused before it is stored; JSON nested deeper than
+MAX_DEPTH (32) levels is refused from a scan of the bytes before it is parsed, the error naming
+the path to the offending level ("$.arguments[0].a"); integers are exact at any size the runtime
+parses (CPython refuses over 4300 digits: such a number is then kept as its decimal text, as on
+ports whose ints stop at 64 bits). A record that parses to more objects than the heap holds ends
+the connection as a local CLOSE (allow_reconnect) instead of a MemoryError out of receive().
+
 `HubConnection` is the client's state machine: `start(now)`, then feed what the transport received
 to `receive(data, now)` (returns events: `Message`s, plus the synthetic HANDSHAKE message when the
 server accepted the handshake and a CLOSE message with `local=True` when the connection failed
@@ -33,6 +43,7 @@ returns as text WebSocket messages.
 import json
 
 RS = b"\x1e"
+MAX_DEPTH = 32  # deepest JSON nesting accepted in a record (arrays and objects)
 
 HANDSHAKE = 0  # synthetic: the server accepted the handshake
 INVOCATION = 1
@@ -59,6 +70,14 @@ class SignalRError(ValueError):
 
 class HandshakeError(SignalRError):
     """The server refused the handshake; the text is the server's `error`."""
+
+
+ERRORS = (SignalRError,)
+
+try:
+    _RecursionError = RecursionError
+except NameError:  # MicroPython raises RuntimeError for a too deep recursion
+    _RecursionError = RuntimeError
 
 
 class Message:
@@ -165,16 +184,20 @@ class Records:
         return len(self._buf)
 
     def feed(self, data):
-        """Return the complete records (bytes, separator removed, empty ones skipped) in data."""
+        """Return the complete records (bytes, separator removed, empty ones skipped) in data.
+
+        `data` may be a memoryview of the transport's message buffer: it is searched in place
+        and only each record is copied out, so the message is not held twice."""
         if isinstance(data, str):
             data = data.encode()
-        elif not isinstance(data, (bytes, bytearray)):
-            data = bytes(data)  # memoryview
+        find = getattr(data, "find", None)
+        if find is None:  # a memoryview: searched through bounded slices, see _find
+            data = memoryview(data)
         out = []
         start = 0
         n = len(data)
         while start < n:
-            end = data.find(RS, start)
+            end = find(RS, start) if find is not None else _find(data, start, n)
             if end < 0:
                 if len(self._buf) + n - start > self.max_size:
                     self._buf = bytearray()
@@ -196,6 +219,97 @@ class Records:
                 out.append(rec)
             start = end + 1
         return out
+
+
+def _find(mv, start, end):
+    """Index of RS in the memoryview mv[start:end], or -1 (memoryviews have no find)."""
+    while start < end:
+        e = start + 512 if end - start > 512 else end
+        j = bytes(mv[start:e]).find(RS)
+        if j >= 0:
+            return start + j
+        start = e
+    return -1
+
+
+def _too_deep(raw, limit):
+    """Offset of the first '[' or '{' nested deeper than `limit` in JSON bytes, or -1.
+
+    Strings are skipped with find (brackets inside them do not count), and a stretch between
+    strings is walked byte by byte only when its opening brackets could pass the limit."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return -1
+    d = 0
+    i = 0
+    n = len(raw)
+    while i < n:
+        q = raw.find(b'"', i)
+        if q < 0:
+            q = n
+        seg = raw[i:q]
+        opens = seg.count(b"[") + seg.count(b"{")
+        if d + opens <= limit:
+            d += opens - seg.count(b"]") - seg.count(b"}")
+        else:
+            for j in range(i, q):
+                c = raw[j]
+                if c == 0x5B or c == 0x7B:  # [ {
+                    d += 1
+                    if d > limit:
+                        return j
+                elif c == 0x5D or c == 0x7D:  # ] }
+                    d -= 1
+        i = _str_end(raw, q)
+    return -1
+
+
+def _str_end(raw, q):
+    """Index after the string that opens at raw[q] (the end of raw when it is not closed)."""
+    n = len(raw)
+    i = q + 1
+    while i < n:
+        j = raw.find(b'"', i)
+        if j < 0:
+            return n
+        k = j
+        while k > q + 1 and raw[k - 1] == 0x5C:  # a quote after an odd run of \ is escaped
+            k -= 1
+        if (j - k) % 2 == 0:
+            return j + 1
+        i = j + 1
+    return n
+
+
+def json_path(raw, at):
+    """The path ("$.a[2].b") of the container that opens at raw[at], for error messages."""
+    stack = []  # [is_object, key or index]
+    i = 0
+    key = None
+    while i < at:
+        c = raw[i]
+        if c == 0x22:  # a string: in an object where a key is due it is the key
+            e = _str_end(raw, i)
+            if stack and stack[-1][0] and stack[-1][1] is None:
+                key = bytes(raw[i + 1:e - 1]).decode("utf-8", "replace") if e - 1 > i else ""
+                stack[-1][1] = key
+            i = e
+            continue
+        if c == 0x5B or c == 0x7B:
+            stack.append([c == 0x7B, None if c == 0x7B else 0])
+        elif c == 0x5D or c == 0x7D:
+            if stack:
+                stack.pop()
+        elif c == 0x2C and stack:  # ,
+            if stack[-1][0]:
+                stack[-1][1] = None
+            else:
+                stack[-1][1] += 1
+        i += 1
+    out = ["$"]
+    for is_obj, k in stack:
+        out.append(".%s" % k if is_obj else "[%d]" % k)
+    p = "".join(out)
+    return p if len(p) <= 200 else p[:200] + "..."
 
 
 def quote_big_ints(text):
@@ -233,20 +347,33 @@ def quote_big_ints(text):
 
 
 def loads(rec):
-    """JSON of one record, integers exact; SignalRError when it is not JSON or not UTF-8.
+    """JSON of one record, integers exact; SignalRError when it is not JSON, not UTF-8, or
+    nested deeper than MAX_DEPTH (checked on the bytes before parsing).
 
-    Integers of any size are exact where the port has arbitrary-precision ints (CPython, and the
-    MicroPython ports built with mpz: unix, esp32, rp2). Elsewhere json.loads fails on a number
-    beyond 64 bits, and the record is parsed again with such numbers kept as decimal strings
-    (`quote_big_ints`)."""
-    try:
-        text = rec if isinstance(rec, str) else bytes(rec).decode()
-    except UnicodeError:
-        raise SignalRError("record is not UTF-8")
+    Integers of any size are exact where the port has arbitrary-precision ints (CPython up to
+    its digit limit, and the MicroPython ports built with mpz: unix, esp32, rp2). Elsewhere
+    json.loads fails on a number beyond 64 bits, and the record is parsed again with such
+    numbers kept as decimal strings (`quote_big_ints`)."""
+    if isinstance(rec, str):
+        text = rec
+        raw = rec.encode()
+    else:
+        raw = rec if isinstance(rec, bytes) else bytes(rec)
+        try:
+            text = raw.decode()
+        except UnicodeError:
+            raise SignalRError("record is not UTF-8")
+    at = _too_deep(raw, MAX_DEPTH)
+    if at >= 0:
+        raise SignalRError("JSON nested deeper than %d levels at byte %d (%s)"
+                           % (MAX_DEPTH, at, json_path(raw, at)))
+    raw = None
     try:
         return json.loads(text)
     except (ValueError, OverflowError) as exc:
         err = exc
+    except _RecursionError as exc:  # not expected within MAX_DEPTH; kept for safety
+        raise SignalRError("record is not JSON: %r" % (exc,))
     try:
         quoted = quote_big_ints(text)
         if quoted is not text:
@@ -432,6 +559,9 @@ class HubConnection:
             recs = self.records.feed(data)
         except SignalRError as exc:
             return [self._closed(str(exc), False, True)]
+        except MemoryError:  # a record this heap cannot hold: a retry may find more room
+            self.records.reset()
+            return [self._closed("a record does not fit in memory", True, True)]
         for rec in recs:
             try:
                 if self.state == HANDSHAKING:
@@ -445,6 +575,10 @@ class HubConnection:
                 break
             except SignalRError as exc:
                 events.append(self._closed(str(exc), False, True))
+                break
+            except MemoryError:  # parsed, it does not fit: a retry may find more room
+                rec = None
+                events.append(self._closed("a record does not fit in memory", True, True))
                 break
             if m.type == CLOSE:
                 events.append(self._closed(m.error, m.allow_reconnect, False))

@@ -37,14 +37,26 @@ Overridable (subclass, or assign a function to the instance attribute):
     on_close(status_code, content)         once per connection when it ends: the server's close
                                            code and reason, else the code we closed with, 1006
                                            when the connection broke without a Close
-An exception from one of them fails the connection (1011) and is raised from execute().
+execute() never raises. An exception from one of the handlers fails the connection: Close 1011
+(internal error) is sent, state becomes WS_STATUS_INTERNAL_ERROR with error=True, error_msg
+names the exception and `handler_error` holds it, and the loop goes on (connect() again to
+reconnect). Why not log it and carry on: a handler that stopped half-way may have left the
+application's state inconsistent, and the message is lost; the close tells the server (RFC 6455
+7.4.1, 1011), the outputs tell the application, and a reconnect starts from a clean state, as for
+any other failure. On_close raising after the connection has ended only sets handler_error and
+error_msg. What a server sends can never raise out of execute() either: a protocol violation
+closes with 1002 (WS_STATUS_PROTOCOL_ERROR), invalid UTF-8 with 1007, a frame or message over the
+limits with 1009 (WS_STATUS_INVALID_MSG_SIZE), a bad compressed payload with 1007
+(WS_STATUS_DECOMPRESS_ERROR), a heap too small for a message with 1009 (WS_STATUS_NOMEMORY), and
+an unexpected error of this module with 1011 (WS_STATUS_INTERNAL_ERROR).
 
 States: WS_STATUS_SOCK_NO_CONN before connect and after a clean close, WS_STATUS_BUSY while
 connecting, WS_STATUS_SUCCESS while open, WS_STATUS_FINALIZE_DISCONNECT during the close
 handshake, an error status (with error=True) when something failed. error_code is the HTTP status
 for a refused handshake, the close code for a protocol failure, the OS errno for socket errors.
 
-TLS (`tls`: True, a Tls, a dict or any object with these attributes; the seed's ST_IotSocketTls
+TLS (`tls`: any value other than None and False means TLS with verification: True and {} the
+defaults, or a Tls, a dict or any object with these attributes; the seed's ST_IotSocketTls
 names such as sCA, bNoServerCertCheck are accepted in a dict too): ca, cert, key_file (a path, or
 the PEM text / DER bytes), key_pwd, crl, ciphers, version ("tlsv1.2": the lowest version
 accepted), no_server_cert_check, psk_identity, psk_key. The server certificate and host name are
@@ -53,11 +65,12 @@ the matching WS_STATUS_TLS_* state and error_msg: on MicroPython CRL, PSK, key_p
 versions other than TLS 1.2, and a missing ca (there is no system store); PSK on CPython < 3.13.
 
 Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, and the
-message buffer, which grows with the messages that arrive up to max_recv_msg_size; a frame or
-message over the limits is refused from its header (close 1009), never stored. A TLS handshake
-that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg naming the handshake, the
-free heap and what mbedTLS could not allocate, also where mbedTLS calls it an untrusted
-certificate (hal.tls_oom).
+message buffer, which grows with the bytes that arrive (never with the length a header declares:
+at most wsframe.Reader.GROW_MAX ahead of them) up to max_recv_msg_size and is kept for the next
+messages; a frame or message over the limits is refused from its header (close 1009), never
+stored. A TLS handshake that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg
+naming the handshake, the free heap and what mbedTLS could not allocate, also where mbedTLS calls
+it an untrusted certificate (hal.tls_oom).
 """
 
 import socket
@@ -215,6 +228,7 @@ class WebSocketClient:
         self._closed_cb = False
         self._discard = False
         self._uexc = None
+        self.handler_error = None  # the last exception raised by a handler
         self._keys = b""
         self._ki = 0
 
@@ -240,7 +254,7 @@ class WebSocketClient:
         c = _Cfg()
         for k in _INPUTS:
             setattr(c, k, getattr(self, k))
-        if c.tls:
+        if c.tls is not None and c.tls is not False:  # {} too: TLS with the defaults
             from microcot import wstls
 
             try:
@@ -298,6 +312,7 @@ class WebSocketClient:
         self.error = False
         self.error_code = 0
         self.error_msg = ""
+        self.handler_error = None
         self.close_reason = 0
         self.http_status = 0
         self.protocol_selected = ""
@@ -320,6 +335,9 @@ class WebSocketClient:
             self._error(F.WS_STATUS_SOCK_NOMEM, "out of memory while connecting")
             self._close_sock()
             return False
+        except Exception as e:  # check_protocol raising on an answer already there: as execute()
+            self._failed(e)
+            return not self.error
         return True
 
     def _start(self):
@@ -687,15 +705,20 @@ class WebSocketClient:
             self.state = F.WS_STATUS_SOCK_NO_CONN
         if was and not self._closed_cb:
             self._closed_cb = True
-            self._user(self.on_close, self.close_reason or F.CLOSE_ABNORMAL, b"")
+            try:
+                self._user(self.on_close, self.close_reason or F.CLOSE_ABNORMAL, b"")
+            except Exception as e:  # the connection has ended already: only recorded
+                self._uexc = None
+                self.handler_error = e
+                self.error_msg = "on_close raised %r" % (e,)
 
     # --- the cycle -------------------------------------------------------------------------------
 
     def execute(self, wait_ms=0):
         """One cycle: connect progress, keep-alive, receive and dispatch. Waits up to wait_ms
-        for data when there is nothing to do (0: never waits). An exception raised by
-        on_message, on_close or check_protocol fails the connection (close 1011,
-        WS_STATUS_INTERNAL_ERROR) and is raised from here."""
+        for data when there is nothing to do (0: never waits). Never raises: an exception
+        raised by on_message, on_close or check_protocol fails the connection (close 1011,
+        WS_STATUS_INTERNAL_ERROR, `handler_error`), see the module docstring."""
         if self._ph == _IDLE:
             return
         try:
@@ -720,29 +743,35 @@ class WebSocketClient:
                     and self._poll.poll(wait_ms):
                 self._receive()  # what came while waiting is taken now, not a call later
         except Exception as e:
-            if e is self._uexc:
-                self._uexc = None
-                if self._ph == _OPEN:
-                    self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR,
-                               "a handler raised %r" % (e,))
-                elif self._ph < _OPEN:
-                    self._error(F.WS_STATUS_INTERNAL_ERROR, "a handler raised %r" % (e,))
-                    self._close_sock()
-                raise
-            if isinstance(e, F.ConnectError):
-                self._error(e.status, e.msg, e.code)
-                self._close_sock()
-            elif isinstance(e, F.ProtocolError):
-                self._fail(e.code, e.status, e.msg)
-            elif isinstance(e, MemoryError):
-                self._fail(F.CLOSE_TOO_BIG, F.WS_STATUS_NOMEMORY, "out of memory for a message")
-            elif isinstance(e, OSError):
-                self._lost(e)
+            self._failed(e)
+
+    def _failed(self, e):
+        """The documented state for an exception out of a cycle."""
+        if e is self._uexc:
+            self._uexc = None
+            self.handler_error = e
+            msg = "a handler raised %r" % (e,)
+            if self._ph == _OPEN:
+                self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR, msg)
             else:
-                raise
+                self._error(F.WS_STATUS_INTERNAL_ERROR, msg, F.CLOSE_INTERNAL_ERROR)
+                if self._ph < _OPEN:
+                    self._close_sock()
+        elif isinstance(e, F.ConnectError):
+            self._error(e.status, e.msg, e.code)
+            self._close_sock()
+        elif isinstance(e, F.ProtocolError):
+            self._fail(e.code, e.status, e.msg)
+        elif isinstance(e, MemoryError):
+            self._fail(F.CLOSE_TOO_BIG, F.WS_STATUS_NOMEMORY, "out of memory for a message")
+        elif isinstance(e, OSError):
+            self._lost(e)
+        else:  # a bug here, not the server's doing: the loop goes on all the same
+            self._fail(F.CLOSE_INTERNAL_ERROR, F.WS_STATUS_INTERNAL_ERROR,
+                       "internal error: %r" % (e,))
 
     def _user(self, fn, *args):
-        """Call a handler; its exception is marked so that execute() passes it on."""
+        """Call a handler; its exception is marked so that _failed() tells it from ours."""
         try:
             return fn(*args)
         except Exception as e:

@@ -13,7 +13,12 @@ those of the seed's `ETcIotWebSocketStatus` (`WS_STATUS_*`), the content types t
     Reader                                  incremental frame decoder and message assembler with
                                             the receive limits, decided from the header
 
-Every protocol violation raises ProtocolError(close_code, status, message).
+Errors (ERRORS): these decoders of what a server sends raise only
+    ProtocolError(close_code, status, message)   Reader, parse_close: a frame breaking RFC 6455
+                                                 (1002), invalid UTF-8 (1007), over a limit (1009)
+    HandshakeError(status, message, http)        parse_response, check_response
+for any input (tests/device/test_fuzz_ws.py feeds them random and mutated bytes). MemoryError is
+the runtime's, not theirs: the driver maps it to WS_STATUS_NOMEMORY.
 """
 
 import sys
@@ -142,6 +147,10 @@ class HandshakeError(Exception):
         self.http = http
 
 
+# what the decoders of server input raise (see the module docstring)
+ERRORS = (ProtocolError, HandshakeError)
+
+
 def _b64(data):
     return b2a_base64(data)[:-1].decode()
 
@@ -209,6 +218,14 @@ def request(host, port, uri="/", key=None, protocol=None, origin=None, extension
     return "".join(out).encode()
 
 
+def _digits(s):
+    # ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses
+    for c in s:
+        if c < "0" or c > "9":
+            return False
+    return len(s) > 0
+
+
 def parse_response(head):
     """Split a response head (bytes up to and without the blank line) into
     (status, reason, {lower-case name: value}); repeated headers are joined with ", "."""
@@ -219,7 +236,7 @@ def parse_response(head):
     lines = text.split("\r\n")
     first = lines[0].split(" ", 2)
     if len(first) < 2 or not first[0].startswith("HTTP/1.") or len(first[1]) != 3 \
-            or not first[1].isdigit():
+            or not _digits(first[1]):
         raise HandshakeError(WS_STATUS_CONNECT_RES_PARSE_ERROR,
                              "bad status line %r" % lines[0][:80])
     status = int(first[1])
@@ -568,9 +585,15 @@ class Reader:
 
     The limits are checked from the header alone: a frame over max_frame or a message that
     would grow over max_msg raises ProtocolError(1009, WS_STATUS_INVALID_MSG_SIZE) before any
-    of its payload is stored. The message buffer grows (doubling) only as data arrives.
-    `rsv1` tells that permessage-deflate was negotiated (RSV1 marks a compressed message).
+    of its payload is stored. The length a header declares is never allocated on trust: the
+    message buffer (the only buffer of a connection that grows) grows as the payload arrives,
+    doubling but by at most GROW_MAX bytes ahead of what has been stored, and never past the
+    declared end of the frame. A header declaring 64 KiB followed by nothing costs 256 bytes.
+    The buffer keeps its size for the next messages. `rsv1` tells that permessage-deflate was
+    negotiated (RSV1 marks a compressed message).
     """
+
+    GROW_MAX = 0x4000
 
     def __init__(self, max_frame=0x10000, max_msg=0x100000, rsv1=False):
         self.max_frame = max_frame
@@ -593,19 +616,21 @@ class Reader:
         self.n = 0  # message bytes stored
         self.cn = 0  # control payload bytes stored
 
-    def _grow(self, need):
+    def _room(self, k):
+        """Capacity for k more payload bytes of the current frame (k <= rem)."""
+        n = self.n
         cap = len(self.buf)
-        if need <= cap:
+        if n + k <= cap:
             return
-        new = cap * 2
-        if new < need:
-            new = need
+        new = cap + (cap if cap < self.GROW_MAX else self.GROW_MAX)
         if new < 256:
             new = 256
-        if new > self.max_msg:
-            new = self.max_msg
+        if new > n + self.rem:  # not past the frame's declared end (within max_msg)
+            new = n + self.rem
+        if new < n + k:
+            new = n + k
         b = bytearray(new)
-        b[:self.n] = memoryview(self.buf)[:self.n]
+        b[:n] = memoryview(self.buf)[:n]
         self.buf = b
 
     def _head2(self):
@@ -669,7 +694,6 @@ class Reader:
             if self.n + ln > self.max_msg:
                 raise _size_err("message of at least %d bytes over max_recv_msg_size %d"
                                 % (self.n + ln, self.max_msg))
-            self._grow(self.n + ln)
         self.rem = ln
         return self._end() if ln == 0 else None
 
@@ -694,8 +718,16 @@ class Reader:
         return ("msg", mop, self.n, self.comp)
 
     def target(self):
+        """The free part of the message buffer for the current data frame's payload (None when
+        no data payload is due): at most `rem` bytes, grown by one step when it is full."""
         if self.rem > 0 and self.op < 8:
-            return memoryview(self.buf)[self.n:self.n + self.rem]
+            n = self.n
+            if n == len(self.buf):
+                self._room(1)
+            end = n + self.rem
+            if end > len(self.buf):
+                end = len(self.buf)
+            return memoryview(self.buf)[n:end]
         return None
 
     def got(self, k):
@@ -734,6 +766,7 @@ class Reader:
                 if self.rem == 0:
                     return i, self._end()
                 continue
+            self._room(k)
             self.buf[self.n:self.n + k] = mv[i:i + k]
             i += k
             ev = self.got(k)

@@ -17,9 +17,12 @@ final block, which only a server that resets its inflater per message can take, 
 used only when `client_no_context_takeover` was agreed. Where compression is not available the
 client sends uncompressed (RFC 7692 allows either per message).
 
-Errors: HandshakeError(WS_STATUS_CONNECT_RES_INVALID_EXTENSION) for a bad answer,
-ProtocolError(1007, WS_STATUS_DECOMPRESS_ERROR) for a bad compressed payload,
-ProtocolError(1009, WS_STATUS_INVALID_MSG_SIZE) when inflating would exceed the message limit.
+Errors (ERRORS, the only ones raised for any server input; tests/device/test_fuzz_ws.py):
+HandshakeError(WS_STATUS_CONNECT_RES_INVALID_EXTENSION) for a bad answer (parse_extensions,
+accept), ProtocolError(1007, WS_STATUS_DECOMPRESS_ERROR) for a bad compressed payload,
+ProtocolError(1009, WS_STATUS_INVALID_MSG_SIZE) when inflating would exceed the message limit
+(the output grows with what inflates, up to that limit plus one byte). offer() raises ValueError
+for our own settings out of range.
 """
 
 import sys
@@ -33,6 +36,8 @@ from microcot.wsframe import (
     HandshakeError,
     ProtocolError,
 )
+
+ERRORS = (HandshakeError, ProtocolError)
 
 NAME = "permessage-deflate"
 TAIL = b"\x00\x00\xff\xff"
@@ -112,7 +117,9 @@ def parse_extensions(value):
 
 
 def _bits(k, v):
-    if v is True or not v.isdigit() or len(v) > 2 or not 8 <= int(v) <= 15:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    if v is True or not 1 <= len(v) <= 2 or not ("0" <= v[0] <= "9" and "0" <= v[-1] <= "9") \
+            or not 8 <= int(v) <= 15:
         raise _bad("%s=%r is not 8..15" % (k, v))
     return int(v)
 

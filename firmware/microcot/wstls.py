@@ -45,7 +45,9 @@ class Tls:
 
 
 def tls_of(t):
-    if not t:
+    """The Tls for a `tls` setting: None for None and False (no TLS); anything else means TLS
+    with verification unless it says otherwise (True and {} give the defaults)."""
+    if t is None or t is False:
         return None
     if t is True:
         return Tls()

@@ -21,6 +21,8 @@ import click
 
 from microcot import apptar
 
+from .cliopts import HELP
+
 VERSION_FILE = "appversion.txt"
 
 
@@ -58,7 +60,7 @@ def make_bundle(files: list[tuple[str, bytes]]) -> bytes:
     return data
 
 
-@click.group()
+@click.group(context_settings=HELP)
 def app() -> None:
     """Application bundles for c8y_SoftwareUpdate."""
 

@@ -250,7 +250,7 @@ def _table(reports: list[BoardReport]):
     return table
 
 
-@click.command("boards")
+@click.command("boards", context_settings=cliopts.HELP)
 @ports.port_option()
 @click.option("--all", "show_all", is_flag=True,
               help="also serial ports whose USB ID is not a known board or adapter")

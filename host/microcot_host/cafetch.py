@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
+from .cliopts import HELP
+
 DEFAULT_PORT = 8883  # MQTT over TLS; the Cloud of Things broker is nb-iot.ram.m2m.telekom.com
 DEFAULT_TIMEOUT = 10.0
 
@@ -191,7 +193,7 @@ def _validity_problem(cert: x509.Certificate, now: dt.datetime) -> str | None:
     return None
 
 
-@click.group("ca")
+@click.group("ca", context_settings=HELP)
 def ca() -> None:
     """The CA certificate a board needs to verify its broker."""
 

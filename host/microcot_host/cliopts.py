@@ -20,6 +20,11 @@ BOARD_TIMEOUT = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# every command's own context settings carry -h: click caches a command's help option from the
+# first context that asks, so a command invoked on its own (tests, embedding) before through
+# `microcot` would otherwise answer only --help from then on
+HELP: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
 
 def warn_renamed(old: str, new: str) -> None:
     click.echo(f"microcot: {old} is deprecated and will be removed; use {new}", err=True)

@@ -24,6 +24,8 @@ import click
 
 from microcot import settings
 
+from .cliopts import HELP
+
 SECRET_MASK = settings.MASK
 
 # settings.KINDS' codes as the reference names them
@@ -66,6 +68,9 @@ KEYS: tuple[Key, ...] = (
     Key("timeout", "seconds: connect, and each answer during the setup"),
     Key("backoff", "seconds [first, largest] between reconnect attempts"),
     Key("queue", "offline queue: [rows in memory, rows on flash (0: none)]"),
+    Key("durable", "every row on flash before measure() returns: a power cut loses nothing "
+                   "accepted; costs a flash write per row (the queue's second number bounds it; "
+                   "see the application API page)"),
     Key("store", "folder of the agent's documents on the board"),
     Key("reserve", "bytes held for the few large allocations (0: none)"),
     Key("restarts", "boots of their own after reading the ID and after a bootstrap"),
@@ -154,7 +159,7 @@ def _secret(what: str, file: Path | None, env: str, prompt: bool) -> str | None:
 
 # -- CLI ------------------------------------------------------------------------------------------
 
-@click.group("config")
+@click.group("config", context_settings=HELP)
 def config() -> None:
     """The agent's settings, /microcot.json: write one, check one, list the keys."""
 

@@ -302,8 +302,9 @@ def run(demo: Demo, workdir: Path, keep: bool = False, board: str = "virtual") -
         con.print(f"  console  {console_url(conn)}", highlight=False, soft_wrap=True)
         history = History(emu.model)
         # count the SmartREST messages the platform gets from the device, text and binary: the
-        # REST API shows measurements, not how they came
-        for kind, attr in (("text", "process"), ("binary", "process_binary")):
+        # REST API shows measurements, not how they came (the connector, and process() itself,
+        # call the two-step forms)
+        for kind, attr in (("text", "process_later"), ("binary", "process_binary_later")):
             orig = getattr(emu.engine, attr)
 
             def counting(payload: bytes, user: str | None = None, *, _o=orig, _k=kind, **kw):
@@ -572,7 +573,7 @@ def timings(con: Console, steps: list[Step], total: float) -> None:
     con.print(t)
 
 
-@click.command()
+@click.command(context_settings=cliopts.HELP)
 @cliopts.timeout_option(default=60.0, old=("--step-timeout",), dest="step_timeout",
                         help="how long each step may take before the demo gives up")
 @click.option("--keep", is_flag=True, help="Leave the emulator and the board running at the "

@@ -23,10 +23,14 @@ from pathlib import Path
 import click
 
 from . import boards, ports, transport
+from .cliopts import HELP
 from .paths import firmware_dir
 from .transport import BoardError, BoardInfo, TransportError, TransportExecError
 
 LIB = "/lib/microcot"
+# umqtt.simple/robust over microcot's client (firmware/umqtt): at the root, because '' comes
+# before '.frozen' and '/lib' in sys.path and the stock ESP32 firmware freezes micropython-lib's
+UMQTT = "/umqtt"
 # the example application, deployed with app=True; boot.py finishes or rolls back an
 # application update (c8y_SoftwareUpdate, microcot/appswitch.py) before main.py runs
 APP_FILES = ("boot.py", "main.py", "templates.csv")
@@ -102,13 +106,15 @@ def firmware_files(info: BoardInfo | None, compile_: bool, board: boards.Board |
                        "copying sources instead", err=True)
             use_mpy = False
     files: list[FileSpec] = []
+    shims = sorted((pkg.parent / "umqtt").glob("*.py"))
     with tempfile.TemporaryDirectory(prefix="microcot-mpy-") as tmp:
-        for src in sources:
+        for dest, name, src in [(LIB, "microcot", p) for p in sources] + \
+                [(UMQTT, "umqtt", p) for p in shims]:
             if use_mpy:
-                data = compile_module(src, f"microcot/{src.name}", info.arch, Path(tmp))
-                files.append(FileSpec(f"{LIB}/{src.stem}.mpy", data))
+                data = compile_module(src, f"{name}/{src.name}", info.arch, Path(tmp))
+                files.append(FileSpec(f"{dest}/{src.stem}.mpy", data))
             else:
-                files.append(FileSpec(f"{LIB}/{src.name}", src.read_bytes()))
+                files.append(FileSpec(f"{dest}/{src.name}", src.read_bytes()))
     if board is not None:
         files.append(FileSpec("/board.json", board.device_json()))
     return files, use_mpy
@@ -306,7 +312,7 @@ def _guess_board(info: BoardInfo) -> str | None:
     return {"linux": "virtual", "rp2": "rp2-pico-w", "esp32": "esp32-generic"}.get(info.platform)
 
 
-@click.command("deploy")
+@click.command("deploy", context_settings=HELP)
 @ports.port_option()
 @click.option("--board", "-b", "board_name", default=None,
               help=f"board definition from boards/ ({', '.join(boards.names())})")

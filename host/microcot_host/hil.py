@@ -377,7 +377,7 @@ def _summary(results: list[Result]):
     return table
 
 
-@click.command("test", context_settings={"ignore_unknown_options": True})
+@click.command("test", context_settings={**cliopts.HELP, "ignore_unknown_options": True})
 @ports.port_option()
 @click.option("--virtual", "n_virtual", type=click.IntRange(0, 64), default=0,
               help="also start N virtual boards for this run (like --port virtual:N)")

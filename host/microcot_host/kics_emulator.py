@@ -947,7 +947,7 @@ def _stored_token(data_dir: Path) -> str:
     return tok
 
 
-@click.command("kics-emulator")
+@click.command("kics-emulator", context_settings=cliopts.HELP)
 @click.option("--tags", "tags_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON or TOML file with the tags (default: a built-in set with every field type)")
 @click.option("--token", envvar="MICROCOT_KICS_TOKEN",

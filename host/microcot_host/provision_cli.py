@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from . import cliopts, fleetcsv, ports
-from .cliopts import F
+from .cliopts import HELP, F
 from .provision import DEFAULT_NAME, MASK
 
 _LEDGER_HELP = ("provisioning ledger: a SQLite file (the vault and the key live beside it), or "
@@ -56,7 +56,7 @@ def ledger_option() -> Callable[[F], F]:
                         help=_LEDGER_HELP)
 
 
-@click.group("provision", invoke_without_command=True)
+@click.group("provision", invoke_without_command=True, context_settings=HELP)
 @ports.port_option()
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="mass-registration CSV (ID;CREDENTIALS;TYPE;NAME;ICCID;SHELL) with rows for "

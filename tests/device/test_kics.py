@@ -392,3 +392,83 @@ def test_session_subscribe_replaces_while_connected():
     assert new["arguments"][0]["tagIdentifiers"] == [{"tagName": "B", "assetName": "A"}]
     assert ses.tag_status == {("A", "B"): None} and ses.invocation_id == new["invocationId"]
     raises(k.KicsArgumentError, ses.subscribe, [], None)
+
+
+def _deep_st(levels):
+    f = {"t": "u", "v": 1}
+    for _ in range(levels):
+        f = {"t": "st", "v": {"a": f}}
+    return f
+
+
+def _deep_st_text(levels):
+    # json.dumps' spacing: 100 levels make the issue's 3 KB record
+    return '{"t": "st", "v": {"a": ' * levels + '{"t": "u", "v": 1}' + "}}" * levels
+
+
+def test_deep_st_record_is_a_kics_error():
+    # issue 14: a tag value of 100 nested `st` levels (3 KB) raised RuntimeError (recursion) on
+    # MicroPython and escaped Session.receive; now a KicsDecodeError naming the path
+    assert k.decode_field("f", _deep_st(k.MAX_DEPTH - 1)).value["a"].type == "st"
+    for levels in (k.MAX_DEPTH, 100):
+        e = raises(k.KicsDecodeError, k.decode_field, "f", _deep_st(levels))
+        assert "deeper than %d" % k.MAX_DEPTH in str(e) and "f.a.a" in str(e), str(e)
+    # the 3 KB record of the issue through SignalR and the Session: no exception, and the
+    # client goes to reconnect (the JSON is deeper than signalr.MAX_DEPTH too)
+    # (as text: MicroPython's json.dumps itself runs out of stack on 200 levels)
+    text = '{"value":{"tagId":7,"tagValue":{"d":{"f":%s}}}}' % _deep_st_text(100)
+    assert len(text) > 2500
+    errors = []
+    ses = k.Session([("A", "T")], on_error=errors.append)
+    ses.connection_made(0)
+    ses.receive(b"{}" + RS, 1)
+    rec = ('{"type":2,"invocationId":"0","item":%s}' % text).encode() + RS
+    ses.receive(rec, 2)
+    assert ses.close_requested and ses.retry and isinstance(ses.error, k.KicsConnectionError)
+    # the same value as JSON text inside the item: the JSON limit of that text applies
+    item = {"value": {"tagId": 7, "tagValue": '{"d":{"f":%s}}' % _deep_st_text(100)}}
+    raises(k.KicsDecodeError, k.parse_item, item)
+    # a value within the JSON limit but over the field limit: skipped, the stream goes on
+    ses = k.Session([("A", "T")], on_error=errors.append)
+    ses.connection_made(0)
+    ses.receive(b"{}" + RS, 1)
+    rec = ('{"type":2,"invocationId":"0","item":{"value":{"tagId":7,"tagValue":{"d":{"f":%s}}}}}'
+           % _deep_st_text(k.MAX_DEPTH + 2)).encode() + RS
+    ses.receive(rec, 2)
+    assert not ses.close_requested and isinstance(ses.error, k.KicsDecodeError)
+
+
+def test_integer_limits_and_unicode_digits():
+    for v in ("1" * (k.MAX_INT_DIGITS + 1), "-" + "9" * 5000, 10 ** 60):
+        e = raises(k.KicsDecodeError, _field, {"t": "i", "v": v})
+        assert "digits" in str(e) and len(str(e)) < 200
+    assert _field({"t": "u", "v": "9" * k.MAX_INT_DIGITS}).value == int("9" * k.MAX_INT_DIGITS)
+    # "²" passed str.isdigit(), and int() refused it: the field then held the text "²"
+    for v in ("²", "1²", "٣"):
+        raises(k.KicsDecodeError, _field, {"t": "u", "v": v})
+    # an integer beyond any double for a d field raised OverflowError on CPython (MicroPython
+    # makes it inf, as it does 1e999)
+    try:
+        f = _field({"t": "d", "v": 10 ** 400})
+    except k.KicsDecodeError:
+        pass
+    else:
+        assert f.value == float("inf")
+
+
+def test_hostile_values_give_bounded_messages():
+    deep = [1]
+    for _ in range(300):
+        deep = [deep]
+    for obj in (deep, {"t": deep, "v": 1}, {"t": "s", "v": deep}, {"t": "s", "v": "x",
+                                                                     "m": deep}):
+        e = raises(k.KicsDecodeError, _field, obj)
+        assert len(str(e)) < 200
+    raises(k.KicsDecodeError, k.parse_item, deep)
+    e = raises(k.KicsDecodeError, k.parse_item, dict(("k%d" % i, i) for i in range(100)))
+    assert len(str(e)) < 200
+    # tag names that are not strings could not be looked up (unhashable: TypeError)
+    for ti in ({"assetName": [1], "tagName": "T"}, {"assetName": "A", "tagName": {"x": 1}}):
+        raises(k.KicsDecodeError, k.parse_item, {"confirmation": {"result": "ok",
+                                                                  "tagIdentifier": ti}})
+    assert (k.KicsError,) == k.ERRORS

@@ -249,3 +249,41 @@ def test_hub_server_close_and_bad_records():
     ev = h.connection_lost("reset by peer")
     assert ev.type == s.CLOSE and ev.local and ev.allow_reconnect and h.state == s.DISCONNECTED
     assert h.connection_lost() is None
+
+
+def _nested(depth, inner="1"):
+    return "[" * depth + inner + "]" * depth
+
+
+def test_deep_json_refused_before_parsing_with_the_path():
+    # issue 14: deep JSON let RecursionError through on CPython (and costs a list per level on
+    # MicroPython); now a SignalRError naming the path, at any depth over MAX_DEPTH
+    ok = '{"type":1,"target":"t","arguments":%s}' % _nested(s.MAX_DEPTH - 1)
+    assert s.parse(ok.encode()).arguments
+    for depth in (s.MAX_DEPTH, 100, 1500):
+        rec = '{"type":1,"target":"t","arguments":[{"a":%s}]}' % _nested(depth)
+        e = raises(s.SignalRError, s.parse, rec.encode())
+        assert "deeper than %d" % s.MAX_DEPTH in str(e) and "$.arguments[0].a" in str(e), str(e)
+    e = raises(s.SignalRError, s.loads, "[1,[2," + _nested(40) + "]]")
+    assert "($[1][1][0][0]" in str(e), str(e)
+    # brackets inside strings (escaped quotes too) do not count
+    text = r'{"a":"%s","b":"\\","c":"\\\"[[[["}' % ("[" * 100)
+    v = s.loads(text)
+    assert v["a"] == "[" * 100 and v["b"] == "\\" and v["c"] == '\\"[[[['
+
+
+def test_hub_deep_record_is_a_local_close_not_an_exception():
+    h = _connected()
+    ev = h.receive(('{"type":2,"invocationId":"1","item":%s}' % _nested(500)).encode() + RS, 20)
+    assert [(e.type, e.local) for e in ev] == [(s.CLOSE, True)] and h.state == s.CLOSED
+    assert "deeper than" in ev[0].error
+
+
+def test_records_from_a_memoryview_without_copying_the_message():
+    data = bytearray(b'{"type":6}' + RS + b'{"type":7}' + RS + b'{"ty')
+    r = s.Records()
+    assert r.feed(memoryview(data)) == [b'{"type":6}', b'{"type":7}']
+    assert r.pending() == 4
+    big = bytearray(b"x" * 1500 + RS)
+    assert r.feed(memoryview(big)[:1501]) == [b'{"ty' + b"x" * 1500]
+    assert (s.SignalRError,) == s.ERRORS

@@ -220,12 +220,35 @@ def test_reader_limits_decided_from_the_header():
     e = raises(F.ProtocolError, _feed_all, r, frag)
     assert e.code == 1009 and e.status == S
     assert len(r.buf) <= 250
-    # the buffer grows only with the data (doubling, at least 256)
+    # the buffer grows only with the data, never past the frame's declared end
     r = F.Reader(0x10000, 0x100000)
     _feed_all(r, H("8205") + b"12345")
-    assert len(r.buf) == 256
+    assert len(r.buf) == 5
     _feed_all(r, H("827e0400") + bytes(1024))
     assert len(r.buf) == 1024
+
+
+def test_response_status_must_be_ascii_digits():
+    # "²²²" passed str.isdigit() and made int() raise ValueError (an undocumented error)
+    for line in ("HTTP/1.1 ²²² x", "HTTP/1.1 １０１ OK", "HTTP/1.1 1٠1 x"):
+        e = raises(F.HandshakeError, F.parse_response, line.encode())
+        assert e.status == F.WS_STATUS_CONNECT_RES_PARSE_ERROR
+
+
+def test_pmd_window_bits_must_be_ascii_digits():
+    for v in ("²", "1²", "９"):
+        e = raises(F.HandshakeError, P.accept, "permessage-deflate; server_max_window_bits=" + v,
+                   {"client_max_window_bits": True})
+        assert e.status == F.WS_STATUS_CONNECT_RES_INVALID_EXTENSION
+
+
+def test_tls_any_value_but_none_or_false_means_tls():
+    from microcot import wstls
+
+    assert wstls.tls_of(None) is None and wstls.tls_of(False) is None
+    for v in ({}, True, wstls.Tls(), {"ca": "/x.der"}):
+        t = wstls.tls_of(v)
+        assert t is not None and not t.no_server_cert_check, v
 
 
 def test_fragmented_text_with_interleaved_controls_and_utf8_across_fragments():

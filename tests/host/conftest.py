@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from pg_fixtures import postgres_server, postgres_url  # noqa: F401  (fixtures, defined there)
+from pg_fixtures import (  # noqa: F401  (fixtures, defined there)
+    database_url,
+    model_store,
+    postgres_server,
+    postgres_url,
+)
 
 from microcot_host.vboard import VirtualBoard
 

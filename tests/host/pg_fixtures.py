@@ -45,3 +45,21 @@ def postgres_url(postgres_server: PgServer, request: pytest.FixtureRequest) -> I
         yield url
     finally:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def model_store(request: pytest.FixtureRequest) -> str:
+    """Where a test's Model lives (model.open_model): an in-memory SQLite, and a new PostgreSQL
+    database of the throwaway server (skipped, or failed in CI, without it)."""
+    if request.param == "sqlite":
+        return ":memory:"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Emulator(database_url=...): None (SQLite in the data folder), and a new PostgreSQL
+    database of the throwaway server."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))

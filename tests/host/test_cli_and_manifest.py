@@ -35,6 +35,19 @@ def test_every_command_answers_dash_h():
         assert r.output == runner.invoke(cli.main, [*path, "--help"]).output
 
 
+
+def test_every_command_answers_dash_h_on_its_own():
+    """A command invoked as its own program (embedded, or a test that calls it first) knows -h
+    too: click caches the help option of the first context that asks, so a command without -h
+    in its own settings would answer only --help from then on, inside `microcot` as well."""
+    ctx = click.Context(cli.main)
+    runner = CliRunner()
+    for name in cli.main.list_commands(ctx):
+        cmd = cli.main.get_command(ctx, name)
+        assert cmd is not None
+        r = runner.invoke(cmd, ["-h"], prog_name=name)
+        assert r.exit_code == 0 and "Usage: " in r.output, (name, r.output)
+
 def _micropython_tools(tmp: Path, *names: str) -> Path:
     """MicroPython's own tools (`micropython/<name>` for each name) from the fidelity sources,
     unpacked under `tmp`; returns the `micropython` folder."""

@@ -49,7 +49,10 @@ def test_first_deploy_then_unchanged_then_one_change(board, tmp_path):
     try:
         first = deploy.deploy_transport(t, vboard, source=src)
         assert first.compiled, "the unix port loads .mpy: deploy must compile"
-        assert sorted(Path(p).stem for p in first.copied if p.endswith(".mpy")) == modules
+        assert sorted(Path(p).stem for p in first.copied
+                      if p.startswith(deploy.LIB) and p.endswith(".mpy")) == modules
+        # umqtt.simple/robust over our client, where they come before a frozen umqtt
+        assert {"/umqtt/simple.mpy", "/umqtt/robust.mpy"} <= set(first.copied)
         assert "/board.json" in first.copied
         assert first.version == "0.1.0"
 
@@ -151,7 +154,8 @@ def test_cli_not_a_micropython_board():
 def test_mip_package_json_lists_every_module(board):
     manifest = json.loads((firmware_dir() / "package.json").read_text())
     listed = sorted(dest for dest, _ in manifest["urls"])
-    present = sorted(f"microcot/{p.name}" for p in (firmware_dir() / "microcot").glob("*.py"))
+    present = sorted(f"{d}/{p.name}" for d in ("microcot", "umqtt")
+                     for p in (firmware_dir() / d).glob("*.py"))
     assert listed == present
     # and mip really installs from it
     r = subprocess.run([sys.executable, "-m", "mpremote", "connect", board.port, "mip", "install",
@@ -159,7 +163,7 @@ def test_mip_package_json_lists_every_module(board):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     names = on_board(board.port, "sorted(__import__('os').listdir('/mip/microcot'))")
-    assert names == sorted(Path(p).name for p in present)
+    assert names == sorted(Path(p).name for p in present if p.startswith("microcot/"))
 
 
 def test_a_module_needing_what_the_firmware_lacks_is_reported_not_failed(board, tmp_path):

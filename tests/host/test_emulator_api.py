@@ -1,5 +1,6 @@
 """The emulator's platform model and REST API: every resource through `Api.handle` on an in-memory
-SQLite, durability on a file, and the HTTP layer through urllib with Basic auth."""
+SQLite and on PostgreSQL (the `model_store` fixture), durability on a file, and the HTTP layer
+through urllib with Basic auth."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from microcot import identity
 from microcot_host.emulator import api as api_mod
 from microcot_host.emulator.api import Api, ApiResult
 from microcot_host.emulator.http import RestServer
-from microcot_host.emulator.model import Model
+from microcot_host.emulator.model import Model, open_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,8 +52,9 @@ def sink() -> FakeSink:
 
 
 @pytest.fixture
-def api(sink: FakeSink) -> Api:
-    return Api(Model(), sink, base_url="http://emu:8080")
+def api(sink: FakeSink, model_store: str) -> Iterator[Api]:
+    with open_model(model_store) as model:
+        yield Api(model, sink, base_url="http://emu:8080")
 
 
 def ok(r: ApiResult, status: int = 200) -> Any:

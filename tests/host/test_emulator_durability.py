@@ -369,14 +369,14 @@ def test_a_device_with_more_hanging_requests_than_the_brokers_window_stalls_nobo
         slow = device(conn, slow_id, emu.add_device(slow_id))
         quick = device(conn, quick_id, emu.add_device(quick_id))
         release = threading.Event()
-        process = emu.engine.process
+        process = emu.engine.process_later  # what the connector calls
 
         def hanging(body, user=None, **kw):
             if user == slow_id:
                 release.wait(20)
             return process(body, user, **kw)
 
-        monkeypatch.setattr(emu.engine, "process", hanging)
+        monkeypatch.setattr(emu.engine, "process_later", hanging)
         try:
             assert quick.request(REGISTRATION).startswith("20,")
             for _ in range(window + 50):  # all unacknowledged until released

@@ -410,14 +410,14 @@ def test_a_stuck_device_does_not_stall_the_others(emu, conn, coll_id, monkeypatc
     slow = device(conn, slow_id, emu.add_device(slow_id))
     quick = device(conn, quick_id, emu.add_device(quick_id))
     release = threading.Event()
-    process = emu.engine.process
+    process = emu.engine.process_later  # what the connector calls
 
     def stuck_for_one(body, user=None, **kw):
         if user == slow_id:
             release.wait(WAIT)
         return process(body, user, **kw)
 
-    monkeypatch.setattr(emu.engine, "process", stuck_for_one)
+    monkeypatch.setattr(emu.engine, "process_later", stuck_for_one)
     try:
         for _ in range(3):
             slow.publish("ms/" + slow_id, f"15,{XID}\n113".encode())
@@ -490,9 +490,10 @@ def test_mass_registration_devices_connect_with_their_csv_credentials(emu, conn,
 
 # -- durability -------------------------------------------------------------------------------------
 
-def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path):
+def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path, database_url):
+    """On both stores (`database_url`: SQLite in the data folder, and PostgreSQL)."""
     iccid, boot_id = new_iccid(), new_iccid()
-    with Emulator(tmp_path / "data") as emu:
+    with Emulator(tmp_path / "data", database_url=database_url) as emu:
         conn = emu.connection
         password = emu.add_device(iccid)
         d = device(conn, iccid, password)
@@ -548,7 +549,7 @@ def test_restart_keeps_everything_and_delivers_offline_operations(tmp_path):
         assert o.ask("100," + other) == f"87,1,{XID}\n200,2,{other},{pre['id']}"
         assert o.get("mr/" + other).decode() == f"87,1,{XID}\n202,1,{op3['id']},{pre['id']},early"
         o.close()
-    with Emulator(tmp_path / "data") as emu:  # a new process would see the same
+    with Emulator(tmp_path / "data", database_url=database_url) as emu:  # a new process
         assert raw_connack(emu.connection, boot_id, new_pw) == 0
         assert raw_connack(emu.connection, iccid, password) == 0
     assert restart_seconds < 5.0

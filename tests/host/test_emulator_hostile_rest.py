@@ -21,7 +21,7 @@ from microcot_host.emulator import jsonsafe
 from microcot_host.emulator.api import Api, ApiResult
 from microcot_host.emulator.binaries import BinaryStore
 from microcot_host.emulator.http import RestServer
-from microcot_host.emulator.model import Model
+from microcot_host.emulator.model import open_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,11 +31,13 @@ T = "2024-01-01T00:00:00Z"
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Api:
-    a = Api(Model(), base_url="http://emu:8080", admin_user=ADMIN,
-            binaries=BinaryStore(tmp_path / "binaries", max_size=1 << 16))
-    a.issue_credentials(DEV, DEV_PW)
-    return a
+def api(tmp_path: Path, model_store: str) -> Iterator[Api]:
+    """On both stores (`model_store`: SQLite in memory, and PostgreSQL)."""
+    with open_model(model_store) as model:
+        a = Api(model, base_url="http://emu:8080", admin_user=ADMIN,
+                binaries=BinaryStore(tmp_path / "binaries", max_size=1 << 16))
+        a.issue_credentials(DEV, DEV_PW)
+        yield a
 
 
 @pytest.fixture

@@ -184,14 +184,14 @@ def test_an_answer_published_while_the_broker_is_down_arrives_once(emu, coll, mo
     d = device(conn, iccid, password)
     d.client.reconnect_delay_set(0.1, 0.5)
     release = threading.Event()
-    process = emu.engine.process
+    process = emu.engine.process_later  # what the connector calls
 
     def held(body, user=None, **kw):
         if user == iccid:  # answered once the broker is gone
             release.wait(10)
         return process(body, user, **kw)
 
-    monkeypatch.setattr(emu.engine, "process", held)
+    monkeypatch.setattr(emu.engine, "process_later", held)
     broker = emu.broker
     start = broker.start
 

@@ -492,7 +492,7 @@ class Fake:
     def client(self, **kw) -> mqtt.MQTTClient:
         kw.setdefault("timeout", 3)
         c = mqtt.MQTTClient("fake-client", "127.0.0.1", self.port, **kw)
-        c.log = self.log.append
+        c.note = self.log.append
         return c
 
 
@@ -968,3 +968,36 @@ def test_connection_refused_and_tls_to_a_plain_server_are_clear_errors():
     with pytest.raises(mqtt.MQTTTLSError, match="TLS handshake"):
         c.connect()
     fake.finish()
+
+
+def test_ssl_true_without_a_ca_verifies_against_the_default_store_or_the_boards_ca(
+        broker, tmp_path, monkeypatch):
+    """umqtt's `ssl=True` with no CA in ssl_params: never an unverified link. On CPython the
+    default trust store (which does not hold the emulator's CA: the handshake fails, clearly);
+    with the board's settings naming the CA (as on a board), it connects."""
+    monkeypatch.setattr(mqtt, "BOARD_CONFIG", str(tmp_path / "microcot.json"))
+    c = mqtt.MQTTClient(DEV, "localhost", broker.port, user=DEV, password=PW, ssl=True,
+                        ssl_params={"server_hostname": "localhost"})
+    with pytest.raises(mqtt.MQTTTLSError) as ei:
+        c.connect()
+    assert "certificate verify failed" in str(ei.value)
+    (tmp_path / "microcot.json").write_text(json.dumps({"ca": str(broker.ca_cert)}))
+    c = mqtt.MQTTClient(DEV, "localhost", broker.port, user=DEV, password=PW, ssl=True)
+    c.connect()
+    c.disconnect()
+
+
+def test_last_will_is_sent_and_mosquitto_publishes_it(broker):
+    """The will reaches a broker that takes it (the emulator's front refuses it: see
+    test_umqtt_programs.py): the connection dies without DISCONNECT and Mosquitto publishes it."""
+    conn = Connector(broker)
+    try:
+        c = mqtt.MQTTClient(DEV, "localhost", broker.port, user=DEV, password=PW, keepalive=30,
+                            ssl=mqtt.tls_context(cafile=str(broker.ca_cert)))
+        c.set_last_will(f"ms/{DEV}", b"gone", qos=1)
+        c.connect()
+        c.close()  # no DISCONNECT: the broker sends the will
+        m = conn.messages.get(timeout=WAIT)
+        assert (m.topic, m.payload, m.qos) == (f"ms/{DEV}", b"gone", 1)
+    finally:
+        conn.close()

@@ -7,6 +7,7 @@ answers, one that stops ponging) use raw sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -438,7 +439,7 @@ def test_connection_dropped_without_close(peer):
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, OSError])
-def test_on_message_exception_closes_1011_and_propagates(peer, exc):
+def test_on_message_exception_closes_1011_and_execute_goes_on(peer, exc):
     class Broken(Client):
         def on_message(self, content, content_type):
             raise exc("handler bug")
@@ -447,11 +448,44 @@ def test_on_message_exception_closes_1011_and_propagates(peer, exc):
     c.connect()
     run(c, lambda: c.connected)
     c.send_message("x")
-    with pytest.raises(exc, match="handler bug"):  # even an OSError is the handler's, not ours
-        run(c, lambda: False, 2)
+    run(c, lambda: c.error, 2)  # execute() does not raise (issue 14)
+    # even an OSError is the handler's, not a lost connection
+    assert isinstance(c.handler_error, exc) and "handler bug" in c.error_msg
     assert c.state == W.WS_STATUS_INTERNAL_ERROR and c.close_reason == 1011
     run(c, lambda: not c.active)
     assert peer.last("/echo")["close_code"] == 1011
+
+
+def test_tls_empty_dict_is_tls_never_plaintext():
+    # issue 14: tls={} was taken as "no TLS": the request, Authorization included, went out in
+    # plaintext. A plaintext server must only ever see a TLS ClientHello.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got = bytearray()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(2)
+        with contextlib.suppress(OSError):
+            while len(got) < 4096:
+                d = conn.recv(4096)
+                if not d:
+                    break
+                got.extend(d)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    c = Client("127.0.0.1", srv.getsockname()[1], "/", tls={},
+               headers={"Authorization": "Bearer secret-token"}, connect_response_timeout=1)
+    c.connect()
+    run(c, lambda: c.error, 3)
+    t.join(3)
+    srv.close()
+    assert got[:1] == b"\x16" and b"secret-token" not in got and b"GET " not in got, bytes(got[:40])
+    assert c.error and c.state in (W.WS_STATUS_TLS_HANDSHAKE_FAIL, W.WS_STATUS_SOCK_CONN_LOST,
+                                   W.WS_STATUS_SOCK_ERR_TLS, W.WS_STATUS_TLS_VERIFY_FAIL), c.state
 
 
 def test_bad_settings_fail_at_connect():

@@ -275,8 +275,8 @@ class Api:
         self.admin_user = admin_user
         self.fence = authz.Fence(model)
         if binaries is None:
-            binaries = BinaryStore(None if model.path == ":memory:"
-                                   else Path(model.path).parent / "binaries")
+            folder = model.folder
+            binaries = BinaryStore(None if folder is None else folder / "binaries")
         self.binaries = binaries
         self.availability = avail.Availability(model)
         self.credentials = credentials

@@ -103,6 +103,7 @@ RELAY_USER = "microcot-bootstrap-relay"
 RESERVED_USERS = (ADMIN_USER, CONNECTOR_USER, RELAY_USER)
 DEFAULT_MAX_PACKET = 256 * 1024
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+DRAIN_TOPICS = "microcot/drain/+"
 DEVICE_BATCH = 50          # devices per dynamic-security message of add_devices (2 commands each)
 COMMAND_ALLOWANCE = 0.25   # seconds of waiting per further command of one message
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
@@ -357,6 +358,10 @@ class Broker:
         else:
             _ok(resp)
 
+    def check_new_device(self, device_id: str) -> None:
+        """BrokerError if `device_id` cannot become a device user (add_device's check)."""
+        self._check_new_device(device_id)
+
     def add_devices(self, devices: Iterable[tuple[str, str]]) -> None:
         """add_device for many (ID, password) pairs at once; see "Adding many devices".
 
@@ -441,6 +446,19 @@ class Broker:
         _ok(resp)
         roles = {r.get("rolename") for r in resp.get("data", {}).get("client", {}).get("roles", [])}
         return _DEVICE_ROLE_PREFIX + device_id in roles
+
+    def device_ids(self) -> list[str]:
+        """Every device user (a client with its own `device:<ID>` role)."""
+        resp = self._command({"command": "listClients", "verbose": True, "count": -1,
+                              "offset": 0})
+        _ok(resp)
+        out = []
+        for c in resp.get("data", {}).get("clients", []):
+            user = c.get("username") if isinstance(c, dict) else None
+            roles = {r.get("rolename") for r in c.get("roles", [])} if user else set()
+            if user and _DEVICE_ROLE_PREFIX + user in roles:
+                out.append(str(user))
+        return out
 
     # -- internals: files ---------------------------------------------------------------------
 
@@ -749,6 +767,9 @@ def _connector_acls() -> list[dict[str, Any]]:
     for p in ("ms", "bs", "ss"):
         # a pattern ACL with `+` also admits the literal subscriptions `ms/<ID>`
         acls += [_acl("subscribePattern", f"{p}/+"), _acl("publishClientReceive", f"{p}/+")]
+    # the marker that ends a session's queue when it is drained (connector.py, workers.py)
+    acls += [_acl(kind, DRAIN_TOPICS) for kind in ("publishClientSend", "subscribePattern",
+                                                   "publishClientReceive")]
     return acls
 
 

@@ -2,6 +2,7 @@
 
     microcot emulator [--data-dir DIR] [--mqtt-port P] [--http-port P] [--https-port P]
                       [--max-binary MIB] [--auto-accept] [--bind ADDR] [--host NAME ...]
+                      [--workers N] [--database postgresql://...]
     microcot emulator board-config [--out F] what a real board needs (host, port, CA, user)
     microcot emulator accept ID             accept a device's bootstrap request
     microcot emulator register fleet.csv    bulk registration (seed 002's CSV)
@@ -35,6 +36,7 @@ import click
 from .. import cliopts, paths
 
 MASK = "********"
+DATABASE_ENV = "MICROCOT_EMULATOR_DATABASE"
 
 
 def default_data() -> Path:
@@ -55,7 +57,7 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
     return parent if parent is not None else default_data()
 
 
-@click.group(invoke_without_command=True)
+@click.group(invoke_without_command=True, context_settings=cliopts.HELP)
 @cliopts.option("--data-dir", "data", type=click.Path(file_okay=False, path_type=Path),
                 default=None, old=("--data",),
                 help="Data directory: SQLite platform data, broker state, TLS files, "
@@ -76,26 +78,38 @@ def _resolve_data(ctx: click.Context, data: Path | None) -> Path:
 @click.option("--host", "names", multiple=True, metavar="NAME",
               help="Host name or address boards use to reach this machine (repeatable): the "
                    "server certificate carries each, and the first goes to connection.json.")
+@click.option("--workers", "worker_processes", type=click.IntRange(1, 64), default=1,
+              show_default=True, metavar="N",
+              help="Processes that serve the devices' SmartREST messages, the devices "
+                   "partitioned between them (docs: emulator-scaling); 1 serves them in this "
+                   "process.")
+@click.option("--database", metavar="URL", envvar=DATABASE_ENV, default=None,
+              help="The platform's data in PostgreSQL (postgresql://USER@HOST/DB; the password "
+                   f"best in ~/.pgpass) instead of SQLite in the data directory (env "
+                   f"{DATABASE_ENV}; docs: emulator-scaling).")
 @click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
 @click.pass_context
 def emulator(ctx: click.Context, data: Path | None, mqtt_port: int, http_port: int,
              https_port: int, max_binary: int, auto_accept: bool, bind: str,
-             names: tuple[str, ...], verbose: bool) -> None:
+             names: tuple[str, ...], worker_processes: int, database: str | None,
+             verbose: bool) -> None:
     """The Cloud of Things platform emulator: Mosquitto with TLS, the SmartREST connector and
     the REST API. Without a subcommand it runs until Ctrl-C or SIGTERM."""
     ctx.obj = {"data": data}
     if ctx.invoked_subcommand is not None:
         return
     _run(data or default_data(), mqtt_port, http_port, auto_accept, verbose, https_port,
-         max_binary, bind, names)
+         max_binary, bind, names, worker_processes, database or None)
 
 
 def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose: bool,
          https_port: int = 0, max_binary: int = 64, bind: str = "127.0.0.1",
-         names: tuple[str, ...] = ()) -> None:
+         names: tuple[str, ...] = (), worker_processes: int = 1,
+         database: str | None = None) -> None:
     from .broker import BrokerError
     from .connector import ConnectorError
     from .service import Emulator, EmulatorError
+    from .workers import WorkerError
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,15 +123,17 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
     try:
         emu = Emulator(data.resolve(), mqtt_port=mqtt_port, http_port=http_port,
                        auto_accept=auto_accept, https_port=https_port,
-                       max_binary=max_binary << 20, host=bind, names=names)
+                       max_binary=max_binary << 20, host=bind, names=names,
+                       worker_processes=worker_processes, database_url=database)
         emu.start()
-    except (BrokerError, ConnectorError, EmulatorError, OSError) as e:
+    except (BrokerError, ConnectorError, EmulatorError, WorkerError, OSError) as e:
         raise click.ClickException(f"the emulator could not start: {e}") from None
     try:
         c = emu.connection
         click.echo("\n".join([
             "microcot platform emulator",
             f"  data        {emu.data_dir}",
+            f"  database    {emu.database}",
             f"  MQTT        {c['mqtt_host']}:{c['mqtt_port']} (TLS; devices trust the CA "
             f"{c['ca_cert']})",
             f"  REST API    {c['http_url']} (admin user {c['admin_user']!r}, password {MASK})",
@@ -125,6 +141,7 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
             f"  bootstrap   user {c['bootstrap_user']!r}, password {MASK}",
             f"  passwords   in {emu.connection_file} (owner-only)",
             f"  acceptance  {'automatic' if auto_accept else 'microcot emulator accept ID'}",
+            f"  SmartREST   {_workers_line(emu)}",
             f"  listening   on {bind}; the certificate names {', '.join(emu.cert_names())}",
             "  a board     microcot emulator board-config (what to put into /microcot.json)",
             "Running; stop with Ctrl-C.",
@@ -134,6 +151,14 @@ def _run(data: Path, mqtt_port: int, http_port: int, auto_accept: bool, verbose:
     finally:
         emu.stop()
     click.echo("emulator stopped")
+
+
+def _workers_line(emu: Any) -> str:
+    pool = emu.pool
+    if pool is None:
+        return "served in this process"
+    pids = ", ".join(str(p) for p in pool.pids())
+    return f"{pool.count} worker processes (pids {pids})"
 
 
 # -- REST client for the subcommands --------------------------------------------------------------

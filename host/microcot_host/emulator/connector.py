@@ -15,6 +15,13 @@ connector is away (a restart of the emulator, a broker restart). MQTT 5 rather t
 | `ss/<ID>` secret  | bootstrap.py (new device request)           | `sr/<ID>` after the acceptance  |
 | new operation     | `Engine.render_operation(op, user=...)`     | `mr/<device user>`              |
 
+One or several: with `--workers N` (N >= 2, workers.py) each worker process runs a Connector
+with its own client id (`microcot-connector-<k>-of-<N>`), no wildcard topics, and the `ms/<ID>`
+and `bs/<ID>` of its share of the devices (subscribe_devices); the main process's Connector
+keeps `ss/+` and hands new operations to the device's worker (route_operation). Everything
+below holds per connector; applied records are kept per client id. Sessions of an earlier
+layout are served to their end with drain() and deleted (sessions.py).
+
 Dispatch
 --------
 paho's network thread only sorts messages into lanes, one per device ID (text, binary and
@@ -43,7 +50,8 @@ paho runs with manual acknowledgement: a QoS 1 message is acknowledged to the br
 only after its effect is committed. A device message runs in one model transaction
 (`Model.atomic`: the rows of all its lines, the availability note, and a record in
 `applied_messages` of the message's broker packet id (mid) with a digest of its topic and
-payload); then the answer is published and the message acknowledged. The transaction begins at
+payload); then the answer is rendered (the response templates, outside the transaction:
+Engine.process_later), published, and the message acknowledged. The transaction begins at
 the message's first write and takes the engine's lock first (the engine's own order of the two):
 a request that hangs before it writes holds up nobody, while from its first write to its commit
 other messages wait for the model, as they waited for each statement before. So `kill -9` at any
@@ -157,6 +165,8 @@ from .engine import Engine
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "microcot-connector"
+TOPICS = ("ms/+", "bs/+", "ss/+")  # what the single connector serves
+SUB_CHUNK = 500        # topic filters per SUBSCRIBE of a worker's devices
 MAX_MESSAGE = 64 * 1024
 MAX_PENDING = 100_000  # answers and operations paho keeps while the broker is away
 ORPHAN_TTL = 900.0     # seconds an undeliverable operation keeps triggering synchronisations
@@ -164,6 +174,9 @@ MAX_OP_PAGES = 20      # of 2000 pending operations per synchronisation
 # a topic the connector may publish to (mr/+) that no device can subscribe: device IDs start with
 # a letter or a digit (broker.py)
 PROBE_TOPIC = "mr/-ack-probe"
+# where a draining session publishes the marker that ends its queue (broker.py lets only the
+# connector user publish, subscribe and receive there)
+DRAIN_PREFIX = "microcot/drain/"
 KEEP_STEP = 0.1        # seconds between two rounds of the keeper (log, connections, proofs)
 PROBE_TIMEOUT = 5.0
 OUT_WINDOW = 100       # answers and operations in flight to the broker
@@ -405,11 +418,21 @@ class Connector:
                  max_message: int = MAX_MESSAGE, workers: int = 4, time_budget: float = 10.0,
                  max_lane: int = 2000, max_queued: int = 20000, sync_interval: float = 2.0,
                  redeliver_after: float = 60.0, connect_grace: float = 0.5,
-                 max_pending: int = MAX_PENDING, connect_timeout: float = 10.0) -> None:
+                 max_pending: int = MAX_PENDING, connect_timeout: float = 10.0,
+                 topics: tuple[str, ...] = TOPICS, owns: Callable[[str], bool] | None = None,
+                 route_operation: Callable[[str | None, str], None] | None = None) -> None:
+        """`topics`, `owns` and `route_operation` are for several connector processes
+        (workers.py): the wildcard filters subscribed at every connection (devices' own topics
+        are added with subscribe_devices), which devices' connections in the broker's log are
+        this connector's to serve (default: all), and where a new operation goes instead of this
+        connector's lanes (called with its device user, None if unknown, and its id)."""
         self.broker = broker
         self.api = api
         self.engine = engine
         self.client_id = client_id
+        self.topics = tuple(topics)
+        self.owns = owns
+        self.route_operation = route_operation
         self.max_message = max_message
         self.sync_interval = sync_interval
         self.redeliver_after = redeliver_after
@@ -425,6 +448,13 @@ class Connector:
         self._client: Any = None
         self._ready = threading.Event()
         self._failure: str | None = None
+        # subscriptions: the one made at each connection, SUBACKs awaited by subscribe_devices,
+        # the devices subscribed one by one (made again on a connection without the session)
+        self._connect_subs: set[int] = set()
+        self._sub_cv = threading.Condition()
+        self._subacks: dict[int, list[str]] = {}
+        self._devices: set[str] = set()
+        self._drained = threading.Event()
         self._lock = threading.Lock()
         self._infos: collections.deque[Any] = collections.deque()  # answers not yet PUBACKed
         # acknowledgement (module docstring, "exactly once")
@@ -462,7 +492,7 @@ class Connector:
         if self._started:
             return
         # the records of a previous run, before the broker delivers anything again
-        self._applied = self.api.model.applied_messages()
+        self._applied = self.api.model.applied_messages(self.client_id)
         self._inflight.clear()
         self._unproven.clear()
         self.lanes.start()
@@ -488,6 +518,7 @@ class Connector:
         self._connects.clear()
         log_file = getattr(self.broker, "log_file", None)
         self._log = LogFollower(Path(log_file), _STARTED) if log_file else None
+        self._drained.clear()
         # known before connecting: a persistent session delivers what waited for us at once,
         # possibly before the SUBACK, and those answers must go out
         self._client = c
@@ -511,7 +542,8 @@ class Connector:
         self._keeper = threading.Thread(target=self._keep, name="connector-keeper", daemon=True)
         self._keeper.start()
         self._started = True
-        log.info("connector serving ms/+, bs/+ and ss/+ on %s:%d", self.broker.local_host,
+        log.info("connector %s serving %s on %s:%d", self.client_id,
+                 ", ".join(self.topics) or "its devices' topics", self.broker.local_host,
                  self.broker.port)
 
     def _connect_properties(self) -> Any:
@@ -571,17 +603,104 @@ class Connector:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # a persistent session keeps them, but the first start (or a broker that lost its
         # database) needs them, and subscribing again costs nothing
-        client.subscribe([("ms/+", 1), ("bs/+", 1), ("ss/+", 1)])
-        if flags.session_present:
-            log.info("connector reconnected; the broker kept its session")
+        filters = list(self.topics)
+        if not flags.session_present:
+            with self._lock:
+                filters += [f"{k}/{d}" for d in sorted(self._devices) for k in ("ms", "bs")]
+        else:
+            log.info("connector %s reconnected; the broker kept its session", self.client_id)
+        if not filters:
+            self._ready.set()
+            return
+        # paho handles the SUBACKs in this thread after this callback: the mids are known first
+        for i in range(0, len(filters), SUB_CHUNK):
+            _, mid = client.subscribe([(f, 1) for f in filters[i:i + SUB_CHUNK]])
+            self._connect_subs.add(mid)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: Any, rcs: Any,
                       props: Any = None) -> None:
         refused = [str(r) for r in rcs if r.is_failure]
+        if mid not in self._connect_subs:
+            with self._sub_cv:
+                self._subacks[mid] = refused
+                self._sub_cv.notify_all()
+            if refused:
+                log.error("the broker refused subscriptions of %s: %s", self.client_id, refused)
+            return
+        self._connect_subs.discard(mid)
         if refused:
             self._failure = "SUBACK " + ", ".join(refused)
             log.error("the broker refused the connector's subscriptions: %s", refused)
-        self._ready.set()
+        if refused or not self._connect_subs:
+            self._ready.set()
+
+    def subscribe_devices(self, devices: list[str], timeout: float = 10.0) -> None:
+        """Subscribe these devices' ms/ and bs/ topics (for a connector that serves some
+        devices only, workers.py) and return once the broker granted them: from then on their
+        messages queue in this connector's session. ConnectorError if refused or unanswered."""
+        c = self._client
+        if c is None:
+            raise ConnectorError("the connector is not running")
+        with self._lock:
+            self._devices.update(devices)
+        filters = [f"{k}/{d}" for d in devices for k in ("ms", "bs")]
+        deadline = time.monotonic() + timeout
+        for i in range(0, len(filters), SUB_CHUNK):
+            rc, mid = c.subscribe([(f, 1) for f in filters[i:i + SUB_CHUNK]])
+            if rc != 0:
+                raise ConnectorError(f"subscribing {len(devices)} devices failed: rc {rc} (is "
+                                     "the broker away?)")
+            with self._sub_cv:
+                if not self._sub_cv.wait_for(lambda m=mid: m in self._subacks,
+                                             max(0.0, deadline - time.monotonic())):
+                    raise ConnectorError("the broker did not answer a subscription in time")
+                refused = self._subacks.pop(mid)
+            if refused:
+                raise ConnectorError(f"the broker refused subscriptions: {refused}")
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Serve what the broker queued for this session before now, then stop: a marker is
+        published on a topic of this session's own (DRAIN_PREFIX + client id) after
+        everything queued for it, so once the marker is back every earlier message has been
+        delivered; then the lanes run dry and the acknowledgements are proven (stop()). True if
+        all that happened within `timeout` seconds and every message was acknowledged, i.e.
+        the session holds nothing any more and may be deleted."""
+        c = self._client
+        if c is None:
+            raise ConnectorError("the connector is not running")
+        topic = DRAIN_PREFIX + self.client_id
+        deadline = time.monotonic() + timeout
+        self.subscribe_filters([topic], timeout)
+        info = _queued(c.publish(topic, b"", qos=1))
+        ok = self._drained.wait(timeout)
+        if not ok:
+            log.error("session %s: its queue did not end within %.0f s (marker mid %s)",
+                      self.client_id, timeout, info.mid)
+        elif not self.lanes.wait_idle(max(0.0, deadline - time.monotonic())):
+            log.error("session %s: its messages were not all served within %.0f s",
+                      self.client_id, timeout)
+            ok = False
+        self.stop(timeout)
+        with self._lock:
+            left = len(self._inflight)
+        if left:  # could not be stored (logged): still the broker's, in this session
+            log.error("session %s: %d messages are not acknowledged", self.client_id, left)
+        return ok and not left
+
+    def subscribe_filters(self, filters: list[str], timeout: float = 10.0) -> None:
+        """Subscribe these topic filters now (QoS 1) and wait for the SUBACK."""
+        c = self._client
+        if c is None:
+            raise ConnectorError("the connector is not running")
+        rc, mid = c.subscribe([(f, 1) for f in filters])
+        if rc != 0:
+            raise ConnectorError(f"subscribing {filters} failed: rc {rc}")
+        with self._sub_cv:
+            if not self._sub_cv.wait_for(lambda: mid in self._subacks, timeout):
+                raise ConnectorError("the broker did not answer a subscription in time")
+            refused = self._subacks.pop(mid)
+        if refused:
+            raise ConnectorError(f"the broker refused {filters}: {refused}")
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any,
                        props: Any = None) -> None:
@@ -589,6 +708,11 @@ class Connector:
             log.warning("connector lost the broker (%s); reconnecting", rc)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic == DRAIN_PREFIX + self.client_id:
+            # everything queued before it has been delivered (drain()); not a device message
+            client.ack(msg.mid, msg.qos)
+            self._drained.set()
+            return
         kind, _, device = msg.topic.partition("/")
         payload = bytes(msg.payload)
         if not device or kind not in ("ms", "bs", "ss"):
@@ -648,7 +772,7 @@ class Connector:
         if recorded is not None:
             # a new message under a recorded mid: the broker had our acknowledgement; the old
             # record must be gone before this one could be delivered again after a crash
-            self.api.model.forget_applied([(d.mid, None)])
+            self.api.model.forget_applied([(d.mid, None)], self.client_id)
         return d
 
     # -- acknowledgements ----------------------------------------------------------------------
@@ -712,7 +836,7 @@ class Connector:
                 if self._applied.get(mid) == digest:
                     del self._applied[mid]
                     done.append((mid, digest))
-        self.api.model.forget_applied(done)
+        self.api.model.forget_applied(done, self.client_id)
 
     # -- tasks (worker threads, in the device's order) -----------------------------------------
 
@@ -730,12 +854,15 @@ class Connector:
         try:
             with self._atomic():
                 if binary:
-                    out = self.engine.process_binary(payload, user=device)
+                    answer = self.engine.process_binary_later(payload, user=device)
                 else:
-                    out = self.engine.process(payload, user=device)
+                    answer = self.engine.process_later(payload, user=device)
                 self._device_message(device)
                 if d.qos:
-                    self.api.model.note_applied(d.mid, d.digest)
+                    self.api.model.note_applied(d.mid, d.digest, self.client_id)
+            # the response templates are rendered after the commit: the transaction (which
+            # other threads and processes wait for) holds only the requests
+            out = answer()
         except Exception:
             # nothing of it is stored: left unacknowledged, the broker delivers it again after
             # the connector's next reconnect
@@ -821,7 +948,8 @@ class Connector:
         follower = self._log
         seen = connected_clients(follower.lines()) if follower is not None else []
         # device users only (not the connector, the admin's clients, the bootstrap relay)
-        seen = [c for c in seen if c != self.client_id and self.api.model.has_credentials(c)]
+        seen = [c for c in seen if c != self.client_id and (self.owns is None or self.owns(c))
+                and self.api.model.has_credentials(c)]
         now = time.monotonic()
         with self._lock:
             for client in seen:
@@ -834,17 +962,25 @@ class Connector:
 
     def _operation_created(self, op: dict[str, Any]) -> None:
         """Api hook (the REST caller's thread): route a new PENDING operation to its device's
-        lane."""
+        lane (route_operation: the lane of another process)."""
         if op.get("status") != "PENDING":
             return  # refused by the platform (a SHELL 0 device): nothing to deliver
         op_id = str(op.get("id"))
         user = self.api.device_user(str(op.get("deviceId")))
+        if self.route_operation is not None:
+            self.route_operation(user, op_id)
+            return
+        self.operation_for(user, op_id, op.get("deviceId"))
+
+    def operation_for(self, user: str | None, op_id: str, device_id: Any = None) -> None:
+        """Send the new operation `op_id` to its device user's lane, or keep it for the device's
+        next request when the device is not known yet."""
         if user is None or self.engine.collection_for_device(user) is None:
             with self._lock:
                 self._orphans[op_id] = time.monotonic()
             log.info("operation %s for %s waits: its device has no user or no collection with "
                      "template 500 yet; it is sent after the device's next request", op_id,
-                     op.get("deviceId"))
+                     device_id if device_id is not None else user)
             return
         self._schedule(user, functools.partial(self._deliver_new, user, op_id))
 
@@ -958,6 +1094,10 @@ class Connector:
             if "next" not in r.body or not got:
                 break
         return ops
+
+    def forget_delivered(self, user: str) -> None:
+        """The device bootstrapped again (in another process): send it everything again."""
+        self._forget_delivered(user)
 
     def _forget_delivered(self, user: str) -> None:
         # a device that bootstrapped again may have lost its session: send everything again

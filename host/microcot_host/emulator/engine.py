@@ -125,6 +125,13 @@ the result on that user's `mr/` topic (b"": nothing to publish).
 Nothing escapes `process`, `process_binary`, `pending_operations` or `render_operation`: an
 unexpected failure is logged and answered `50,<line>,500,Internal Server Error` (or b"" for the
 operation calls).
+
+Two steps: `process_later` and `process_binary_later` make the requests and return a callable
+that renders and formats the answer. The MQTT connector calls it after the commit of the
+message's transaction, so the response templates' JSONPaths do not run while other threads and
+processes wait for the database (docs/guides/emulator-scaling.md). With `shared=True` (worker
+processes, workers.py) device sessions are read again while incomplete, and `on_forget` hears of
+collections deleted by their own templates.
 """
 
 from __future__ import annotations
@@ -162,6 +169,20 @@ E41_API = "Template %d is outside the device API: %s %s (%s)"
 
 # one answer item: (X-ID of a response-template row, or None for a built-in row, fields)
 Item = tuple[str | None, list[Any]]
+
+
+class _Later:
+    """A successful request's answer rows, rendered only when the answer is formatted: the
+    connector formats after its transaction's commit, so the response templates' JSONPaths do
+    not run while other processes wait for the database (process_later)."""
+
+    __slots__ = ("body", "coll", "line", "xid")
+
+    def __init__(self, xid: str, coll: Collection, body: Any, line: int) -> None:
+        self.xid, self.coll, self.body, self.line = xid, coll, body, line
+
+
+Piece = Item | _Later
 
 
 def _phrase(status: int, reason: str) -> str:
@@ -275,8 +296,16 @@ class Engine:
         max_body: int = MAX_BODY,
         id_types: tuple[str, ...] = ("c8y_Serial",),
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
+        """`shared`: other processes serve devices from the same store (workers.py); a device
+        session that lacks its X-ID or managed object id is then read again from the store
+        before it is used, since another process may have learnt it."""
         self.api = api
+        self.shared = shared
+        # called with the X-ID of a collection this engine saw deleted (workers.py tells the
+        # other processes, whose caches hold it too)
+        self.on_forget: Callable[[str], None] | None = None
         self.store: Store = store if store is not None else ApiStore(api)
         self.max_body = max_body
         self.id_types = id_types
@@ -347,10 +376,18 @@ class Engine:
     def _deleted(self, target: str) -> None:
         # a collection deleted through one of its own templates (seed 002) stops answering at once
         path = urlsplit(target).path.rstrip("/")
+        gone = []
         with self._lock:
             for xid, (mo, _) in list(self._collections.items()):
                 if path == "/inventory/managedObjects/" + mo:
                     del self._collections[xid]
+                    gone.append(xid)
+        hook = self.on_forget
+        for xid in gone if hook is not None else ():
+            try:
+                hook(xid)
+            except Exception:
+                log.exception("telling others that collection %s is gone failed", xid)
 
     def _lookup(self, xid: str, tid: int) -> list[str] | None:
         hit = self.collection(xid)
@@ -407,6 +444,14 @@ class Engine:
 
     def _session(self, user: str) -> Session:
         s = self._sessions.get(user)
+        if s is not None and self.shared and not (s.xid and s.device_id):
+            # another process may have bound it or learnt its object since: take what it
+            # stored, keeping what this one knows (it stored that too)
+            stored = self.store.session(user)
+            if stored is not None:
+                with self._lock:
+                    s.xid = s.xid or stored.xid
+                    s.device_id = s.device_id or stored.device_id
         if s is None:
             s = self.store.session(user) or Session(user)
             with self._lock:
@@ -509,7 +554,7 @@ class Engine:
         values: list[str],
         line: int,
         user: str | None,
-    ) -> list[Item]:
+    ) -> list[Piece]:
         full, why = engine_values.complete(req, values, self._now())
         if why:
             return [_err(45, line, "%s: %s" % (E45, why))]
@@ -529,7 +574,7 @@ class Engine:
         if method == "DELETE":
             self._deleted(target)
         self._learn(user, r.body)
-        return self._render(xid, coll, r.body, line)
+        return [_Later(xid, coll, r.body, line)]
 
     @staticmethod
     def _refused(
@@ -567,13 +612,13 @@ class Engine:
 
     def _rows(
         self, xid: str, rows: list[tuple[int, bytes]], user: str | None, bind: bool
-    ) -> list[Item]:
+    ) -> list[Piece]:
         hit = self.collection(xid)
         coll = hit[1] if hit else None
         refused = None
         if bind and user and coll is not None:
             refused = self._bind(user, xid, coll)
-        out: list[Item] = []
+        out: list[Piece] = []
         for line, rec in rows:
             fields, why = _fields(rec)
             if why:
@@ -616,7 +661,7 @@ class Engine:
             return str(e)
         return None
 
-    def _text(self, data: bytes, user: str | None, bind: bool, xid: str | None) -> list[Item]:
+    def _text(self, data: bytes, user: str | None, bind: bool, xid: str | None) -> list[Piece]:
         if len(data) > self.max_body:
             why = "request of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
             return [_err(42, 1, "%s: %s" % (E42, why))]
@@ -643,7 +688,7 @@ class Engine:
             return self._register(xid, rest, user)
         return self._rows(xid, rest, user, bind)
 
-    def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Item]:
+    def _binary(self, data: bytes, user: str | None, bind: bool) -> list[Piece]:
         if len(data) > self.max_body:
             why = "payload of %d bytes exceeds the limit of %d bytes" % (len(data), self.max_body)
             return [_err(42, 1, "Malformed Request: " + why)]
@@ -651,7 +696,7 @@ class Engine:
             msgs = binrest.decode(data, self._lookup)
         except binrest.Error as e:
             return [_err(e.code, e.index or 1, e.message)]
-        out: list[Item] = []
+        out: list[Piece] = []
         refused = None
         for line, (xid, tid, values) in enumerate(msgs, 1):
             mo, coll = self.collection(xid)  # decode found it, so it is cached
@@ -666,6 +711,22 @@ class Engine:
         return out
 
     # -- answers ------------------------------------------------------------------------------
+
+    def _expand(self, pieces: list[Piece]) -> list[Item]:
+        out: list[Item] = []
+        for p in pieces:
+            if isinstance(p, _Later):
+                out.extend(self._render(p.xid, p.coll, p.body, p.line))
+            else:
+                out.append(p)
+        return out
+
+    def _answer(self, pieces: list[Piece], user: str | None, what: str) -> bytes:
+        try:
+            return self._format(self._expand(pieces))
+        except Exception:
+            log.exception("rendering the answer to a %s request of %s failed", what, user)
+            return b"50,1,500,Internal Server Error"
 
     @staticmethod
     def _format(items: list[Item]) -> bytes:
@@ -695,12 +756,26 @@ class Engine:
     ) -> bytes:
         """Answer a SmartREST text request body (see the module docstring). `xid` is the X-Id
         header of `POST /s`: the body then holds no 15 row and its first row is line 1."""
+        return self.process_later(body, user, bind=bind, xid=xid)()
+
+    def process_later(
+        self,
+        body: bytes | str,
+        user: str | None = None,
+        *,
+        bind: bool = True,
+        xid: str | None = None,
+    ) -> Callable[[], bytes]:
+        """process() in two steps: the requests now, the answer (response templates rendered,
+        rows formatted) when the returned callable is called. The MQTT connector calls it after
+        its transaction's commit, which keeps the transaction short."""
         try:
             data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-            return self._format(self._text(data, user, bind, xid))
+            pieces = self._text(data, user, bind, xid)
         except Exception:
             log.exception("SmartREST request of %s failed", user)
-            return b"50,1,500,Internal Server Error"
+            return lambda: b"50,1,500,Internal Server Error"
+        return lambda: self._answer(pieces, user, "SmartREST")
 
     def serve_http(self, body: bytes, x_id: str | None, user: str | None) -> tuple[int, bytes]:
         """http.py's SmartREST callable for `POST /s`: always 200, as Cumulocity answers SmartREST
@@ -713,11 +788,18 @@ class Engine:
         self, payload: bytes, user: str | None = None, *, bind: bool = True
     ) -> bytes:
         """Answer a binary SmartREST payload with text rows (see the module docstring)."""
+        return self.process_binary_later(payload, user, bind=bind)()
+
+    def process_binary_later(
+        self, payload: bytes, user: str | None = None, *, bind: bool = True
+    ) -> Callable[[], bytes]:
+        """process_binary() in two steps, as process_later()."""
         try:
-            return self._format(self._binary(bytes(payload), user, bind))
+            pieces = self._binary(bytes(payload), user, bind)
         except Exception:
             log.exception("binary SmartREST request of %s failed", user)
-            return b"50,1,500,Internal Server Error"
+            return lambda: b"50,1,500,Internal Server Error"
+        return lambda: self._answer(pieces, user, "binary SmartREST")
 
     # -- operations ---------------------------------------------------------------------------
 

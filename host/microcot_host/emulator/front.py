@@ -39,6 +39,12 @@ connection is two asyncio protocols that hand each other every chunk as it comes
 per chunk: the front's latency is mostly TLS), with back-pressure: when one side's write buffer
 is full (asyncio's high-water mark) the other side stops reading until it drained.
 
+TLS is terminated by front_tls.py (an `ssl.SSLObject` over memory BIOs behind an
+asyncio.Transport), not by asyncio's `create_server(ssl=...)`: Python 3.11's SSLProtocol gives
+every connection a 256 KiB read buffer of its own, ~290 KB of RSS per connected device (1.45 GB
+at 5,000); front_tls.py shares its buffers between connections, and an idle device costs the
+front ~22 KB (tests/host/test_emulator_front_memory.py), most of it OpenSSL's own state.
+
 Everything runs on one asyncio event loop in a thread of its own (start()/stop() from any other).
 """
 
@@ -56,6 +62,7 @@ from . import front_wire as wire
 from .broker import RESERVED_USERS, valid_device_id
 from .certs import TlsFiles, server_ssl_context
 from .front_bootstrap import BootstrapConnection, BootstrapHub
+from .front_tls import TlsServer
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +174,12 @@ class Front:
 
     async def _listen(self) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: _Client(self), self.host, self.requested_port or 0, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.connect_timeout if self.ssl_context else None,
-            reuse_address=True)
+        factory: Callable[[], asyncio.BaseProtocol] = lambda: _Client(self)  # noqa: E731
+        if self.ssl_context is not None:  # not asyncio's TLS: see front_tls.py
+            factory = TlsServer(self.ssl_context, lambda: _Client(self),
+                                handshake_timeout=self.connect_timeout)
+        return await loop.create_server(factory, self.host, self.requested_port or 0,
+                                        reuse_address=True)
 
     async def _close(self) -> None:
         if self._server is not None:

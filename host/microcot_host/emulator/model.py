@@ -6,7 +6,15 @@ serialises writers anyway, every call here is short, and a single connection kee
 simple (no "database is locked" between our own threads). WAL mode with `synchronous=NORMAL`: a
 crash of the emulator loses nothing committed; only a power cut may lose the last transactions,
 which is the right trade for a test platform that must take thousands of rows per second.
-`busy_timeout` covers a second process (a CLI) opening the same file.
+`busy_timeout` covers a second process (a CLI) opening the same file. With worker processes
+(workers.py) every process has its own Model with `shared=True`: writers of all processes queue
+on a flock, and SQLite keeps their transactions apart as before.
+
+The same class's logic runs on PostgreSQL (model_pg.PgModel, `open_model("postgresql://...")`):
+its SQL is written for both, and the few forms that differ are class attributes and hooks here
+(`_BEGIN`, `_FOR_UPDATE`, `_HAS_KEY`, `_next_id`, ...) that PgModel overrides. Keep new SQL to
+what both accept (ON CONFLICT upserts, no INSERT OR IGNORE, no SQLite-only functions), and read
+a row that is then written with `+ self._FOR_UPDATE`.
 
 Shapes follow Cumulocity's REST API: ids are strings of digits drawn from one counter for every
 kind of entity (as on the platform, an id never names two things), times are ISO 8601 with
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -138,7 +147,19 @@ CREATE TABLE last_messages (mo INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL);
 _SCHEMA_V3 = """
 CREATE TABLE applied_messages (mid INTEGER PRIMARY KEY, digest BLOB NOT NULL);
 """
-_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# ... per MQTT session (client id): with several connector processes (workers.py) each session
+# has its own packet ids; records from before are the single connector's
+_SCHEMA_V4 = """
+CREATE TABLE applied_messages_v4 (
+    client TEXT NOT NULL, mid INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (client, mid));
+INSERT INTO applied_messages_v4 SELECT 'microcot-connector', mid, digest FROM applied_messages;
+DROP TABLE applied_messages;
+ALTER TABLE applied_messages_v4 RENAME TO applied_messages;
+"""
+_MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# the client id of the single MQTT connector (connector.CLIENT_ID): the owner of the applied
+# messages recorded before they had one
+SINGLE_CONNECTOR = "microcot-connector"
 
 
 class ModelError(Exception):
@@ -318,16 +339,71 @@ class Page:
 
 # -- the model --------------------------------------------------------------------------------
 
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_database_url(where: str | os.PathLike[str]) -> bool:
+    """A PostgreSQL URL rather than a SQLite file."""
+    return str(where).startswith(DATABASE_SCHEMES)
+
+
+def open_model(where: str | os.PathLike[str] = ":memory:", clock: Callable[[], float] = time.time,
+               shared: bool = False) -> Model:
+    """The Model at `where`: a PostgreSQL URL (model_pg.PgModel; several processes and hosts
+    share it as they are, so `shared` means nothing there) or a SQLite file (Model)."""
+    if is_database_url(where):
+        from .model_pg import PgModel  # psycopg only when asked for
+
+        return PgModel(str(where), clock=clock)
+    return Model(where, clock=clock, shared=shared)
+
+
 class Model:
-    """The platform's data in SQLite (`path` a file, or ":memory:" for tests)."""
+    """The platform's data in SQLite (`path` a file, or ":memory:" for tests).
+
+    The SQL below is written for both SQLite and PostgreSQL (model_pg.PgModel, which shares
+    all of this class's logic): where the two differ, the class attributes and hook methods
+    here hold SQLite's form and PgModel overrides them. `open_model` chooses by location."""
+
+    # -- dialect: SQLite's forms (model_pg.PgModel has PostgreSQL's) ----------------------------
+    _BEGIN = "BEGIN IMMEDIATE"
+    # appended to a read whose row is then written (PostgreSQL's row lock; SQLite's writers
+    # are serialised anyway)
+    _FOR_UPDATE = ""
+    # SQLite's LIKE ignores the case of ASCII letters; PostgreSQL's LIKE does not, its ILIKE
+    # ignores the case of every letter
+    _LIKE = "LIKE"
+    _GREATEST = "max"
+    # a condition with one parameter: the row's fragments have this top-level key
+    _HAS_KEY = "EXISTS (SELECT 1 FROM json_each(fragments) WHERE key = ?)"
+    # ... a fragment (named by the first parameter) has an object value with this key
+    _HAS_SERIES_OF = ("EXISTS (SELECT 1 FROM json_each(fragments) f, json_each(f.value) s "
+                      "WHERE f.key = ? AND f.type = 'object' AND s.key = ?)")
+    _HAS_SERIES = ("EXISTS (SELECT 1 FROM json_each(fragments) f, json_each(f.value) s "
+                   "WHERE f.type = 'object' AND s.key = ?)")
 
     def __init__(self, path: str | os.PathLike[str] = ":memory:",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, shared: bool = False) -> None:
+        """`shared`: other processes write to the file too (the emulator's worker processes):
+        every write transaction then also holds an exclusive flock on `<path>.writers`, so a
+        writer that finds another one busy waits in the kernel and runs as soon as it is done,
+        instead of in SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries.
+        The flock (with a lock for this process's writers, since a flock does not exclude
+        threads that share the file) is taken before the connection's lock: while a writer
+        waits for another process, this process's other threads can still read."""
+        if is_database_url(path):  # a file named after the URL would hold its password
+            raise ValueError("Model is SQLite: open a database URL with open_model()")
         self.path = str(path)
+        self.where = self.path  # for messages (PgModel: the URL without its password)
         self.clock = clock
+        self._writers: Any = None
         if self.path != ":memory:":
             private_dir(Path(self.path).parent)
+            if shared:
+                fd = os.open(self.path + ".writers", os.O_RDWR | os.O_CREAT, 0o600)
+                self._writers = os.fdopen(fd, "r+b")
         self._lock = threading.RLock()
+        self._wlock = threading.Lock()   # this process's writers, with the flock (shared)
         self._local = threading.local()  # this thread's atomic() block
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=5.0)
@@ -339,9 +415,43 @@ class Model:
                 self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
 
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the database file (binaries live beside it); None in memory."""
+        return None if self.path == ":memory:" else Path(self.path).parent
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._writers is not None:
+                self._writers.close()
+
+    def _take_writer(self) -> None:
+        """The writers' locks when shared (__init__), before self._lock; else nothing."""
+        if self._writers is None:
+            return
+        self._wlock.acquire()
+        try:
+            fcntl.flock(self._writers, fcntl.LOCK_EX)
+        except BaseException:
+            self._wlock.release()
+            raise
+
+    def _drop_writer(self) -> None:
+        if self._writers is not None:
+            fcntl.flock(self._writers, fcntl.LOCK_UN)
+            self._wlock.release()
+
+    def _end(self, commit: bool) -> None:
+        """COMMIT (ROLLBACK when that fails), or ROLLBACK when not `commit`; with self._lock."""
+        if commit:
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        else:
+            self._db.execute("ROLLBACK")
 
     def __enter__(self) -> Model:
         return self
@@ -383,13 +493,19 @@ class Model:
                     raise
                 self._db.execute("RELEASE nested")
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield _Cursor(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        # a transaction of its own: the writers' locks first (__init__), then the connection
+        self._take_writer()
+        try:
+            with self._lock:
+                self._db.execute(self._BEGIN)
+                try:
+                    yield _Cursor(self._db)
+                except BaseException:
+                    self._end(commit=False)
+                    raise
+                self._end(commit=True)
+        finally:
+            self._drop_writer()
 
     @contextlib.contextmanager
     def atomic(self, outer: _Lock | None = None) -> Iterator[None]:
@@ -425,11 +541,18 @@ class Model:
             return
         if state.outer is not None:
             state.outer.acquire()
+        try:
+            self._take_writer()
+        except BaseException:
+            if state.outer is not None:
+                state.outer.release()
+            raise
         self._lock.acquire()
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(self._BEGIN)
         except BaseException:
             self._lock.release()
+            self._drop_writer()
             if state.outer is not None:
                 state.outer.release()
             raise
@@ -439,16 +562,10 @@ class Model:
         if not state.begun:
             return
         try:
-            if commit:
-                try:
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            else:
-                self._db.execute("ROLLBACK")
+            self._end(commit)
         finally:
             self._lock.release()
+            self._drop_writer()
             if state.outer is not None:
                 state.outer.release()
 
@@ -460,6 +577,10 @@ class Model:
         n = int(db.execute("SELECT value FROM settings WHERE key = 'next_id'").fetchone()[0])
         db.execute("UPDATE settings SET value = ? WHERE key = 'next_id'", (str(n + 1),))
         return n
+
+    def _lock_children(self, db: Any) -> None:
+        """Held to the transaction's end before child devices are added: the cycle check reads
+        the whole graph (SQLite: the write transaction holds everything already)."""
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -516,14 +637,15 @@ class Model:
         d["creationTime"] = row["creation_time"]
         d["lastUpdated"] = row["last_updated"]
         d.update(json.loads(row["fragments"]))
-        children = self._db.execute(
-            "SELECT m.id, m.name FROM child_devices c JOIN managed_objects m ON m.id = c.child "
-            "WHERE c.parent = ? ORDER BY c.added_ms, m.id", (i,)).fetchall()
-        parents = self._db.execute(
-            "SELECT m.id, m.name FROM child_devices c JOIN managed_objects m ON m.id = c.parent "
-            "WHERE c.child = ? ORDER BY c.added_ms, m.id", (i,)).fetchall()
-        d["childDevices"] = {"references": [_ref(r) for r in children]}
-        d["deviceParents"] = {"references": [_ref(r) for r in parents]}
+        # children and parents in one statement (one round trip on a database server)
+        refs = self._db.execute(
+            "SELECT m.id, m.name, 0 AS k, c.added_ms AS t FROM child_devices c "
+            "JOIN managed_objects m ON m.id = c.child WHERE c.parent = ? UNION ALL "
+            "SELECT m.id, m.name, 1 AS k, c.added_ms AS t FROM child_devices c "
+            "JOIN managed_objects m ON m.id = c.parent WHERE c.child = ? ORDER BY k, t, id",
+            (i, i)).fetchall()
+        d["childDevices"] = {"references": [_ref(r) for r in refs if r[2] == 0]}
+        d["deviceParents"] = {"references": [_ref(r) for r in refs if r[2] == 1]}
         return d
 
     def update_managed_object(self, mo_id: Any, data: Any) -> JSON:
@@ -534,7 +656,8 @@ class Model:
             _opt_str(data, key)
         text, _ = self.now()
         with self._tx() as db:
-            row = db.execute("SELECT * FROM managed_objects WHERE id = ?", (i,)).fetchone()
+            row = db.execute("SELECT * FROM managed_objects WHERE id = ?" + self._FOR_UPDATE,
+                             (i,)).fetchone()
             if row is None:
                 raise NotFound(f"Finding device data from database failed : No managedObject "
                                f"for id '{i}'!", "id")
@@ -570,13 +693,14 @@ class Model:
             where.append("owner = ?")
             args.append(owner)
         if fragment_type is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(fragments) WHERE key = ?)")
+            where.append(self._HAS_KEY)
             args.append(fragment_type)
         if text is not None:
-            where.append("(name LIKE ? ESCAPE '\\' OR type LIKE ? ESCAPE '\\')")
+            where.append(f"(name {self._LIKE} ? ESCAPE '\\' OR type {self._LIKE} ? ESCAPE "
+                         "'\\')")
             args += [_like(text), _like(text)]
         if ids is not None:
-            where.append("id IN (%s)" % ",".join("?" * len(ids)) if ids else "0")
+            where.append("id IN (%s)" % ",".join("?" * len(ids)) if ids else "1 = 0")
             args += ids
         return self._page("managed_objects", where, args, "id", page, self._mo_dict)
 
@@ -597,6 +721,7 @@ class Model:
         if p == c:
             raise Invalid("a managed object cannot be its own child device", "managedObject.id")
         with self._tx() as db:
+            self._lock_children(db)
             for i, field in ((p, "id"), (c, "managedObject.id")):
                 if not db.execute("SELECT 1 FROM managed_objects WHERE id = ?", (i,)).fetchone():
                     err = NotFound if field == "id" else Invalid
@@ -605,7 +730,7 @@ class Model:
             if self._is_ancestor(db, c, p):
                 raise Invalid(f"managed object {c} is a parent of {p}: child devices cannot "
                               "form a cycle", "managedObject.id")
-            db.execute("INSERT OR IGNORE INTO child_devices VALUES (?, ?, ?)",
+            db.execute("INSERT INTO child_devices VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                        (p, c, self.now()[1]))
 
     def _is_ancestor(self, db: Any, candidate: int, of: int) -> bool:
@@ -649,13 +774,15 @@ class Model:
             if not db.execute("SELECT 1 FROM managed_objects WHERE id = ?", (i,)).fetchone():
                 raise NotFound(f"Finding device data from database failed : No managedObject "
                                f"for id '{i}'!", "id")
-            row = db.execute("SELECT mo FROM external_ids WHERE type = ? AND value = ?",
-                             (xtype, value)).fetchone()
-            if row is not None and row[0] != i:
-                raise Conflict(f"External id [type={xtype}, value={value}] is already assigned "
-                               f"to managed object {row[0]}", "externalId")
-            if row is None:
-                db.execute("INSERT INTO external_ids VALUES (?, ?, ?)", (xtype, value, i))
+            # insert first, then look: another process's insert of the same ID cannot slip in
+            # between a look and an insert (PostgreSQL waits for its commit)
+            if not db.execute("INSERT INTO external_ids VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                              (xtype, value, i)).rowcount:
+                row = db.execute("SELECT mo FROM external_ids WHERE type = ? AND value = ?",
+                                 (xtype, value)).fetchone()
+                if row is not None and row[0] != i:
+                    raise Conflict(f"External id [type={xtype}, value={value}] is already "
+                                   f"assigned to managed object {row[0]}", "externalId")
         return {"externalId": value, "type": xtype, "managedObject": {"id": str(i)}}
 
     def get_external_id(self, xtype: str, value: str) -> JSON:
@@ -744,16 +871,14 @@ class Model:
                            revert: bool = False) -> tuple[list[JSON], int]:
         where, args = self._time_filters(source, type, date_from, date_to)
         if value_fragment_type is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(fragments) WHERE key = ?)")
+            where.append(self._HAS_KEY)
             args.append(value_fragment_type)
         if value_fragment_series is not None:
             if value_fragment_type is not None:
-                where.append("EXISTS (SELECT 1 FROM json_each(fragments) f, json_each(f.value) s "
-                             "WHERE f.key = ? AND f.type = 'object' AND s.key = ?)")
+                where.append(self._HAS_SERIES_OF)
                 args += [value_fragment_type, value_fragment_series]
             else:
-                where.append("EXISTS (SELECT 1 FROM json_each(fragments) f, json_each(f.value) s "
-                             "WHERE f.type = 'object' AND s.key = ?)")
+                where.append(self._HAS_SERIES)
                 args.append(value_fragment_series)
         order = "time_ms DESC, id DESC" if revert else "time_ms, id"
         return self._page("measurements", where, args, order, page, self._measurement_dict)
@@ -815,7 +940,8 @@ class Model:
         data = _need_object(data, "an event")
         text = _opt_str(data, "text")
         with self._tx() as db:
-            row = db.execute("SELECT * FROM events WHERE id = ?", (i,)).fetchone()
+            row = db.execute("SELECT * FROM events WHERE id = ?" + self._FOR_UPDATE,
+                             (i,)).fetchone()
             if row is None:
                 raise NotFound(f"Finding event from database failed : No event for id '{i}'!",
                                "id")
@@ -834,7 +960,7 @@ class Model:
                      ) -> tuple[list[JSON], int]:
         where, args = self._time_filters(source, type, date_from, date_to)
         if fragment_type is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(fragments) WHERE key = ?)")
+            where.append(self._HAS_KEY)
             args.append(fragment_type)
         # newest first, as Cumulocity lists events; revert gives oldest first
         order = "time_ms, id" if revert else "time_ms DESC, id DESC"
@@ -864,26 +990,35 @@ class Model:
         created, _ = self.now()
         with self._tx() as db:
             self._need_source(db, src)
-            open_row = db.execute("SELECT * FROM alarms WHERE source = ? AND type = ? AND "
-                                  "status != 'CLEARED' ORDER BY id DESC LIMIT 1",
-                                  (src, atype)).fetchone()
-            if open_row is not None:
-                i = open_row["id"]
-                merged = _merge(json.loads(open_row["fragments"]), frags, ())
-                if status == "CLEARED":
-                    db.execute("UPDATE alarms SET status = 'CLEARED', fragments = ? WHERE id = ?",
-                               (_dump(merged), i))
-                else:
-                    db.execute("UPDATE alarms SET count = count + 1, time = ?, time_ms = ?, "
-                               "text = ?, fragments = ? WHERE id = ?",
-                               (time_text, time_ms, text, _dump(merged), i))
-                new = False
-            else:
+            while True:
+                # the open alarm, locked (PostgreSQL) until the transaction ends; if another
+                # transaction clears it meanwhile, the lock's re-check finds no open alarm
+                open_row = db.execute("SELECT * FROM alarms WHERE source = ? AND type = ? AND "
+                                      "status != 'CLEARED' ORDER BY id DESC LIMIT 1"
+                                      + self._FOR_UPDATE, (src, atype)).fetchone()
+                if open_row is not None:
+                    i = open_row["id"]
+                    merged = _merge(json.loads(open_row["fragments"]), frags, ())
+                    if status == "CLEARED":
+                        db.execute("UPDATE alarms SET status = 'CLEARED', fragments = ? "
+                                   "WHERE id = ?", (_dump(merged), i))
+                    else:
+                        db.execute("UPDATE alarms SET count = count + 1, time = ?, time_ms = ?, "
+                                   "text = ?, fragments = ? WHERE id = ?",
+                                   (time_text, time_ms, text, _dump(merged), i))
+                    new = False
+                    break
                 i = self._next_id(db)
-                db.execute("INSERT INTO alarms VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                           (i, src, atype, text, time_text, time_ms, status, severity,
-                            time_text, created, _dump(frags)))
-                new = True
+                # PostgreSQL: a unique index on (source, type) of open alarms; when another
+                # process inserted that alarm first, this insert waits for its commit and does
+                # nothing, and the next round finds the alarm to count. SQLite: never a conflict
+                # (writers are serialised), so one round.
+                if db.execute("INSERT INTO alarms VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING",
+                              (i, src, atype, text, time_text, time_ms, status, severity,
+                               time_text, created, _dump(frags))).rowcount:
+                    new = True
+                    break
         return self.get_alarm(i), new
 
     @staticmethod
@@ -910,7 +1045,8 @@ class Model:
         if severity is not None:
             _check_enum(severity, ALARM_SEVERITIES, "severity")
         with self._tx() as db:
-            row = db.execute("SELECT * FROM alarms WHERE id = ?", (i,)).fetchone()
+            row = db.execute("SELECT * FROM alarms WHERE id = ?" + self._FOR_UPDATE,
+                             (i,)).fetchone()
             if row is None:
                 raise NotFound(f"Finding alarm from database failed : No alarm for id '{i}'!",
                                "id")
@@ -989,7 +1125,8 @@ class Model:
         if status is not None:
             _check_enum(status, OPERATION_STATUSES, "status")
         with self._tx() as db:
-            row = db.execute("SELECT * FROM operations WHERE id = ?", (i,)).fetchone()
+            row = db.execute("SELECT * FROM operations WHERE id = ?" + self._FOR_UPDATE,
+                             (i,)).fetchone()
             if row is None:
                 raise NotFound(f"Finding operation from database failed : No operation for id "
                                f"'{i}'!", "id")
@@ -1021,7 +1158,7 @@ class Model:
                          "WHERE parent = ?))")
             args += [agent, agent]
         if fragment_type is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(fragments) WHERE key = ?)")
+            where.append(self._HAS_KEY)
             args.append(fragment_type)
         order = "creation_ms DESC, id DESC" if revert else "creation_ms, id"
         return self._page("operations", where, args, order, page, self._operation_dict)
@@ -1034,11 +1171,11 @@ class Model:
         _check_enum(status, REQUEST_STATUSES, "status")
         created, ms = self.now()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM device_requests WHERE id = ?",
-                          (request_id,)).fetchone():
+            # one statement, so that two processes cannot both find no request and insert
+            if not db.execute("INSERT INTO device_requests VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING",
+                              (request_id, status, created, ms, _dump(extra or {}))).rowcount:
                 raise Conflict(f"A new device request for {request_id} exists already", "id")
-            db.execute("INSERT INTO device_requests VALUES (?, ?, ?, ?, ?)",
-                       (request_id, status, created, ms, _dump(extra or {})))
         return self.get_device_request(request_id)
 
     @staticmethod
@@ -1064,7 +1201,7 @@ class Model:
         own bootstrap and bulk registration); `extra` fragments are merged."""
         _check_enum(status, REQUEST_STATUSES, "status")
         with self._tx() as db:
-            row = db.execute("SELECT * FROM device_requests WHERE id = ?",
+            row = db.execute("SELECT * FROM device_requests WHERE id = ?" + self._FOR_UPDATE,
                              (request_id,)).fetchone()
             if row is None:
                 raise NotFound(f"New device request {request_id} not found", "id")
@@ -1098,7 +1235,8 @@ class Model:
         i = parse_id(mo_id)
         with self._tx() as db:
             db.execute("INSERT INTO last_messages VALUES (?, ?) ON CONFLICT(mo) DO UPDATE SET "
-                       "time_ms = max(time_ms, excluded.time_ms)", (i, time_ms))
+                       f"time_ms = {self._GREATEST}(last_messages.time_ms, excluded.time_ms)",
+                       (i, time_ms))
 
     def last_message(self, mo_id: Any) -> int | None:
         """Epoch milliseconds of the device's last recorded message, or None."""
@@ -1107,30 +1245,38 @@ class Model:
 
     # -- applied messages (connector.py) ------------------------------------------------------
 
-    def note_applied(self, mid: int, digest: bytes) -> None:
-        """Record that the broker's message `mid` (with this digest of topic and payload) took
-        effect; call it inside the atomic() block that holds the effect."""
+    def note_applied(self, mid: int, digest: bytes, client: str = SINGLE_CONNECTOR) -> None:
+        """Record that the broker's message `mid` of the session `client` (with this digest of
+        topic and payload) took effect; call it inside the atomic() block that holds the
+        effect."""
         with self._tx() as db:
-            db.execute("INSERT INTO applied_messages VALUES (?, ?) ON CONFLICT(mid) DO UPDATE "
-                       "SET digest = excluded.digest", (mid, digest))
+            db.execute("INSERT INTO applied_messages VALUES (?, ?, ?) ON CONFLICT(client, mid) "
+                       "DO UPDATE SET digest = excluded.digest", (client, mid, digest))
 
-    def applied_messages(self) -> dict[int, bytes]:
-        """Every recorded message: mid -> digest."""
-        return {int(r[0]): bytes(r[1]) for r in self._read("SELECT mid, digest FROM "
-                                                           "applied_messages")}
+    def applied_messages(self, client: str = SINGLE_CONNECTOR) -> dict[int, bytes]:
+        """Every recorded message of the session `client`: mid -> digest."""
+        return {int(r[0]): bytes(r[1]) for r in self._read(
+            "SELECT mid, digest FROM applied_messages WHERE client = ?", (client,))}
 
-    def forget_applied(self, done: list[tuple[int, bytes | None]]) -> None:
-        """Drop records: (mid, digest) drops it if it still has that digest, (mid, None) in any
-        case."""
+    def forget_applied(self, done: list[tuple[int, bytes | None]],
+                       client: str = SINGLE_CONNECTOR) -> None:
+        """Drop records of the session `client`: (mid, digest) drops it if it still has that
+        digest, (mid, None) in any case."""
         if not done:
             return
         with self._tx() as db:
             for mid, digest in done:
                 if digest is None:
-                    db.execute("DELETE FROM applied_messages WHERE mid = ?", (mid,))
+                    db.execute("DELETE FROM applied_messages WHERE client = ? AND mid = ?",
+                               (client, mid))
                 else:
-                    db.execute("DELETE FROM applied_messages WHERE mid = ? AND digest = ?",
-                               (mid, digest))
+                    db.execute("DELETE FROM applied_messages WHERE client = ? AND mid = ? "
+                               "AND digest = ?", (client, mid, digest))
+
+    def forget_session(self, client: str) -> None:
+        """Drop every record of the session `client` (it was deleted at the broker)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM applied_messages WHERE client = ?", (client,))
 
     # -- device credentials -------------------------------------------------------------------
 

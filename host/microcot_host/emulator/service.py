@@ -11,6 +11,7 @@ as the real platform's single broker URL. Everything that must survive a restart
     connection.json        where to connect, with the passwords (0600, rewritten on every start)
     emulator-secrets.json  the admin's and the bootstrap user's passwords (0600, made once)
     platform.sqlite        the platform's data (model.py), engine and connector state included
+                           (not made with `database_url`: the data is in PostgreSQL then)
     binaries/              the content of /inventory/binaries, one file per managed object id
     connector.key          the key that encrypts stored bootstrap secrets (0600, bootstrap.py)
     bootstrap-sessions.json  the bootstrap user's persistent sessions (0600, front_bootstrap.py)
@@ -32,6 +33,11 @@ NOW and availability, so tests can move time.
 
 The broker is a child process that gets SIGTERM when the thread that started it ends (broker.py):
 start the emulator from a thread that lives as long as it should, normally the main thread.
+
+`database_url="postgresql://..."` keeps the platform's data in PostgreSQL instead of
+platform.sqlite (model_pg.py): for many worker processes, and for several emulators sharing one
+database (docs/guides/emulator-scaling.md says what that does and does not share). The URL's
+password is never logged; `database` is the URL without it.
 """
 
 from __future__ import annotations
@@ -56,12 +62,15 @@ from .api import Api
 from .binaries import DEFAULT_MAX_SIZE, BinaryStore
 from .broker import Broker
 from .certs import TlsFiles, ensure_ca_and_server, server_ssl_context
-from .connector import Connector
+from .connector import TOPICS, Connector
 from .engine import Engine
 from .front import Front, server_context
 from .front_bootstrap import BootstrapHub
 from .http import RestServer
-from .model import Model
+from .model import Model, is_database_url, open_model
+from .model_pg import StoreError, display
+from .sessions import delete_session, layout, settle
+from .workers import BrokerAccess, SubscribingSink, WorkerConfig, Workers
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +101,14 @@ class Emulator:
                  host: str = "127.0.0.1", tenant: str = "t-emulator", workers: int = 4,
                  max_message: int = 64 * 1024, https: bool = True, https_port: int = 0,
                  max_binary: int = DEFAULT_MAX_SIZE, clock: Callable[[], float] = time.time,
-                 availability_interval: float = 10.0, names: tuple[str, ...] = ()) -> None:
+                 availability_interval: float = 10.0, names: tuple[str, ...] = (),
+                 worker_processes: int = 1, database_url: str | None = None) -> None:
         """host: the address to listen on (0.0.0.0 for every IPv4 address); names: the host
         names and addresses real boards use to reach this machine. The server certificate
         carries them all (with localhost, 127.0.0.1 and ::1); the first is what connection.json
-        tells devices."""
+        tells devices. workers: threads per connector; worker_processes: connector processes
+        (workers.py; 1 is the single connector in this process). database_url: a
+        postgresql:// URL for the platform's data instead of platform.sqlite in data_dir."""
         self._temp = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="microcot-emulator-") if data_dir is None
                              else data_dir).resolve()
@@ -112,6 +124,16 @@ class Emulator:
                                 "to reach this machine (--host NAME), for the certificate")
         self.tenant = tenant
         self.workers = workers
+        if worker_processes < 1:
+            raise EmulatorError("at least one worker process")
+        if worker_processes > 1 and clock is not time.time:
+            # worker processes keep their own time; a moved clock would differ between them
+            raise EmulatorError("a clock of its own needs worker_processes=1")
+        self.worker_processes = worker_processes
+        if database_url is not None and not is_database_url(database_url):
+            raise EmulatorError("database_url: a postgresql:// URL (SQLite is the default, in "
+                                "the data directory)")
+        self._database_url = database_url
         self.max_message = max_message
         self.https = https
         self.https_port = https_port
@@ -128,6 +150,7 @@ class Emulator:
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self.connector: Connector | None = None
+        self.pool: Workers | None = None           # worker processes (worker_processes > 1)
         self.connection: dict[str, Any] = {}
 
     # -- paths --------------------------------------------------------------------------------
@@ -155,6 +178,21 @@ class Emulator:
         """The names and addresses the server certificate carries."""
         dns, ips = self._cert_names()
         return [*dns, *ips]
+
+    @property
+    def database(self) -> str:
+        """Where the platform's data is: the SQLite file, or the URL without its password."""
+        if self._database_url is not None:
+            return display(self._database_url)
+        return str(self._sqlite_file)
+
+    @property
+    def _sqlite_file(self) -> Path:
+        return self.data_dir / "platform.sqlite"
+
+    def _store(self) -> str:
+        """What open_model and the worker processes open (the URL with its password)."""
+        return self._database_url or str(self._sqlite_file)
 
     @property
     def connection_file(self) -> Path:
@@ -193,10 +231,23 @@ class Emulator:
         try:
             self.broker = self._start_broker()
             tls = self._tls_files()
-            self.model = Model(self.data_dir / "platform.sqlite", clock=self.clock)
-            self.api = Api(self.model, credentials=self.broker, tenant=self.tenant,
+            try:
+                self.model = open_model(self._store(), clock=self.clock,
+                                        shared=self.worker_processes > 1)
+            except StoreError as exc:
+                raise EmulatorError(str(exc)) from None
+            # before anything can reach the broker: sessions of another layout are served and
+            # deleted (sessions.py)
+            self._settle_sessions()
+            several = self.worker_processes > 1
+            sink: Any = self.broker
+            if several:
+                self.pool = self._start_workers()
+                sink = SubscribingSink(self.broker, self.pool)
+            self.api = Api(self.model, credentials=sink, tenant=self.tenant,
                            binaries=BinaryStore(self.data_dir / "binaries", self.max_binary))
-            self.engine = Engine(self.api, max_body=self.max_message, clock=self.clock)
+            self.engine = Engine(self.api, max_body=self.max_message, clock=self.clock,
+                                 shared=several)
             self.rest = self._start_rest(passwords["admin_password"], previous.get("http_port"),
                                          self.http_port)
             if self.https:
@@ -206,10 +257,17 @@ class Emulator:
             # before the connector: the relay must hold sr/+ before anything is answered on it
             self.front = self._start_front(passwords["bootstrap_password"],
                                            previous.get("mqtt_port"), tls)
+            pool = self.pool
             connector = Connector(self.broker, self.api, self.engine,
                                   auto_accept=self.auto_accept,
                                   key_file=self.data_dir / "connector.key",
-                                  max_message=self.max_message, workers=self.workers)
+                                  max_message=self.max_message, workers=self.workers,
+                                  # with workers: bootstrap here, device messages there
+                                  topics=TOPICS if pool is None else ("ss/+",),
+                                  owns=None if pool is None else (lambda user: False),
+                                  route_operation=None if pool is None else pool.operation)
+            if pool is not None:
+                connector.bootstrap.on_issued = pool.issued
             connector.on_device_message = self._device_active
             connector.start()
             self.connector = connector
@@ -229,8 +287,8 @@ class Emulator:
             "bootstrap_password": passwords["bootstrap_password"],
         }
         write_private(self.connection_file, json.dumps(self.connection, indent=2) + "\n")
-        log.info("emulator running: MQTT %s:%d, REST %s, data %s", self.public_host,
-                 self.front.port, self.rest.url, self.data_dir)
+        log.info("emulator running: MQTT %s:%d, REST %s, data %s, database %s",
+                 self.public_host, self.front.port, self.rest.url, self.data_dir, self.database)
 
     def stop(self) -> None:
         self._stop_parts()
@@ -254,6 +312,12 @@ class Emulator:
                 connector.stop()
             except Exception:
                 log.exception("stopping the connector failed")
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                pool.stop()
+            except Exception:
+                log.exception("stopping the worker processes failed")
         for rest in (self.rest, self.rest_tls):
             if rest is not None:
                 rest.stop()
@@ -274,6 +338,56 @@ class Emulator:
             raise EmulatorError(f"{self.bootstrap_user!r} is a device; it cannot be the "
                                 "bootstrap user")
         return broker
+
+    def _settle_sessions(self) -> None:
+        """Serve and delete the connector sessions of an earlier layout (sessions.py), with an
+        Api and Engine of their own whose hooks nobody else fires."""
+        assert self.broker is not None and self.model is not None
+        broker = self.broker
+        api = Api(self.model, credentials=broker, tenant=self.tenant,
+                  binaries=BinaryStore(self.data_dir / "binaries", self.max_binary),
+                  admin_user=self.admin_user)
+        engine = Engine(api, max_body=self.max_message, clock=self.clock)
+
+        def active(user: str) -> None:
+            mo = engine.device_mo_id(user)
+            if mo is not None:
+                api.record_message(mo)
+
+        def make(client_id: str) -> Connector:
+            c = Connector(broker, api, engine, client_id=client_id, topics=(),
+                          owns=lambda user: False, auto_accept=self.auto_accept,
+                          key_file=self.data_dir / "connector.key",
+                          max_message=self.max_message, workers=self.workers)
+            c.on_device_message = active
+            return c
+
+        settle(self.model, layout(self.worker_processes), make,
+               lambda client_id: delete_session(broker, client_id))
+
+    def _start_workers(self) -> Workers:
+        assert self.broker is not None and self.model is not None
+        broker = self.broker
+        access = BrokerAccess.of(broker)
+        n = self.worker_processes
+        level = logging.getLogger().getEffectiveLevel()
+
+        def config(k: int, devices: tuple[str, ...]) -> WorkerConfig:
+            # no key file: a worker never keeps bootstrap secrets (the main process does), and
+            # two processes must not both create the one key
+            return WorkerConfig(k, n, self._store(),
+                                str(self.data_dir / "binaries"), self.max_binary, self.tenant,
+                                self.admin_user, self.max_message, self.workers, "", access,
+                                devices, level)
+
+        pool = Workers(n, config, lambda: sorted(broker.device_ids()),
+                       on_active=self._device_active, on_forget=self._forget_collection)
+        pool.start()
+        return pool
+
+    def _forget_collection(self, xid: str) -> None:
+        if self.engine is not None:
+            self.engine.forget(xid)
 
     def _tls_files(self) -> TlsFiles:
         dns, ips = self._cert_names()
@@ -442,6 +556,9 @@ class Emulator:
             api.issue_credentials_many(pairs, source="emulator")
             return
         log.info("adding %d devices: Mosquitto restarts with them in its file", len(pairs))
+        sink = api.credentials
+        if isinstance(sink, SubscribingSink):  # workers subscribe while the broker is up
+            sink.subscribe([device_id for device_id, _ in pairs])
         with broker.changes:
             broker.stop()
             try:

@@ -11,6 +11,7 @@ import click
 
 from .. import boards, transport
 from .. import ports as ports_mod
+from ..cliopts import HELP
 from . import FlashError, Running, resolve_firmware, wait_for_repl
 from . import esp as esp_flash
 from . import uf2 as uf2_flash
@@ -55,7 +56,7 @@ def resolve_ports(specs: tuple[str, ...]) -> list[str]:
         raise FlashError(f"{exc}; nothing was written") from None
 
 
-@click.command("flash")
+@click.command("flash", context_settings=HELP)
 @click.option("--board", "-b", "board_name", envvar="MICROCOT_BOARD", required=True,
               help="board file name (boards/*.toml), e.g. esp32-generic or rp2-pico-w")
 @ports_mod.port_option()

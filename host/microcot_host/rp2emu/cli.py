@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..cliopts import HELP
 from ..fidelity import FidelityMissing
 from ..vboard.serve import serve
 from .board import BoardStartError, EmulatedRP2040, parse_uid
@@ -20,7 +21,7 @@ def _uid(_ctx: click.Context, _param: click.Parameter, value: str | None) -> byt
         raise click.BadParameter(str(exc)) from None
 
 
-@click.command("rp2")
+@click.command("rp2", context_settings=HELP)
 @click.option("--firmware", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="the rp2 MicroPython UF2 (default: the RPI_PICO_W build found through "
                    "MICROCOT_FIDELITY_DIR)")

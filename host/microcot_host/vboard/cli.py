@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from ..cliopts import HELP
 from .board import BoardStartError, VirtualBoard, parse_heap, parse_mac
 from .serve import serve
 
 
-@click.group("board")
+@click.group("board", context_settings=HELP)
 def board() -> None:
     """Boards without hardware."""
 
