@@ -10,7 +10,7 @@ rows against a second server; TLS 1.2+/1.3 as negotiated, the server certificate
 microcot.ws runs with its defaults but keep_alive=False (websocket-client sends no pings
 either) and max_recv_frame_size raised to the message size above 64 KiB (the server echoes a
 message as one frame). MicroPython runs with the port's default heap (2 MB on 64-bit, 1 MB on
-i386) unless a size needs more (1 MiB: 4 MiB, see mp_heap()); the i386 model is a model of the
+i386) unless a size needs more (1 MiB: 5 MiB, see mp_heap()); the i386 model is a model of the
 ESP32's CPU and object sizes here, not of its heap.
 
 What: for each size, COUNT round trips of a binary message, one in flight (send, wait for the
@@ -79,11 +79,12 @@ DEFAULT_MSG = 0x100000  # and max_recv_msg_size
 def mp_heap(size: int) -> int | None:
     """-X heapsize for a MicroPython client echoing `size` bytes: None (the port's default, 2 MB
     on the 64-bit port, 1 MB on i386) while the echo fits it; else room for the message, the
-    client's buffer of that size and, while that buffer grows, the half-size one it replaces.
-    (MicroPython allocates more slowly in a larger heap: gc_alloc searches from the first free
-    block, so the heap is not made larger than a size needs.)"""
-    need = 3 * size + (512 << 10)
-    return None if need <= (1 << 20) else 1 << (need - 1).bit_length()
+    client's buffer of that size and, while that buffer grows (by 16 KiB at a time past 16 KiB,
+    wsframe.Reader.GROW_MAX), the one it replaces, with as much again for fragmentation, in
+    whole MiB (5 MiB for 1 MiB; 4 MiB failed). MicroPython allocates more slowly in a larger
+    heap (gc_alloc searches from the first free block), so it is no larger than a size needs."""
+    need = 4 * size + (512 << 10)
+    return None if need <= (1 << 20) else -(-need // (1 << 20)) << 20
 
 
 @dataclass
