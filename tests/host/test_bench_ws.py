@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from microcot_host.vboard.board import BoardStartError, find_micropython
+
 pytest.importorskip("websocket")
 pytest.importorskip("websockets")
+try:
+    find_micropython()
+except BoardStartError as e:
+    pytest.skip(str(e), allow_module_level=True)
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "ws.py"
 
