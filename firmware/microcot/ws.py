@@ -229,6 +229,8 @@ class WebSocketClient:
         self._discard = False
         self._uexc = None
         self.handler_error = None  # the last exception raised by a handler
+        self._keys = b""
+        self._ki = 0
 
     @property
     def active(self):
@@ -540,9 +542,12 @@ class WebSocketClient:
             raise
 
     def _write_all(self, mv):
-        t0 = ticks_ms()
-        i = 0
+        i = self._write(mv)
         n = len(mv)
+        if i == n:  # the usual case: the socket took it all
+            return
+        i = i or 0
+        t0 = ticks_ms()
         while i < n:
             k = self._write(mv[i:])
             if k is None:
@@ -563,7 +568,12 @@ class WebSocketClient:
         if len(self._tx) < c + 14:
             self._tx = bytearray(c + 14)
         tx = self._tx
-        key = urandom(4)
+        k = self._ki
+        if k >= len(self._keys):  # masking keys come 16 at a time: one urandom call
+            self._keys = urandom(64)
+            k = 0
+        self._ki = k + 4
+        key = self._keys[k:k + 4]
         _, h = F.header(op, n, fin, rsv1, key, tx)
         i = 0
         while True:
@@ -720,11 +730,18 @@ class WebSocketClient:
                     return
             if self._pending is not None and self._deliver(*self._pending):
                 return
+            waited = False
+            if wait_ms and self._s is self._raw and self._rs >= self._re:
+                # plain TCP, nothing buffered here: the kernel knows whether data waits, and
+                # a read that finds nothing costs as much as this wait
+                self._poll.poll(wait_ms)
+                waited = True
             got = self._receive()
             if self._ph >= _OPEN:
                 self._timers()
-            if not got and wait_ms and self._ph != _IDLE and self._pending is None:
-                self._poll.poll(wait_ms)
+            if not (got or waited) and wait_ms and self._ph != _IDLE and self._pending is None \
+                    and self._poll.poll(wait_ms):
+                self._receive()  # what came while waiting is taken now, not a call later
         except Exception as e:
             self._failed(e)
 
