@@ -231,6 +231,9 @@ class WebSocketClient:
         self.handler_error = None  # the last exception raised by a handler
         self._keys = b""
         self._ki = 0
+        self._rxv = None
+        self._cv = None  # the last content view given to on_message, and its buffer
+        self._cvb = None
 
     @property
     def active(self):
@@ -373,6 +376,7 @@ class WebSocketClient:
                 raise _conn_fail(e)
         if self._rx is None:
             self._rx = bytearray(RX_SIZE)
+            self._rxv = memoryview(self._rx)
         self._rs = self._re = 0
         self._poll = select.poll()
         self._poll.register(s, _POLLOUT)
@@ -781,7 +785,11 @@ class WebSocketClient:
     def _deliver(self, content, ctype):
         """Hand a message to on_message; True when it asked to get it again."""
         self._pending = None
-        r = self._user(self.on_message, content, ctype)
+        try:  # not through _user(): no bound method and argument tuple per message
+            r = self.on_message(content, ctype)
+        except Exception as e:
+            self._uexc = e
+            raise
         if r == S_FALSE and r is not True:
             self._pending = (content, ctype)
             self._last_rx = ticks_ms()
@@ -789,8 +797,11 @@ class WebSocketClient:
         return False
 
     def _receive(self):
+        """Read and dispatch until the socket has nothing more, a handler asks to stop, or a
+        message was delivered with nothing left in the receive buffer (the next execute()
+        reads on: no read that would find nothing after each message)."""
         rd = self._reader
-        rx = self._rx
+        rxv = self._rxv
         budget = 4 * RX_SIZE + self._c.max_recv_frame_size
         got = False
         while budget > 0 and self._ph >= _OPEN:
@@ -798,17 +809,20 @@ class WebSocketClient:
                 if self._discard:
                     self._rs = self._re
                     continue
-                used, ev = rd.feed(memoryview(rx)[self._rs:self._re])
-                self._rs += used
-                if ev and self._event(ev):
-                    return True
+                self._rs = rd.take(rxv, self._rs, self._re)
+                ev = rd.ev
+                if ev:
+                    if self._event(ev):
+                        return True
+                    if ev == F.EV_MSG and self._rs >= self._re:
+                        return True
                 continue
             t = None if self._discard else rd.target()
             if t is not None and len(t) >= 512:
                 n = self._read(t)
             else:
                 t = None
-                n = self._read(memoryview(rx))
+                n = self._read(rxv)
             if n is None:
                 break
             if n == 0:
@@ -822,18 +836,37 @@ class WebSocketClient:
                 self._rs = 0
                 self._re = n
             else:
-                ev = rd.got(n)
-                if ev and self._event(ev):
-                    return True
+                ev = rd.put(n)
+                if ev:
+                    if self._event(ev):
+                        return True
+                    if ev == F.EV_MSG:
+                        return True
         return got
 
-    def _event(self, ev):
-        """Act on a reader event; True to stop reading for this cycle."""
-        kind = ev[0]
-        if kind == "msg":
-            _, op, n, comp = ev
-            content = memoryview(self._reader.buf)[:n]
-            if comp:
+    def _content(self, n):
+        """A memoryview of the first n bytes of the message buffer, the last one reused for a
+        message of the same size in the same buffer of at most RX_SIZE (no allocation)."""
+        buf = self._reader.buf
+        v = self._cv
+        if v is None or self._cvb is not buf or len(v) != n:
+            v = memoryview(buf)[:n]
+            if len(buf) > RX_SIZE:  # kept only when small: a kept view holds its buffer,
+                self._cv = None  # which the reader may have replaced with a larger one
+                self._cvb = None
+                return v
+            self._cv = v
+            self._cvb = buf
+        return v
+
+    def _event(self, kind):
+        """Act on a reader event (its kind, the fields on the reader); True to stop reading
+        for this cycle."""
+        rd = self._reader
+        if kind == F.EV_MSG:
+            op = rd.ev_op
+            content = self._content(rd.ev_n)
+            if rd.ev_comp:
                 content = self._infl.inflate(content, self._c.max_recv_msg_size)
                 if op == F.OP_TEXT and not F.valid_utf8(content):
                     raise F.ProtocolError(F.CLOSE_INVALID_DATA, F.WS_STATUS_PROTOCOL_ERROR,
@@ -841,14 +874,14 @@ class WebSocketClient:
             if self._ph != _OPEN:
                 return False  # closing: late data is dropped
             return self._deliver(content, F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY)
-        if kind == "ping":
+        if kind == F.EV_PING:
             if self._ph == _OPEN:
-                self._frame(F.OP_PONG, ev[1])
+                self._frame(F.OP_PONG, rd.ev_payload)
             return False
-        if kind == "pong":
+        if kind == F.EV_PONG:
             return False
         # close
-        code, reason = ev[1], ev[2]
+        code, reason = rd.ev_code, rd.ev_reason
         if self._ph == _OPEN:
             self.connected = False
             self.state = F.WS_STATUS_FINALIZE_DISCONNECT
