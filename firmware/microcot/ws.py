@@ -219,6 +219,7 @@ class WebSocketClient:
         self._raw = None
         self._s = None
         self._poll = None
+        self._ipoll = None
         self._rx = None
         self._tx = bytearray(0)
         self._reader = None
@@ -232,6 +233,9 @@ class WebSocketClient:
         self._keys = b""
         self._ki = 0
         self._rxv = None
+        self._txv = memoryview(self._tx)
+        self._txs = None
+        self._kb = bytearray(4)  # the masking key of a frame sent by _small()
         self._cv = None  # the last content view given to on_message, and its buffer
         self._cvb = None
 
@@ -379,6 +383,7 @@ class WebSocketClient:
             self._rxv = memoryview(self._rx)
         self._rs = self._re = 0
         self._poll = select.poll()
+        self._ipoll = getattr(self._poll, "ipoll", None)  # bound once: no allocation per wait
         self._poll.register(s, _POLLOUT)
         self._ph = _TCP
         self._t0 = ticks_ms()
@@ -571,6 +576,8 @@ class WebSocketClient:
         c = n if n < TX_CHUNK else TX_CHUNK
         if len(self._tx) < c + 14:
             self._tx = bytearray(c + 14)
+            self._txv = memoryview(self._tx)
+            self._txs = None
         tx = self._tx
         k = self._ki
         if k >= len(self._keys):  # masking keys come 16 at a time: one urandom call
@@ -590,6 +597,33 @@ class WebSocketClient:
             h = 0
             c = n - i if n - i < TX_CHUNK else TX_CHUNK
 
+    def _small(self, op, data, n, rsv1):
+        """_frame() for a whole message of at most TX_CHUNK bytes in one frame: the key copied
+        into a kept 4-byte buffer, the payload straight into the send buffer."""
+        tx = self._tx
+        if len(tx) < n + 14:
+            tx = self._tx = bytearray(n + 14)
+            self._txv = memoryview(tx)
+            self._txs = None
+        k = self._ki
+        if k >= len(self._keys):
+            self._keys = urandom(64)
+            k = 0
+        self._ki = k + 4
+        keys = self._keys
+        kb = self._kb
+        kb[0] = keys[k]
+        kb[1] = keys[k + 1]
+        kb[2] = keys[k + 2]
+        kb[3] = keys[k + 3]
+        h = F.put_header(tx, op, n, True, rsv1, kb)
+        tx[h:h + n] = data
+        F.mask(tx, h, h + n, kb)
+        v = self._txs  # the last frame's view of the send buffer, reused for the same length
+        if v is None or len(v) != h + n:
+            v = self._txs = self._txv[:h + n]
+        self._write_all(v)
+
     # --- sending ---------------------------------------------------------------------------------
 
     def send_message(self, data, text=True, compress=False):
@@ -607,10 +641,18 @@ class WebSocketClient:
         if compress and self._defl is not None and self._defl.ok:
             data = self._defl.deflate(data)
             comp = True
-        mv = memoryview(data)
-        n = len(mv)
+        n = len(data)
         fs = self._c.max_send_frame_size or n or 1
         op = F.OP_TEXT if text else F.OP_BINARY
+        if n <= fs and n <= TX_CHUNK:  # one frame through the send buffer, no slices
+            try:
+                self._small(op, data, n, comp)
+            except OSError as e:
+                self._lost(e)
+                return False
+            self.sent_compressed = comp
+            return True
+        mv = memoryview(data)
         i = 0
         try:
             while True:
@@ -699,6 +741,7 @@ class WebSocketClient:
                 pass
         self._raw = None
         self._poll = None
+        self._ipoll = None
         self._ph = _IDLE
         self.connected = False
 
@@ -738,16 +781,26 @@ class WebSocketClient:
             if wait_ms and self._s is self._raw and self._rs >= self._re:
                 # plain TCP, nothing buffered here: the kernel knows whether data waits, and
                 # a read that finds nothing costs as much as this wait
-                self._poll.poll(wait_ms)
+                self._wait(wait_ms)
                 waited = True
             got = self._receive()
             if self._ph >= _OPEN:
                 self._timers()
             if not (got or waited) and wait_ms and self._ph != _IDLE and self._pending is None \
-                    and self._poll.poll(wait_ms):
+                    and self._wait(wait_ms):
                 self._receive()  # what came while waiting is taken now, not a call later
         except Exception as e:
             self._failed(e)
+
+    def _wait(self, ms):
+        """Wait up to ms for the socket to be readable; True when it is. Through ipoll()
+        where there is one (MicroPython): it reuses its result, poll() allocates a list."""
+        ip = self._ipoll
+        if ip is None:
+            return bool(self._poll.poll(ms))
+        for _ in ip(ms):
+            return True
+        return False
 
     def _failed(self, e):
         """The documented state for an exception out of a cycle."""
@@ -901,7 +954,7 @@ class WebSocketClient:
     def _timers(self):
         c = self._c
         now = ticks_ms()
-        if self._ph in (_CLOSING, _DRAIN):
+        if self._ph >= _CLOSING:  # _CLOSING or _DRAIN (not `in` a tuple: built on each call)
             # _CLOSING: our Close is out, the server's awaited for close_timeout. _DRAIN: both
             # are through; the server should now close TCP, but one behind TLS may wait for us
             # (it cannot half-close), so we close after DRAIN_MS (RFC 6455 7.1.1 allows it).

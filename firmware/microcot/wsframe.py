@@ -290,6 +290,12 @@ def header(op, n, fin=True, rsv1=False, key=None, buf=None):
     frame). Written into `buf` (at least 14 bytes) when given; returns (buf, header length)."""
     if buf is None:
         buf = bytearray(14)
+    return buf, put_header(buf, op, n, fin, rsv1, key)
+
+
+def put_header(buf, op, n, fin, rsv1, key):
+    """header() written into buf; returns its length (no tuple: the send path allocates
+    nothing)."""
     buf[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | op
     m = 0x80 if key else 0
     if n < 126:
@@ -306,7 +312,7 @@ def header(op, n, fin=True, rsv1=False, key=None, buf=None):
     if key:
         buf[i:i + 4] = key
         i += 4
-    return buf, i
+    return i
 
 
 def encode(op, payload=b"", fin=True, rsv1=False, key=None):
@@ -399,6 +405,29 @@ def mask_py(buf, start, end, key):
         buf[i] ^= key[j & 3]
         i += 1
         j += 1
+
+
+_COPY_VIPER = """
+@micropython.viper
+def vcopy(dst: ptr8, d: int, src: ptr8, s: int, n: int):
+    i = 0
+    while i < n:
+        dst[d + i] = src[s + i]
+        i += 1
+"""
+_vc = None
+
+
+def copy(dst, d, src, s, n):
+    """dst[d:d + n] = src[s:s + n] for a short run, without the slice object (MicroPython:
+    a viper loop; the slices elsewhere)."""
+    global _vc
+    if _vc is None:
+        _vc = _viper(_COPY_VIPER, "vcopy") if _MP else False
+    if _vc:
+        _vc(dst, d, src, s, n)
+    else:
+        dst[d:d + n] = src[s:s + n]
 
 
 def mask(buf, start, end, key):
@@ -787,7 +816,7 @@ class Reader:
                     self._room(ln)
                     self.rem = -1
                 j = i + 2
-                self.buf[:ln] = b[j:j + ln]
+                copy(self.buf, 0, b, j, ln)
                 if b0 == 0x81:
                     u = self.utf8
                     u.reset()
