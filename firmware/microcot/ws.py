@@ -103,6 +103,11 @@ S_FALSE = 1  # on_message: deliver the same message again on the next execute()
 
 RX_SIZE = 4096  # receive buffer; also the largest handshake answer head
 TX_CHUNK = 4096  # send buffer (plus a header): larger frames are masked and written in chunks
+# masking keys fetched per urandom() call. Few calls, not only for their cost: the bytes object
+# urandom returns is garbage that lands between the call frames MicroPython allocates on the heap
+# (functions with more than 11 words of state) and makes each later frame's allocation scan past
+# it; echoing 16 B, 16 keys a call cost 51k instructions per echo in gc_alloc, 64 about 13k.
+KEYS = 64
 DRAIN_MS = 500  # after both Close frames, how long the server's TCP close is awaited
 _EAGAIN = (11, 35, 115, 36, 114, 119)  # EAGAIN/EWOULDBLOCK/EINPROGRESS/EALREADY on Linux, BSD
 _POLLOUT = 4
@@ -580,8 +585,8 @@ class WebSocketClient:
             self._txs = None
         tx = self._tx
         k = self._ki
-        if k >= len(self._keys):  # masking keys come 16 at a time: one urandom call
-            self._keys = urandom(64)
+        if k >= len(self._keys):  # masking keys come KEYS at a time: one urandom call
+            self._keys = urandom(4 * KEYS)
             k = 0
         self._ki = k + 4
         key = self._keys[k:k + 4]
@@ -607,7 +612,7 @@ class WebSocketClient:
             self._txs = None
         k = self._ki
         if k >= len(self._keys):
-            self._keys = urandom(64)
+            self._keys = urandom(4 * KEYS)
             k = 0
         self._ki = k + 4
         keys = self._keys
