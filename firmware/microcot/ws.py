@@ -555,8 +555,10 @@ class WebSocketClient:
                 return None
             raise
 
-    def _write_all(self, mv):
-        i = self._write(mv)
+    def _write_all(self, mv, i=-1):
+        """Write all of mv, i bytes of which are written already (-1: none tried yet)."""
+        if i < 0:
+            i = self._write(mv)
         n = len(mv)
         if i == n:  # the usual case: the socket took it all
             return
@@ -621,13 +623,21 @@ class WebSocketClient:
         kb[1] = keys[k + 1]
         kb[2] = keys[k + 2]
         kb[3] = keys[k + 3]
-        h = F.put_header(tx, op, n, True, rsv1, kb)
+        if n < 126:  # put_header()'s case inline: a call frame less
+            tx[0] = 0xC0 | op if rsv1 else 0x80 | op
+            tx[1] = 0x80 | n
+            tx[2:6] = kb
+            h = 6
+        else:
+            h = F.put_header(tx, op, n, True, rsv1, kb)
         tx[h:h + n] = data
         F.mask(tx, h, h + n, kb)
         v = self._txs  # the last frame's view of the send buffer, reused for the same length
         if v is None or len(v) != h + n:
             v = self._txs = self._txv[:h + n]
-        self._write_all(v)
+        w = self._write(v)
+        if w != h + n:
+            self._write_all(v, w or 0)
 
     # --- sending ---------------------------------------------------------------------------------
 
