@@ -145,6 +145,19 @@ def _errno(e):
         return 0
 
 
+def _read_error(e):
+    """What a read that raised e returns: None when nothing is available now, 0 at a TLS
+    close; else e is raised."""
+    if isinstance(e, _AGAIN):
+        return None
+    if isinstance(e, OSError):
+        if _errno(e) in _EAGAIN:
+            return None
+        if ssl is not None and not _MP and isinstance(e, ssl.SSLZeroReturnError):
+            return 0
+    raise e
+
+
 def _tls_error(e, c):
     from microcot import hal, wstls
 
@@ -534,14 +547,8 @@ class WebSocketClient:
             if _MP:
                 return self._s.readinto(mv)
             return self._s.recv_into(mv)
-        except _AGAIN:
-            return None
-        except OSError as e:
-            if _errno(e) in _EAGAIN:
-                return None
-            if ssl is not None and not _MP and isinstance(e, ssl.SSLZeroReturnError):
-                return 0
-            raise
+        except Exception as e:
+            return _read_error(e)
 
     def _write(self, mv):
         try:
@@ -886,11 +893,15 @@ class WebSocketClient:
                         return True
                 continue
             t = None if self._discard else rd.target()
-            if t is not None and len(t) >= 512:
-                n = self._read(t)
-            else:
+            if t is not None and len(t) < 512:
                 t = None
-                n = self._read(rxv)
+            try:  # _read() inline: a heap-allocated call frame less per read
+                if _MP:
+                    n = self._s.readinto(rxv if t is None else t)
+                else:
+                    n = self._s.recv_into(rxv if t is None else t)
+            except Exception as e:
+                n = _read_error(e)
             if n is None:
                 break
             if n == 0:
@@ -941,7 +952,19 @@ class WebSocketClient:
                                           "text message is not valid UTF-8")
             if self._ph != _OPEN:
                 return False  # closing: late data is dropped
-            return self._deliver(content, F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY)
+            # _deliver() inline: a heap-allocated call frame less per message
+            ctype = F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY
+            self._pending = None
+            try:
+                r = self.on_message(content, ctype)
+            except Exception as e:
+                self._uexc = e
+                raise
+            if r == S_FALSE and r is not True:
+                self._pending = (content, ctype)
+                self._last_rx = ticks_ms()
+                return True
+            return False
         if kind == F.EV_PING:
             if self._ph == _OPEN:
                 self._frame(F.OP_PONG, rd.ev_payload)
