@@ -618,6 +618,10 @@ class Reader:
         ("ping", payload) ("pong", payload) ("close", code, reason)
     Payload bytes may also be read straight into the message buffer: target() is the free
     slice for the current data frame (None otherwise), then got(k) accounts for k bytes.
+    The driver uses take(buf, i, end) and put(k) instead: the same, but the event is a kind
+    in `ev` (EV_MSG, EV_PING, EV_PONG, EV_CLOSE; 0 for none) with its fields in ev_op, ev_n,
+    ev_comp, ev_payload, ev_code, ev_reason, so that receiving a message allocates nothing;
+    take() decodes a whole unfragmented frame of under 126 bytes in one step.
 
     The limits are checked from the header alone: a frame over max_frame or a message that
     would grow over max_msg raises ProtocolError(1009, WS_STATUS_INVALID_MSG_SIZE) before any
