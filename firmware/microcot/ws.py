@@ -64,8 +64,8 @@ verified unless no_server_cert_check. What the runtime's ssl cannot honour fails
 the matching WS_STATUS_TLS_* state and error_msg: on MicroPython CRL, PSK, key_pwd, ciphers and
 versions other than TLS 1.2, and a missing ca (there is no system store); PSK on CPython < 3.13.
 
-Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, and the
-message buffer, which grows with the bytes that arrive (never with the length a header declares:
+Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, 4 * KEYS
+bytes of masking keys, and the message buffer, which grows with the bytes that arrive (never with the length a header declares:
 at most wsframe.Reader.GROW_MAX ahead of them) up to max_recv_msg_size and is kept for the next
 messages; a frame or message over the limits is refused from its header (close 1009), never
 stored. A TLS handshake that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg
