@@ -237,7 +237,6 @@ class WebSocketClient:
         self._raw = None
         self._s = None
         self._poll = None
-        self._ipoll = None
         self._rx = None
         self._tx = bytearray(0)
         self._reader = None
@@ -251,11 +250,8 @@ class WebSocketClient:
         self._keys = b""
         self._ki = 0
         self._rxv = None
-        self._txv = memoryview(self._tx)
-        self._txs = None
+        self._txs = None  # the last small frame's view of the send buffer
         self._kb = bytearray(4)  # the masking key of a frame sent by _small()
-        self._cv = None  # the last content view given to on_message, and its buffer
-        self._cvb = None
 
     @property
     def active(self):
@@ -401,7 +397,6 @@ class WebSocketClient:
             self._rxv = memoryview(self._rx)
         self._rs = self._re = 0
         self._poll = select.poll()
-        self._ipoll = getattr(self._poll, "ipoll", None)  # bound once: no allocation per wait
         self._poll.register(s, _POLLOUT)
         self._ph = _TCP
         self._t0 = ticks_ms()
@@ -590,7 +585,6 @@ class WebSocketClient:
         c = n if n < TX_CHUNK else TX_CHUNK
         if len(self._tx) < c + 14:
             self._tx = bytearray(c + 14)
-            self._txv = memoryview(self._tx)
             self._txs = None
         tx = self._tx
         k = self._ki
@@ -617,7 +611,6 @@ class WebSocketClient:
         tx = self._tx
         if len(tx) < n + 14:
             tx = self._tx = bytearray(n + 14)
-            self._txv = memoryview(tx)
             self._txs = None
         k = self._ki
         if k >= len(self._keys):
@@ -641,7 +634,7 @@ class WebSocketClient:
         F.mask(tx, h, h + n, kb)
         v = self._txs  # the last frame's view of the send buffer, reused for the same length
         if v is None or len(v) != h + n:
-            v = self._txs = self._txv[:h + n]
+            v = self._txs = memoryview(tx)[:h + n]
         w = self._write(v)
         if w != h + n:
             self._write_all(v, w or 0)
@@ -763,7 +756,6 @@ class WebSocketClient:
                 pass
         self._raw = None
         self._poll = None
-        self._ipoll = None
         self._ph = _IDLE
         self.connected = False
 
@@ -817,12 +809,15 @@ class WebSocketClient:
     def _wait(self, ms):
         """Wait up to ms for the socket to be readable; True when it is. Through ipoll()
         where there is one (MicroPython): it reuses its result, poll() allocates a list."""
-        ip = self._ipoll
-        if ip is None:
-            return bool(self._poll.poll(ms))
-        for _ in ip(ms):
-            return True
-        return False
+        p = self._poll
+        if _MP:
+            try:
+                for _ in p.ipoll(ms):
+                    return True
+                return False
+            except AttributeError:  # a poll object without ipoll()
+                pass
+        return bool(p.poll(ms))
 
     def _failed(self, e):
         """The documented state for an exception out of a cycle."""
@@ -925,17 +920,12 @@ class WebSocketClient:
 
     def _content(self, n):
         """A memoryview of the first n bytes of the message buffer, the last one reused for a
-        message of the same size in the same buffer of at most RX_SIZE (no allocation)."""
-        buf = self._reader.buf
-        v = self._cv
-        if v is None or self._cvb is not buf or len(v) != n:
-            v = memoryview(buf)[:n]
-            if len(buf) > RX_SIZE:  # kept only when small: a kept view holds its buffer,
-                self._cv = None  # which the reader may have replaced with a larger one
-                self._cvb = None
-                return v
-            self._cv = v
-            self._cvb = buf
+        message of the same size (no allocation); the reader drops it when it replaces its
+        buffer, so it never holds an old one."""
+        rd = self._reader
+        v = rd.view
+        if v is None or len(v) != n:
+            v = rd.view = memoryview(rd.buf)[:n]
         return v
 
     def _event(self, kind):

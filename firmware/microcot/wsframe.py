@@ -640,6 +640,7 @@ class Reader:
         self.max_msg = max_msg
         self.rsv1 = rsv1
         self.buf = bytearray(0)
+        self.view = None  # the driver's view of a message in buf, dropped with buf
         self.h = bytearray(14)
         self.ctl = bytearray(125)
         self.utf8 = Utf8()
@@ -669,6 +670,7 @@ class Reader:
             new = n + self.rem
         if new < n + k:
             new = n + k
+        self.view = None  # before the new buffer: the old one is not held twice
         b = bytearray(new)
         b[:n] = memoryview(self.buf)[:n]
         self.buf = b
