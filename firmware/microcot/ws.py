@@ -64,8 +64,8 @@ verified unless no_server_cert_check. What the runtime's ssl cannot honour fails
 the matching WS_STATUS_TLS_* state and error_msg: on MicroPython CRL, PSK, key_pwd, ciphers and
 versions other than TLS 1.2, and a missing ca (there is no system store); PSK on CPython < 3.13.
 
-Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, and the
-message buffer, which grows with the bytes that arrive (never with the length a header declares:
+Memory: a receive buffer of RX_SIZE, a send buffer of at most TX_CHUNK + 14 bytes, 4 * KEYS
+bytes of masking keys, and the message buffer, which grows with the bytes that arrive (never with the length a header declares:
 at most wsframe.Reader.GROW_MAX ahead of them) up to max_recv_msg_size and is kept for the next
 messages; a frame or message over the limits is refused from its header (close 1009), never
 stored. A TLS handshake that runs out of memory ends in WS_STATUS_SOCK_NOMEM with an error_msg
@@ -103,6 +103,11 @@ S_FALSE = 1  # on_message: deliver the same message again on the next execute()
 
 RX_SIZE = 4096  # receive buffer; also the largest handshake answer head
 TX_CHUNK = 4096  # send buffer (plus a header): larger frames are masked and written in chunks
+# masking keys fetched per urandom() call. Few calls, not only for their cost: the bytes object
+# urandom returns is garbage that lands between the call frames MicroPython allocates on the heap
+# (functions with more than 11 words of state) and makes each later frame's allocation scan past
+# it; echoing 16 B, 16 keys a call cost 51k instructions per echo in gc_alloc, 64 about 13k.
+KEYS = 64
 DRAIN_MS = 500  # after both Close frames, how long the server's TCP close is awaited
 _EAGAIN = (11, 35, 115, 36, 114, 119)  # EAGAIN/EWOULDBLOCK/EINPROGRESS/EALREADY on Linux, BSD
 _POLLOUT = 4
@@ -138,6 +143,19 @@ def _errno(e):
         return int(s[i:j])
     except ValueError:
         return 0
+
+
+def _read_error(e):
+    """What a read that raised e returns: None when nothing is available now, 0 at a TLS
+    close; else e is raised."""
+    if isinstance(e, _AGAIN):
+        return None
+    if isinstance(e, OSError):
+        if _errno(e) in _EAGAIN:
+            return None
+        if ssl is not None and not _MP and isinstance(e, ssl.SSLZeroReturnError):
+            return 0
+    raise e
 
 
 def _tls_error(e, c):
@@ -231,6 +249,9 @@ class WebSocketClient:
         self.handler_error = None  # the last exception raised by a handler
         self._keys = b""
         self._ki = 0
+        self._rxv = None
+        self._txs = None  # the last small frame's view of the send buffer
+        self._kb = bytearray(4)  # the masking key of a frame sent by _small()
 
     @property
     def active(self):
@@ -373,6 +394,7 @@ class WebSocketClient:
                 raise _conn_fail(e)
         if self._rx is None:
             self._rx = bytearray(RX_SIZE)
+            self._rxv = memoryview(self._rx)
         self._rs = self._re = 0
         self._poll = select.poll()
         self._poll.register(s, _POLLOUT)
@@ -520,14 +542,8 @@ class WebSocketClient:
             if _MP:
                 return self._s.readinto(mv)
             return self._s.recv_into(mv)
-        except _AGAIN:
-            return None
-        except OSError as e:
-            if _errno(e) in _EAGAIN:
-                return None
-            if ssl is not None and not _MP and isinstance(e, ssl.SSLZeroReturnError):
-                return 0
-            raise
+        except Exception as e:
+            return _read_error(e)
 
     def _write(self, mv):
         try:
@@ -541,8 +557,10 @@ class WebSocketClient:
                 return None
             raise
 
-    def _write_all(self, mv):
-        i = self._write(mv)
+    def _write_all(self, mv, i=-1):
+        """Write all of mv, i bytes of which are written already (-1: none tried yet)."""
+        if i < 0:
+            i = self._write(mv)
         n = len(mv)
         if i == n:  # the usual case: the socket took it all
             return
@@ -567,10 +585,11 @@ class WebSocketClient:
         c = n if n < TX_CHUNK else TX_CHUNK
         if len(self._tx) < c + 14:
             self._tx = bytearray(c + 14)
+            self._txs = None
         tx = self._tx
         k = self._ki
-        if k >= len(self._keys):  # masking keys come 16 at a time: one urandom call
-            self._keys = urandom(64)
+        if k >= len(self._keys):  # masking keys come KEYS at a time: one urandom call
+            self._keys = urandom(4 * KEYS)
             k = 0
         self._ki = k + 4
         key = self._keys[k:k + 4]
@@ -585,6 +604,40 @@ class WebSocketClient:
                 return
             h = 0
             c = n - i if n - i < TX_CHUNK else TX_CHUNK
+
+    def _small(self, op, data, n, rsv1):
+        """_frame() for a whole message of at most TX_CHUNK bytes in one frame: the key copied
+        into a kept 4-byte buffer, the payload straight into the send buffer."""
+        tx = self._tx
+        if len(tx) < n + 14:
+            tx = self._tx = bytearray(n + 14)
+            self._txs = None
+        k = self._ki
+        if k >= len(self._keys):
+            self._keys = urandom(4 * KEYS)
+            k = 0
+        self._ki = k + 4
+        keys = self._keys
+        kb = self._kb
+        kb[0] = keys[k]
+        kb[1] = keys[k + 1]
+        kb[2] = keys[k + 2]
+        kb[3] = keys[k + 3]
+        if n < 126:  # put_header()'s case inline: a call frame less
+            tx[0] = 0xC0 | op if rsv1 else 0x80 | op
+            tx[1] = 0x80 | n
+            tx[2:6] = kb
+            h = 6
+        else:
+            h = F.put_header(tx, op, n, True, rsv1, kb)
+        tx[h:h + n] = data
+        F.mask(tx, h, h + n, kb)
+        v = self._txs  # the last frame's view of the send buffer, reused for the same length
+        if v is None or len(v) != h + n:
+            v = self._txs = memoryview(tx)[:h + n]
+        w = self._write(v)
+        if w != h + n:
+            self._write_all(v, w or 0)
 
     # --- sending ---------------------------------------------------------------------------------
 
@@ -603,10 +656,18 @@ class WebSocketClient:
         if compress and self._defl is not None and self._defl.ok:
             data = self._defl.deflate(data)
             comp = True
-        mv = memoryview(data)
-        n = len(mv)
+        n = len(data)
         fs = self._c.max_send_frame_size or n or 1
         op = F.OP_TEXT if text else F.OP_BINARY
+        if n <= fs and n <= TX_CHUNK:  # one frame through the send buffer, no slices
+            try:
+                self._small(op, data, n, comp)
+            except OSError as e:
+                self._lost(e)
+                return False
+            self.sent_compressed = comp
+            return True
+        mv = memoryview(data)
         i = 0
         try:
             while True:
@@ -734,16 +795,29 @@ class WebSocketClient:
             if wait_ms and self._s is self._raw and self._rs >= self._re:
                 # plain TCP, nothing buffered here: the kernel knows whether data waits, and
                 # a read that finds nothing costs as much as this wait
-                self._poll.poll(wait_ms)
+                self._wait(wait_ms)
                 waited = True
             got = self._receive()
             if self._ph >= _OPEN:
                 self._timers()
             if not (got or waited) and wait_ms and self._ph != _IDLE and self._pending is None \
-                    and self._poll.poll(wait_ms):
+                    and self._wait(wait_ms):
                 self._receive()  # what came while waiting is taken now, not a call later
         except Exception as e:
             self._failed(e)
+
+    def _wait(self, ms):
+        """Wait up to ms for the socket to be readable; True when it is. Through ipoll()
+        where there is one (MicroPython): it reuses its result, poll() allocates a list."""
+        p = self._poll
+        if _MP:
+            try:
+                for _ in p.ipoll(ms):
+                    return True
+                return False
+            except AttributeError:  # a poll object without ipoll()
+                pass
+        return bool(p.poll(ms))
 
     def _failed(self, e):
         """The documented state for an exception out of a cycle."""
@@ -781,7 +855,11 @@ class WebSocketClient:
     def _deliver(self, content, ctype):
         """Hand a message to on_message; True when it asked to get it again."""
         self._pending = None
-        r = self._user(self.on_message, content, ctype)
+        try:  # not through _user(): no bound method and argument tuple per message
+            r = self.on_message(content, ctype)
+        except Exception as e:
+            self._uexc = e
+            raise
         if r == S_FALSE and r is not True:
             self._pending = (content, ctype)
             self._last_rx = ticks_ms()
@@ -789,8 +867,11 @@ class WebSocketClient:
         return False
 
     def _receive(self):
+        """Read and dispatch until the socket has nothing more, a handler asks to stop, or a
+        message was delivered with nothing left in the receive buffer (the next execute()
+        reads on: no read that would find nothing after each message)."""
         rd = self._reader
-        rx = self._rx
+        rxv = self._rxv
         budget = 4 * RX_SIZE + self._c.max_recv_frame_size
         got = False
         while budget > 0 and self._ph >= _OPEN:
@@ -798,17 +879,24 @@ class WebSocketClient:
                 if self._discard:
                     self._rs = self._re
                     continue
-                used, ev = rd.feed(memoryview(rx)[self._rs:self._re])
-                self._rs += used
-                if ev and self._event(ev):
-                    return True
+                self._rs = rd.take(rxv, self._rs, self._re)
+                ev = rd.ev
+                if ev:
+                    if self._event(ev):
+                        return True
+                    if ev == F.EV_MSG and self._rs >= self._re:
+                        return True
                 continue
             t = None if self._discard else rd.target()
-            if t is not None and len(t) >= 512:
-                n = self._read(t)
-            else:
+            if t is not None and len(t) < 512:
                 t = None
-                n = self._read(memoryview(rx))
+            try:  # _read() inline: a heap-allocated call frame less per read
+                if _MP:
+                    n = self._s.readinto(rxv if t is None else t)
+                else:
+                    n = self._s.recv_into(rxv if t is None else t)
+            except Exception as e:
+                n = _read_error(e)
             if n is None:
                 break
             if n == 0:
@@ -822,33 +910,59 @@ class WebSocketClient:
                 self._rs = 0
                 self._re = n
             else:
-                ev = rd.got(n)
-                if ev and self._event(ev):
-                    return True
+                ev = rd.put(n)
+                if ev:
+                    if self._event(ev):
+                        return True
+                    if ev == F.EV_MSG:
+                        return True
         return got
 
-    def _event(self, ev):
-        """Act on a reader event; True to stop reading for this cycle."""
-        kind = ev[0]
-        if kind == "msg":
-            _, op, n, comp = ev
-            content = memoryview(self._reader.buf)[:n]
-            if comp:
+    def _content(self, n):
+        """A memoryview of the first n bytes of the message buffer, the last one reused for a
+        message of the same size (no allocation); the reader drops it when it replaces its
+        buffer, so it never holds an old one."""
+        rd = self._reader
+        v = rd.view
+        if v is None or len(v) != n:
+            v = rd.view = memoryview(rd.buf)[:n]
+        return v
+
+    def _event(self, kind):
+        """Act on a reader event (its kind, the fields on the reader); True to stop reading
+        for this cycle."""
+        rd = self._reader
+        if kind == F.EV_MSG:
+            op = rd.ev_op
+            content = self._content(rd.ev_n)
+            if rd.ev_comp:
                 content = self._infl.inflate(content, self._c.max_recv_msg_size)
                 if op == F.OP_TEXT and not F.valid_utf8(content):
                     raise F.ProtocolError(F.CLOSE_INVALID_DATA, F.WS_STATUS_PROTOCOL_ERROR,
                                           "text message is not valid UTF-8")
             if self._ph != _OPEN:
                 return False  # closing: late data is dropped
-            return self._deliver(content, F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY)
-        if kind == "ping":
-            if self._ph == _OPEN:
-                self._frame(F.OP_PONG, ev[1])
+            # _deliver() inline: a heap-allocated call frame less per message
+            ctype = F.WS_CONTENT_TEXT if op == F.OP_TEXT else F.WS_CONTENT_BINARY
+            self._pending = None
+            try:
+                r = self.on_message(content, ctype)
+            except Exception as e:
+                self._uexc = e
+                raise
+            if r == S_FALSE and r is not True:
+                self._pending = (content, ctype)
+                self._last_rx = ticks_ms()
+                return True
             return False
-        if kind == "pong":
+        if kind == F.EV_PING:
+            if self._ph == _OPEN:
+                self._frame(F.OP_PONG, rd.ev_payload)
+            return False
+        if kind == F.EV_PONG:
             return False
         # close
-        code, reason = ev[1], ev[2]
+        code, reason = rd.ev_code, rd.ev_reason
         if self._ph == _OPEN:
             self.connected = False
             self.state = F.WS_STATUS_FINALIZE_DISCONNECT
@@ -868,7 +982,7 @@ class WebSocketClient:
     def _timers(self):
         c = self._c
         now = ticks_ms()
-        if self._ph in (_CLOSING, _DRAIN):
+        if self._ph >= _CLOSING:  # _CLOSING or _DRAIN (not `in` a tuple: built on each call)
             # _CLOSING: our Close is out, the server's awaited for close_timeout. _DRAIN: both
             # are through; the server should now close TCP, but one behind TLS may wait for us
             # (it cannot half-close), so we close after DRAIN_MS (RFC 6455 7.1.1 allows it).

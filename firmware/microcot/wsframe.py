@@ -290,6 +290,12 @@ def header(op, n, fin=True, rsv1=False, key=None, buf=None):
     frame). Written into `buf` (at least 14 bytes) when given; returns (buf, header length)."""
     if buf is None:
         buf = bytearray(14)
+    return buf, put_header(buf, op, n, fin, rsv1, key)
+
+
+def put_header(buf, op, n, fin, rsv1, key):
+    """header() written into buf; returns its length (no tuple: the send path allocates
+    nothing)."""
     buf[0] = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | op
     m = 0x80 if key else 0
     if n < 126:
@@ -306,7 +312,7 @@ def header(op, n, fin=True, rsv1=False, key=None, buf=None):
     if key:
         buf[i:i + 4] = key
         i += 4
-    return buf, i
+    return i
 
 
 def encode(op, payload=b"", fin=True, rsv1=False, key=None):
@@ -399,6 +405,29 @@ def mask_py(buf, start, end, key):
         buf[i] ^= key[j & 3]
         i += 1
         j += 1
+
+
+_COPY_VIPER = """
+@micropython.viper
+def vcopy(dst: ptr8, d: int, src: ptr8, s: int, n: int):
+    i = 0
+    while i < n:
+        dst[d + i] = src[s + i]
+        i += 1
+"""
+_vc = None
+
+
+def copy(dst, d, src, s, n):
+    """dst[d:d + n] = src[s:s + n] for a short run, without the slice object (MicroPython:
+    a viper loop; the slices elsewhere)."""
+    global _vc
+    if _vc is None:
+        _vc = _viper(_COPY_VIPER, "vcopy") if _MP else False
+    if _vc:
+        _vc(dst, d, src, s, n)
+    else:
+        dst[d:d + n] = src[s:s + n]
 
 
 def mask(buf, start, end, key):
@@ -566,6 +595,13 @@ def valid_utf8(data):
 
 # --- receiving -----------------------------------------------------------------------------------
 
+# event kinds of Reader.take() and Reader.put()
+EV_MSG = 1
+EV_PING = 2
+EV_PONG = 3
+EV_CLOSE = 4
+
+
 def _perr(msg, code=CLOSE_PROTOCOL_ERROR):
     return ProtocolError(code, WS_STATUS_PROTOCOL_ERROR, msg)
 
@@ -582,6 +618,10 @@ class Reader:
         ("ping", payload) ("pong", payload) ("close", code, reason)
     Payload bytes may also be read straight into the message buffer: target() is the free
     slice for the current data frame (None otherwise), then got(k) accounts for k bytes.
+    The driver uses take(buf, i, end) and put(k) instead: the same, but the event is a kind
+    in `ev` (EV_MSG, EV_PING, EV_PONG, EV_CLOSE; 0 for none) with its fields in ev_op, ev_n,
+    ev_comp, ev_payload, ev_code, ev_reason, so that receiving a message allocates nothing;
+    take() decodes a whole unfragmented frame of under 126 bytes in one step.
 
     The limits are checked from the header alone: a frame over max_frame or a message that
     would grow over max_msg raises ProtocolError(1009, WS_STATUS_INVALID_MSG_SIZE) before any
@@ -600,6 +640,7 @@ class Reader:
         self.max_msg = max_msg
         self.rsv1 = rsv1
         self.buf = bytearray(0)
+        self.view = None  # the driver's view of a message in buf, dropped with buf
         self.h = bytearray(14)
         self.ctl = bytearray(125)
         self.utf8 = Utf8()
@@ -629,6 +670,7 @@ class Reader:
             new = n + self.rem
         if new < n + k:
             new = n + k
+        self.view = None  # before the new buffer: the old one is not held twice
         b = bytearray(new)
         b[:n] = memoryview(self.buf)[:n]
         self.buf = b
@@ -695,10 +737,10 @@ class Reader:
                 raise _size_err("message of at least %d bytes over max_recv_msg_size %d"
                                 % (self.n + ln, self.max_msg))
         self.rem = ln
-        return self._end() if ln == 0 else None
+        return self._end() if ln == 0 else 0
 
     def _end(self):
-        # the current frame's payload is complete
+        # the current frame's payload is complete: the event kind, its fields set
         self.rem = -1
         self.hn = 0
         self.need = 2
@@ -706,16 +748,30 @@ class Reader:
         if op >= 8:
             p = bytes(memoryview(self.ctl)[:self.cn])
             if op == OP_CLOSE:
-                code, reason = parse_close(p)
-                return ("close", code, reason)
-            return ("ping" if op == OP_PING else "pong", p)
+                self.ev_code, self.ev_reason = parse_close(p)
+                return EV_CLOSE
+            self.ev_payload = p
+            return EV_PING if op == OP_PING else EV_PONG
         if not self.fin:
-            return None
+            return 0
         mop = self.mop
         self.mop = 0
         if mop == OP_TEXT and not self.comp and not self.utf8.done():
             raise _perr("text message is not valid UTF-8", CLOSE_INVALID_DATA)
-        return ("msg", mop, self.n, self.comp)
+        self.ev_op = mop
+        self.ev_n = self.n
+        self.ev_comp = self.comp
+        return EV_MSG
+
+    def event(self, kind):
+        """The tuple feed() and got() return for an event kind of take() and put()."""
+        if kind == EV_MSG:
+            return ("msg", self.ev_op, self.ev_n, self.ev_comp)
+        if kind == EV_CLOSE:
+            return ("close", self.ev_code, self.ev_reason)
+        if kind:
+            return ("ping" if kind == EV_PING else "pong", self.ev_payload)
+        return None
 
     def target(self):
         """The free part of the message buffer for the current data frame's payload (None when
@@ -731,23 +787,63 @@ class Reader:
         return None
 
     def got(self, k):
-        """k payload bytes were placed at buf[n:n+k] (by target() or feed)."""
+        """k payload bytes were placed at buf[n:n+k] (by target()); the event or None."""
+        return self.event(self.put(k))
+
+    def put(self, k):
+        """As got(), but returns the event kind (0 for none), its fields in ev_*."""
         if self.mop == OP_TEXT and not self.comp and not self.utf8.feed(self.buf, self.n,
                                                                           self.n + k):
             raise _perr("text message is not valid UTF-8", CLOSE_INVALID_DATA)
         self.n += k
         self.rem -= k
-        return self._end() if self.rem == 0 else None
+        return self._end() if self.rem == 0 else 0
 
     def feed(self, mv):
-        i = 0
-        end = len(mv)
+        """Consume bytes of mv; (bytes used, the event or None)."""
+        used = self.take(mv, 0, len(mv))
+        return used, self.event(self.ev)
+
+    def take(self, b, i, end):
+        """Consume b[i:end] up to the end of it or of the first event; returns the index
+        reached, the event kind in `ev` (0 for none) and its fields in ev_*. The driver's
+        form of feed(): no slices, no tuples."""
+        self.ev = 0
+        if self.rem < 0 and self.hn == 0 and end - i >= 2 and not self.mop:
+            # the usual case first: a whole unmasked, unfragmented text or binary frame of
+            # under 126 bytes without RSV bits, all of it in b
+            b0 = b[i]
+            ln = b[i + 1]
+            if (b0 == 0x82 or b0 == 0x81) and ln < 126 and i + 2 + ln <= end \
+                    and ln <= self.max_frame and ln <= self.max_msg:
+                if len(self.buf) < ln:
+                    self.n = 0
+                    self.rem = ln
+                    self._room(ln)
+                    self.rem = -1
+                j = i + 2
+                copy(self.buf, 0, b, j, ln)
+                if b0 == 0x81:
+                    u = self.utf8
+                    u.reset()
+                    if not u.feed(self.buf, 0, ln) or not u.done():
+                        raise _perr("text message is not valid UTF-8", CLOSE_INVALID_DATA)
+                self.op = b0 & 0x0F
+                self.fin = 0x80
+                self.n = ln
+                self.comp = False
+                self.ev_op = b0 & 0x0F
+                self.ev_n = ln
+                self.ev_comp = False
+                self.ev = EV_MSG
+                return j + ln
+        h = self.h
         while i < end:
             if self.rem < 0:
                 k = self.need - self.hn
                 if k > end - i:
                     k = end - i
-                self.h[self.hn:self.hn + k] = mv[i:i + k]
+                h[self.hn:self.hn + k] = b[i:i + k]
                 self.hn += k
                 i += k
                 if self.hn == 2 and self.need == 2:
@@ -755,21 +851,24 @@ class Reader:
                 if self.hn == self.need:
                     ev = self._head()
                     if ev:
-                        return i, ev
+                        self.ev = ev
+                        return i
                 continue
             k = self.rem if self.rem < end - i else end - i
             if self.op >= 8:
-                self.ctl[self.cn:self.cn + k] = mv[i:i + k]
+                self.ctl[self.cn:self.cn + k] = b[i:i + k]
                 self.cn += k
                 i += k
                 self.rem -= k
                 if self.rem == 0:
-                    return i, self._end()
+                    self.ev = self._end()
+                    return i
                 continue
             self._room(k)
-            self.buf[self.n:self.n + k] = mv[i:i + k]
+            self.buf[self.n:self.n + k] = b[i:i + k]
             i += k
-            ev = self.got(k)
+            ev = self.put(k)
             if ev:
-                return i, ev
-        return i, None
+                self.ev = ev
+                return i
+        return i

@@ -1,6 +1,6 @@
 """microcot.ws's waiting and masking keys (the changes for bench/ws.py), against a raw-socket
 server that records every frame: execute(wait_ms) hands over a message that arrives while it
-waits in the same call, and every frame has its own masking key, fetched 16 at a time."""
+waits in the same call, and every frame has its own masking key, fetched W.KEYS at a time."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_a_message_arriving_during_the_wait_is_delivered_by_that_call(pair) -> N
     assert c.got == [b"late"]
 
 
-def test_every_frame_has_its_own_masking_key_fetched_16_at_a_time(pair, monkeypatch) -> None:
+def test_every_frame_has_its_own_masking_key_fetched_keys_at_a_time(pair, monkeypatch) -> None:
     c, srv = pair
     calls = []
     real = W.urandom
@@ -135,4 +135,4 @@ def test_every_frame_has_its_own_masking_key_fetched_16_at_a_time(pair, monkeypa
     assert [f[2] for f in srv.frames[:40]] == [bytes((i,)) * 16 for i in range(40)]
     keys = [f[1] for f in srv.frames]
     assert len(set(keys)) == len(keys) == 41
-    assert calls == [64, 64, 64]  # 16 keys a call
+    assert calls == [4 * W.KEYS] * ((41 + W.KEYS - 1) // W.KEYS)  # KEYS keys a call
