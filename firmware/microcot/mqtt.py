@@ -115,8 +115,6 @@ _MP = hal.family() != "cpython"
 ERRORS = (MQTTException, MQTTMemoryError)
 # the agent's settings: ssl=True without a CA takes the board's from its "ca"
 BOARD_CONFIG = "/microcot.json"
-_SSL_KEYS = ("cadata", "cafile", "ca_certs", "cert_reqs", "verify", "server_hostname", "cert",
-             "key", "do_handshake")
 _PINGREQ = bytes((PINGREQ, 0))
 _DISCONNECT = bytes((DISCONNECT, 0))
 _Q2_MAX = 32
@@ -128,18 +126,6 @@ _NAMES = {0x40: "PUBACK", 0x50: "PUBREC", 0x60: "PUBREL", 0x70: "PUBCOMP", 0xB0:
 
 def _log(msg):
     print("mqtt:", msg)
-
-
-def _board_ca():
-    """The CA the board's settings name ("ca": a path or PEM text), or None."""
-    try:
-        import json
-
-        with open(BOARD_CONFIG) as f:
-            ca = json.load(f).get("ca")
-    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
-        return None
-    return ca if isinstance(ca, str) and ca else None
 
 
 def _would_block(e):
@@ -197,15 +183,9 @@ class MQTTClient:
     def set_last_will(self, topic, msg, retain=False, qos=0):
         """The message the broker publishes when the connection ends without DISCONNECT; sent
         with every connect() from now on. ValueError for a topic or QoS the protocol forbids."""
-        if qos not in (0, 1, 2):
-            raise ValueError("will qos %r: expected 0, 1 or 2" % (qos,))
-        t = topic.encode() if isinstance(topic, str) else topic
-        if not t or b"+" in t or b"#" in t:
-            raise ValueError("will topic %r: empty or with a wildcard" % (topic,))
-        self.lw_topic = t
-        self.lw_msg = msg.encode() if isinstance(msg, str) else msg
-        self.lw_qos = qos
-        self.lw_retain = retain
+        from .mqttopt import last_will  # rarely used: its code stays off the heap until then
+
+        last_will(self, topic, msg, retain, qos)
 
     def connect(self, clean_session=True, timeout=None):
         """Open the connection and return the session-present flag of CONNACK.
@@ -444,34 +424,9 @@ class MQTTClient:
     def _ssl_params_context(self):
         # ssl=True: umqtt's legacy form; the context is made here, at connect(), so that a
         # missing CA is an error of the connection, never of the constructor
-        p = self.ssl_params
-        for k in p:
-            if k not in _SSL_KEYS:
-                raise ValueError("ssl_params: unknown key %r (known: %s)"
-                                 % (k, ", ".join(_SSL_KEYS)))
-        verify = p.get("verify", True) and p.get("cert_reqs", 2) != 0  # 0: CERT_NONE
-        cafile = p.get("cafile", p.get("ca_certs"))
-        cadata = p.get("cadata")
-        if verify and cafile is None and cadata is None:
-            ca = _board_ca()
-            if ca is not None:
-                if ca.startswith("-----"):
-                    cadata = ca
-                else:
-                    cafile = ca
-            elif _MP:
-                raise MQTTTLSError(
-                    "TLS to %s:%d: no CA certificate to verify the broker with: give "
-                    "ssl_params={'cadata': ...} or {'cafile': ...}, an SSLContext as ssl=, or "
-                    "the board's CA (\"ca\" in %s)" % (self.server, self.port, BOARD_CONFIG))
-        ctx = tls_context(cafile, cadata, verify)
-        if "cert" in p or "key" in p:
-            try:
-                ctx.load_cert_chain(p.get("cert"), p.get("key"))
-            except (OSError, ValueError) as e:  # CPython: ssl.SSLError
-                raise ValueError("ssl_params cert/key: not a usable client certificate: %s"
-                                 % _text(e))
-        return ctx
+        from .mqttopt import ssl_params_context  # rarely used: off the heap until then
+
+        return ssl_params_context(self, BOARD_CONFIG)
 
     def _connected(self):
         if self.sock is None:
