@@ -156,8 +156,8 @@ _OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch", "a
 # stays for a boot, start() loads first)
 _DROP = (("ident", "session", "store", "create"),  # off
          ("ident", "session", "create", "store"),  # bootstrap
-         ("ident", "session"),  # up, setting up
-         ("ident", "session", "store", "create"))  # up and ready
+         ("ident", "session", "mqttconn"),  # up, setting up (connected: mqtt.py's opening code)
+         ("ident", "session", "store", "create", "mqttconn"))  # up and ready
 
 
 def load_config(path=CONFIG, **over):

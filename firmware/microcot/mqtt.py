@@ -63,7 +63,7 @@
 # - No QoS 2 publish. A will is sent as set; the Cloud of Things broker refuses it (seed 002),
 #   so the agent never sets one.
 import select
-import socket
+import socket  # noqa: F401 (mqttconn opens sockets through it: the device tests replace it)
 
 from . import hal
 from .mqttpkt import (
@@ -133,11 +133,6 @@ def _would_block(e):
         "BlockingIOError", "SSLWantReadError", "SSLWantWriteError")
 
 
-def _is_timeout(e):
-    return getattr(e, "errno", None) in (ETIMEDOUT, EAGAIN) or type(e).__name__ in (
-        "timeout", "TimeoutError")
-
-
 class MQTTClient:
     def __init__(self, client_id, server, port=0, user=None, password=None, keepalive=0,
                  ssl=None, ssl_params=None, timeout=10, max_packet=16384, max_inflight=8):
@@ -202,44 +197,10 @@ class MQTTClient:
             will = (self.lw_topic, self.lw_msg, self.lw_qos, self.lw_retain)
         pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session,
                            will)
-        ctx = self._context()
-        try:
-            ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
-        except (OSError, IndexError) as e:  # IndexError: no address at all
-            raise MQTTConnectionError("cannot resolve %s: %s" % (self.server, _text(e)))
-        try:
-            s = socket.socket(ai[0], socket.SOCK_STREAM)
-        except OSError as e:  # out of sockets or buffers (lwIP: ENFILE, ENOBUFS)
-            raise MQTTConnectionError("no socket for %s: %s" % (where, _text(e)))
-        raw = s
-        try:
-            s.settimeout(ms / 1000)
-            s.connect(ai[-1])
-            if ctx is not None:
-                s.settimeout(max(1, self._left(deadline)) / 1000)
-                host = self.ssl_params.get("server_hostname", self.server)
-                try:
-                    s = ctx.wrap_socket(s, server_hostname=host)
-                except (OSError, ValueError, MemoryError) as e:
-                    if isinstance(e, OSError) and _is_timeout(e):
-                        raise
-                    m = hal.tls_oom(e, where)
-                    if m:
-                        raw.close()
-                        raise MQTTMemoryError(m)
-                    raise MQTTTLSError("TLS handshake with %s failed: %s%s"
-                                       % (where, _text(e), hal.clock_hint()))
-            s.setblocking(False)
-        except OSError as e:
-            s.close()
-            if s is not raw:
-                raw.close()
-            if _is_timeout(e):
-                raise MQTTTimeout("connect to %s: no answer within %d ms" % (where, ms))
-            raise MQTTConnectionError("connect to %s failed: %s" % (where, _text(e)))
-        except MQTTException:
-            s.close()
-            raise
+        # opening the socket is code a connected client no longer needs: the agent unloads it
+        from .mqttconn import open_socket
+
+        s, raw = open_socket(self, deadline, ms, where)
         self.sock = s
         self._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
         self._pl = select.poll()
