@@ -67,7 +67,6 @@ import socket  # noqa: F401 (mqttconn opens sockets through it: the device tests
 
 from . import hal
 from .mqttpkt import (
-    CONNACK,
     DISCONNECT,
     PINGREQ,
     PUBACK,
@@ -86,12 +85,10 @@ from .mqttpkt import (
     MQTTTLSError,
     Reader,
     ack,
-    parse_connack,
     parse_pid,
     parse_publish,
     parse_suback,
 )
-from .mqttpkt import connect as _connect_pkt
 from .mqttpkt import publish as _publish_pkt
 from .mqttpkt import publish_head as _publish_head
 from .mqttpkt import subscribe as _subscribe_pkt
@@ -187,47 +184,11 @@ class MQTTClient:
 
         Raises MQTTConnectError (.code) for a refused CONNACK, MQTTTLSError, MQTTTimeout or
         MQTTConnectionError otherwise. Then re-sends the unacknowledged QoS 1 messages."""
-        self.close()
-        ms = int((self.timeout if timeout is None else timeout) * 1000)
-        deadline = hal.ticks_add(hal.ticks_ms(), ms)
-        where = "%s:%d" % (self.server, self.port)
-        # what can fail without the network fails before a socket exists
-        will = None
-        if self.lw_topic:
-            will = (self.lw_topic, self.lw_msg, self.lw_qos, self.lw_retain)
-        pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session,
-                           will)
-        # opening the socket is code a connected client no longer needs: the agent unloads it
-        from .mqttconn import open_socket
+        # code a connected client does not run again until the next connect(): the agent
+        # unloads it while connected
+        from .mqttconn import connect
 
-        s, raw = open_socket(self, deadline, ms, where)
-        self.sock = s
-        self._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
-        self._pl = select.poll()
-        self._pl.register(self._po, select.POLLIN)
-        self._rd = s.readinto if _MP else s.recv_into  # both non-blocking, both into a buffer
-        self._wr = s.write if _MP else s.send
-        self._t_rx = hal.ticks_ms()
-        self._send(pkt, deadline)
-        pkt = self._read(self._left(deadline))
-        if pkt is None:
-            self._fail(MQTTTimeout("no CONNACK from %s within %d ms" % (where, ms)))
-        if pkt[0] != CONNACK:
-            self._fail(MQTTProtocolError("expected CONNACK, got packet 0x%02x" % pkt[0]))
-        try:
-            present, code = parse_connack(pkt[1])
-        except MQTTException as e:
-            self._fail(e)
-        if code:
-            self._fail(MQTTConnectError(code))
-        if not present:
-            self._q2 = []
-        for item in self._out:
-            item[1][0] |= 0x08  # DUP
-            self._send(item[1])
-            if item[2] is not None:
-                self._send(item[2])
-        return present
+        return connect(self, clean_session, timeout)
 
     def disconnect(self):
         if self.sock is not None:
@@ -372,15 +333,9 @@ class MQTTClient:
     # -- internals ----------------------------------------------------------------------------
 
     def _context(self):
-        ctx = self.ssl
-        if not ctx:
-            return None
-        if ctx is True:
-            ctx = self.ssl = self._ssl_params_context()
-        if not self._warned and ctx.verify_mode == 0:  # CERT_NONE
-            self._warned = True
-            self.note("WARNING: TLS to %s without certificate verification" % self.server)
-        return ctx
+        from .mqttconn import context
+
+        return context(self)
 
     def _ssl_params_context(self):
         # ssl=True: umqtt's legacy form; the context is made here, at connect(), so that a

@@ -1,9 +1,20 @@
-# mqtt.MQTTClient.connect's first part, a module of its own: resolving the broker, the TCP
-# connection and the TLS handshake are code a connected client does not run again until the next
-# connect(), so a device agent unloads this module while it is connected (agent.py, _DROP).
-# The socket module is mqtt's own attribute (the device tests put a scripted network there).
+# mqtt.MQTTClient.connect, a module of its own: resolving the broker, the TCP connection, the TLS
+# handshake and CONNACK are code a connected client does not run again until the next connect(),
+# so a device agent unloads this module while it is connected (agent.py, _DROP). The socket and
+# select modules are mqtt's own attributes (the device tests put a scripted network there).
 from . import hal
-from .mqttpkt import MQTTConnectionError, MQTTException, MQTTMemoryError, MQTTTimeout, MQTTTLSError
+from .mqttpkt import (
+    CONNACK,
+    MQTTConnectError,
+    MQTTConnectionError,
+    MQTTException,
+    MQTTMemoryError,
+    MQTTProtocolError,
+    MQTTTimeout,
+    MQTTTLSError,
+    parse_connack,
+)
+from .mqttpkt import connect as _connect_pkt
 from .tlsctx import _text
 
 try:
@@ -17,12 +28,68 @@ def _is_timeout(e):
         "timeout", "TimeoutError")
 
 
+def connect(c, clean_session, timeout):
+    """MQTTClient.connect of client c (mqtt.py documents it)."""
+    from . import mqtt as m
+
+    c.close()
+    ms = int((c.timeout if timeout is None else timeout) * 1000)
+    deadline = hal.ticks_add(hal.ticks_ms(), ms)
+    where = "%s:%d" % (c.server, c.port)
+    # what can fail without the network fails before a socket exists
+    will = None
+    if c.lw_topic:
+        will = (c.lw_topic, c.lw_msg, c.lw_qos, c.lw_retain)
+    pkt = _connect_pkt(c.client_id, c.user, c.pswd, c.keepalive, clean_session, will)
+    s, raw = open_socket(c, deadline, ms, where)
+    c.sock = s
+    c._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
+    c._pl = m.select.poll()
+    c._pl.register(c._po, m.select.POLLIN)
+    c._rd = s.readinto if m._MP else s.recv_into  # both non-blocking, both into a buffer
+    c._wr = s.write if m._MP else s.send
+    c._t_rx = hal.ticks_ms()
+    c._send(pkt, deadline)
+    pkt = c._read(c._left(deadline))
+    if pkt is None:
+        c._fail(MQTTTimeout("no CONNACK from %s within %d ms" % (where, ms)))
+    if pkt[0] != CONNACK:
+        c._fail(MQTTProtocolError("expected CONNACK, got packet 0x%02x" % pkt[0]))
+    try:
+        present, code = parse_connack(pkt[1])
+    except MQTTException as e:
+        c._fail(e)
+    if code:
+        c._fail(MQTTConnectError(code))
+    if not present:
+        c._q2 = []
+    for item in c._out:
+        item[1][0] |= 0x08  # DUP
+        c._send(item[1])
+        if item[2] is not None:
+            c._send(item[2])
+    return present
+
+
+def context(c):
+    """Client c's SSLContext, or None without TLS (ssl=True: made from ssl_params now)."""
+    ctx = c.ssl
+    if not ctx:
+        return None
+    if ctx is True:
+        ctx = c.ssl = c._ssl_params_context()
+    if not c._warned and ctx.verify_mode == 0:  # CERT_NONE
+        c._warned = True
+        c.note("WARNING: TLS to %s without certificate verification" % c.server)
+    return ctx
+
+
 def open_socket(c, deadline, ms, where):
     """Client c's socket to its broker, TLS wrapped when c has a context: (socket, the TCP one).
     Raises what MQTTClient.connect documents; closes what it opened when it fails."""
     from . import mqtt as m
 
-    ctx = c._context()
+    ctx = context(c)
     try:
         ai = m.socket.getaddrinfo(c.server, c.port, 0, m.socket.SOCK_STREAM)[0]
     except (OSError, IndexError) as e:  # IndexError: no address at all
