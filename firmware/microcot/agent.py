@@ -156,8 +156,8 @@ _OPMODS = ("opfw", "opapp", "opconf", "oplog", "httpget", "ota", "appswitch", "a
 # stays for a boot, start() loads first)
 _DROP = (("ident", "session", "store", "create"),  # off
          ("ident", "session", "create", "store"),  # bootstrap
-         ("ident", "session"),  # up, setting up
-         ("ident", "session", "store", "create"))  # up and ready
+         ("ident", "session", "mqttconn"),  # up, setting up (connected: mqtt.py's opening code)
+         ("ident", "session", "store", "create", "mqttconn"))  # up and ready
 
 
 def load_config(path=CONFIG, **over):
@@ -580,41 +580,37 @@ class Agent:
         ans = []
         try:
             for r in records(msg):
-                self._row(topic, r, asking, ans)
+                code = r.code
+                v = r.values
+                if code in s.handlers:
+                    if len(s.ops) < _MAX_KEPT:
+                        s.ops.append((code, v))
+                elif code != 87:
+                    if asking and len(ans) < _MAX_KEPT:
+                        ans.append(r)
+                    if 40 <= code <= 50 and not asking:
+                        self.errors += 1
+                        self.last_error = e = (code, r.line, ",".join(v))
+                        self.log("error on %s: %d line %s: %s" % (topic, code, r.line, e[2]))
+                        if self.on_error is not None:
+                            try:
+                                self.on_error(*e)
+                            except Exception as x:
+                                self.log("on_error: %r" % x)
+                    elif code == tpl.R_TENANT and v:
+                        s.tenant = v[0]
+                    elif code == tpl.R_ALARM and len(v) > 3:
+                        al = self.alarms
+                        k = (v[3], v[1])
+                        if k not in al and len(al) >= _MAX_ALARMS:
+                            al.pop(next(iter(al)))  # any one: a hostile stream must not grow it
+                        al[k] = [v[0], v[2]]
         except ERRORS as e:
             self.log("unreadable on %s: %s" % (topic, e))
         except Exception as e:  # see above: nothing may leave the callback
             self.log("message on %s dropped: %r" % (topic, e))
         if ans and asking:
             s.ans = ans
-
-    def _row(self, topic, r, asking, ans):
-        s = self.s
-        code = r.code
-        v = r.values
-        if code in s.handlers:
-            if len(s.ops) < _MAX_KEPT:
-                s.ops.append((code, v))
-        elif code != 87:
-            if asking and len(ans) < _MAX_KEPT:
-                ans.append(r)
-            if 40 <= code <= 50 and not asking:
-                self.errors += 1
-                self.last_error = e = (code, r.line, ",".join(v))
-                self.log("error on %s: %d line %s: %s" % (topic, code, r.line, e[2]))
-                if self.on_error is not None:
-                    try:
-                        self.on_error(*e)
-                    except Exception as x:
-                        self.log("on_error: %r" % x)
-            elif code == tpl.R_TENANT and v:
-                s.tenant = v[0]
-            elif code == tpl.R_ALARM and len(v) > 3:
-                al = self.alarms
-                k = (v[3], v[1])
-                if k not in al and len(al) >= _MAX_ALARMS:
-                    al.pop(next(iter(al)))  # any one: a hostile stream must not grow it
-                al[k] = [v[0], v[2]]
 
     def _put(self, tid, source, values):
         import json

@@ -37,8 +37,6 @@ MQTT client's max_packet, the emulator's max_body).
 
 from struct import pack_into, unpack_from
 
-from .smartrest import _bad_utf8
-
 STRING = "STRING"
 UNSIGNED = "UNSIGNED"
 INTEGER = "INTEGER"
@@ -188,8 +186,11 @@ def _utf8(mv, a, b):
         s = str(mv[a:b], "utf-8")
     except Exception:  # UnicodeError on both runtimes, named differently
         return None
-    if len(s) != b - a and _bad_utf8(mv[a:b]) >= 0:
-        return None  # MicroPython's decoder lets surrogates through; CPython's does not
+    if len(s) != b - a:
+        from .utf8 import bad  # only for text that is not ASCII
+
+        if bad(mv[a:b]) >= 0:
+            return None  # MicroPython's decoder lets surrogates through; CPython's does not
     return s
 
 

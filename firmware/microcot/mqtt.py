@@ -63,11 +63,10 @@
 # - No QoS 2 publish. A will is sent as set; the Cloud of Things broker refuses it (seed 002),
 #   so the agent never sets one.
 import select
-import socket
+import socket  # noqa: F401 (mqttconn opens sockets through it: the device tests replace it)
 
 from . import hal
 from .mqttpkt import (
-    CONNACK,
     DISCONNECT,
     PINGREQ,
     PUBACK,
@@ -86,12 +85,10 @@ from .mqttpkt import (
     MQTTTLSError,
     Reader,
     ack,
-    parse_connack,
     parse_pid,
     parse_publish,
     parse_suback,
 )
-from .mqttpkt import connect as _connect_pkt
 from .mqttpkt import publish as _publish_pkt
 from .mqttpkt import publish_head as _publish_head
 from .mqttpkt import subscribe as _subscribe_pkt
@@ -115,8 +112,6 @@ _MP = hal.family() != "cpython"
 ERRORS = (MQTTException, MQTTMemoryError)
 # the agent's settings: ssl=True without a CA takes the board's from its "ca"
 BOARD_CONFIG = "/microcot.json"
-_SSL_KEYS = ("cadata", "cafile", "ca_certs", "cert_reqs", "verify", "server_hostname", "cert",
-             "key", "do_handshake")
 _PINGREQ = bytes((PINGREQ, 0))
 _DISCONNECT = bytes((DISCONNECT, 0))
 _Q2_MAX = 32
@@ -130,26 +125,9 @@ def _log(msg):
     print("mqtt:", msg)
 
 
-def _board_ca():
-    """The CA the board's settings name ("ca": a path or PEM text), or None."""
-    try:
-        import json
-
-        with open(BOARD_CONFIG) as f:
-            ca = json.load(f).get("ca")
-    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
-        return None
-    return ca if isinstance(ca, str) and ca else None
-
-
 def _would_block(e):
     return getattr(e, "errno", None) == EAGAIN or type(e).__name__ in (
         "BlockingIOError", "SSLWantReadError", "SSLWantWriteError")
-
-
-def _is_timeout(e):
-    return getattr(e, "errno", None) in (ETIMEDOUT, EAGAIN) or type(e).__name__ in (
-        "timeout", "TimeoutError")
 
 
 class MQTTClient:
@@ -197,96 +175,20 @@ class MQTTClient:
     def set_last_will(self, topic, msg, retain=False, qos=0):
         """The message the broker publishes when the connection ends without DISCONNECT; sent
         with every connect() from now on. ValueError for a topic or QoS the protocol forbids."""
-        if qos not in (0, 1, 2):
-            raise ValueError("will qos %r: expected 0, 1 or 2" % (qos,))
-        t = topic.encode() if isinstance(topic, str) else topic
-        if not t or b"+" in t or b"#" in t:
-            raise ValueError("will topic %r: empty or with a wildcard" % (topic,))
-        self.lw_topic = t
-        self.lw_msg = msg.encode() if isinstance(msg, str) else msg
-        self.lw_qos = qos
-        self.lw_retain = retain
+        from .mqttopt import last_will  # rarely used: its code stays off the heap until then
+
+        last_will(self, topic, msg, retain, qos)
 
     def connect(self, clean_session=True, timeout=None):
         """Open the connection and return the session-present flag of CONNACK.
 
         Raises MQTTConnectError (.code) for a refused CONNACK, MQTTTLSError, MQTTTimeout or
         MQTTConnectionError otherwise. Then re-sends the unacknowledged QoS 1 messages."""
-        self.close()
-        ms = int((self.timeout if timeout is None else timeout) * 1000)
-        deadline = hal.ticks_add(hal.ticks_ms(), ms)
-        where = "%s:%d" % (self.server, self.port)
-        # what can fail without the network fails before a socket exists
-        will = None
-        if self.lw_topic:
-            will = (self.lw_topic, self.lw_msg, self.lw_qos, self.lw_retain)
-        pkt = _connect_pkt(self.client_id, self.user, self.pswd, self.keepalive, clean_session,
-                           will)
-        ctx = self._context()
-        try:
-            ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
-        except (OSError, IndexError) as e:  # IndexError: no address at all
-            raise MQTTConnectionError("cannot resolve %s: %s" % (self.server, _text(e)))
-        try:
-            s = socket.socket(ai[0], socket.SOCK_STREAM)
-        except OSError as e:  # out of sockets or buffers (lwIP: ENFILE, ENOBUFS)
-            raise MQTTConnectionError("no socket for %s: %s" % (where, _text(e)))
-        raw = s
-        try:
-            s.settimeout(ms / 1000)
-            s.connect(ai[-1])
-            if ctx is not None:
-                s.settimeout(max(1, self._left(deadline)) / 1000)
-                host = self.ssl_params.get("server_hostname", self.server)
-                try:
-                    s = ctx.wrap_socket(s, server_hostname=host)
-                except (OSError, ValueError, MemoryError) as e:
-                    if isinstance(e, OSError) and _is_timeout(e):
-                        raise
-                    m = hal.tls_oom(e, where)
-                    if m:
-                        raw.close()
-                        raise MQTTMemoryError(m)
-                    raise MQTTTLSError("TLS handshake with %s failed: %s%s"
-                                       % (where, _text(e), hal.clock_hint()))
-            s.setblocking(False)
-        except OSError as e:
-            s.close()
-            if s is not raw:
-                raw.close()
-            if _is_timeout(e):
-                raise MQTTTimeout("connect to %s: no answer within %d ms" % (where, ms))
-            raise MQTTConnectionError("connect to %s failed: %s" % (where, _text(e)))
-        except MQTTException:
-            s.close()
-            raise
-        self.sock = s
-        self._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
-        self._pl = select.poll()
-        self._pl.register(self._po, select.POLLIN)
-        self._rd = s.readinto if _MP else s.recv_into  # both non-blocking, both into a buffer
-        self._wr = s.write if _MP else s.send
-        self._t_rx = hal.ticks_ms()
-        self._send(pkt, deadline)
-        pkt = self._read(self._left(deadline))
-        if pkt is None:
-            self._fail(MQTTTimeout("no CONNACK from %s within %d ms" % (where, ms)))
-        if pkt[0] != CONNACK:
-            self._fail(MQTTProtocolError("expected CONNACK, got packet 0x%02x" % pkt[0]))
-        try:
-            present, code = parse_connack(pkt[1])
-        except MQTTException as e:
-            self._fail(e)
-        if code:
-            self._fail(MQTTConnectError(code))
-        if not present:
-            self._q2 = []
-        for item in self._out:
-            item[1][0] |= 0x08  # DUP
-            self._send(item[1])
-            if item[2] is not None:
-                self._send(item[2])
-        return present
+        # code a connected client does not run again until the next connect(): the agent
+        # unloads it while connected
+        from .mqttconn import connect
+
+        return connect(self, clean_session, timeout)
 
     def disconnect(self):
         if self.sock is not None:
@@ -431,47 +333,16 @@ class MQTTClient:
     # -- internals ----------------------------------------------------------------------------
 
     def _context(self):
-        ctx = self.ssl
-        if not ctx:
-            return None
-        if ctx is True:
-            ctx = self.ssl = self._ssl_params_context()
-        if not self._warned and ctx.verify_mode == 0:  # CERT_NONE
-            self._warned = True
-            self.note("WARNING: TLS to %s without certificate verification" % self.server)
-        return ctx
+        from .mqttconn import context
+
+        return context(self)
 
     def _ssl_params_context(self):
         # ssl=True: umqtt's legacy form; the context is made here, at connect(), so that a
         # missing CA is an error of the connection, never of the constructor
-        p = self.ssl_params
-        for k in p:
-            if k not in _SSL_KEYS:
-                raise ValueError("ssl_params: unknown key %r (known: %s)"
-                                 % (k, ", ".join(_SSL_KEYS)))
-        verify = p.get("verify", True) and p.get("cert_reqs", 2) != 0  # 0: CERT_NONE
-        cafile = p.get("cafile", p.get("ca_certs"))
-        cadata = p.get("cadata")
-        if verify and cafile is None and cadata is None:
-            ca = _board_ca()
-            if ca is not None:
-                if ca.startswith("-----"):
-                    cadata = ca
-                else:
-                    cafile = ca
-            elif _MP:
-                raise MQTTTLSError(
-                    "TLS to %s:%d: no CA certificate to verify the broker with: give "
-                    "ssl_params={'cadata': ...} or {'cafile': ...}, an SSLContext as ssl=, or "
-                    "the board's CA (\"ca\" in %s)" % (self.server, self.port, BOARD_CONFIG))
-        ctx = tls_context(cafile, cadata, verify)
-        if "cert" in p or "key" in p:
-            try:
-                ctx.load_cert_chain(p.get("cert"), p.get("key"))
-            except (OSError, ValueError) as e:  # CPython: ssl.SSLError
-                raise ValueError("ssl_params cert/key: not a usable client certificate: %s"
-                                 % _text(e))
-        return ctx
+        from .mqttopt import ssl_params_context  # rarely used: off the heap until then
+
+        return ssl_params_context(self, BOARD_CONFIG)
 
     def _connected(self):
         if self.sock is None:

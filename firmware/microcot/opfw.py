@@ -22,7 +22,7 @@
 # finds itself running in the other partition. An image that crashes at boot is rolled back by
 # the bootloader at once, with the same report. Boards without OTA partitions (rp2, an ESP32
 # build without ota_0/ota_1) fail the operation at once, saying so.
-from . import hal, ota, smartrest, tpl
+from . import hal, ota, tpl
 from .ops import Failed, reason, sha256
 from .state import Restart, js
 
@@ -110,9 +110,10 @@ def resume(s, rec):
     m = int(s.mo)
     model = hal.config().get("name") or hal.family()
     # the inventory's c8y_Firmware now names it; the fingerprint follows at the next boot
-    s.st.append(s.body(smartrest.row((tpl.HARDWARE, m, js(s.id), js(model),
-                                      js(dev["fw"]["name"]), js(dev["fw"]["version"]),
-                                      js(dev["fw"]["url"])))))
+    from .smartrest import row  # here: the download's boot (boot()) can do without it
+
+    s.st.append(s.body(row((tpl.HARDWARE, m, js(s.id), js(model), js(dev["fw"]["name"]),
+                            js(dev["fw"]["version"]), js(dev["fw"]["url"])))))
     dev["info"] = None
     s.db().save("dev", dev)
     return True

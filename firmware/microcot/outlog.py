@@ -40,7 +40,7 @@ try:
 except ImportError:  # a port without binascii.crc32: store.py has it in software
     from .store import _crc32 as crc32
 
-MAX_ITEM = 480  # bytes of one item, as outq.MAX_ITEM (outq imports this module, not back)
+MAX_ITEM = 480  # bytes of one item, as outq.MAX_ITEM (outq imports this module; only make() back)
 _CHUNK = 512  # bytes read at a time: > MAX_ITEM + 10, so a chunk holds a record
 COMMIT = 16  # consumed items noted on flash at the latest: the duplicates a cut may cause
 ITEM = b" "
@@ -364,3 +364,24 @@ class Log:
             n, size, _ = self._rewrite(fly, t)
         self._n = n
         self._size = size
+
+
+def make(mem, folder, file_max, durable):
+    """outq.make's part for a queue.log on flash or the setting "durable": the queue of the kind
+    asked for, with the items the other kind left on flash moved over, oldest first."""
+    from .outq import Queue
+
+    txt = folder + "/queue.txt"
+    log = folder + "/queue.log"
+    if durable:
+        q = Log(log, file_max)
+        old = Queue(1, txt, 1 << 30)
+    else:
+        q = Queue(mem, txt, file_max)
+        old = Log(log, 1 << 30)
+    while len(old):
+        q.put(old.peek())
+        old.pop(False)
+    q.flush()
+    old.clear()
+    return q

@@ -199,31 +199,17 @@ class Queue:
 def make(mem, folder, file_max, durable=False):
     """The agent's queue in `folder`: a Queue spilling to queue.txt, or with durable a Log in
     queue.log (outlog.py, imported only then). Items the other kind left on flash (the setting
-    changed) are moved over first, oldest first; a power cut while moving may send some twice."""
+    changed) are moved over first, oldest first (outlog.make); a power cut while moving may send
+    some twice."""
     folder = folder.rstrip("/")
-    txt = folder + "/queue.txt"
-    log = folder + "/queue.log"
-    if durable:
-        from .outlog import Log
-
-        q = Log(log, file_max)
-        old = Queue(1, txt, 1 << 30)
-    else:
-        q = Queue(mem, txt, file_max)
-        old = None
+    if not durable:
         try:
-            os.stat(log)
-        except OSError:
-            return q
-        from .outlog import Log
+            os.stat(folder + "/queue.log")
+        except OSError:  # the usual case: outlog's code stays off the heap
+            return Queue(mem, folder + "/queue.txt", file_max)
+    from .outlog import make
 
-        old = Log(log, 1 << 30)
-    while len(old):
-        q.put(old.peek())
-        old.pop(False)
-    q.flush()
-    old.clear()
-    return q
+    return make(mem, folder, file_max, durable)
 
 
 class Backoff:

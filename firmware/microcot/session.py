@@ -8,7 +8,7 @@
 # never worked are kept (pre-provisioned ones may not be accepted yet) and retried with back-off;
 # bootstrap ones are given up after _REFUSED_MAX refusals.
 from . import hal
-from .state import UP, AgentError, Restart
+from .state import UP, AgentError, Restart, unload
 
 try:
     from micropython import const
@@ -68,6 +68,8 @@ def connect(s):
         raise
     s.stats["connects"] += 1
     s.refused = 0
+    if s.cfg["unload"]:
+        unload("mqttconn")  # the connect's code, before the setup loads its own (agent._DROP)
     if not cred.get("ok"):
         store = s.db()
         cred["ok"] = True
@@ -80,6 +82,8 @@ def connect(s):
     c.subscribe("br/" + s.id, 1)
     if not s.created:
         templates(s)
+    else:
+        s.rsv2 = None  # the room kept for the registration (agent.py): not needed in this boot
     s.phase = 1 if s.created else 0  # create.py's next step
     s.bo.reset()
 

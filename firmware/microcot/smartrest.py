@@ -188,46 +188,12 @@ def request(xid, rows):
     return "\n".join(out).encode()
 
 
-def _err(line, col, what, field=None):
-    return Error(line, col, what, field)
+_err = Error
 
 
 def _clip(v):
     # a field quoted in an error message: a hostile one could be 16 KiB long
     return v if len(v) <= 40 else v[:37] + "..."
-
-
-# the second byte of a 3- or 4-byte sequence, by its lead byte, where it is narrower than 80..BF:
-# no overlong forms, no surrogates (ED A0..BF), nothing past U+10FFFF (RFC 3629, section 4)
-_SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
-
-
-def _bad_utf8(b):
-    # index of the first byte that breaks UTF-8, or -1: MicroPython's decoder lets surrogates
-    # through where CPython's refuses them, so both runtimes take this one's word
-    i = 0
-    n = len(b)
-    while i < n:
-        c = b[i]
-        if c < 0x80:
-            i += 1
-            continue
-        if 0xC2 <= c <= 0xDF:
-            k = 1
-        elif 0xE0 <= c <= 0xEF:
-            k = 2
-        elif 0xF0 <= c <= 0xF4:
-            k = 3
-        else:
-            return i
-        lo, hi = _SECOND.get(c, (0x80, 0xBF))
-        if i + 1 >= n or not lo <= b[i + 1] <= hi:
-            return i
-        for j in range(i + 2, i + k + 1):
-            if j >= n or b[j] & 0xC0 != 0x80:
-                return i
-        i += k + 1
-    return -1
 
 
 def _text(body):
@@ -240,7 +206,9 @@ def _text(body):
         s = None
     if s is not None and len(s) == len(body):
         return s  # ASCII: nothing to check
-    off = _bad_utf8(body)
+    from .utf8 import bad  # only for a body that is not ASCII
+
+    off = bad(body)
     if off < 0:
         return s
     line = body.count(b"\n", 0, off) + 1
@@ -248,8 +216,10 @@ def _text(body):
     raise _err(line, col, "byte 0x%02x is not valid UTF-8" % body[off])
 
 
-def _scan(s, max_fields):
-    # yields (fields, line, cols) per row: the physical line it starts on and each field's column
+def _scan(s, max_fields, max_rows):
+    # yields (fields, line, cols) per row: the physical line it starts on and each field's column;
+    # Error where a row beyond max_rows (None: no limit) starts
+    rows = 0
     n = len(s)
     pos = 0
     line = 1
@@ -265,6 +235,9 @@ def _scan(s, max_fields):
         if c == "\r" and (pos + 1 == n or s[pos + 1] == "\n"):
             pos += 1
             continue
+        if max_rows is not None and rows >= max_rows:
+            raise _err(line, 1, "more than %d rows" % max_rows)
+        rows += 1
         fields = []
         cols = []
         row_line = line
@@ -344,36 +317,20 @@ def _scan(s, max_fields):
 def parse_rows(body, max_rows=None, max_fields=MAX_FIELDS):
     """Plain CSV split of a body (bytes or str) -> list of rows, each a list of str; Error for a
     defect, or for more than max_rows rows (None: no limit) or max_fields fields in a row."""
-    out = []
-    for fields, line, cols in _scan(_text(body), max_fields):
-        if max_rows is not None and len(out) >= max_rows:
-            raise _err(line, 1, "more than %d rows" % max_rows)
-        out.append(fields)
-    return out
+    return [r[0] for r in _scan(_text(body), max_fields, max_rows)]
 
 
 def parse(body, response_ids=None, max_rows=MAX_ROWS):
     """Response body (bytes or str) -> list of Record, all or nothing; see the module docstring
     for which codes carry a line number. Error for any defect, or for more than max_rows rows
     (None: no limit)."""
-    out = []
-    for r, line in _records(body, response_ids, MAX_FIELDS):
-        if max_rows is not None and len(out) >= max_rows:
-            raise _err(line, 1, "more than %d rows" % max_rows)
-        out.append(r)
-    return out
+    return list(records(body, response_ids, MAX_FIELDS, max_rows))
 
 
-def records(body, response_ids=None, max_fields=MAX_FIELDS):
+def records(body, response_ids=None, max_fields=MAX_FIELDS, max_rows=None):
     """The Records of a response body one by one (a generator): Error at the first defect, after
     the rows before it were yielded."""
-    for r, _ in _records(body, response_ids, max_fields):
-        yield r
-
-
-def _records(body, response_ids, max_fields):
-    # (Record, physical line it starts on) per row
-    for fields, line, cols in _scan(_text(body), max_fields):
+    for fields, line, cols in _scan(_text(body), max_fields, max_rows):
         code = _uint(fields[0])
         if code is None:
             raise _err(line, cols[0], "message identifier %r is not an unsigned integer of at "
@@ -382,20 +339,20 @@ def _records(body, response_ids, max_fields):
         if kind is None:
             kind = 1 if response_ids is None or code in response_ids else 0
         if kind == 0:
-            yield Record(code, None, fields[1:]), line
+            yield Record(code, None, fields[1:])
             continue
         if len(fields) < 2:
             if kind == 2:
-                yield Record(code, None, []), line
+                yield Record(code, None, [])
                 continue
             raise _err(line, cols[0] + len(fields[0]), "message %d lacks its line number" % code,
                        2)
         num = _uint(fields[1])
         if num is None:
             if kind == 2:
-                yield Record(code, None, fields[1:]), line
+                yield Record(code, None, fields[1:])
                 continue
             if fields[1] or code in _BUILTIN:
                 raise _err(line, cols[1], "line number %r is not an unsigned integer of at most "
                            "%d digits" % (_clip(fields[1]), MAX_DIGITS), 2)
-        yield Record(code, num, fields[2:]), line
+        yield Record(code, num, fields[2:])

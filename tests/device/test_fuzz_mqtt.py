@@ -8,7 +8,7 @@
 # both runtimes; tools/fuzz.py runs the big counts (docs/guides/device-tests.md).
 from dt import Rng, raises
 
-from microcot import binrest, mqttpkt, smartrest, templates
+from microcot import binrest, mqttpkt, smartrest, templates, utf8
 
 
 def _big():
@@ -156,7 +156,7 @@ def fuzz_smartrest(rng, n):
     for data in inputs(rng, n, seeds, tokens):
         how = rng.below(4)
         body = data
-        if rng.below(4) == 0 and smartrest._bad_utf8(data) < 0:
+        if rng.below(4) == 0 and utf8.bad(data) < 0:
             body = data.decode()  # as text (MicroPython would also decode surrogates)
         try:
             if how == 0:
