@@ -135,8 +135,9 @@ def _parse(data):
     return int(hdr[1]), mv[nl + 1:]
 
 
-def _read(path):
-    """(state, seq, obj) of one slot."""
+def _read(path, decode=True):
+    """(state, seq, obj) of one slot; obj None unless `decode` (save() needs only the seq, and
+    a nearly full heap has no room for decoding both slots to write a third)."""
     try:
         f = _fs.open(path, "rb")
     except OSError:
@@ -150,6 +151,8 @@ def _read(path):
     got = _parse(data or b"")
     if got is None:
         return _CORRUPT, 0, None
+    if not decode:
+        return _VALID, got[0], None
     import json
 
     try:
@@ -158,9 +161,9 @@ def _read(path):
         return _CORRUPT, 0, None
 
 
-def _scan(name):
+def _scan(name, decode=True):
     _check_name(name)
-    return [_read(_path(name, s)) for s in _SLOTS]
+    return [_read(_path(name, s), decode) for s in _SLOTS]
 
 
 def _current(slots):
@@ -217,7 +220,7 @@ def save(name, obj):
         raise ValueError("store: document %r is not JSON-serialisable (%s)" % (name, exc))
     if len(body) > MAX_SIZE:
         raise ValueError("store: document %r is %d bytes, the limit is %d" % (name, len(body), MAX_SIZE))
-    slots = _scan(name)
+    slots = _scan(name, False)
     cur = _current(slots)
     seq = slots[cur][1] + 1 if cur >= 0 else 1
     # the slot to replace is the one that is not current (a missing or damaged one, or the older)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(240)
 # seconds a new application gets to connect: long enough for a loaded CI machine to connect
 # a good one, short enough for the test's runtime
 TRIAL = 12
-# The interpreter's heap: at esp32-generic's budget (86,000 B free after boot) the download, in
+# The interpreter's heap: at esp32-generic's budget (88,000 B free after boot) the download, in
 # its boot of its own, fits; the new application's first boot then does not connect (MemoryError
 # at 1.7 KB, every attempt until app_trial: boot.py's trial timer, a _thread on the virtual
 # board, and the switch leave too little) and is rolled back (measured). 125k passes; the Pico W

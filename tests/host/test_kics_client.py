@@ -339,7 +339,7 @@ def test_micropython_client_every_type_and_resubscription(emu, tmp_path, mp_lib)
 
 
 def test_micropython_client_plain_ws_on_the_esp32_budget_and_401(data_dir, tmp_path, mp_lib):
-    # the ESP32's model at its budget (86,000 B free after boot): the modules kics, signalr, ws,
+    # the ESP32's model at its budget (88,000 B free after boot): the modules kics, signalr, ws,
     # wsframe and hal loaded from .mpy take most of it (frozen into the firmware they take none)
     with KicsEmulator(port=0, token=TOKEN, data_dir=data_dir, tls=False) as emu:
         lines = _mp_run(emu, tmp_path, mp_lib, token="wrong", seconds=5)
