@@ -7,6 +7,7 @@
 # propagate; it returns {"inputs", "accepted", "rejected"}. The tests below run a seeded subset on
 # both runtimes; tools/fuzz.py runs the big counts (docs/guides/device-tests.md).
 from dt import Rng, raises
+from wsfuzz import _count, _pick, inputs, mutate
 
 from microcot import binrest, mqttpkt, smartrest, templates, utf8
 
@@ -16,56 +17,6 @@ def _big():
     fields than a row may have (the 5000-digit case has a test of its own: 5 KB in one piece is
     much of a small board's heap)."""
     return [b"9" * 40, b"1" + b",x" * 300]
-
-
-def _pick(rng, seq):
-    return seq[rng.below(len(seq))]
-
-
-def mutate(rng, data, seeds, tokens):
-    """data changed 1 to 4 times: bit flip, byte set, truncation, cut, repeat, splice of another
-    seed, an inserted token (the decoder's special bytes and the huge ones), random tail."""
-    b = bytes(data)
-    for _ in range(1 + rng.below(4)):
-        n = len(b)
-        op = rng.below(8)
-        i = rng.below(n + 1)
-        if op == 0 and n:
-            i %= n
-            b = b[:i] + bytes((b[i] ^ (1 << rng.below(8)),)) + b[i + 1:]
-        elif op == 1 and n:
-            i %= n
-            b = b[:i] + bytes((rng.below(256),)) + b[i + 1:]
-        elif op == 2:
-            b = b[:i]
-        elif op == 3:
-            b = b[:i] + b[i + 1 + rng.below(8):]
-        elif op == 4:
-            b = b[:i] + b[i:i + 1 + rng.below(16)] + b[i:]
-        elif op == 5:
-            s = _pick(rng, seeds)
-            b = b[:i] + s[rng.below(len(s) + 1):]
-        elif op == 6:
-            b = b[:i] + _pick(rng, tokens) + b[i:]
-        else:
-            b = b + rng.bytes(rng.below(8))
-    return b
-
-
-def inputs(rng, n, seeds, tokens):
-    """n inputs: mostly mutated seeds, some random bytes, some soups of tokens."""
-    for _ in range(n):
-        k = rng.below(10)
-        if k == 0:
-            yield rng.bytes(rng.below(48))
-        elif k == 1:
-            yield b"".join([_pick(rng, tokens) for _ in range(1 + rng.below(6))])
-        else:
-            yield mutate(rng, _pick(rng, seeds), seeds, tokens)
-
-
-def _count(n, accepted):
-    return {"inputs": n, "accepted": accepted, "rejected": n - accepted}
 
 
 # -- mqttpkt -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-# Seeds and mutations shared by the WebSocket/SignalR/KICS fuzz modules (test_fuzz_ws.py for the
+# Seeds and mutations shared by the fuzz modules: the mutations and input streams (mutate,
+# inputs) of every test_fuzz_*.py, and the WebSocket/SignalR/KICS seeds (test_fuzz_ws.py for the
 # decoders, test_fuzz_wsclient.py for the drivers): plain byte and JSON-text mutations over the
 # RFC 6455, SignalR specification and seed 001 examples, with no microcot import of their own.
 import gc
