@@ -186,9 +186,11 @@ class MQTTClient:
         MQTTConnectionError otherwise. Then re-sends the unacknowledged QoS 1 messages."""
         # code a connected client does not run again until the next connect(): the agent
         # unloads it while connected
+        import sys
+
         from .mqttconn import connect
 
-        return connect(self, clean_session, timeout)
+        return connect(self, clean_session, timeout, sys.modules[__name__])
 
     def disconnect(self):
         if self.sock is not None:

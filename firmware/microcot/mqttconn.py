@@ -28,9 +28,9 @@ def _is_timeout(e):
         "timeout", "TimeoutError")
 
 
-def connect(c, clean_session, timeout):
-    """MQTTClient.connect of client c (mqtt.py documents it)."""
-    from . import mqtt as m
+def connect(c, clean_session, timeout, m):
+    """MQTTClient.connect of client c (mqtt.py documents it). m: mqtt.py's module, whose socket,
+    select and _MP it uses (passed in, not imported: mqtt.py imports this module)."""
 
     c.close()
     ms = int((c.timeout if timeout is None else timeout) * 1000)
@@ -41,7 +41,7 @@ def connect(c, clean_session, timeout):
     if c.lw_topic:
         will = (c.lw_topic, c.lw_msg, c.lw_qos, c.lw_retain)
     pkt = _connect_pkt(c.client_id, c.user, c.pswd, c.keepalive, clean_session, will)
-    s, raw = open_socket(c, deadline, ms, where)
+    s, raw = open_socket(c, deadline, ms, where, m)
     c.sock = s
     c._po = s if hasattr(s, "fileno") else raw  # MicroPython's TLS socket: poll the TCP one
     c._pl = m.select.poll()
@@ -84,10 +84,10 @@ def context(c):
     return ctx
 
 
-def open_socket(c, deadline, ms, where):
+def open_socket(c, deadline, ms, where, m):
     """Client c's socket to its broker, TLS wrapped when c has a context: (socket, the TCP one).
-    Raises what MQTTClient.connect documents; closes what it opened when it fails."""
-    from . import mqtt as m
+    Raises what MQTTClient.connect documents; closes what it opened when it fails. m: as in
+    connect()."""
 
     ctx = context(c)
     try:

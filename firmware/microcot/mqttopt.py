@@ -1,7 +1,7 @@
 # The rarely used parts of mqtt.MQTTClient's umqtt parity, imported only when used: the last
-# will (set_last_will, mqttpkt.connect's will) and umqtt's legacy TLS form ssl=True with ssl_params (mqtt.py's header
+# will (set_last_will) and umqtt's legacy TLS form ssl=True with ssl_params (mqtt.py's header
 # describes both). A device agent uses neither, so this code costs its heap nothing.
-from .mqttpkt import MQTTTLSError, _b, _check_str, _topic
+from .mqttpkt import MQTTTLSError
 from .tlsctx import _text, tls_context
 
 _SSL_KEYS = ("cadata", "cafile", "ca_certs", "cert_reqs", "verify", "server_hostname", "cert",
@@ -19,16 +19,6 @@ def last_will(c, topic, msg, retain, qos):
     c.lw_msg = msg.encode() if isinstance(msg, str) else msg
     c.lw_qos = qos
     c.lw_retain = retain
-
-
-def will_fields(will):
-    """mqttpkt.connect's will (topic, message, qos, retain), checked: (topic bytes, message
-    bytes, the CONNECT flags it sets)."""
-    wt = _topic(will[0], False)
-    wm = _check_str(_b(will[1]), "will message")
-    if will[2] not in (0, 1, 2):
-        raise ValueError("will qos %r: expected 0, 1 or 2" % (will[2],))
-    return wt, wm, 0x04 | will[2] << 3 | (0x20 if will[3] else 0)
 
 
 def board_ca(path):

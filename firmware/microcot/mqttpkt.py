@@ -156,10 +156,11 @@ def connect(client_id, user=None, password=None, keepalive=0, clean=True, will=N
     flags = 0x02 if clean else 0
     n = 12 + len(cid)
     if will is not None:
-        from .mqttopt import will_fields  # rarely used: off the heap until then
-
-        wt, wm, f = will_fields(will)
-        flags |= f
+        wt = _topic(will[0], False)
+        wm = _check_str(_b(will[1]), "will message")
+        if will[2] not in (0, 1, 2):
+            raise ValueError("will qos %r: expected 0, 1 or 2" % (will[2],))
+        flags |= 0x04 | will[2] << 3 | (0x20 if will[3] else 0)
         n += 4 + len(wt) + len(wm)
     if user is not None:
         user = _check_str(_b(user), "user name")

@@ -366,10 +366,10 @@ class Log:
         self._size = size
 
 
-def make(mem, folder, file_max, durable):
+def make(mem, folder, file_max, durable, Queue):
     """outq.make's part for a queue.log on flash or the setting "durable": the queue of the kind
-    asked for, with the items the other kind left on flash moved over, oldest first."""
-    from .outq import Queue
+    asked for, with the items the other kind left on flash moved over, oldest first. Queue:
+    outq's RAM queue class (passed in: outq imports this module)."""
 
     txt = folder + "/queue.txt"
     log = folder + "/queue.log"

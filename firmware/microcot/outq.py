@@ -209,7 +209,7 @@ def make(mem, folder, file_max, durable=False):
             return Queue(mem, folder + "/queue.txt", file_max)
     from .outlog import make
 
-    return make(mem, folder, file_max, durable)
+    return make(mem, folder, file_max, durable, Queue)
 
 
 class Backoff:
